@@ -1,0 +1,66 @@
+//! Label, annotation and group names shared by the webhook, the controllers and the agents.
+
+/// API group of every vmdisk resource.
+pub const GROUP: &str = "vmdisk.io";
+/// API version of every vmdisk resource.
+pub const VERSION: &str = "v1alpha1";
+/// Kind a PVC's `dataSourceRef` names to be filled from a VM disk image.
+pub const IMAGE_KIND: &str = "VMDiskImage";
+
+/// Annotation a plain PVC carries to ask for the transparent form (`vmdisk.io/image: <name>`).
+/// The webhook also sets a label of the same name on every PVC it mutates, so the PVC
+/// reflector can select exactly the claims that matter.
+pub const IMAGE_ANNOTATION: &str = "vmdisk.io/image";
+/// Label the webhook adds to every VMDiskImage-backed PVC (value: the image name).
+pub const IMAGE_LABEL: &str = "vmdisk.io/image";
+/// Annotation recording the digest the image resolved to when the PVC was admitted.
+pub const DIGEST_ANNOTATION: &str = "vmdisk.io/digest";
+/// Prefix of the per-image node labels agents set on nodes whose cache holds the image ready.
+pub const NODE_CACHE_LABEL_PREFIX: &str = "cache.vmdisk.io/";
+/// Value of a node cache label.
+pub const NODE_CACHE_LABEL_VALUE: &str = "ready";
+/// Finalizer the populator puts on PVCs it is filling.
+pub const POPULATOR_FINALIZER: &str = "vmdisk.io/populate-target-protection";
+
+/// Node label key saying "this node's cache holds the image with this digest, ready".
+///
+/// Label names are limited to 63 characters, so the key keeps the algorithm and the first 56
+/// hex digits of the digest (224 bits: collisions are not a practical concern). Returns `None`
+/// for strings that are not `<algorithm>:<hex>`.
+pub fn node_cache_label_key(digest: &str) -> Option<String> {
+    let (algorithm, hex) = digest.split_once(':')?;
+    if algorithm.is_empty()
+        || !algorithm.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || hex.len() < 32
+        || !hex.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        return None;
+    }
+    let mut name = format!("{algorithm}-{}", hex.to_ascii_lowercase());
+    name.truncate(63);
+    Some(format!("{NODE_CACHE_LABEL_PREFIX}{name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_label_key_is_a_valid_label_name() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let key = node_cache_label_key(&digest).unwrap();
+        let (prefix, name) = key.split_once('/').unwrap();
+        assert_eq!(prefix, "cache.vmdisk.io");
+        assert_eq!(name.len(), 63);
+        assert!(name.starts_with("sha256-abab"));
+        assert!(name.chars().last().unwrap().is_ascii_alphanumeric());
+    }
+
+    #[test]
+    fn node_label_key_rejects_non_digests() {
+        assert_eq!(node_cache_label_key("latest"), None);
+        assert_eq!(node_cache_label_key("sha256:xyz"), None);
+        assert_eq!(node_cache_label_key(":abcd"), None);
+        assert_eq!(node_cache_label_key("sha256:abcd"), None);
+    }
+}
