@@ -1,1 +1,17 @@
+//! vmdisk webhook: the mutating admission server for PVCs and Pods, and (in the same
+//! Deployment) the leader-elected image controller.
+//!
+//! Module map: [`admission`] decodes AdmissionReviews and encodes answers; [`mutate`] holds the
+//! pure decisions (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled
+//! PVCs in memory (from the API server, or from a directory of YAML); [`tls`] loads and
+//! hot-reloads the serving certificate; [`server`] is the HTTPS accept loop; [`routes`] wires
+//! handlers, metrics and probes together.
 
+pub mod admission;
+pub mod catalog;
+pub mod config;
+pub mod metrics;
+pub mod mutate;
+pub mod routes;
+pub mod server;
+pub mod tls;

@@ -1,1 +1,76 @@
-fn main() {}
+//! `vmdisk-webhook`: wires flags → catalog → TLS → HTTPS server (+ controllers).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use vmdisk_webhook::catalog::{file::FileCatalog, kube::KubeCatalog, ImageCatalog};
+use vmdisk_webhook::config::WebhookArgs;
+use vmdisk_webhook::routes::{router, Webhook};
+use vmdisk_webhook::server::{bind, serve_tls, termination_signal};
+use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = WebhookArgs::parse();
+    init_logging(&args.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(&args.cert_dir))
+        .context("loading the serving certificate")?;
+    let _cert_watch = resolver.watch().context("watching the certificate directory")?;
+
+    let mut background = Vec::new();
+    let mut _catalog_watch = None;
+    let catalog: Arc<dyn ImageCatalog> = match &args.catalog_dir {
+        Some(dir) => {
+            let catalog = FileCatalog::open(dir).context("loading the catalog directory")?;
+            _catalog_watch = Some(catalog.watch().context("watching the catalog directory")?);
+            catalog
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (use --catalog-dir to run without a cluster)")?;
+            let (catalog, tasks) = KubeCatalog::start(client.clone());
+            background.extend(tasks);
+            if args.controllers {
+                // CONTROLLER-WIRING
+                let _ = &client;
+            }
+            catalog
+        }
+    };
+
+    let mut webhook = Webhook::new(catalog, args.mutation_config());
+    webhook.max_body_bytes = args.max_body_bytes;
+    webhook.tls_ready.store(true, Ordering::Release);
+    let webhook = Arc::new(webhook);
+
+    let listener = bind(args.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving admission webhook");
+    serve_tls(
+        listener,
+        server_config(resolver),
+        router(webhook),
+        termination_signal(),
+        args.drain(),
+    )
+    .await;
+    for task in background {
+        task.abort();
+    }
+    Ok(())
+}

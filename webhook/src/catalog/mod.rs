@@ -1,0 +1,91 @@
+//! The image catalog: what the webhook knows about VMDiskImages and VMDiskImage-backed PVCs,
+//! held in memory so admission never waits on an API call.
+//!
+//! Two sources: [`kube::KubeCatalog`] (reflectors against the API server) and
+//! [`file::FileCatalog`] (a watched directory of YAML, to run and test without a cluster).
+
+pub mod file;
+pub mod kube;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use vmdisk_crds::{VMDiskImage, IMAGE_ANNOTATION, IMAGE_LABEL};
+
+use crate::mutate::pvc::image_claim;
+use crate::mutate::ImageLookup;
+
+/// A catalog the server can ask at admission time.
+pub trait ImageCatalog: ImageLookup + Send + Sync + 'static {
+    /// True once the initial contents are loaded: `/readyz` waits for it, because admitting
+    /// with an empty catalog would warn about images that exist.
+    fn is_synced(&self) -> bool;
+}
+
+/// The image a PVC is filled from: the webhook's label first, then its data source or
+/// annotation (for PVCs admitted before the webhook ran, or described in a catalog file).
+pub fn claim_image_of(pvc: &PersistentVolumeClaim) -> Option<String> {
+    if let Some(name) = pvc.metadata.labels.as_ref().and_then(|l| l.get(IMAGE_LABEL)) {
+        return Some(name.clone());
+    }
+    let annotation = pvc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(IMAGE_ANNOTATION))
+        .map(String::as_str);
+    image_claim(pvc.spec.as_ref(), annotation)
+        .0
+        .map(|c| c.image_name().to_string())
+}
+
+type Key = (String, String);
+
+/// An immutable view of the catalog, swapped whole on every change.
+#[derive(Debug, Default, Clone)]
+pub struct CatalogSnapshot {
+    images: HashMap<Key, Arc<VMDiskImage>>,
+    claims: HashMap<Key, String>,
+}
+
+impl CatalogSnapshot {
+    pub fn insert_image(&mut self, image: VMDiskImage) {
+        let namespace = image.metadata.namespace.clone().unwrap_or_default();
+        let name = image.metadata.name.clone().unwrap_or_default();
+        self.images.insert((namespace, name), Arc::new(image));
+    }
+
+    /// Records a PVC if it is VMDiskImage-backed; returns whether it was.
+    pub fn insert_claim(&mut self, pvc: &PersistentVolumeClaim) -> bool {
+        let Some(image) = claim_image_of(pvc) else {
+            return false;
+        };
+        let namespace = pvc.metadata.namespace.clone().unwrap_or_default();
+        let name = pvc.metadata.name.clone().unwrap_or_default();
+        self.claims.insert((namespace, name), image);
+        true
+    }
+
+    pub fn image_count(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn claim_count(&self) -> usize {
+        self.claims.len()
+    }
+}
+
+impl ImageLookup for CatalogSnapshot {
+    fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>> {
+        self.images
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
+        self.claims
+            .get(&(namespace.to_string(), claim.to_string()))
+            .cloned()
+    }
+}

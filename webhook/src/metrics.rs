@@ -1,0 +1,182 @@
+//! Prometheus metrics of the admission server (`GET /metrics`).
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Which admission endpoint a sample belongs to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Resource {
+    Pvc,
+    Pod,
+}
+
+/// How an admission request ended.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered with a patch.
+    Patched,
+    /// Answered allowed, nothing to change.
+    Unchanged,
+    /// The review was sound but the object was not what the endpoint handles.
+    Skipped,
+    /// HTTP 4xx: not an AdmissionReview this server can answer.
+    BadRequest,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resource::Pvc => "pvc",
+            Resource::Pod => "pod",
+        }
+    }
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Patched => "patched",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Skipped => "skipped",
+            Outcome::BadRequest => "bad_request",
+        }
+    }
+}
+
+impl EncodeLabelValue for Resource {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub resource: Resource,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub resource: Resource,
+}
+
+pub struct WebhookMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<ResourceLabels, Histogram>,
+    patches: Family<ResourceLabels, Counter>,
+    warnings: Family<ResourceLabels, Counter>,
+    errors: Family<ResourceLabels, Counter>,
+}
+
+impl Default for WebhookMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WebhookMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vmdisk_webhook");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<ResourceLabels, Histogram>::new_with_constructor(|| {
+            // 50 µs … ~0.4 s: the webhook should live in the first buckets.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.00005, 2.0, 14,
+            ))
+        });
+        let patches = Family::<ResourceLabels, Counter>::default();
+        let warnings = Family::<ResourceLabels, Counter>::default();
+        let errors = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "admission_requests",
+            "Admission requests by resource and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "Time spent answering an admission request",
+            latency.clone(),
+        );
+        registry.register(
+            "patches_applied",
+            "Admission answers that carried a JSON patch",
+            patches.clone(),
+        );
+        registry.register(
+            "warnings",
+            "Warnings returned to API clients",
+            warnings.clone(),
+        );
+        registry.register(
+            "errors",
+            "Requests that could not be answered (HTTP 4xx)",
+            errors.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            patches,
+            warnings,
+            errors,
+        }
+    }
+
+    pub fn observe(&self, resource: Resource, outcome: Outcome, warnings: usize, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { resource, outcome })
+            .inc();
+        let labels = ResourceLabels { resource };
+        self.latency.get_or_create(&labels).observe(seconds);
+        match outcome {
+            Outcome::Patched => {
+                self.patches.get_or_create(&labels).inc();
+            }
+            Outcome::BadRequest => {
+                self.errors.get_or_create(&labels).inc();
+            }
+            Outcome::Unchanged | Outcome::Skipped => {}
+        }
+        if warnings > 0 {
+            self.warnings.get_or_create(&labels).inc_by(warnings as u64);
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_show_up_in_the_exposition() {
+        let m = WebhookMetrics::new();
+        m.observe(Resource::Pvc, Outcome::Patched, 2, 0.001);
+        m.observe(Resource::Pod, Outcome::BadRequest, 0, 0.0001);
+        let text = m.encode();
+        assert!(text.contains(r#"vmdisk_webhook_admission_requests_total{resource="pvc",outcome="patched"} 1"#), "{text}");
+        assert!(text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#), "{text}");
+        assert!(text.contains(r#"vmdisk_webhook_warnings_total{resource="pvc"} 2"#), "{text}");
+        assert!(text.contains(r#"vmdisk_webhook_errors_total{resource="pod"} 1"#), "{text}");
+        assert!(text.contains("vmdisk_webhook_admission_duration_seconds_bucket"), "{text}");
+    }
+}

@@ -1,0 +1,135 @@
+//! Pure admission decisions: given an object and what the catalog knows, what changes.
+//!
+//! Nothing here does I/O, so every rule is tested with plain values.
+
+pub mod pod;
+pub mod pvc;
+
+use std::sync::Arc;
+
+use vmdisk_crds::VMDiskImage;
+
+/// What the mutations need to know about the cluster.
+pub trait ImageLookup {
+    /// The VMDiskImage `namespace/name`, if known.
+    fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>>;
+    /// The image a VMDiskImage-backed PVC `namespace/claim` was filled from, if known.
+    fn claim_image(&self, namespace: &str, claim: &str) -> Option<String>;
+}
+
+/// Knobs of the mutations, from the command line.
+#[derive(Debug, Clone)]
+pub struct MutationConfig {
+    /// Fraction of a Filesystem-mode volume the filesystem itself takes (0.0–0.5): a disk of
+    /// virtual size V needs a volume of V / (1 - overhead). Same meaning as CDI's
+    /// `filesystemOverhead` (default 5.5%).
+    pub filesystem_overhead: f64,
+    /// Weight (1–100) of the preferred node affinity term toward warm nodes.
+    pub affinity_weight: i32,
+    /// Access modes given to PVCs when neither the PVC nor the image names any.
+    pub default_access_modes: Vec<String>,
+}
+
+impl Default for MutationConfig {
+    fn default() -> Self {
+        Self {
+            filesystem_overhead: 0.055,
+            affinity_weight: 80,
+            default_access_modes: vec!["ReadWriteOnce".to_string()],
+        }
+    }
+}
+
+/// The result of a mutation decision: the changed object (if anything changed) and warnings
+/// for the user (AdmissionResponse `warnings`: never a denial).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mutation<T> {
+    pub patched: Option<T>,
+    pub warnings: Vec<String>,
+}
+
+impl<T> Mutation<T> {
+    pub fn unchanged() -> Self {
+        Self {
+            patched: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use vmdisk_crds::{
+        CachePolicy, DiskFormat, ImageSource, RegistrySource, VMDiskImage, VMDiskImageSpec,
+        VMDiskImageStatus,
+    };
+
+    use super::ImageLookup;
+
+    pub fn image(
+        name: &str,
+        digest: Option<&str>,
+        virtual_size: Option<u64>,
+        storage_class: Option<&str>,
+    ) -> VMDiskImage {
+        let mut img = VMDiskImage::new(
+            name,
+            VMDiskImageSpec {
+                source: ImageSource {
+                    registry: RegistrySource {
+                        url: format!("quay.io/containerdisks/{name}:latest"),
+                        pull_secret_ref: None,
+                        ca_bundle: None,
+                        insecure: None,
+                    },
+                },
+                format: DiskFormat::Raw,
+                size: None,
+                storage_class_name: storage_class.map(str::to_string),
+                access_modes: None,
+                cache: CachePolicy::default(),
+                poll_interval: None,
+            },
+        );
+        img.metadata.namespace = Some("vms".into());
+        img.status = Some(VMDiskImageStatus {
+            digest: digest.map(str::to_string),
+            virtual_size,
+            ..Default::default()
+        });
+        img
+    }
+
+    #[derive(Default)]
+    pub struct Images {
+        pub images: HashMap<(String, String), Arc<VMDiskImage>>,
+        pub claims: HashMap<(String, String), String>,
+    }
+
+    impl Images {
+        pub fn with(image: VMDiskImage) -> Self {
+            let mut me = Self::default();
+            me.images.insert(
+                ("vms".into(), image.metadata.name.clone().unwrap()),
+                Arc::new(image),
+            );
+            me
+        }
+    }
+
+    impl ImageLookup for Images {
+        fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>> {
+            self.images
+                .get(&(namespace.to_string(), name.to_string()))
+                .cloned()
+        }
+        fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
+            self.claims
+                .get(&(namespace.to_string(), claim.to_string()))
+                .cloned()
+        }
+    }
+}
