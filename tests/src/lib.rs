@@ -1,1 +1,6 @@
+//! Shared harness of vmdisk's cross-component tests, benchmarks and demo: real TLS, real
+//! registries, real disks.
 
+pub mod certs;
+pub mod https;
+pub mod webhook;

@@ -155,7 +155,9 @@ type Decision = (Option<json_patch::Patch>, Vec<String>);
 
 /// Decodes the object as `T`, runs the mutation and turns its result into a JSON patch. The
 /// diff is taken between the typed object before and after, so fields the typed model does
-/// not know are neither touched nor removed.
+/// not know are neither touched nor removed; the patch is then anchored to the raw object
+/// (see [`anchor_patch`]) and checked to apply to it, so the apiserver never receives a patch
+/// that fails.
 fn decide<T: DeserializeOwned + Serialize + PartialEq>(
     raw: &str,
     kind: &str,
@@ -164,16 +166,84 @@ fn decide<T: DeserializeOwned + Serialize + PartialEq>(
     let object: T = serde_json::from_str(raw)
         .map_err(|e| format!("vmdisk: object is not a valid {kind}, left unchanged: {e}"))?;
     let mutation = mutate(&object);
-    let patch = match &mutation.patched {
-        None => None,
-        Some(patched) => {
-            let before = serde_json::to_value(&object).map_err(|e| e.to_string())?;
-            let after = serde_json::to_value(patched).map_err(|e| e.to_string())?;
-            let patch = json_patch::diff(&before, &after);
-            (!patch.0.is_empty()).then_some(patch)
-        }
+    let Some(patched) = &mutation.patched else {
+        return Ok((None, mutation.warnings));
     };
-    Ok((patch, mutation.warnings))
+    let before = serde_json::to_value(&object).map_err(|e| e.to_string())?;
+    let after = serde_json::to_value(patched).map_err(|e| e.to_string())?;
+    let raw_value: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    let patch = anchor_patch(&raw_value, &after, json_patch::diff(&before, &after));
+    let mut check = raw_value;
+    if let Err(e) = json_patch::patch(&mut check, &patch) {
+        let mut warnings = mutation.warnings;
+        warnings.push(format!("vmdisk: could not build a patch for this {kind}, left unchanged: {e}"));
+        return Ok((None, warnings));
+    }
+    Ok(((!patch.0.is_empty()).then_some(patch), mutation.warnings))
+}
+
+/// The typed model fills in containers the raw object may lack (an absent `metadata` becomes
+/// `{}`), so a diff of typed values can address paths whose parents do not exist in the raw
+/// object. Such operations are replaced by one `add` of the first missing ancestor, with its
+/// value taken from the patched object; `replace`s of absent members become `add`s.
+pub fn anchor_patch(
+    raw: &serde_json::Value,
+    after: &serde_json::Value,
+    patch: json_patch::Patch,
+) -> json_patch::Patch {
+    use json_patch::jsonptr::PointerBuf;
+    use json_patch::{AddOperation, PatchOperation};
+
+    let mut out: Vec<PatchOperation> = Vec::with_capacity(patch.0.len());
+    let mut added_ancestors: Vec<String> = Vec::new();
+    for op in patch.0 {
+        let (path, value) = match &op {
+            PatchOperation::Add(a) => (a.path.to_string(), a.value.clone()),
+            PatchOperation::Replace(r) => (r.path.to_string(), r.value.clone()),
+            _ => {
+                out.push(op);
+                continue;
+            }
+        };
+        if added_ancestors
+            .iter()
+            .any(|a| path.starts_with(a.as_str()) && path[a.len()..].starts_with('/'))
+        {
+            continue;
+        }
+        // Walk down until the first component whose parent exists but which itself does not.
+        let components: Vec<&str> = path.split('/').skip(1).collect();
+        let mut first_missing: Option<String> = None;
+        let mut prefix = String::new();
+        for (i, c) in components.iter().enumerate() {
+            let next = format!("{prefix}/{c}");
+            if raw.pointer(&next).is_none() {
+                if i + 1 < components.len() {
+                    first_missing = Some(next);
+                }
+                break;
+            }
+            prefix = next;
+        }
+        match first_missing {
+            Some(ancestor) => {
+                if let (Some(v), Ok(ptr)) = (after.pointer(&ancestor), PointerBuf::parse(&ancestor)) {
+                    out.push(PatchOperation::Add(AddOperation {
+                        path: ptr,
+                        value: v.clone(),
+                    }));
+                    added_ancestors.push(ancestor);
+                }
+            }
+            None => match op {
+                PatchOperation::Replace(r) if raw.pointer(&path).is_none() => {
+                    out.push(PatchOperation::Add(AddOperation { path: r.path, value }));
+                }
+                other => out.push(other),
+            },
+        }
+    }
+    json_patch::Patch(out)
 }
 
 fn admission_response(webhook: &Webhook, resource: Resource, headers: &HeaderMap, body: Bytes) -> Response {
@@ -293,4 +363,30 @@ pub fn router(webhook: Arc<Webhook>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(webhook)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn anchor_adds_missing_parents_whole() {
+        let raw = json!({"spec": {}});
+        let before = json!({"metadata": {}, "spec": {}});
+        let after = json!({"metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}}, "spec": {"x": 1}});
+        let patch = anchor_patch(&raw, &after, json_patch::diff(&before, &after));
+        let mut doc = raw.clone();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        assert_eq!(doc, after);
+        assert_eq!(patch.0.len(), 2, "{patch:?}");
+    }
+
+    #[test]
+    fn anchor_keeps_patches_that_already_apply() {
+        let raw = json!({"metadata": {"labels": {"x": "y"}}});
+        let after = json!({"metadata": {"labels": {"x": "y", "a": "b"}}});
+        let diff = json_patch::diff(&raw, &after);
+        assert_eq!(anchor_patch(&raw, &after, diff.clone()), diff);
+    }
 }
