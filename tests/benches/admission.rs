@@ -1,1 +1,166 @@
-fn main() {}
+//! `cargo bench --bench admission`: the webhook over TLS with keep-alive at fixed concurrency,
+//! against a baseline server on the identical stack (same accept loop, rustls config and
+//! client) whose handler returns a fixed AdmissionReview. Rounds alternate between the two so
+//! drift on a shared machine hits both alike.
+//!
+//! Env: VMDISK_BENCH_CONCURRENCY (default 16), VMDISK_BENCH_ROUND_SECS (default 2),
+//! VMDISK_BENCH_ROUNDS (default 3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::routing::post;
+use axum::Router;
+use vmdisk_tests::https::{client_config, Connection};
+use vmdisk_tests::webhook::{fixtures, sample_catalog_yaml, TestWebhook};
+use vmdisk_webhook::server::serve_tls;
+use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct RoundResult {
+    requests: u64,
+    latencies_us: Vec<u32>,
+    secs: f64,
+}
+
+async fn drive(
+    addr: SocketAddr,
+    ca_pem: &str,
+    path: &'static str,
+    body: bytes::Bytes,
+    concurrency: usize,
+    duration: Duration,
+) -> RoundResult {
+    let config = client_config(ca_pem);
+    let mut conns = Vec::new();
+    for _ in 0..concurrency {
+        conns.push(Connection::open(addr, "localhost", config.clone()).await.unwrap());
+    }
+    // Warm each connection so handshakes are not counted.
+    for c in conns.iter_mut() {
+        let r = c.post_json(path, body.clone()).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut c| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(100_000);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let r = c.post_json(path, body.clone()).await.unwrap();
+                    lat.push(t.elapsed().as_micros() as u32);
+                    assert_eq!(r.status, 200);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut latencies_us = Vec::new();
+    for t in tasks {
+        latencies_us.extend(t.await.unwrap());
+    }
+    RoundResult {
+        requests: latencies_us.len() as u64,
+        latencies_us,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async_main());
+}
+
+async fn async_main() {
+    let concurrency = env_or("VMDISK_BENCH_CONCURRENCY", 16) as usize;
+    let round = Duration::from_secs(env_or("VMDISK_BENCH_ROUND_SECS", 2));
+    let rounds = env_or("VMDISK_BENCH_ROUNDS", 3);
+
+    let webhook = TestWebhook::start(&sample_catalog_yaml(), None).await;
+    let body: bytes::Bytes = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pvc-create-annotation-form.json")
+        .unwrap()
+        .1
+        .into();
+
+    // Baseline: the same TLS stack and accept loop, a handler that returns a fixed answer.
+    let fixed: bytes::Bytes = {
+        let mut conn = webhook.connect().await;
+        conn.post_json("/mutate-pvc", body.clone()).await.unwrap().body
+    };
+    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(&webhook.cert_dir())).unwrap();
+    let baseline_router = Router::new().route(
+        "/mutate-pvc",
+        post(move || {
+            let fixed = fixed.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], fixed) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let baseline_addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_tls(
+        listener,
+        server_config(Arc::clone(&resolver) as _),
+        baseline_router,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+
+    let ca = webhook.ca.cert_pem();
+    let (mut web, mut base) = (Vec::new(), Vec::new());
+    let (mut web_req, mut base_req, mut web_secs, mut base_secs) = (0u64, 0u64, 0f64, 0f64);
+    for i in 0..rounds {
+        let b = drive(baseline_addr, &ca, "/mutate-pvc", body.clone(), concurrency, round).await;
+        let w = drive(webhook.addr, &ca, "/mutate-pvc?timeout=10s", body.clone(), concurrency, round).await;
+        println!(
+            "round {}: webhook {:.0} req/s, baseline {:.0} req/s",
+            i + 1,
+            w.requests as f64 / w.secs,
+            b.requests as f64 / b.secs
+        );
+        web_req += w.requests;
+        web_secs += w.secs;
+        web.extend(w.latencies_us);
+        base_req += b.requests;
+        base_secs += b.secs;
+        base.extend(b.latencies_us);
+    }
+    web.sort_unstable();
+    base.sort_unstable();
+    let rps = web_req as f64 / web_secs;
+    let baseline_rps = base_req as f64 / base_secs;
+    println!(
+        "baseline p50_us={} p99_us={}; concurrency={concurrency}, {rounds} rounds of {}s",
+        percentile(&base, 0.5),
+        percentile(&base, 0.99),
+        round.as_secs()
+    );
+    println!(
+        "RESULT admission rps={:.0} p50_us={} p99_us={} baseline_rps={:.0} ratio={:.3}",
+        rps,
+        percentile(&web, 0.5),
+        percentile(&web, 0.99),
+        baseline_rps,
+        rps / baseline_rps
+    );
+}

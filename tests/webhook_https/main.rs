@@ -266,7 +266,7 @@ async fn bad_input_gets_clear_errors_and_never_a_panic() {
     let r = conn.post_json("/mutate-pvc", fixture).await.unwrap();
     assert_eq!(r.status, 200);
     let metrics = conn.request("GET", "/metrics", None, "").await.unwrap().text();
-    assert!(metrics.contains(r#"vmdisk_webhook_errors_total{resource="pvc"} 4"#), "{metrics}");
+    assert!(metrics.contains(r#"vmdisk_webhook_errors_total{resource="pvc"} 5"#), "{metrics}");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use base64::Engine as _;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use thiserror::Error;
@@ -20,12 +21,12 @@ pub const KIND: &str = "AdmissionReview";
 pub enum ReviewError {
     #[error("request body is not JSON: {0}")]
     NotJson(String),
+    #[error("request body is not an AdmissionReview: {0}")]
+    NotAReview(String),
     #[error("expected apiVersion {API_VERSION:?} and kind {KIND:?}, got apiVersion {api_version:?} and kind {kind:?}")]
     WrongType { api_version: String, kind: String },
     #[error("AdmissionReview has no request")]
     MissingRequest,
-    #[error("AdmissionReview request is malformed: {0}")]
-    MalformedRequest(String),
     #[error("AdmissionReview request has an empty uid")]
     EmptyUid,
 }
@@ -50,11 +51,11 @@ pub struct GroupVersionResource {
     pub resource: String,
 }
 
-/// The parts of an admission request this webhook reads. The object stays raw until the
-/// handler knows which type to expect.
+/// The parts of an admission request this webhook reads, with the object decoded as `O`: the
+/// endpoint's lean view on the fast path, or [`RawObject`] when the view did not fit.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AdmissionRequest {
+pub struct AdmissionRequest<O> {
     pub uid: String,
     pub kind: GroupVersionKind,
     pub resource: GroupVersionResource,
@@ -67,41 +68,58 @@ pub struct AdmissionRequest {
     pub operation: String,
     #[serde(default)]
     pub dry_run: Option<bool>,
-    #[serde(default)]
-    pub object: Option<Box<RawValue>>,
+    #[serde(default = "Option::default")]
+    pub object: Option<O>,
 }
+
+/// An object left undecoded.
+pub type RawObject = Box<RawValue>;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewEnvelope {
+struct ReviewEnvelope<O> {
     #[serde(default)]
     api_version: String,
     #[serde(default)]
     kind: String,
-    #[serde(default)]
-    request: Option<Box<RawValue>>,
+    #[serde(default = "Option::default")]
+    request: Option<AdmissionRequest<O>>,
 }
 
-/// Decodes the envelope and the request metadata.
-pub fn decode_review(body: &[u8]) -> Result<AdmissionRequest, ReviewError> {
-    let envelope: ReviewEnvelope =
-        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+/// Decodes the envelope, the request metadata and the object (as `O`) in one pass.
+pub fn decode_review<O: DeserializeOwned>(body: &[u8]) -> Result<AdmissionRequest<O>, ReviewError> {
+    let envelope: ReviewEnvelope<O> = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string())),
+        _ => ReviewError::NotJson(e.to_string()),
+    })?;
     if envelope.api_version != API_VERSION || envelope.kind != KIND {
         return Err(ReviewError::WrongType {
             api_version: envelope.api_version,
             kind: envelope.kind,
         });
     }
-    let raw = envelope.request.ok_or(ReviewError::MissingRequest)?;
-    if raw.get() == "null" {
-        return Err(ReviewError::MissingRequest);
-    }
-    let request: AdmissionRequest = serde_json::from_str(raw.get())
-        .map_err(|e| ReviewError::MalformedRequest(e.to_string()))?;
+    let request = envelope.request.ok_or(ReviewError::MissingRequest)?;
     if request.uid.is_empty() {
         return Err(ReviewError::EmptyUid);
     }
     Ok(request)
+}
+
+/// On a failed decode, a wrong apiVersion/kind is the clearer error to report.
+fn wrong_type(body: &[u8]) -> Option<ReviewError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TypeOnly {
+        #[serde(default)]
+        api_version: String,
+        #[serde(default)]
+        kind: String,
+    }
+    let t: TypeOnly = serde_json::from_slice(body).ok()?;
+    (t.api_version != API_VERSION || t.kind != KIND).then_some(ReviewError::WrongType {
+        api_version: t.api_version,
+        kind: t.kind,
+    })
 }
 
 /// An admission answer. Always `allowed`: vmdisk never denies, it only completes objects and
@@ -211,7 +229,7 @@ mod tests {
     #[test]
     fn decodes_a_minimal_review() {
         let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","object":{"a":1}}}"#;
-        let r = decode_review(body).unwrap();
+        let r = decode_review::<RawObject>(body).unwrap();
         assert_eq!(r.uid, "u1");
         assert_eq!(r.resource.resource, "pods");
         assert_eq!(r.object.unwrap().get(), r#"{"a":1}"#);
@@ -219,28 +237,29 @@ mod tests {
 
     #[test]
     fn rejects_bad_envelopes() {
-        assert!(matches!(decode_review(b"nope"), Err(ReviewError::NotJson(_))));
-        assert!(matches!(decode_review(b"[]"), Err(ReviewError::WrongType { .. })));
-        assert!(matches!(decode_review(b"{\"apiVersion\": 5}"), Err(ReviewError::NotJson(_))));
+        assert!(matches!(decode_review::<RawObject>(b"nope"), Err(ReviewError::NotJson(_))));
+        assert!(matches!(decode_review::<RawObject>(b"[]"), Err(ReviewError::WrongType { .. })));
+        assert!(matches!(decode_review::<RawObject>(b"{\"apiVersion\": 5}"), Err(ReviewError::NotAReview(_))));
+        assert!(matches!(decode_review::<RawObject>(b"{\"apiVersion\": "), Err(ReviewError::NotJson(_))));
         assert!(matches!(
-            decode_review(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{}}"#),
+            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{}}"#),
             Err(ReviewError::WrongType { .. })
         ));
         assert!(matches!(
-            decode_review(br#"{"apiVersion":"v1","kind":"Pod"}"#),
+            decode_review::<RawObject>(br#"{"apiVersion":"v1","kind":"Pod"}"#),
             Err(ReviewError::WrongType { .. })
         ));
         assert!(matches!(
-            decode_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#),
+            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#),
             Err(ReviewError::MissingRequest)
         ));
         assert!(matches!(
-            decode_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":null}"#),
+            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":null}"#),
             Err(ReviewError::MissingRequest)
         ));
         assert!(matches!(
-            decode_review(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#),
-            Err(ReviewError::MalformedRequest(_))
+            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":5}}"#),
+            Err(ReviewError::NotAReview(_))
         ));
     }
 

@@ -71,13 +71,26 @@ pub struct ResourceLabels {
     pub resource: Resource,
 }
 
+/// Handles resolved once, so recording a request takes no lock and hashes no labels.
+struct Handles {
+    requests: [[Counter; 4]; 2],
+    latency: [Histogram; 2],
+    patches: [Counter; 2],
+    warnings: [Counter; 2],
+    errors: [Counter; 2],
+}
+
+const RESOURCES: [Resource; 2] = [Resource::Pvc, Resource::Pod];
+const OUTCOMES: [Outcome; 4] = [
+    Outcome::Patched,
+    Outcome::Unchanged,
+    Outcome::Skipped,
+    Outcome::BadRequest,
+];
+
 pub struct WebhookMetrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    latency: Family<ResourceLabels, Histogram>,
-    patches: Family<ResourceLabels, Counter>,
-    warnings: Family<ResourceLabels, Counter>,
-    errors: Family<ResourceLabels, Counter>,
+    handles: Handles,
 }
 
 impl Default for WebhookMetrics {
@@ -124,33 +137,43 @@ impl WebhookMetrics {
             "Requests that could not be answered (HTTP 4xx)",
             errors.clone(),
         );
-        Self {
-            registry,
-            requests,
-            latency,
-            patches,
-            warnings,
-            errors,
-        }
+        let by_resource = |family: &Family<ResourceLabels, Counter>| {
+            RESOURCES.map(|resource| family.get_or_create(&ResourceLabels { resource }).clone())
+        };
+        let handles = Handles {
+            requests: RESOURCES.map(|resource| {
+                OUTCOMES.map(|outcome| {
+                    requests
+                        .get_or_create(&RequestLabels { resource, outcome })
+                        .clone()
+                })
+            }),
+            latency: RESOURCES.map(|resource| {
+                latency.get_or_create(&ResourceLabels { resource }).clone()
+            }),
+            patches: by_resource(&patches),
+            warnings: by_resource(&warnings),
+            errors: by_resource(&errors),
+        };
+        Self { registry, handles }
     }
 
     pub fn observe(&self, resource: Resource, outcome: Outcome, warnings: usize, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels { resource, outcome })
-            .inc();
-        let labels = ResourceLabels { resource };
-        self.latency.get_or_create(&labels).observe(seconds);
+        let r = resource as usize;
+        let h = &self.handles;
+        h.requests[r][outcome as usize].inc();
+        h.latency[r].observe(seconds);
         match outcome {
             Outcome::Patched => {
-                self.patches.get_or_create(&labels).inc();
+                h.patches[r].inc();
             }
             Outcome::BadRequest => {
-                self.errors.get_or_create(&labels).inc();
+                h.errors[r].inc();
             }
             Outcome::Unchanged | Outcome::Skipped => {}
         }
         if warnings > 0 {
-            self.warnings.get_or_create(&labels).inc_by(warnings as u64);
+            h.warnings[r].inc_by(warnings as u64);
         }
     }
 
@@ -177,6 +200,7 @@ mod tests {
         assert!(text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#), "{text}");
         assert!(text.contains(r#"vmdisk_webhook_warnings_total{resource="pvc"} 2"#), "{text}");
         assert!(text.contains(r#"vmdisk_webhook_errors_total{resource="pod"} 1"#), "{text}");
+        assert!(text.contains(r#"vmdisk_webhook_admission_requests_total{resource="pod",outcome="unchanged"} 0"#), "{text}");
         assert!(text.contains("vmdisk_webhook_admission_duration_seconds_bucket"), "{text}");
     }
 }

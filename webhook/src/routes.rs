@@ -3,21 +3,22 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-use crate::admission::{decode_review, AdmissionAnswer, AdmissionRequest, ReviewError, Timer};
+use crate::admission::{
+    decode_review, AdmissionAnswer, AdmissionRequest, RawObject, ReviewError, Timer,
+};
 use crate::catalog::ImageCatalog;
 use crate::metrics::{Outcome, Resource, WebhookMetrics};
 use crate::mutate::pod::mutate_pod;
 use crate::mutate::pvc::mutate_pvc;
+use crate::mutate::view::{PodView, PvcView};
 use crate::mutate::{ImageLookup, Mutation, MutationConfig};
 
 /// Default limit on an AdmissionReview body. Objects are capped at ~1.5 MiB by etcd and a review
@@ -55,12 +56,13 @@ impl Webhook {
     /// Answers one admission body for `resource`'s endpoint. Never panics on input.
     pub fn admit(&self, resource: Resource, body: &[u8]) -> Handled {
         let timer = Timer::start();
-        let handled = match decode_review(body) {
-            Err(e) => Handled::BadRequest(e),
-            Ok(request) => {
-                let (answer, outcome) = self.answer(resource, &request);
-                Handled::Answer(answer, outcome)
-            }
+        let handled = match resource {
+            Resource::Pvc => self.admit_as::<PvcView>(resource, body, |pvc, ns| {
+                mutate_pvc(pvc, ns, self.catalog.as_ref() as &dyn ImageLookup, &self.config)
+            }),
+            Resource::Pod => self.admit_as::<PodView>(resource, body, |pod, ns| {
+                mutate_pod(pod, ns, self.catalog.as_ref() as &dyn ImageLookup, &self.config)
+            }),
         };
         let (outcome, warnings) = match &handled {
             Handled::Answer(a, o) => (*o, a.warnings.len()),
@@ -71,16 +73,56 @@ impl Webhook {
         handled
     }
 
-    fn answer(&self, resource: Resource, request: &AdmissionRequest) -> (AdmissionAnswer, Outcome) {
+    /// Fast path: the review and the endpoint's view decoded in one pass. When that fails the
+    /// body is decoded again with the object left raw, so a sound review whose object does not
+    /// fit still gets an answer carrying its uid.
+    fn admit_as<V: DeserializeOwned>(
+        &self,
+        resource: Resource,
+        body: &[u8],
+        mutate: impl FnOnce(&V, &str) -> Mutation,
+    ) -> Handled {
+        let kind = match resource {
+            Resource::Pvc => "PersistentVolumeClaim",
+            Resource::Pod => "Pod",
+        };
+        match decode_review::<V>(body) {
+            Ok(request) => {
+                let (answer, outcome) = self.answer(resource, &request, |object, ns| {
+                    Ok(mutate(object, ns))
+                });
+                Handled::Answer(answer, outcome)
+            }
+            Err(ReviewError::NotAReview(view_error)) => match decode_review::<RawObject>(body) {
+                Err(e) => Handled::BadRequest(e),
+                Ok(request) => {
+                    let (answer, outcome) = self.answer(resource, &request, |_, _| {
+                        Err(format!(
+                            "vmdisk: object is not a valid {kind}, left unchanged: {view_error}"
+                        ))
+                    });
+                    Handled::Answer(answer, outcome)
+                }
+            },
+            Err(e) => Handled::BadRequest(e),
+        }
+    }
+
+    fn answer<O>(
+        &self,
+        resource: Resource,
+        request: &AdmissionRequest<O>,
+        mutate: impl FnOnce(&O, &str) -> Result<Mutation, String>,
+    ) -> (AdmissionAnswer, Outcome) {
         let expected = match resource {
-            Resource::Pvc => ("persistentvolumeclaims", "PersistentVolumeClaim"),
-            Resource::Pod => ("pods", "Pod"),
+            Resource::Pvc => "persistentvolumeclaims",
+            Resource::Pod => "pods",
         };
         let skip = |reason: &str| {
             tracing::debug!(uid = %request.uid, reason, "allowed without patch");
             (AdmissionAnswer::allow(&request.uid), Outcome::Skipped)
         };
-        if request.resource.group != "" || request.resource.resource != expected.0 {
+        if !request.resource.group.is_empty() || request.resource.resource != expected {
             tracing::warn!(
                 uid = %request.uid,
                 resource = %request.resource.resource,
@@ -96,21 +138,12 @@ impl Webhook {
         if request.operation != "CREATE" {
             return skip("not a CREATE");
         }
-        let Some(raw) = request.object.as_ref() else {
+        let Some(object) = request.object.as_ref() else {
             return skip("no object");
         };
         let namespace = request.namespace.as_deref().unwrap_or("default");
-        let lookup: &dyn ImageLookup = self.catalog.as_ref();
-        let result = match resource {
-            Resource::Pvc => decide::<PersistentVolumeClaim>(raw.get(), expected.1, |pvc| {
-                mutate_pvc(pvc, namespace, lookup, &self.config)
-            }),
-            Resource::Pod => decide::<Pod>(raw.get(), expected.1, |pod| {
-                mutate_pod(pod, namespace, lookup, &self.config)
-            }),
-        };
-        let (patch, warnings) = match result {
-            Ok(x) => x,
+        let Mutation { patch, warnings } = match mutate(object, namespace) {
+            Ok(m) => m,
             Err(warning) => {
                 tracing::warn!(uid = %request.uid, %namespace, %warning, "object not decodable");
                 return (
@@ -128,7 +161,9 @@ impl Webhook {
         } else {
             Outcome::Unchanged
         };
-        if outcome == Outcome::Patched || !warnings.is_empty() {
+        // Every admission at info would cost more than the admission itself; warnings are
+        // what an operator needs to see.
+        if !warnings.is_empty() {
             tracing::info!(
                 uid = %request.uid,
                 %namespace,
@@ -137,7 +172,16 @@ impl Webhook {
                 dry_run = request.dry_run.unwrap_or(false),
                 patched = patch.is_some(),
                 ?warnings,
-                "admitted"
+                "admitted with warnings"
+            );
+        } else if patch.is_some() {
+            tracing::debug!(
+                uid = %request.uid,
+                %namespace,
+                name = request.name.as_deref().unwrap_or(""),
+                resource = resource.as_str(),
+                dry_run = request.dry_run.unwrap_or(false),
+                "admitted with patch"
             );
         }
         (
@@ -151,119 +195,58 @@ impl Webhook {
     }
 }
 
-type Decision = (Option<json_patch::Patch>, Vec<String>);
-
-/// Decodes the object as `T`, runs the mutation and turns its result into a JSON patch. The
-/// diff is taken between the typed object before and after, so fields the typed model does
-/// not know are neither touched nor removed; the patch is then anchored to the raw object
-/// (see [`anchor_patch`]) and checked to apply to it, so the apiserver never receives a patch
-/// that fails.
-fn decide<T: DeserializeOwned + Serialize + PartialEq>(
-    raw: &str,
-    kind: &str,
-    mutate: impl FnOnce(&T) -> Mutation<T>,
-) -> Result<Decision, String> {
-    let object: T = serde_json::from_str(raw)
-        .map_err(|e| format!("vmdisk: object is not a valid {kind}, left unchanged: {e}"))?;
-    let mutation = mutate(&object);
-    let Some(patched) = &mutation.patched else {
-        return Ok((None, mutation.warnings));
+fn too_large(limit: usize, declared: Option<u64>) -> Response {
+    let what = match declared {
+        Some(len) => format!("request body of {len} bytes"),
+        None => "request body".to_string(),
     };
-    let before = serde_json::to_value(&object).map_err(|e| e.to_string())?;
-    let after = serde_json::to_value(patched).map_err(|e| e.to_string())?;
-    let raw_value: serde_json::Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-    let patch = anchor_patch(&raw_value, &after, json_patch::diff(&before, &after));
-    let mut check = raw_value;
-    if let Err(e) = json_patch::patch(&mut check, &patch) {
-        let mut warnings = mutation.warnings;
-        warnings.push(format!("vmdisk: could not build a patch for this {kind}, left unchanged: {e}"));
-        return Ok((None, warnings));
-    }
-    Ok(((!patch.0.is_empty()).then_some(patch), mutation.warnings))
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("{what} exceeds the limit of {limit} bytes (--max-body-bytes)"),
+    )
+        .into_response()
 }
 
-/// The typed model fills in containers the raw object may lack (an absent `metadata` becomes
-/// `{}`), so a diff of typed values can address paths whose parents do not exist in the raw
-/// object. Such operations are replaced by one `add` of the first missing ancestor, with its
-/// value taken from the patched object; `replace`s of absent members become `add`s.
-pub fn anchor_patch(
-    raw: &serde_json::Value,
-    after: &serde_json::Value,
-    patch: json_patch::Patch,
-) -> json_patch::Patch {
-    use json_patch::jsonptr::PointerBuf;
-    use json_patch::{AddOperation, PatchOperation};
-
-    let mut out: Vec<PatchOperation> = Vec::with_capacity(patch.0.len());
-    let mut added_ancestors: Vec<String> = Vec::new();
-    for op in patch.0 {
-        let (path, value) = match &op {
-            PatchOperation::Add(a) => (a.path.to_string(), a.value.clone()),
-            PatchOperation::Replace(r) => (r.path.to_string(), r.value.clone()),
-            _ => {
-                out.push(op);
-                continue;
-            }
-        };
-        if added_ancestors
-            .iter()
-            .any(|a| path.starts_with(a.as_str()) && path[a.len()..].starts_with('/'))
-        {
-            continue;
-        }
-        // Walk down until the first component whose parent exists but which itself does not.
-        let components: Vec<&str> = path.split('/').skip(1).collect();
-        let mut first_missing: Option<String> = None;
-        let mut prefix = String::new();
-        for (i, c) in components.iter().enumerate() {
-            let next = format!("{prefix}/{c}");
-            if raw.pointer(&next).is_none() {
-                if i + 1 < components.len() {
-                    first_missing = Some(next);
-                }
-                break;
-            }
-            prefix = next;
-        }
-        match first_missing {
-            Some(ancestor) => {
-                if let (Some(v), Ok(ptr)) = (after.pointer(&ancestor), PointerBuf::parse(&ancestor)) {
-                    out.push(PatchOperation::Add(AddOperation {
-                        path: ptr,
-                        value: v.clone(),
-                    }));
-                    added_ancestors.push(ancestor);
-                }
-            }
-            None => match op {
-                PatchOperation::Replace(r) if raw.pointer(&path).is_none() => {
-                    out.push(PatchOperation::Add(AddOperation { path: r.path, value }));
-                }
-                other => out.push(other),
-            },
-        }
-    }
-    json_patch::Patch(out)
-}
-
-fn admission_response(webhook: &Webhook, resource: Resource, headers: &HeaderMap, body: Bytes) -> Response {
+async fn admission_response(
+    webhook: &Webhook,
+    resource: Resource,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let reject = |status: StatusCode, message: String| {
+        webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+        (status, message).into_response()
+    };
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
-        let ok = ct
+        let json = ct
             .to_str()
             .map(|v| v.starts_with("application/json"))
             .unwrap_or(false);
-        if !ok {
-            webhook
-                .metrics
-                .observe(resource, Outcome::BadRequest, 0, 0.0);
-            return (
+        if !json {
+            return reject(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 format!("content type {ct:?} is not application/json"),
-            )
-                .into_response();
+            );
         }
     }
-    match webhook.admit(resource, &body) {
+    let limit = webhook.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+        return too_large(limit, declared);
+    }
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+            tracing::debug!(error = %e, "request body not read");
+            return too_large(limit, declared);
+        }
+    };
+    match webhook.admit(resource, &bytes) {
         Handled::Answer(answer, _) => (
             [(header::CONTENT_TYPE, "application/json")],
             answer.to_json(),
@@ -273,12 +256,14 @@ fn admission_response(webhook: &Webhook, resource: Resource, headers: &HeaderMap
     }
 }
 
-async fn mutate_pvc_route(State(w): State<Arc<Webhook>>, headers: HeaderMap, body: Bytes) -> Response {
-    admission_response(&w, Resource::Pvc, &headers, body)
+async fn mutate_pvc_route(State(w): State<Arc<Webhook>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admission_response(&w, Resource::Pvc, &parts.headers, body).await
 }
 
-async fn mutate_pod_route(State(w): State<Arc<Webhook>>, headers: HeaderMap, body: Bytes) -> Response {
-    admission_response(&w, Resource::Pod, &headers, body)
+async fn mutate_pod_route(State(w): State<Arc<Webhook>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    admission_response(&w, Resource::Pod, &parts.headers, body).await
 }
 
 async fn healthz() -> &'static str {
@@ -313,80 +298,13 @@ async fn metrics(State(w): State<Arc<Webhook>>) -> Response {
         .into_response()
 }
 
-/// Body limit error with the limit in the message (axum's default text does not say it).
-async fn limit_message(
-    State(w): State<Arc<Webhook>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(len) = declared.filter(|len| *len > w.max_body_bytes as u64) {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body of {len} bytes exceeds the limit of {} bytes (--max-body-bytes)",
-                w.max_body_bytes
-            ),
-        )
-            .into_response();
-    }
-    let response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body exceeds the limit of {} bytes (--max-body-bytes)",
-                w.max_body_bytes
-            ),
-        )
-            .into_response();
-    }
-    response
-}
-
 /// The webhook's router.
 pub fn router(webhook: Arc<Webhook>) -> Router {
-    let limit = webhook.max_body_bytes;
     Router::new()
         .route("/mutate-pvc", post(mutate_pvc_route))
         .route("/mutate-pod", post(mutate_pod_route))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&webhook),
-            limit_message,
-        ))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(webhook)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn anchor_adds_missing_parents_whole() {
-        let raw = json!({"spec": {}});
-        let before = json!({"metadata": {}, "spec": {}});
-        let after = json!({"metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}}, "spec": {"x": 1}});
-        let patch = anchor_patch(&raw, &after, json_patch::diff(&before, &after));
-        let mut doc = raw.clone();
-        json_patch::patch(&mut doc, &patch).unwrap();
-        assert_eq!(doc, after);
-        assert_eq!(patch.0.len(), 2, "{patch:?}");
-    }
-
-    #[test]
-    fn anchor_keeps_patches_that_already_apply() {
-        let raw = json!({"metadata": {"labels": {"x": "y"}}});
-        let after = json!({"metadata": {"labels": {"x": "y", "a": "b"}}});
-        let diff = json_patch::diff(&raw, &after);
-        assert_eq!(anchor_patch(&raw, &after, diff.clone()), diff);
-    }
 }

@@ -2,8 +2,10 @@
 //!
 //! Nothing here does I/O, so every rule is tested with plain values.
 
+pub mod patch;
 pub mod pod;
 pub mod pvc;
+pub mod view;
 
 use std::sync::Arc;
 
@@ -40,21 +42,12 @@ impl Default for MutationConfig {
     }
 }
 
-/// The result of a mutation decision: the changed object (if anything changed) and warnings
-/// for the user (AdmissionResponse `warnings`: never a denial).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mutation<T> {
-    pub patched: Option<T>,
+/// The outcome of a mutation decision: the JSON patch (if anything changes) and warnings for
+/// the user (AdmissionResponse `warnings`: vmdisk never denies).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mutation {
+    pub patch: Option<json_patch::Patch>,
     pub warnings: Vec<String>,
-}
-
-impl<T> Mutation<T> {
-    pub fn unchanged() -> Self {
-        Self {
-            patched: None,
-            warnings: Vec::new(),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `PodAffinityMutation`: steer pods that use VMDiskImage-backed volumes toward warm nodes.
+//! [`PodAffinityMutation`]: steer pods that use VMDiskImage-backed volumes toward warm nodes.
 //!
 //! The webhook only adds *preferred* node affinity: the scheduler still decides, so a pod is
 //! never unschedulable because no node is warm yet.
@@ -6,17 +6,18 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, Pod,
-    PreferredSchedulingTerm, Volume,
+    NodeSelectorRequirement, NodeSelectorTerm, PreferredSchedulingTerm, Volume,
 };
+use serde_json::json;
 use vmdisk_crds::{node_cache_label_key, IMAGE_ANNOTATION};
 
 use super::pvc::image_claim;
+use super::patch::PatchBuilder;
+use super::view::PodView;
 use super::{ImageLookup, Mutation, MutationConfig};
 
-/// Names of the VMDiskImages a pod's volumes come from, with warnings for claims the catalog
-/// cannot place yet.
-fn images_of_volume(
+/// The VMDiskImage a pod volume comes from, if the catalog knows it.
+fn image_of_volume(
     volume: &Volume,
     namespace: &str,
     images: &dyn ImageLookup,
@@ -61,59 +62,99 @@ fn has_term_for(terms: &[PreferredSchedulingTerm], label_key: &str) -> bool {
     })
 }
 
-/// Decides the patch for a Pod at CREATE.
+/// The preferred terms a pod gains, toward nodes whose cache holds its images.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PodAffinityMutation {
+    pub terms: Vec<PreferredSchedulingTerm>,
+    pub warnings: Vec<String>,
+}
+
+impl PodAffinityMutation {
+    /// Decides the terms for a Pod at CREATE.
+    pub fn plan(
+        pod: &PodView,
+        namespace: &str,
+        images: &dyn ImageLookup,
+        config: &MutationConfig,
+    ) -> Self {
+        let mut out = Self::default();
+        let spec = pod.spec.as_ref();
+        let image_names: BTreeSet<String> = spec
+            .and_then(|s| s.volumes.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|v| image_of_volume(v, namespace, images))
+            .collect();
+        if image_names.is_empty() {
+            return out;
+        }
+        let existing: &[PreferredSchedulingTerm] = spec
+            .and_then(|s| s.affinity.as_ref())
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| n.preferred_during_scheduling_ignored_during_execution.as_deref())
+            .unwrap_or(&[]);
+        for name in &image_names {
+            match images.image(namespace, name) {
+                None => out.warnings.push(format!(
+                    "VMDiskImage {namespace}/{name} not found: no node preference added"
+                )),
+                Some(image) => match image.digest().and_then(node_cache_label_key) {
+                    Some(key) => {
+                        if !has_term_for(existing, &key) && !has_term_for(&out.terms, &key) {
+                            out.terms.push(warm_node_term(&key, config.affinity_weight));
+                        }
+                    }
+                    None => out.warnings.push(format!(
+                        "VMDiskImage {namespace}/{name} is not resolved yet: no node preference added"
+                    )),
+                },
+            }
+        }
+        out
+    }
+
+    /// The JSON patch appending the terms, addressing only parents that exist in `pod`.
+    pub fn patch(&self, pod: &PodView) -> Option<json_patch::Patch> {
+        if self.terms.is_empty() {
+            return None;
+        }
+        const PREFERRED: &str = "preferredDuringSchedulingIgnoredDuringExecution";
+        let terms = serde_json::to_value(&self.terms).expect("terms serialize");
+        let mut b = PatchBuilder::default();
+        let affinity = pod.spec.as_ref().map(|s| s.affinity.as_ref());
+        match affinity {
+            None => b.add(&["spec"], json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}})),
+            Some(None) => b.add(&["spec", "affinity"], json!({"nodeAffinity": {PREFERRED: terms}})),
+            Some(Some(a)) => match &a.node_affinity {
+                None => b.add(&["spec", "affinity", "nodeAffinity"], json!({PREFERRED: terms})),
+                Some(n) if n.preferred_during_scheduling_ignored_during_execution.is_none() => {
+                    b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], terms)
+                }
+                Some(_) => {
+                    for term in &self.terms {
+                        b.add(
+                            &["spec", "affinity", "nodeAffinity", PREFERRED, "-"],
+                            serde_json::to_value(term).expect("term serializes"),
+                        );
+                    }
+                }
+            },
+        }
+        b.build()
+    }
+}
+
+/// Decides and builds the patch for a Pod at CREATE.
 pub fn mutate_pod(
-    pod: &Pod,
+    pod: &PodView,
     namespace: &str,
     images: &dyn ImageLookup,
     config: &MutationConfig,
-) -> Mutation<Pod> {
-    let mut warnings = Vec::new();
-    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
-    let image_names: BTreeSet<String> = volumes
-        .into_iter()
-        .flatten()
-        .filter_map(|v| images_of_volume(v, namespace, images))
-        .collect();
-    let mut label_keys = Vec::new();
-    for name in &image_names {
-        match images.image(namespace, name) {
-            None => warnings.push(format!(
-                "VMDiskImage {namespace}/{name} not found: no node preference added"
-            )),
-            Some(image) => match image.digest().and_then(node_cache_label_key) {
-                Some(key) => label_keys.push(key),
-                None => warnings.push(format!(
-                    "VMDiskImage {namespace}/{name} is not resolved yet: no node preference added"
-                )),
-            },
-        }
-    }
-    if label_keys.is_empty() {
-        return Mutation {
-            patched: None,
-            warnings,
-        };
-    }
-
-    let mut out = pod.clone();
-    let spec = out.spec.get_or_insert_with(Default::default);
-    let preferred = spec
-        .affinity
-        .get_or_insert_with(Affinity::default)
-        .node_affinity
-        .get_or_insert_with(NodeAffinity::default)
-        .preferred_during_scheduling_ignored_during_execution
-        .get_or_insert_with(Vec::new);
-    for key in label_keys {
-        if !has_term_for(preferred, &key) {
-            preferred.push(warm_node_term(&key, config.affinity_weight));
-        }
-    }
-    let changed = out != *pod;
+) -> Mutation {
+    let plan = PodAffinityMutation::plan(pod, namespace, images, config);
     Mutation {
-        patched: changed.then_some(out),
-        warnings,
+        patch: plan.patch(pod),
+        warnings: plan.warnings,
     }
 }
 
@@ -121,12 +162,24 @@ pub fn mutate_pod(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
-    use serde_json::json;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::Value;
 
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
-    fn pod(spec: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({"metadata": {"generateName": "web-"}, "spec": spec})).unwrap()
+    fn pod(spec: Value) -> Value {
+        json!({"metadata": {"generateName": "web-"}, "spec": spec})
+    }
+
+    fn run(images: &Images, doc: Value) -> (Option<Pod>, Vec<String>) {
+        let view: PodView = serde_json::from_value(doc.clone()).unwrap();
+        let m = mutate_pod(&view, "vms", images, &MutationConfig::default());
+        let patched = m.patch.map(|p| {
+            let mut doc = doc;
+            json_patch::patch(&mut doc, &p).unwrap();
+            serde_json::from_value(doc).unwrap()
+        });
+        (patched, m.warnings)
     }
 
     fn catalog() -> Images {
@@ -140,12 +193,14 @@ mod tests {
             .preferred_during_scheduling_ignored_during_execution.clone().unwrap()
     }
 
+    fn pvc_volume() -> Value {
+        json!([{"name": "d", "persistentVolumeClaim": {"claimName": "root"}}])
+    }
+
     #[test]
     fn pvc_volume_gets_preferred_affinity() {
-        let p = pod(json!({"containers": [], "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "root"}}]}));
-        let m = mutate_pod(&p, "vms", &catalog(), &MutationConfig::default());
-        let out = m.patched.unwrap();
-        let terms = preferred(&out);
+        let (out, _) = run(&catalog(), pod(json!({"containers": [], "volumes": pvc_volume()})));
+        let terms = preferred(&out.unwrap());
         assert_eq!(terms.len(), 1);
         let expr = &terms[0].preference.match_expressions.as_ref().unwrap()[0];
         assert_eq!(expr.key, node_cache_label_key(DIGEST).unwrap());
@@ -156,15 +211,15 @@ mod tests {
     #[test]
     fn existing_affinity_is_merged_and_required_untouched() {
         let required = json!({"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]});
-        let p = pod(json!({
+        let (out, _) = run(&catalog(), pod(json!({
             "containers": [],
             "affinity": {"nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": required,
                 "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]
             }},
-            "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "root"}}]
-        }));
-        let out = mutate_pod(&p, "vms", &catalog(), &MutationConfig::default()).patched.unwrap();
+            "volumes": pvc_volume()
+        })));
+        let out = out.unwrap();
         let na = out.spec.as_ref().unwrap().affinity.as_ref().unwrap().node_affinity.as_ref().unwrap();
         assert_eq!(serde_json::to_value(&na.required_during_scheduling_ignored_during_execution).unwrap(), required);
         let terms = preferred(&out);
@@ -173,46 +228,51 @@ mod tests {
     }
 
     #[test]
+    fn affinity_without_node_affinity_is_extended() {
+        let (out, _) = run(&catalog(), pod(json!({"affinity": {"podAffinity": {}}, "volumes": pvc_volume()})));
+        let out = out.unwrap();
+        assert!(out.spec.as_ref().unwrap().affinity.as_ref().unwrap().pod_affinity.is_some());
+        assert_eq!(preferred(&out).len(), 1);
+    }
+
+    #[test]
     fn reinvocation_is_idempotent() {
-        let p = pod(json!({"containers": [], "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "root"}}]}));
-        let once = mutate_pod(&p, "vms", &catalog(), &MutationConfig::default()).patched.unwrap();
-        assert_eq!(mutate_pod(&once, "vms", &catalog(), &MutationConfig::default()).patched, None);
+        let (once, _) = run(&catalog(), pod(json!({"containers": [], "volumes": pvc_volume()})));
+        let (twice, w) = run(&catalog(), serde_json::to_value(once.unwrap()).unwrap());
+        assert!(twice.is_none() && w.is_empty());
     }
 
     #[test]
     fn two_volumes_of_one_image_add_one_term() {
         let mut imgs = catalog();
         imgs.claims.insert(("vms".into(), "data".into()), "fedora".into());
-        let p = pod(json!({"containers": [], "volumes": [
+        let (out, _) = run(&imgs, pod(json!({"containers": [], "volumes": [
             {"name": "a", "persistentVolumeClaim": {"claimName": "root"}},
-            {"name": "b", "persistentVolumeClaim": {"claimName": "data"}}]}));
-        let out = mutate_pod(&p, "vms", &imgs, &MutationConfig::default()).patched.unwrap();
-        assert_eq!(preferred(&out).len(), 1);
+            {"name": "b", "persistentVolumeClaim": {"claimName": "data"}}]})));
+        assert_eq!(preferred(&out.unwrap()).len(), 1);
     }
 
     #[test]
     fn ephemeral_template_naming_an_image_counts() {
-        let p = pod(json!({"containers": [], "volumes": [{"name": "s", "ephemeral": {"volumeClaimTemplate": {"spec": {
-            "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}}}}]}));
-        let out = mutate_pod(&p, "vms", &catalog(), &MutationConfig::default()).patched.unwrap();
-        assert_eq!(preferred(&out).len(), 1);
+        let (out, _) = run(&catalog(), pod(json!({"containers": [], "volumes": [{"name": "s", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}}}}]})));
+        assert_eq!(preferred(&out.unwrap()).len(), 1);
     }
 
     #[test]
     fn unknown_claims_and_plain_volumes_pass_through() {
-        let p = pod(json!({"containers": [], "volumes": [
+        let (out, w) = run(&catalog(), pod(json!({"containers": [], "volumes": [
             {"name": "x", "persistentVolumeClaim": {"claimName": "unrelated"}},
-            {"name": "e", "emptyDir": {}}]}));
-        assert_eq!(mutate_pod(&p, "vms", &catalog(), &MutationConfig::default()), Mutation::unchanged());
+            {"name": "e", "emptyDir": {}}]})));
+        assert!(out.is_none() && w.is_empty());
     }
 
     #[test]
     fn unresolved_image_warns_without_patch() {
         let mut imgs = Images::with(image("fedora", None, None, None));
         imgs.claims.insert(("vms".into(), "root".into()), "fedora".into());
-        let p = pod(json!({"containers": [], "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "root"}}]}));
-        let m = mutate_pod(&p, "vms", &imgs, &MutationConfig::default());
-        assert_eq!(m.patched, None);
-        assert!(m.warnings[0].contains("not resolved"));
+        let (out, w) = run(&imgs, pod(json!({"containers": [], "volumes": pvc_volume()})));
+        assert!(out.is_none());
+        assert!(w[0].contains("not resolved"));
     }
 }

@@ -1,15 +1,14 @@
-//! `PvcMutation`: how a VMDiskImage-backed PVC is completed at CREATE.
+//! [`PvcMutation`]: how a VMDiskImage-backed PVC is completed at CREATE.
 
-use k8s_openapi::api::core::v1::{
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, TypedLocalObjectReference,
-    TypedObjectReference, VolumeResourceRequirements,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaimSpec, TypedObjectReference};
+use serde_json::{json, Value};
 use vmdisk_crds::{
     format_bytes_quantity, parse_quantity, DIGEST_ANNOTATION, GROUP, IMAGE_ANNOTATION, IMAGE_KIND,
     IMAGE_LABEL,
 };
 
+use super::patch::PatchBuilder;
+use super::view::PvcView;
 use super::{ImageLookup, Mutation, MutationConfig};
 
 const MIB: u64 = 1 << 20;
@@ -82,172 +81,253 @@ pub fn volume_bytes_for_disk(disk_bytes: u64, filesystem_mode: bool, overhead: f
     needed.div_ceil(MIB).saturating_mul(MIB)
 }
 
-/// Decides the patch for a PVC at CREATE. `namespace` is the request's namespace.
-pub fn mutate_pvc(
-    pvc: &PersistentVolumeClaim,
-    namespace: &str,
-    images: &dyn ImageLookup,
-    config: &MutationConfig,
-) -> Mutation<PersistentVolumeClaim> {
-    let annotation = pvc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(IMAGE_ANNOTATION))
-        .map(String::as_str);
-    let (claim, conflict) = image_claim(pvc.spec.as_ref(), annotation);
-    let mut warnings: Vec<String> = conflict.into_iter().collect();
-    let Some(claim) = claim else {
-        return Mutation {
-            patched: None,
-            warnings,
-        };
-    };
-    let image_name = claim.image_name().to_string();
-    let mut out = pvc.clone();
-    let spec = out.spec.get_or_insert_with(Default::default);
+/// What a VMDiskImage-backed PVC gains at CREATE. Each field is a change to make; `None`
+/// leaves that part of the PVC alone.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PvcMutation {
+    pub data_source_ref: Option<TypedObjectReference>,
+    pub storage: Option<String>,
+    pub access_modes: Option<Vec<String>>,
+    pub storage_class_name: Option<String>,
+    pub image_label: Option<String>,
+    pub digest_annotation: Option<String>,
+    pub warnings: Vec<String>,
+}
 
-    if let Some(ns) = spec
-        .data_source_ref
-        .as_ref()
-        .and_then(|r| r.namespace.as_deref())
-        .filter(|ns| *ns != namespace)
-    {
-        warnings.push(format!(
-            "dataSourceRef names VMDiskImage {ns}/{image_name} in another namespace; vmdisk fills PVCs only from images in their own namespace"
-        ));
-        return Mutation {
-            patched: None,
+impl PvcMutation {
+    fn only_warnings(warnings: Vec<String>) -> Self {
+        Self {
             warnings,
-        };
+            ..Default::default()
+        }
     }
 
-    match &claim {
-        ImageClaim::Annotation(_) | ImageClaim::LegacyDataSource(_) => {
-            spec.data_source_ref = Some(TypedObjectReference {
+    /// Decides the changes for a PVC at CREATE. `namespace` is the request's namespace.
+    pub fn plan(
+        pvc: &PvcView,
+        namespace: &str,
+        images: &dyn ImageLookup,
+        config: &MutationConfig,
+    ) -> Self {
+        let meta = pvc.metadata.as_ref();
+        let annotation = meta.and_then(|m| m.annotation(IMAGE_ANNOTATION));
+        let (claim, conflict) = image_claim(pvc.spec.as_ref(), annotation);
+        let mut warnings: Vec<String> = conflict.into_iter().collect();
+        let Some(claim) = claim else {
+            return Self::only_warnings(warnings);
+        };
+        let image_name = claim.image_name().to_string();
+        let empty_spec = PersistentVolumeClaimSpec::default();
+        let spec = pvc.spec.as_ref().unwrap_or(&empty_spec);
+
+        if let Some(ns) = spec
+            .data_source_ref
+            .as_ref()
+            .and_then(|r| r.namespace.as_deref())
+            .filter(|ns| *ns != namespace)
+        {
+            warnings.push(format!(
+                "dataSourceRef names VMDiskImage {ns}/{image_name} in another namespace; vmdisk fills PVCs only from images in their own namespace"
+            ));
+            return Self::only_warnings(warnings);
+        }
+
+        let mut out = PvcMutation::default();
+        if !matches!(claim, ImageClaim::DataSourceRef(_)) {
+            // Annotation form, or legacy dataSource only: the populator contract is
+            // dataSourceRef (equal to dataSource when both are set, as validation requires).
+            out.data_source_ref = Some(TypedObjectReference {
                 api_group: Some(GROUP.to_string()),
                 kind: IMAGE_KIND.to_string(),
                 name: image_name.clone(),
                 namespace: None,
             });
-            if matches!(claim, ImageClaim::LegacyDataSource(_)) {
-                // Keep dataSource and dataSourceRef equal, as API validation requires.
-                spec.data_source = Some(TypedLocalObjectReference {
-                    api_group: Some(GROUP.to_string()),
-                    kind: IMAGE_KIND.to_string(),
-                    name: image_name.clone(),
-                });
+        }
+        if meta.and_then(|m| m.label(IMAGE_LABEL)) != Some(image_name.as_str()) {
+            out.image_label = Some(image_name.clone());
+        }
+
+        let image = images.image(namespace, &image_name);
+        if spec.access_modes.as_ref().is_none_or(|m| m.is_empty()) {
+            out.access_modes = Some(
+                image
+                    .as_ref()
+                    .and_then(|i| i.spec.access_modes.clone())
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| config.default_access_modes.clone()),
+            );
+        }
+        if spec.storage_class_name.is_none() {
+            out.storage_class_name = image.as_ref().and_then(|i| i.spec.storage_class_name.clone());
+        }
+        if image.is_none() {
+            warnings.push(format!(
+                "VMDiskImage {namespace}/{image_name} not found: the PVC stays Pending until it exists"
+            ));
+        }
+
+        let filesystem_mode = spec.volume_mode.as_deref() != Some("Block");
+        let requested = spec
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage"))
+            .map(|q| (q.0.as_str(), parse_quantity(&q.0)));
+        let required = match image.as_ref().map(|i| i.required_disk_bytes()) {
+            Some(Ok(Some(disk))) => Some(volume_bytes_for_disk(
+                disk,
+                filesystem_mode,
+                config.filesystem_overhead,
+            )),
+            Some(Ok(None)) => {
+                warnings.push(format!(
+                    "VMDiskImage {namespace}/{image_name} has no size yet (not inspected by any node and no spec.size): the PVC size was not checked"
+                ));
+                None
+            }
+            Some(Err(e)) => {
+                warnings.push(format!(
+                    "VMDiskImage {namespace}/{image_name} has an invalid spec.size: {e}"
+                ));
+                None
+            }
+            None => None,
+        };
+        out.storage = match (requested, required) {
+            (None, Some(required)) => Some(format_bytes_quantity(required)),
+            (Some((text, Ok(have))), Some(required)) if have < required => {
+                let new = format_bytes_quantity(required);
+                warnings.push(format!(
+                    "storage request raised from {text} to {new}: the disk of VMDiskImage {image_name} needs it{}",
+                    if filesystem_mode { " (with filesystem overhead)" } else { "" }
+                ));
+                Some(new)
+            }
+            (Some((text, Err(e))), _) => {
+                warnings.push(format!("storage request {text:?} not understood: {e}"));
+                None
+            }
+            (None, None) => {
+                warnings.push(format!(
+                    "no storage request and the size of VMDiskImage {namespace}/{image_name} is unknown: set spec.resources.requests.storage"
+                ));
+                None
+            }
+            _ => None,
+        };
+
+        match image.as_ref().and_then(|i| i.digest()) {
+            Some(digest) if meta.and_then(|m| m.annotation(DIGEST_ANNOTATION)) != Some(digest) => {
+                out.digest_annotation = Some(digest.to_string());
+            }
+            Some(_) => {}
+            None if image.is_some() => warnings.push(format!(
+                "VMDiskImage {namespace}/{image_name} is not resolved to a digest yet: the PVC will be filled once it is"
+            )),
+            None => {}
+        }
+        out.warnings = warnings;
+        out
+    }
+
+    /// The JSON patch making these changes to `pvc`, addressing only parents that exist in it
+    /// (a missing parent is added whole).
+    pub fn patch(&self, pvc: &PvcView) -> Option<json_patch::Patch> {
+        let mut b = PatchBuilder::default();
+        let mut labels = serde_json::Map::new();
+        if let Some(v) = &self.image_label {
+            labels.insert(IMAGE_LABEL.to_string(), v.clone().into());
+        }
+        let mut annotations = serde_json::Map::new();
+        if let Some(v) = &self.digest_annotation {
+            annotations.insert(DIGEST_ANNOTATION.to_string(), v.clone().into());
+        }
+        match &pvc.metadata {
+            None => {
+                let mut meta = serde_json::Map::new();
+                if !labels.is_empty() {
+                    meta.insert("labels".into(), labels.into());
+                }
+                if !annotations.is_empty() {
+                    meta.insert("annotations".into(), annotations.into());
+                }
+                if !meta.is_empty() {
+                    b.add(&["metadata"], meta.into());
+                }
+            }
+            Some(m) => {
+                add_map_entries(&mut b, "labels", m.labels.is_some(), labels);
+                add_map_entries(&mut b, "annotations", m.annotations.is_some(), annotations);
             }
         }
-        ImageClaim::DataSourceRef(_) => {}
-    }
 
-    out.metadata
-        .labels
-        .get_or_insert_with(Default::default)
-        .insert(IMAGE_LABEL.to_string(), image_name.clone());
-
-    let image = images.image(namespace, &image_name);
-    let spec = out.spec.get_or_insert_with(Default::default);
-    let no_access_modes = spec.access_modes.as_ref().is_none_or(|m| m.is_empty());
-    match &image {
-        None => warnings.push(format!(
-            "VMDiskImage {namespace}/{image_name} not found: the PVC stays Pending until it exists"
-        )),
-        Some(image) => {
-            if no_access_modes {
-                spec.access_modes = Some(
-                    image
-                        .spec
-                        .access_modes
-                        .clone()
-                        .filter(|m| !m.is_empty())
-                        .unwrap_or_else(|| config.default_access_modes.clone()),
-                );
+        let mut spec_changes: Vec<(&str, Value)> = Vec::new();
+        if let Some(r) = &self.data_source_ref {
+            spec_changes.push(("dataSourceRef", serde_json::to_value(r).expect("reference serializes")));
+        }
+        if let Some(m) = &self.access_modes {
+            spec_changes.push(("accessModes", json!(m)));
+        }
+        if let Some(c) = &self.storage_class_name {
+            spec_changes.push(("storageClassName", json!(c)));
+        }
+        match &pvc.spec {
+            None => {
+                let mut spec: serde_json::Map<String, Value> =
+                    spec_changes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                if let Some(s) = &self.storage {
+                    spec.insert("resources".into(), json!({"requests": {"storage": s}}));
+                }
+                if !spec.is_empty() {
+                    b.add(&["spec"], spec.into());
+                }
             }
-            if spec.storage_class_name.is_none() {
-                spec.storage_class_name = image.spec.storage_class_name.clone();
+            Some(spec) => {
+                for (k, v) in spec_changes {
+                    b.add(&["spec", k], v);
+                }
+                if let Some(s) = &self.storage {
+                    match spec.resources.as_ref().map(|r| r.requests.is_some()) {
+                        None => b.add(&["spec", "resources"], json!({"requests": {"storage": s}})),
+                        Some(false) => b.add(&["spec", "resources", "requests"], json!({"storage": s})),
+                        Some(true) => b.add(&["spec", "resources", "requests", "storage"], json!(s)),
+                    }
+                }
             }
         }
+        b.build()
     }
-    if image.is_none() && no_access_modes {
-        spec.access_modes = Some(config.default_access_modes.clone());
-    }
+}
 
-    let filesystem_mode = spec.volume_mode.as_deref() != Some("Block");
-    let requested = spec
-        .resources
-        .as_ref()
-        .and_then(|r| r.requests.as_ref())
-        .and_then(|r| r.get("storage"))
-        .map(|q| (q.0.clone(), parse_quantity(&q.0)));
-    let required = match image.as_ref().map(|i| i.required_disk_bytes()) {
-        Some(Ok(Some(disk))) => Some(volume_bytes_for_disk(
-            disk,
-            filesystem_mode,
-            config.filesystem_overhead,
-        )),
-        Some(Ok(None)) => {
-            warnings.push(format!(
-                "VMDiskImage {namespace}/{image_name} has no size yet (not inspected by any node and no spec.size): the PVC size was not checked"
-            ));
-            None
-        }
-        Some(Err(e)) => {
-            warnings.push(format!(
-                "VMDiskImage {namespace}/{image_name} has an invalid spec.size: {e}"
-            ));
-            None
-        }
-        None => None,
-    };
-    let new_size = match (requested, required) {
-        (None, Some(required)) => Some(required),
-        (Some((text, Ok(have))), Some(required)) if have < required => {
-            warnings.push(format!(
-                "storage request raised from {text} to {}: the disk of VMDiskImage {image_name} needs it{}",
-                format_bytes_quantity(required),
-                if filesystem_mode { " (with filesystem overhead)" } else { "" }
-            ));
-            Some(required)
-        }
-        (Some((text, Err(e))), _) => {
-            warnings.push(format!("storage request {text:?} not understood: {e}"));
-            None
-        }
-        (None, None) => {
-            warnings.push(format!(
-                "no storage request and the size of VMDiskImage {namespace}/{image_name} is unknown: set spec.resources.requests.storage"
-            ));
-            None
-        }
-        _ => None,
-    };
-    if let Some(bytes) = new_size {
-        spec.resources
-            .get_or_insert_with(VolumeResourceRequirements::default)
-            .requests
-            .get_or_insert_with(Default::default)
-            .insert("storage".to_string(), Quantity(format_bytes_quantity(bytes)));
+fn add_map_entries(
+    b: &mut PatchBuilder,
+    field: &str,
+    exists: bool,
+    entries: serde_json::Map<String, Value>,
+) {
+    if entries.is_empty() {
+        return;
     }
-
-    match image.as_ref().and_then(|i| i.digest()) {
-        Some(digest) => {
-            out.metadata
-                .annotations
-                .get_or_insert_with(Default::default)
-                .insert(DIGEST_ANNOTATION.to_string(), digest.to_string());
+    if exists {
+        for (k, v) in entries {
+            b.add(&["metadata", field, &k], v);
         }
-        None if image.is_some() => warnings.push(format!(
-            "VMDiskImage {namespace}/{image_name} is not resolved to a digest yet: the PVC will be filled once it is"
-        )),
-        None => {}
+    } else {
+        b.add(&["metadata", field], entries.into());
     }
+}
 
-    let changed = out != *pvc;
+/// Decides and builds the patch for a PVC at CREATE.
+pub fn mutate_pvc(
+    pvc: &PvcView,
+    namespace: &str,
+    images: &dyn ImageLookup,
+    config: &MutationConfig,
+) -> Mutation {
+    let plan = PvcMutation::plan(pvc, namespace, images, config);
     Mutation {
-        patched: changed.then_some(out),
-        warnings,
+        patch: plan.patch(pvc),
+        warnings: plan.warnings,
     }
 }
 
@@ -255,22 +335,26 @@ pub fn mutate_pvc(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
-    use serde_json::json;
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 
-    fn pvc(spec: serde_json::Value, annotations: serde_json::Value) -> PersistentVolumeClaim {
-        serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "vms", "annotations": annotations},
-            "spec": spec,
-        }))
-        .unwrap()
+    /// Runs the mutation on a PVC given as JSON and returns the patched PVC and the warnings.
+    fn run(images: &Images, pvc: Value) -> (Option<PersistentVolumeClaim>, Vec<String>) {
+        let view: PvcView = serde_json::from_value(pvc.clone()).unwrap();
+        let m = mutate_pvc(&view, "vms", images, &MutationConfig::default());
+        let patched = m.patch.map(|p| {
+            let mut doc = pvc;
+            json_patch::patch(&mut doc, &p).unwrap();
+            serde_json::from_value(doc).unwrap()
+        });
+        (patched, m.warnings)
+    }
+
+    fn pvc(spec: Value, annotations: Value) -> Value {
+        json!({"metadata": {"name": "p", "namespace": "vms", "annotations": annotations}, "spec": spec})
     }
 
     fn storage(p: &PersistentVolumeClaim) -> Option<String> {
         p.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
-    }
-
-    fn config() -> MutationConfig {
-        MutationConfig::default()
     }
 
     #[test]
@@ -284,17 +368,16 @@ mod tests {
 
     #[test]
     fn plain_pvc_is_untouched() {
-        let p = pvc(json!({"resources": {"requests": {"storage": "1Gi"}}}), json!({}));
-        assert_eq!(mutate_pvc(&p, "vms", &Images::default(), &config()), Mutation::unchanged());
+        let (p, w) = run(&Images::default(), pvc(json!({"resources": {"requests": {"storage": "1Gi"}}}), json!({})));
+        assert!(p.is_none() && w.is_empty());
     }
 
     #[test]
     fn annotation_form_gets_data_source_ref_size_and_digest() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(3 << 30), Some("local-path")));
-        let p = pvc(json!({"volumeMode": "Block"}), json!({"vmdisk.io/image": "fedora"}));
-        let m = mutate_pvc(&p, "vms", &imgs, &config());
-        assert!(m.warnings.is_empty(), "{:?}", m.warnings);
-        let out = m.patched.unwrap();
+        let (out, w) = run(&imgs, pvc(json!({"volumeMode": "Block"}), json!({"vmdisk.io/image": "fedora"})));
+        assert!(w.is_empty(), "{w:?}");
+        let out = out.unwrap();
         let spec = out.spec.as_ref().unwrap();
         let r = spec.data_source_ref.as_ref().unwrap();
         assert_eq!((r.api_group.as_deref(), r.kind.as_str(), r.name.as_str()), (Some("vmdisk.io"), "VMDiskImage", "fedora"));
@@ -303,34 +386,33 @@ mod tests {
         assert_eq!(spec.storage_class_name.as_deref(), Some("local-path"));
         assert_eq!(out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"], "fedora");
         assert_eq!(out.metadata.annotations.as_ref().unwrap()["vmdisk.io/digest"], "sha256:abc");
+        assert_eq!(out.metadata.annotations.as_ref().unwrap()["vmdisk.io/image"], "fedora");
     }
 
     #[test]
     fn too_small_request_is_raised_with_a_warning() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), None));
-        let p = pvc(
+        let (out, w) = run(&imgs, pvc(
             json!({"volumeMode": "Filesystem", "resources": {"requests": {"storage": "1Mi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
             json!({}),
-        );
-        let m = mutate_pvc(&p, "vms", &imgs, &config());
-        let out = m.patched.unwrap();
-        let bytes = parse_quantity(&storage(&out).unwrap()).unwrap();
+        ));
+        let bytes = parse_quantity(&storage(&out.unwrap()).unwrap()).unwrap();
         assert_eq!(bytes, volume_bytes_for_disk(1 << 30, true, 0.055));
-        assert_eq!(m.warnings.len(), 1);
-        assert!(m.warnings[0].contains("raised from 1Mi"), "{}", m.warnings[0]);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("raised from 1Mi"), "{}", w[0]);
     }
 
     #[test]
     fn big_enough_request_and_explicit_class_are_kept() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), Some("fast")));
-        let p = pvc(
+        let (out, _) = run(&imgs, pvc(
             json!({"volumeMode": "Block", "storageClassName": "", "accessModes": ["ReadWriteMany"],
                    "resources": {"requests": {"storage": "20Gi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
             json!({}),
-        );
-        let out = mutate_pvc(&p, "vms", &imgs, &config()).patched.unwrap();
+        ));
+        let out = out.unwrap();
         let spec = out.spec.as_ref().unwrap();
         assert_eq!(storage(&out).as_deref(), Some("20Gi"));
         assert_eq!(spec.storage_class_name.as_deref(), Some(""));
@@ -339,72 +421,79 @@ mod tests {
 
     #[test]
     fn missing_image_warns_but_still_completes_the_reference() {
-        let p = pvc(json!({}), json!({"vmdisk.io/image": "nope"}));
-        let m = mutate_pvc(&p, "vms", &Images::default(), &config());
-        assert!(m.warnings.iter().any(|w| w.contains("vms/nope not found")), "{:?}", m.warnings);
-        assert!(m.warnings.iter().any(|w| w.contains("no storage request")), "{:?}", m.warnings);
-        let out = m.patched.unwrap();
-        assert_eq!(out.spec.unwrap().data_source_ref.unwrap().name, "nope");
+        let (out, w) = run(&Images::default(), pvc(json!({}), json!({"vmdisk.io/image": "nope"})));
+        assert!(w.iter().any(|w| w.contains("vms/nope not found")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("no storage request")), "{w:?}");
+        assert_eq!(out.unwrap().spec.unwrap().data_source_ref.unwrap().name, "nope");
     }
 
     #[test]
     fn unresolved_image_warns_and_records_no_digest() {
         let imgs = Images::with(image("fedora", None, None, None));
-        let p = pvc(
+        let (out, w) = run(&imgs, pvc(
             json!({"resources": {"requests": {"storage": "5Gi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
             json!({}),
-        );
-        let m = mutate_pvc(&p, "vms", &imgs, &config());
-        assert!(m.warnings.iter().any(|w| w.contains("not resolved")), "{:?}", m.warnings);
-        let out = m.patched.unwrap();
-        assert!(out.metadata.annotations.is_none_or(|a| !a.contains_key(DIGEST_ANNOTATION)));
+        ));
+        assert!(w.iter().any(|w| w.contains("not resolved")), "{w:?}");
+        assert!(out.unwrap().metadata.annotations.is_none_or(|a| !a.contains_key(DIGEST_ANNOTATION)));
     }
 
     #[test]
     fn legacy_data_source_gains_an_equal_data_source_ref() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), None));
-        let p = pvc(
+        let (out, _) = run(&imgs, pvc(
             json!({"resources": {"requests": {"storage": "20Gi"}},
                    "dataSource": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
             json!({}),
-        );
-        let out = mutate_pvc(&p, "vms", &imgs, &config()).patched.unwrap();
-        let spec = out.spec.unwrap();
+        ));
+        let spec = out.unwrap().spec.unwrap();
         assert_eq!(spec.data_source_ref.unwrap().name, "fedora");
         assert_eq!(spec.data_source.unwrap().name, "fedora");
     }
 
     #[test]
     fn other_sources_pass_through_and_annotation_conflict_warns() {
-        let p = pvc(
+        let (out, w) = run(&Images::default(), pvc(
             json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}),
             json!({"vmdisk.io/image": "fedora"}),
-        );
-        let m = mutate_pvc(&p, "vms", &Images::default(), &config());
-        assert_eq!(m.patched, None);
-        assert_eq!(m.warnings.len(), 1);
-        assert!(m.warnings[0].contains("ignored"));
+        ));
+        assert!(out.is_none());
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("ignored"));
     }
 
     #[test]
     fn cross_namespace_reference_is_left_alone() {
-        let p = pvc(
+        let (out, w) = run(&Images::default(), pvc(
             json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "f", "namespace": "other"}}),
             json!({}),
-        );
-        let m = mutate_pvc(&p, "vms", &Images::default(), &config());
-        assert_eq!(m.patched, None);
-        assert!(m.warnings[0].contains("another namespace"));
+        ));
+        assert!(out.is_none());
+        assert!(w[0].contains("another namespace"));
     }
 
     #[test]
     fn mutation_is_idempotent() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(3 << 30), Some("local-path")));
-        let p = pvc(json!({"volumeMode": "Filesystem"}), json!({"vmdisk.io/image": "fedora"}));
-        let once = mutate_pvc(&p, "vms", &imgs, &config()).patched.unwrap();
-        let twice = mutate_pvc(&once, "vms", &imgs, &config());
-        assert_eq!(twice.patched, None);
-        assert!(twice.warnings.is_empty());
+        let (once, _) = run(&imgs, pvc(json!({"volumeMode": "Filesystem"}), json!({"vmdisk.io/image": "fedora"})));
+        let (twice, w) = run(&imgs, serde_json::to_value(once.unwrap()).unwrap());
+        assert!(twice.is_none());
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn missing_parents_are_added_whole() {
+        let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), None));
+        let doc = json!({"spec": {"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}, "resources": {}}});
+        let (out, _) = run(&imgs, doc);
+        let out = out.unwrap();
+        assert_eq!(out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"], "fedora");
+        assert!(storage(&out).is_some());
+        let view: PvcView = serde_json::from_value(json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}})).unwrap();
+        let m = mutate_pvc(&view, "vms", &imgs, &MutationConfig::default());
+        let mut doc = json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}});
+        json_patch::patch(&mut doc, &m.patch.unwrap()).unwrap();
+        assert_eq!(doc["spec"]["dataSourceRef"]["name"], "fedora");
     }
 }
