@@ -30,7 +30,9 @@ pub const POPULATOR_FINALIZER: &str = "vmdisk.io/populate-target-protection";
 pub fn node_cache_label_key(digest: &str) -> Option<String> {
     let (algorithm, hex) = digest.split_once(':')?;
     if algorithm.is_empty()
-        || !algorithm.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        || !algorithm
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
         || hex.len() < 32
         || !hex.chars().all(|c| c.is_ascii_hexdigit())
     {

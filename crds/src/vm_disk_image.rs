@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::quantity::{parse_quantity, QuantityError};
 
 /// Disk format the cache holds (and PVCs receive).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
     #[default]
@@ -38,7 +40,9 @@ impl std::str::FromStr for DiskFormat {
         match s {
             "raw" => Ok(DiskFormat::Raw),
             "qcow2" => Ok(DiskFormat::Qcow2),
-            other => Err(format!("unsupported disk format {other:?} (use raw or qcow2)")),
+            other => Err(format!(
+                "unsupported disk format {other:?} (use raw or qcow2)"
+            )),
         }
     }
 }
@@ -158,7 +162,9 @@ fn default_true() -> bool {
 }
 
 /// Lifecycle of a VMDiskImage as the image controller sees it.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum ImagePhase {
     /// Not resolved yet.
     #[default]
@@ -252,7 +258,10 @@ mod tests {
     #[test]
     fn required_bytes_is_the_larger_of_size_and_virtual_size() {
         assert_eq!(image(None, None).required_disk_bytes(), Ok(None));
-        assert_eq!(image(Some("1Gi"), None).required_disk_bytes(), Ok(Some(1 << 30)));
+        assert_eq!(
+            image(Some("1Gi"), None).required_disk_bytes(),
+            Ok(Some(1 << 30))
+        );
         assert_eq!(image(None, Some(5)).required_disk_bytes(), Ok(Some(5)));
         assert_eq!(
             image(Some("1Gi"), Some(2 << 30)).required_disk_bytes(),

@@ -18,7 +18,10 @@ use vmdisk_webhook::server::serve_tls;
 use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct RoundResult {
@@ -38,7 +41,11 @@ async fn drive(
     let config = client_config(ca_pem);
     let mut conns = Vec::new();
     for _ in 0..concurrency {
-        conns.push(Connection::open(addr, "localhost", config.clone()).await.unwrap());
+        conns.push(
+            Connection::open(addr, "localhost", config.clone())
+                .await
+                .unwrap(),
+        );
     }
     // Warm each connection so handshakes are not counted.
     for c in conns.iter_mut() {
@@ -106,14 +113,22 @@ async fn async_main() {
     // Baseline: the same TLS stack and accept loop, a handler that returns a fixed answer.
     let fixed: bytes::Bytes = {
         let mut conn = webhook.connect().await;
-        conn.post_json("/mutate-pvc", body.clone()).await.unwrap().body
+        conn.post_json("/mutate-pvc", body.clone())
+            .await
+            .unwrap()
+            .body
     };
     let resolver = ReloadingCertResolver::load(CertPaths::in_dir(&webhook.cert_dir())).unwrap();
     let baseline_router = Router::new().route(
         "/mutate-pvc",
         post(move || {
             let fixed = fixed.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], fixed) }
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    fixed,
+                )
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -130,8 +145,24 @@ async fn async_main() {
     let (mut web, mut base) = (Vec::new(), Vec::new());
     let (mut web_req, mut base_req, mut web_secs, mut base_secs) = (0u64, 0u64, 0f64, 0f64);
     for i in 0..rounds {
-        let b = drive(baseline_addr, &ca, "/mutate-pvc", body.clone(), concurrency, round).await;
-        let w = drive(webhook.addr, &ca, "/mutate-pvc?timeout=10s", body.clone(), concurrency, round).await;
+        let b = drive(
+            baseline_addr,
+            &ca,
+            "/mutate-pvc",
+            body.clone(),
+            concurrency,
+            round,
+        )
+        .await;
+        let w = drive(
+            webhook.addr,
+            &ca,
+            "/mutate-pvc?timeout=10s",
+            body.clone(),
+            concurrency,
+            round,
+        )
+        .await;
         println!(
             "round {}: webhook {:.0} req/s, baseline {:.0} req/s",
             i + 1,

@@ -1,1 +1,2 @@
-#[test] fn skip(){}
+#[test]
+fn skip() {}

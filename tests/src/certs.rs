@@ -32,10 +32,13 @@ impl TestCa {
 
     /// A leaf for `names` (DNS names or IP addresses).
     pub fn issue(&self, names: &[&str]) -> ServingPair {
-        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("leaf params");
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("leaf params");
         let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf certificate");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
         ServingPair {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),

@@ -112,6 +112,7 @@ impl Connection {
     }
 
     pub async fn post_json(&mut self, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
-        self.request("POST", path, Some("application/json"), body).await
+        self.request("POST", path, Some("application/json"), body)
+            .await
     }
 }

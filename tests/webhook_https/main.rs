@@ -50,19 +50,26 @@ fn warm_term() -> Value {
 /// What each fixture's object must look like after the webhook's patch: `None` = no patch.
 fn expected_changes(fixture: &str) -> Option<Vec<(&'static str, Value)>> {
     let label = ("/metadata/labels/vmdisk.io~1image", json!("fedora-40"));
-    let digest = ("/metadata/annotations/vmdisk.io~1digest", json!(SAMPLE_DIGEST));
+    let digest = (
+        "/metadata/annotations/vmdisk.io~1digest",
+        json!(SAMPLE_DIGEST),
+    );
     let class = ("/spec/storageClassName", json!("local-path"));
     let affinity = |existing: Vec<Value>| {
         let mut terms = existing;
         terms.push(warm_term());
-        ("/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution", Value::Array(terms))
+        (
+            "/spec/affinity/nodeAffinity/preferredDuringSchedulingIgnoredDuringExecution",
+            Value::Array(terms),
+        )
     };
     Some(match fixture {
         "pvc-create-annotation-form.json" => {
             vec![("/spec/dataSourceRef", image_ref()), class, label, digest]
         }
-        "pvc-create-by-ephemeral-controller.json"
-        | "pvc-create-by-statefulset-controller.json" => vec![class, label, digest],
+        "pvc-create-by-ephemeral-controller.json" | "pvc-create-by-statefulset-controller.json" => {
+            vec![class, label, digest]
+        }
         "pvc-create-datasourceref-block.json" => vec![label, digest],
         "pvc-create-datasourceref-too-small.json" | "pvc-create-dryrun.json" => vec![
             ("/spec/resources/requests/storage", json!(fs_size())),
@@ -107,7 +114,10 @@ async fn every_fixture_over_https_patches_exactly_what_it_should() {
     assert!(all.len() >= 19, "fixtures missing: {}", all.len());
     for (name, body) in all {
         let review: Value = serde_json::from_slice(&body).unwrap();
-        let reply = conn.post_json(endpoint_for(&name), body.clone()).await.unwrap();
+        let reply = conn
+            .post_json(endpoint_for(&name), body.clone())
+            .await
+            .unwrap();
         assert_eq!(reply.status, 200, "{name}: {}", reply.text());
         let answer = reply.json();
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{name}");
@@ -118,7 +128,10 @@ async fn every_fixture_over_https_patches_exactly_what_it_should() {
         let original = review["request"]["object"].clone();
         match expected_changes(&name) {
             None => {
-                assert!(response.get("patch").is_none(), "{name}: unexpected patch {response}");
+                assert!(
+                    response.get("patch").is_none(),
+                    "{name}: unexpected patch {response}"
+                );
             }
             Some(changes) => {
                 assert_eq!(response["patchType"], "JSONPatch", "{name}");
@@ -140,9 +153,15 @@ async fn every_fixture_over_https_patches_exactly_what_it_should() {
         match name.as_str() {
             "pvc-create-datasourceref-too-small.json" | "pvc-create-dryrun.json" => {
                 assert_eq!(warnings.len(), 1, "{name}: {warnings:?}");
-                assert!(warnings[0].as_str().unwrap().contains("raised from"), "{name}");
+                assert!(
+                    warnings[0].as_str().unwrap().contains("raised from"),
+                    "{name}"
+                );
             }
-            _ => assert!(warnings.is_empty(), "{name}: unexpected warnings {warnings:?}"),
+            _ => assert!(
+                warnings.is_empty(),
+                "{name}: unexpected warnings {warnings:?}"
+            ),
         }
     }
     assert!(!conn.is_closed(), "keep-alive connection was closed");
@@ -160,7 +179,10 @@ async fn dry_run_gets_the_same_answer_as_a_real_create() {
         .unwrap()
         .json();
     let real = conn
-        .post_json("/mutate-pvc", body("pvc-create-minimal-no-size-no-accessmodes.json"))
+        .post_json(
+            "/mutate-pvc",
+            body("pvc-create-minimal-no-size-no-accessmodes.json"),
+        )
         .await
         .unwrap()
         .json();
@@ -189,57 +211,95 @@ async fn missing_and_unresolved_images_warn_and_never_deny() {
 
     let missing = String::from_utf8(body("pvc-create-annotation-form.json"))
         .unwrap()
-        .replace("\"vmdisk.io/image\": \"fedora-40\"", "\"vmdisk.io/image\": \"no-such-image\"");
+        .replace(
+            "\"vmdisk.io/image\": \"fedora-40\"",
+            "\"vmdisk.io/image\": \"no-such-image\"",
+        );
     let r = conn.post_json("/mutate-pvc", missing).await.unwrap().json();
     assert_eq!(r["response"]["allowed"], true);
-    assert!(r["response"]["warnings"].to_string().contains("vms/no-such-image not found"));
+    assert!(r["response"]["warnings"]
+        .to_string()
+        .contains("vms/no-such-image not found"));
     // The reference is still completed so the PVC binds once the image appears.
     let patch = decode_patch_field(&r["response"]["patch"]).unwrap();
-    assert!(serde_json::to_string(&patch).unwrap().contains("no-such-image"));
+    assert!(serde_json::to_string(&patch)
+        .unwrap()
+        .contains("no-such-image"));
 
     let r = conn
-        .post_json("/mutate-pod", body("pod-create-virt-launcher-with-pvc.json"))
+        .post_json(
+            "/mutate-pod",
+            body("pod-create-virt-launcher-with-pvc.json"),
+        )
         .await
         .unwrap()
         .json();
     assert_eq!(r["response"]["allowed"], true);
     assert!(r["response"].get("patch").is_none());
-    assert!(r["response"]["warnings"].to_string().contains("not resolved"));
+    assert!(r["response"]["warnings"]
+        .to_string()
+        .contains("not resolved"));
 }
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_never_a_panic() {
     let server = TestWebhook::start(&sample_catalog_yaml(), Some(64 * 1024)).await;
     let mut conn = server.connect().await;
-    let fixture = fixtures().into_iter().find(|(n, _)| n == "pvc-create-plain.json").unwrap().1;
+    let fixture = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pvc-create-plain.json")
+        .unwrap()
+        .1;
 
-    let r = conn.post_json("/mutate-pvc", "this is not json").await.unwrap();
+    let r = conn
+        .post_json("/mutate-pvc", "this is not json")
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
     assert!(r.text().contains("not JSON"), "{}", r.text());
 
-    let wrong = String::from_utf8(fixture.clone()).unwrap().replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
+    let wrong = String::from_utf8(fixture.clone())
+        .unwrap()
+        .replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1");
     let r = conn.post_json("/mutate-pvc", wrong).await.unwrap();
     assert_eq!(r.status, 400);
-    assert!(r.text().contains("admission.k8s.io/v1beta1"), "{}", r.text());
+    assert!(
+        r.text().contains("admission.k8s.io/v1beta1"),
+        "{}",
+        r.text()
+    );
 
     let r = conn
-        .post_json("/mutate-pvc", r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#)
+        .post_json(
+            "/mutate-pvc",
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 400);
     assert!(r.text().contains("no request"), "{}", r.text());
 
-    let huge = format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#, "x".repeat(100 * 1024));
+    let huge = format!(
+        r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","pad":"{}"}}"#,
+        "x".repeat(100 * 1024)
+    );
     let mut fresh = server.connect().await;
     let r = fresh.post_json("/mutate-pvc", huge).await.unwrap();
     assert_eq!(r.status, 413);
     assert!(r.text().contains("65536"), "{}", r.text());
 
-    let r = conn.request("POST", "/mutate-pvc", Some("text/plain"), fixture.clone()).await.unwrap();
+    let r = conn
+        .request("POST", "/mutate-pvc", Some("text/plain"), fixture.clone())
+        .await
+        .unwrap();
     assert_eq!(r.status, 415);
 
     // A Pod review sent to the PVC endpoint: allowed, untouched, uid echoed.
-    let pod = fixtures().into_iter().find(|(n, _)| n == "pod-create-virt-launcher-with-pvc.json").unwrap().1;
+    let pod = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pod-create-virt-launcher-with-pvc.json")
+        .unwrap()
+        .1;
     let r = conn.post_json("/mutate-pvc", pod.clone()).await.unwrap();
     assert_eq!(r.status, 200);
     let v = r.json();
@@ -251,11 +311,17 @@ async fn bad_input_gets_clear_errors_and_never_a_panic() {
     // A PVC review whose object is not a PVC: allowed with a warning.
     let mut broken: Value = serde_json::from_slice(&fixture).unwrap();
     broken["request"]["object"]["spec"] = json!("not an object");
-    let r = conn.post_json("/mutate-pvc", serde_json::to_vec(&broken).unwrap()).await.unwrap();
+    let r = conn
+        .post_json("/mutate-pvc", serde_json::to_vec(&broken).unwrap())
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["response"]["allowed"], true);
-    assert!(v["response"]["warnings"][0].as_str().unwrap().contains("not a valid PersistentVolumeClaim"));
+    assert!(v["response"]["warnings"][0]
+        .as_str()
+        .unwrap()
+        .contains("not a valid PersistentVolumeClaim"));
 
     let r = conn.request("GET", "/mutate-pvc", None, "").await.unwrap();
     assert_eq!(r.status, 405);
@@ -265,8 +331,15 @@ async fn bad_input_gets_clear_errors_and_never_a_panic() {
     // The server still serves after all that.
     let r = conn.post_json("/mutate-pvc", fixture).await.unwrap();
     assert_eq!(r.status, 200);
-    let metrics = conn.request("GET", "/metrics", None, "").await.unwrap().text();
-    assert!(metrics.contains(r#"vmdisk_webhook_errors_total{resource="pvc"} 5"#), "{metrics}");
+    let metrics = conn
+        .request("GET", "/metrics", None, "")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains(r#"vmdisk_webhook_errors_total{resource="pvc"} 5"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -277,17 +350,39 @@ async fn probes_and_metrics() {
     assert_eq!((r.status, r.text().as_str()), (200, "ok"));
     let r = conn.request("GET", "/readyz", None, "").await.unwrap();
     assert_eq!(r.status, 200);
-    server.webhook.tls_ready.store(false, std::sync::atomic::Ordering::Release);
+    server
+        .webhook
+        .tls_ready
+        .store(false, std::sync::atomic::Ordering::Release);
     let r = conn.request("GET", "/readyz", None, "").await.unwrap();
     assert_eq!(r.status, 503);
     assert!(r.text().contains("certificate"));
 
-    let body = fixtures().into_iter().find(|(n, _)| n == "pvc-create-annotation-form.json").unwrap().1;
+    let body = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pvc-create-annotation-form.json")
+        .unwrap()
+        .1;
     conn.post_json("/mutate-pvc", body).await.unwrap();
-    let text = conn.request("GET", "/metrics", None, "").await.unwrap().text();
-    assert!(text.contains(r#"vmdisk_webhook_admission_requests_total{resource="pvc",outcome="patched"} 1"#), "{text}");
-    assert!(text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#), "{text}");
-    assert!(text.contains("vmdisk_webhook_admission_duration_seconds_count{resource=\"pvc\"} 1"), "{text}");
+    let text = conn
+        .request("GET", "/metrics", None, "")
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        text.contains(
+            r#"vmdisk_webhook_admission_requests_total{resource="pvc",outcome="patched"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmdisk_webhook_admission_duration_seconds_count{resource=\"pvc\"} 1"),
+        "{text}"
+    );
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -301,9 +396,20 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test]
 async fn certificate_renewal_by_symlink_swap_keeps_keepalive_connections() {
     let mut server = TestWebhook::start(&sample_catalog_yaml(), None).await;
-    let body = fixtures().into_iter().find(|(n, _)| n == "pvc-create-plain.json").unwrap().1;
+    let body = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pvc-create-plain.json")
+        .unwrap()
+        .1;
     let mut old_conn = server.connect().await;
-    assert_eq!(old_conn.post_json("/mutate-pvc", body.clone()).await.unwrap().status, 200);
+    assert_eq!(
+        old_conn
+            .post_json("/mutate-pvc", body.clone())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let first_cert = old_conn.peer_certificate.clone();
 
     server.renew_certificate();
@@ -311,13 +417,23 @@ async fn certificate_renewal_by_symlink_swap_keeps_keepalive_connections() {
     wait_for("certificate reload", || resolver.generation() == 2).await;
 
     // The established connection keeps working on its negotiated session.
-    let r = old_conn.post_json("/mutate-pvc", body.clone()).await.unwrap();
+    let r = old_conn
+        .post_json("/mutate-pvc", body.clone())
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert!(!old_conn.is_closed());
     // New connections get the new certificate.
     let mut new_conn = server.connect().await;
     assert_ne!(new_conn.peer_certificate, first_cert);
-    assert_eq!(new_conn.post_json("/mutate-pvc", body.clone()).await.unwrap().status, 200);
+    assert_eq!(
+        new_conn
+            .post_json("/mutate-pvc", body.clone())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let second_cert = new_conn.peer_certificate.clone();
 
     // A broken renewal (key does not match) is refused; the last good pair keeps serving.
@@ -328,19 +444,43 @@ async fn certificate_renewal_by_symlink_swap_keeps_keepalive_connections() {
     assert_eq!(server.resolver.generation(), 2);
     let mut after_bad = server.connect().await;
     assert_eq!(after_bad.peer_certificate, second_cert);
-    assert_eq!(after_bad.post_json("/mutate-pvc", body.clone()).await.unwrap().status, 200);
-    assert_eq!(old_conn.post_json("/mutate-pvc", body).await.unwrap().status, 200);
+    assert_eq!(
+        after_bad
+            .post_json("/mutate-pvc", body.clone())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        old_conn
+            .post_json("/mutate-pvc", body)
+            .await
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
 async fn shutdown_drains_and_stops_accepting() {
     let mut server = TestWebhook::start(&sample_catalog_yaml(), None).await;
-    let body = fixtures().into_iter().find(|(n, _)| n == "pvc-create-plain.json").unwrap().1;
+    let body = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "pvc-create-plain.json")
+        .unwrap()
+        .1;
     let mut conn = server.connect().await;
-    assert_eq!(conn.post_json("/mutate-pvc", body).await.unwrap().status, 200);
+    assert_eq!(
+        conn.post_json("/mutate-pvc", body).await.unwrap().status,
+        200
+    );
     let addr = server.addr;
     tokio::time::timeout(Duration::from_secs(10), server.shutdown())
         .await
         .expect("shutdown with an idle keep-alive connection must not hang");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
 }

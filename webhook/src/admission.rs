@@ -88,10 +88,13 @@ struct ReviewEnvelope<O> {
 
 /// Decodes the envelope, the request metadata and the object (as `O`) in one pass.
 pub fn decode_review<O: DeserializeOwned>(body: &[u8]) -> Result<AdmissionRequest<O>, ReviewError> {
-    let envelope: ReviewEnvelope<O> = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string())),
-        _ => ReviewError::NotJson(e.to_string()),
-    })?;
+    let envelope: ReviewEnvelope<O> =
+        serde_json::from_slice(body).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => {
+                wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string()))
+            }
+            _ => ReviewError::NotJson(e.to_string()),
+        })?;
     if envelope.api_version != API_VERSION || envelope.kind != KIND {
         return Err(ReviewError::WrongType {
             api_version: envelope.api_version,
@@ -237,10 +240,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_envelopes() {
-        assert!(matches!(decode_review::<RawObject>(b"nope"), Err(ReviewError::NotJson(_))));
-        assert!(matches!(decode_review::<RawObject>(b"[]"), Err(ReviewError::WrongType { .. })));
-        assert!(matches!(decode_review::<RawObject>(b"{\"apiVersion\": 5}"), Err(ReviewError::NotAReview(_))));
-        assert!(matches!(decode_review::<RawObject>(b"{\"apiVersion\": "), Err(ReviewError::NotJson(_))));
+        assert!(matches!(
+            decode_review::<RawObject>(b"nope"),
+            Err(ReviewError::NotJson(_))
+        ));
+        assert!(matches!(
+            decode_review::<RawObject>(b"[]"),
+            Err(ReviewError::WrongType { .. })
+        ));
+        assert!(matches!(
+            decode_review::<RawObject>(b"{\"apiVersion\": 5}"),
+            Err(ReviewError::NotAReview(_))
+        ));
+        assert!(matches!(
+            decode_review::<RawObject>(b"{\"apiVersion\": "),
+            Err(ReviewError::NotJson(_))
+        ));
         assert!(matches!(
             decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{}}"#),
             Err(ReviewError::WrongType { .. })
@@ -250,11 +265,15 @@ mod tests {
             Err(ReviewError::WrongType { .. })
         ));
         assert!(matches!(
-            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#),
+            decode_review::<RawObject>(
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#
+            ),
             Err(ReviewError::MissingRequest)
         ));
         assert!(matches!(
-            decode_review::<RawObject>(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":null}"#),
+            decode_review::<RawObject>(
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":null}"#
+            ),
             Err(ReviewError::MissingRequest)
         ));
         assert!(matches!(
@@ -279,7 +298,14 @@ mod tests {
         assert_eq!(v["response"]["allowed"], true);
         assert_eq!(v["response"]["patchType"], "JSONPatch");
         assert_eq!(decode_patch_field(&v["response"]["patch"]).unwrap(), patch);
-        assert_eq!(v["response"]["warnings"][0].as_str().unwrap().chars().count(), 256);
+        assert_eq!(
+            v["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .chars()
+                .count(),
+            256
+        );
         let bytes = serde_json::to_value(serde_json::to_vec(&patch).unwrap()).unwrap();
         assert_eq!(decode_patch_field(&bytes).unwrap(), patch);
     }

@@ -30,7 +30,9 @@ async fn main() -> anyhow::Result<()> {
 
     let resolver = ReloadingCertResolver::load(CertPaths::in_dir(&args.cert_dir))
         .context("loading the serving certificate")?;
-    let _cert_watch = resolver.watch().context("watching the certificate directory")?;
+    let _cert_watch = resolver
+        .watch()
+        .context("watching the certificate directory")?;
 
     let mut background = Vec::new();
     let mut _catalog_watch = None;
@@ -41,9 +43,9 @@ async fn main() -> anyhow::Result<()> {
             catalog
         }
         None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (use --catalog-dir to run without a cluster)")?;
+            let client = kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (use --catalog-dir to run without a cluster)",
+            )?;
             let (catalog, tasks) = KubeCatalog::start(client.clone());
             background.extend(tasks);
             if args.controllers {

@@ -148,9 +148,8 @@ impl WebhookMetrics {
                         .clone()
                 })
             }),
-            latency: RESOURCES.map(|resource| {
-                latency.get_or_create(&ResourceLabels { resource }).clone()
-            }),
+            latency: RESOURCES
+                .map(|resource| latency.get_or_create(&ResourceLabels { resource }).clone()),
             patches: by_resource(&patches),
             warnings: by_resource(&warnings),
             errors: by_resource(&errors),
@@ -196,11 +195,33 @@ mod tests {
         m.observe(Resource::Pvc, Outcome::Patched, 2, 0.001);
         m.observe(Resource::Pod, Outcome::BadRequest, 0, 0.0001);
         let text = m.encode();
-        assert!(text.contains(r#"vmdisk_webhook_admission_requests_total{resource="pvc",outcome="patched"} 1"#), "{text}");
-        assert!(text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#), "{text}");
-        assert!(text.contains(r#"vmdisk_webhook_warnings_total{resource="pvc"} 2"#), "{text}");
-        assert!(text.contains(r#"vmdisk_webhook_errors_total{resource="pod"} 1"#), "{text}");
-        assert!(text.contains(r#"vmdisk_webhook_admission_requests_total{resource="pod",outcome="unchanged"} 0"#), "{text}");
-        assert!(text.contains("vmdisk_webhook_admission_duration_seconds_bucket"), "{text}");
+        assert!(
+            text.contains(
+                r#"vmdisk_webhook_admission_requests_total{resource="pvc",outcome="patched"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vmdisk_webhook_patches_applied_total{resource="pvc"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vmdisk_webhook_warnings_total{resource="pvc"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"vmdisk_webhook_errors_total{resource="pod"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"vmdisk_webhook_admission_requests_total{resource="pod",outcome="unchanged"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("vmdisk_webhook_admission_duration_seconds_bucket"),
+            "{text}"
+        );
     }
 }

@@ -58,10 +58,20 @@ impl Webhook {
         let timer = Timer::start();
         let handled = match resource {
             Resource::Pvc => self.admit_as::<PvcView>(resource, body, |pvc, ns| {
-                mutate_pvc(pvc, ns, self.catalog.as_ref() as &dyn ImageLookup, &self.config)
+                mutate_pvc(
+                    pvc,
+                    ns,
+                    self.catalog.as_ref() as &dyn ImageLookup,
+                    &self.config,
+                )
             }),
             Resource::Pod => self.admit_as::<PodView>(resource, body, |pod, ns| {
-                mutate_pod(pod, ns, self.catalog.as_ref() as &dyn ImageLookup, &self.config)
+                mutate_pod(
+                    pod,
+                    ns,
+                    self.catalog.as_ref() as &dyn ImageLookup,
+                    &self.config,
+                )
             }),
         };
         let (outcome, warnings) = match &handled {
@@ -88,9 +98,8 @@ impl Webhook {
         };
         match decode_review::<V>(body) {
             Ok(request) => {
-                let (answer, outcome) = self.answer(resource, &request, |object, ns| {
-                    Ok(mutate(object, ns))
-                });
+                let (answer, outcome) =
+                    self.answer(resource, &request, |object, ns| Ok(mutate(object, ns)));
                 Handled::Answer(answer, outcome)
             }
             Err(ReviewError::NotAReview(view_error)) => match decode_review::<RawObject>(body) {
@@ -132,7 +141,11 @@ impl Webhook {
             );
             return skip("unexpected resource");
         }
-        if request.sub_resource.as_deref().is_some_and(|s| !s.is_empty()) {
+        if request
+            .sub_resource
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+        {
             return skip("subresource");
         }
         if request.operation != "CREATE" {
@@ -214,7 +227,9 @@ async fn admission_response(
     body: Body,
 ) -> Response {
     let reject = |status: StatusCode, message: String| {
-        webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+        webhook
+            .metrics
+            .observe(resource, Outcome::BadRequest, 0, 0.0);
         (status, message).into_response()
     };
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
@@ -235,13 +250,17 @@ async fn admission_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > limit as u64) {
-        webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+        webhook
+            .metrics
+            .observe(resource, Outcome::BadRequest, 0, 0.0);
         return too_large(limit, declared);
     }
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
-            webhook.metrics.observe(resource, Outcome::BadRequest, 0, 0.0);
+            webhook
+                .metrics
+                .observe(resource, Outcome::BadRequest, 0, 0.0);
             tracing::debug!(error = %e, "request body not read");
             return too_large(limit, declared);
         }

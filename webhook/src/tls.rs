@@ -88,13 +88,14 @@ pub fn load_certified_key(paths: &CertPaths) -> Result<CertifiedKey, TlsError> {
         message: e.to_string(),
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| TlsError::BadKey {
-            path: paths.key.clone(),
-            message: e.to_string(),
-        })?;
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| TlsError::BadKey {
+                path: paths.key.clone(),
+                message: e.to_string(),
+            })?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().map_err(|e| TlsError::KeyMismatch {
         cert: paths.cert.clone(),
@@ -237,15 +238,31 @@ mod tests {
     fn refuses_mismatched_garbage_and_missing_files() {
         let dir = tempfile::tempdir().unwrap();
         let paths = CertPaths::in_dir(dir.path());
-        assert!(matches!(load_certified_key(&paths), Err(TlsError::Read { .. })));
+        assert!(matches!(
+            load_certified_key(&paths),
+            Err(TlsError::Read { .. })
+        ));
         write_pair(dir.path(), "a");
         let other = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
         std::fs::write(&paths.key, other.signing_key.serialize_pem()).unwrap();
-        assert!(matches!(load_certified_key(&paths), Err(TlsError::KeyMismatch { .. })));
-        std::fs::write(&paths.key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
-        assert!(matches!(load_certified_key(&paths), Err(TlsError::BadKey { .. })));
+        assert!(matches!(
+            load_certified_key(&paths),
+            Err(TlsError::KeyMismatch { .. })
+        ));
+        std::fs::write(
+            &paths.key,
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            load_certified_key(&paths),
+            Err(TlsError::BadKey { .. })
+        ));
         std::fs::write(&paths.cert, "hello").unwrap();
-        assert!(matches!(load_certified_key(&paths), Err(TlsError::NoCertificate { .. })));
+        assert!(matches!(
+            load_certified_key(&paths),
+            Err(TlsError::NoCertificate { .. })
+        ));
     }
 
     #[test]

@@ -82,12 +82,16 @@ fn load_documents(
             index,
             message,
         };
-        let value = serde_yaml::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
+        let value =
+            serde_yaml::Value::deserialize(document).map_err(|e| parse_error(e.to_string()))?;
         if value.is_null() {
             continue;
         }
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
-        let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("");
         match (api_version, kind) {
             ("vmdisk.io/v1alpha1", "VMDiskImage") => {
                 let image: VMDiskImage =
@@ -96,16 +100,23 @@ fn load_documents(
                     return Err(parse_error("VMDiskImage has no metadata.name".into()));
                 }
                 let mut image = image;
-                image.metadata.namespace.get_or_insert_with(|| "default".to_string());
+                image
+                    .metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".to_string());
                 snapshot.insert_image(image);
             }
             ("v1", "PersistentVolumeClaim") => {
                 let mut pvc: PersistentVolumeClaim =
                     serde_yaml::from_value(value).map_err(|e| parse_error(e.to_string()))?;
                 if pvc.metadata.name.is_none() {
-                    return Err(parse_error("PersistentVolumeClaim has no metadata.name".into()));
+                    return Err(parse_error(
+                        "PersistentVolumeClaim has no metadata.name".into(),
+                    ));
                 }
-                pvc.metadata.namespace.get_or_insert_with(|| "default".to_string());
+                pvc.metadata
+                    .namespace
+                    .get_or_insert_with(|| "default".to_string());
                 snapshot.insert_claim(&pvc);
             }
             _ => {}
@@ -160,16 +171,17 @@ impl FileCatalog {
     /// Watches the directory and reloads on change until the returned guard is dropped.
     pub fn watch(self: &Arc<Self>) -> Result<CatalogWatch, FileCatalogError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                // A full channel already means "reload pending".
-                let _ = tx.try_send(());
-            }
-        })
-        .map_err(|source| FileCatalogError::Watch {
-            path: self.dir.clone(),
-            source,
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    // A full channel already means "reload pending".
+                    let _ = tx.try_send(());
+                }
+            })
+            .map_err(|source| FileCatalogError::Watch {
+                path: self.dir.clone(),
+                source,
+            })?;
         watcher
             .watch(&self.dir, RecursiveMode::NonRecursive)
             .map_err(|source| FileCatalogError::Watch {
@@ -251,8 +263,14 @@ metadata: {name: ignored}
         std::fs::write(dir.path().join("a.yaml"), IMAGE).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
         let snap = load_dir(dir.path()).unwrap();
-        assert_eq!(snap.image("vms", "fedora-40").unwrap().digest(), Some("sha256:aaaa"));
-        assert_eq!(snap.claim_image("vms", "root").as_deref(), Some("fedora-40"));
+        assert_eq!(
+            snap.image("vms", "fedora-40").unwrap().digest(),
+            Some("sha256:aaaa")
+        );
+        assert_eq!(
+            snap.claim_image("vms", "root").as_deref(),
+            Some("fedora-40")
+        );
         assert_eq!(snap.image_count(), 1);
     }
 
@@ -266,7 +284,10 @@ metadata: {name: ignored}
         )
         .unwrap();
         let err = load_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("b.yaml") && err.contains("document 0"), "{err}");
+        assert!(
+            err.contains("b.yaml") && err.contains("document 0"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -279,10 +300,17 @@ metadata: {name: ignored}
         assert!(catalog.reload().is_err());
         assert!(catalog.image("vms", "fedora-40").is_some());
 
-        std::fs::write(dir.path().join("a.yaml"), IMAGE.replace("fedora-40", "fedora-41")).unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            IMAGE.replace("fedora-40", "fedora-41"),
+        )
+        .unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while catalog.image("vms", "fedora-41").is_none() {
-            assert!(std::time::Instant::now() < deadline, "watch never reloaded the catalog");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "watch never reloaded the catalog"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(catalog.image("vms", "fedora-40").is_none());

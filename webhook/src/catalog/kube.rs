@@ -26,7 +26,8 @@ impl KubeCatalog {
     /// errors) until the returned tasks are aborted.
     pub fn start(client: Client) -> (Arc<Self>, Vec<tokio::task::JoinHandle<()>>) {
         let (images, images_writer) = reflector::store::<VMDiskImage>();
-        let (claims, claims_writer) = reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
+        let (claims, claims_writer) =
+            reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
         let catalog = Arc::new(Self {
             images,
             claims,
@@ -35,7 +36,10 @@ impl KubeCatalog {
 
         let image_stream = reflector::reflector(
             images_writer,
-            watcher(Api::<VMDiskImage>::all(client.clone()), watcher::Config::default()),
+            watcher(
+                Api::<VMDiskImage>::all(client.clone()),
+                watcher::Config::default(),
+            ),
         )
         .default_backoff()
         .touched_objects();

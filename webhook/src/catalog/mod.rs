@@ -26,7 +26,12 @@ pub trait ImageCatalog: ImageLookup + Send + Sync + 'static {
 /// The image a PVC is filled from: the webhook's label first, then its data source or
 /// annotation (for PVCs admitted before the webhook ran, or described in a catalog file).
 pub fn claim_image_of(pvc: &PersistentVolumeClaim) -> Option<String> {
-    if let Some(name) = pvc.metadata.labels.as_ref().and_then(|l| l.get(IMAGE_LABEL)) {
+    if let Some(name) = pvc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(IMAGE_LABEL))
+    {
         return Some(name.clone());
     }
     let annotation = pvc

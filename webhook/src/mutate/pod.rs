@@ -11,17 +11,13 @@ use k8s_openapi::api::core::v1::{
 use serde_json::json;
 use vmdisk_crds::{node_cache_label_key, IMAGE_ANNOTATION};
 
-use super::pvc::image_claim;
 use super::patch::PatchBuilder;
+use super::pvc::image_claim;
 use super::view::PodView;
 use super::{ImageLookup, Mutation, MutationConfig};
 
 /// The VMDiskImage a pod volume comes from, if the catalog knows it.
-fn image_of_volume(
-    volume: &Volume,
-    namespace: &str,
-    images: &dyn ImageLookup,
-) -> Option<String> {
+fn image_of_volume(volume: &Volume, namespace: &str, images: &dyn ImageLookup) -> Option<String> {
     if let Some(pvc) = &volume.persistent_volume_claim {
         return images.claim_image(namespace, &pvc.claim_name);
     }
@@ -91,7 +87,10 @@ impl PodAffinityMutation {
         let existing: &[PreferredSchedulingTerm] = spec
             .and_then(|s| s.affinity.as_ref())
             .and_then(|a| a.node_affinity.as_ref())
-            .and_then(|n| n.preferred_during_scheduling_ignored_during_execution.as_deref())
+            .and_then(|n| {
+                n.preferred_during_scheduling_ignored_during_execution
+                    .as_deref()
+            })
             .unwrap_or(&[]);
         for name in &image_names {
             match images.image(namespace, name) {
@@ -123,11 +122,23 @@ impl PodAffinityMutation {
         let mut b = PatchBuilder::default();
         let affinity = pod.spec.as_ref().map(|s| s.affinity.as_ref());
         match affinity {
-            None => b.add(&["spec"], json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}})),
-            Some(None) => b.add(&["spec", "affinity"], json!({"nodeAffinity": {PREFERRED: terms}})),
+            None => b.add(
+                &["spec"],
+                json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}}),
+            ),
+            Some(None) => b.add(
+                &["spec", "affinity"],
+                json!({"nodeAffinity": {PREFERRED: terms}}),
+            ),
             Some(Some(a)) => match &a.node_affinity {
-                None => b.add(&["spec", "affinity", "nodeAffinity"], json!({PREFERRED: terms})),
-                Some(n) if n.preferred_during_scheduling_ignored_during_execution.is_none() => {
+                None => b.add(
+                    &["spec", "affinity", "nodeAffinity"],
+                    json!({PREFERRED: terms}),
+                ),
+                Some(n)
+                    if n.preferred_during_scheduling_ignored_during_execution
+                        .is_none() =>
+                {
                     b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], terms)
                 }
                 Some(_) => {
@@ -184,13 +195,24 @@ mod tests {
 
     fn catalog() -> Images {
         let mut imgs = Images::with(image("fedora", Some(DIGEST), Some(1 << 30), None));
-        imgs.claims.insert(("vms".into(), "root".into()), "fedora".into());
+        imgs.claims
+            .insert(("vms".into(), "root".into()), "fedora".into());
         imgs
     }
 
     fn preferred(p: &Pod) -> Vec<PreferredSchedulingTerm> {
-        p.spec.as_ref().unwrap().affinity.as_ref().unwrap().node_affinity.as_ref().unwrap()
-            .preferred_during_scheduling_ignored_during_execution.clone().unwrap()
+        p.spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .clone()
+            .unwrap()
     }
 
     fn pvc_volume() -> Value {
@@ -199,7 +221,10 @@ mod tests {
 
     #[test]
     fn pvc_volume_gets_preferred_affinity() {
-        let (out, _) = run(&catalog(), pod(json!({"containers": [], "volumes": pvc_volume()})));
+        let (out, _) = run(
+            &catalog(),
+            pod(json!({"containers": [], "volumes": pvc_volume()})),
+        );
         let terms = preferred(&out.unwrap());
         assert_eq!(terms.len(), 1);
         let expr = &terms[0].preference.match_expressions.as_ref().unwrap()[0];
@@ -211,17 +236,32 @@ mod tests {
     #[test]
     fn existing_affinity_is_merged_and_required_untouched() {
         let required = json!({"nodeSelectorTerms": [{"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]});
-        let (out, _) = run(&catalog(), pod(json!({
-            "containers": [],
-            "affinity": {"nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": required,
-                "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]
-            }},
-            "volumes": pvc_volume()
-        })));
+        let (out, _) = run(
+            &catalog(),
+            pod(json!({
+                "containers": [],
+                "affinity": {"nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": required,
+                    "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]
+                }},
+                "volumes": pvc_volume()
+            })),
+        );
         let out = out.unwrap();
-        let na = out.spec.as_ref().unwrap().affinity.as_ref().unwrap().node_affinity.as_ref().unwrap();
-        assert_eq!(serde_json::to_value(&na.required_during_scheduling_ignored_during_execution).unwrap(), required);
+        let na = out
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .node_affinity
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&na.required_during_scheduling_ignored_during_execution).unwrap(),
+            required
+        );
         let terms = preferred(&out);
         assert_eq!(terms.len(), 2);
         assert_eq!(terms[0].weight, 10);
@@ -229,15 +269,29 @@ mod tests {
 
     #[test]
     fn affinity_without_node_affinity_is_extended() {
-        let (out, _) = run(&catalog(), pod(json!({"affinity": {"podAffinity": {}}, "volumes": pvc_volume()})));
+        let (out, _) = run(
+            &catalog(),
+            pod(json!({"affinity": {"podAffinity": {}}, "volumes": pvc_volume()})),
+        );
         let out = out.unwrap();
-        assert!(out.spec.as_ref().unwrap().affinity.as_ref().unwrap().pod_affinity.is_some());
+        assert!(out
+            .spec
+            .as_ref()
+            .unwrap()
+            .affinity
+            .as_ref()
+            .unwrap()
+            .pod_affinity
+            .is_some());
         assert_eq!(preferred(&out).len(), 1);
     }
 
     #[test]
     fn reinvocation_is_idempotent() {
-        let (once, _) = run(&catalog(), pod(json!({"containers": [], "volumes": pvc_volume()})));
+        let (once, _) = run(
+            &catalog(),
+            pod(json!({"containers": [], "volumes": pvc_volume()})),
+        );
         let (twice, w) = run(&catalog(), serde_json::to_value(once.unwrap()).unwrap());
         assert!(twice.is_none() && w.is_empty());
     }
@@ -245,33 +299,49 @@ mod tests {
     #[test]
     fn two_volumes_of_one_image_add_one_term() {
         let mut imgs = catalog();
-        imgs.claims.insert(("vms".into(), "data".into()), "fedora".into());
-        let (out, _) = run(&imgs, pod(json!({"containers": [], "volumes": [
+        imgs.claims
+            .insert(("vms".into(), "data".into()), "fedora".into());
+        let (out, _) = run(
+            &imgs,
+            pod(json!({"containers": [], "volumes": [
             {"name": "a", "persistentVolumeClaim": {"claimName": "root"}},
-            {"name": "b", "persistentVolumeClaim": {"claimName": "data"}}]})));
+            {"name": "b", "persistentVolumeClaim": {"claimName": "data"}}]})),
+        );
         assert_eq!(preferred(&out.unwrap()).len(), 1);
     }
 
     #[test]
     fn ephemeral_template_naming_an_image_counts() {
-        let (out, _) = run(&catalog(), pod(json!({"containers": [], "volumes": [{"name": "s", "ephemeral": {"volumeClaimTemplate": {"spec": {
-            "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}}}}]})));
+        let (out, _) = run(
+            &catalog(),
+            pod(
+                json!({"containers": [], "volumes": [{"name": "s", "ephemeral": {"volumeClaimTemplate": {"spec": {
+            "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}}}}]}),
+            ),
+        );
         assert_eq!(preferred(&out.unwrap()).len(), 1);
     }
 
     #[test]
     fn unknown_claims_and_plain_volumes_pass_through() {
-        let (out, w) = run(&catalog(), pod(json!({"containers": [], "volumes": [
+        let (out, w) = run(
+            &catalog(),
+            pod(json!({"containers": [], "volumes": [
             {"name": "x", "persistentVolumeClaim": {"claimName": "unrelated"}},
-            {"name": "e", "emptyDir": {}}]})));
+            {"name": "e", "emptyDir": {}}]})),
+        );
         assert!(out.is_none() && w.is_empty());
     }
 
     #[test]
     fn unresolved_image_warns_without_patch() {
         let mut imgs = Images::with(image("fedora", None, None, None));
-        imgs.claims.insert(("vms".into(), "root".into()), "fedora".into());
-        let (out, w) = run(&imgs, pod(json!({"containers": [], "volumes": pvc_volume()})));
+        imgs.claims
+            .insert(("vms".into(), "root".into()), "fedora".into());
+        let (out, w) = run(
+            &imgs,
+            pod(json!({"containers": [], "volumes": pvc_volume()})),
+        );
         assert!(out.is_none());
         assert!(w[0].contains("not resolved"));
     }

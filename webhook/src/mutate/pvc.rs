@@ -158,7 +158,9 @@ impl PvcMutation {
             );
         }
         if spec.storage_class_name.is_none() {
-            out.storage_class_name = image.as_ref().and_then(|i| i.spec.storage_class_name.clone());
+            out.storage_class_name = image
+                .as_ref()
+                .and_then(|i| i.spec.storage_class_name.clone());
         }
         if image.is_none() {
             warnings.push(format!(
@@ -263,7 +265,10 @@ impl PvcMutation {
 
         let mut spec_changes: Vec<(&str, Value)> = Vec::new();
         if let Some(r) = &self.data_source_ref {
-            spec_changes.push(("dataSourceRef", serde_json::to_value(r).expect("reference serializes")));
+            spec_changes.push((
+                "dataSourceRef",
+                serde_json::to_value(r).expect("reference serializes"),
+            ));
         }
         if let Some(m) = &self.access_modes {
             spec_changes.push(("accessModes", json!(m)));
@@ -273,8 +278,10 @@ impl PvcMutation {
         }
         match &pvc.spec {
             None => {
-                let mut spec: serde_json::Map<String, Value> =
-                    spec_changes.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                let mut spec: serde_json::Map<String, Value> = spec_changes
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
                 if let Some(s) = &self.storage {
                     spec.insert("resources".into(), json!({"requests": {"storage": s}}));
                 }
@@ -289,8 +296,12 @@ impl PvcMutation {
                 if let Some(s) = &self.storage {
                     match spec.resources.as_ref().map(|r| r.requests.is_some()) {
                         None => b.add(&["spec", "resources"], json!({"requests": {"storage": s}})),
-                        Some(false) => b.add(&["spec", "resources", "requests"], json!({"storage": s})),
-                        Some(true) => b.add(&["spec", "resources", "requests", "storage"], json!(s)),
+                        Some(false) => {
+                            b.add(&["spec", "resources", "requests"], json!({"storage": s}))
+                        }
+                        Some(true) => {
+                            b.add(&["spec", "resources", "requests", "storage"], json!(s))
+                        }
                     }
                 }
             }
@@ -354,49 +365,91 @@ mod tests {
     }
 
     fn storage(p: &PersistentVolumeClaim) -> Option<String> {
-        p.spec.as_ref()?.resources.as_ref()?.requests.as_ref()?.get("storage").map(|q| q.0.clone())
+        p.spec
+            .as_ref()?
+            .resources
+            .as_ref()?
+            .requests
+            .as_ref()?
+            .get("storage")
+            .map(|q| q.0.clone())
     }
 
     #[test]
     fn volume_bytes_adds_filesystem_overhead_and_rounds_to_mib() {
         assert_eq!(volume_bytes_for_disk(10 << 30, false, 0.055), 10 << 30);
         let fs = volume_bytes_for_disk(10 << 30, true, 0.055);
-        assert!(fs > 10 << 30 && fs % MIB == 0);
+        assert!(fs > 10 << 30 && fs.is_multiple_of(MIB));
         assert!((fs as f64 * (1.0 - 0.055)) >= (10u64 << 30) as f64);
         assert_eq!(volume_bytes_for_disk(1, false, 0.0), MIB);
     }
 
     #[test]
     fn plain_pvc_is_untouched() {
-        let (p, w) = run(&Images::default(), pvc(json!({"resources": {"requests": {"storage": "1Gi"}}}), json!({})));
+        let (p, w) = run(
+            &Images::default(),
+            pvc(
+                json!({"resources": {"requests": {"storage": "1Gi"}}}),
+                json!({}),
+            ),
+        );
         assert!(p.is_none() && w.is_empty());
     }
 
     #[test]
     fn annotation_form_gets_data_source_ref_size_and_digest() {
-        let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(3 << 30), Some("local-path")));
-        let (out, w) = run(&imgs, pvc(json!({"volumeMode": "Block"}), json!({"vmdisk.io/image": "fedora"})));
+        let imgs = Images::with(image(
+            "fedora",
+            Some("sha256:abc"),
+            Some(3 << 30),
+            Some("local-path"),
+        ));
+        let (out, w) = run(
+            &imgs,
+            pvc(
+                json!({"volumeMode": "Block"}),
+                json!({"vmdisk.io/image": "fedora"}),
+            ),
+        );
         assert!(w.is_empty(), "{w:?}");
         let out = out.unwrap();
         let spec = out.spec.as_ref().unwrap();
         let r = spec.data_source_ref.as_ref().unwrap();
-        assert_eq!((r.api_group.as_deref(), r.kind.as_str(), r.name.as_str()), (Some("vmdisk.io"), "VMDiskImage", "fedora"));
+        assert_eq!(
+            (r.api_group.as_deref(), r.kind.as_str(), r.name.as_str()),
+            (Some("vmdisk.io"), "VMDiskImage", "fedora")
+        );
         assert_eq!(storage(&out).as_deref(), Some("3Gi"));
-        assert_eq!(spec.access_modes.as_deref(), Some(&["ReadWriteOnce".to_string()][..]));
+        assert_eq!(
+            spec.access_modes.as_deref(),
+            Some(&["ReadWriteOnce".to_string()][..])
+        );
         assert_eq!(spec.storage_class_name.as_deref(), Some("local-path"));
-        assert_eq!(out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"], "fedora");
-        assert_eq!(out.metadata.annotations.as_ref().unwrap()["vmdisk.io/digest"], "sha256:abc");
-        assert_eq!(out.metadata.annotations.as_ref().unwrap()["vmdisk.io/image"], "fedora");
+        assert_eq!(
+            out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"],
+            "fedora"
+        );
+        assert_eq!(
+            out.metadata.annotations.as_ref().unwrap()["vmdisk.io/digest"],
+            "sha256:abc"
+        );
+        assert_eq!(
+            out.metadata.annotations.as_ref().unwrap()["vmdisk.io/image"],
+            "fedora"
+        );
     }
 
     #[test]
     fn too_small_request_is_raised_with_a_warning() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), None));
-        let (out, w) = run(&imgs, pvc(
-            json!({"volumeMode": "Filesystem", "resources": {"requests": {"storage": "1Mi"}},
+        let (out, w) = run(
+            &imgs,
+            pvc(
+                json!({"volumeMode": "Filesystem", "resources": {"requests": {"storage": "1Mi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
-            json!({}),
-        ));
+                json!({}),
+            ),
+        );
         let bytes = parse_quantity(&storage(&out.unwrap()).unwrap()).unwrap();
         assert_eq!(bytes, volume_bytes_for_disk(1 << 30, true, 0.055));
         assert_eq!(w.len(), 1);
@@ -405,48 +458,75 @@ mod tests {
 
     #[test]
     fn big_enough_request_and_explicit_class_are_kept() {
-        let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), Some("fast")));
-        let (out, _) = run(&imgs, pvc(
-            json!({"volumeMode": "Block", "storageClassName": "", "accessModes": ["ReadWriteMany"],
+        let imgs = Images::with(image(
+            "fedora",
+            Some("sha256:abc"),
+            Some(1 << 30),
+            Some("fast"),
+        ));
+        let (out, _) = run(
+            &imgs,
+            pvc(
+                json!({"volumeMode": "Block", "storageClassName": "", "accessModes": ["ReadWriteMany"],
                    "resources": {"requests": {"storage": "20Gi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
-            json!({}),
-        ));
+                json!({}),
+            ),
+        );
         let out = out.unwrap();
         let spec = out.spec.as_ref().unwrap();
         assert_eq!(storage(&out).as_deref(), Some("20Gi"));
         assert_eq!(spec.storage_class_name.as_deref(), Some(""));
-        assert_eq!(spec.access_modes.as_ref().unwrap(), &vec!["ReadWriteMany".to_string()]);
+        assert_eq!(
+            spec.access_modes.as_ref().unwrap(),
+            &vec!["ReadWriteMany".to_string()]
+        );
     }
 
     #[test]
     fn missing_image_warns_but_still_completes_the_reference() {
-        let (out, w) = run(&Images::default(), pvc(json!({}), json!({"vmdisk.io/image": "nope"})));
+        let (out, w) = run(
+            &Images::default(),
+            pvc(json!({}), json!({"vmdisk.io/image": "nope"})),
+        );
         assert!(w.iter().any(|w| w.contains("vms/nope not found")), "{w:?}");
         assert!(w.iter().any(|w| w.contains("no storage request")), "{w:?}");
-        assert_eq!(out.unwrap().spec.unwrap().data_source_ref.unwrap().name, "nope");
+        assert_eq!(
+            out.unwrap().spec.unwrap().data_source_ref.unwrap().name,
+            "nope"
+        );
     }
 
     #[test]
     fn unresolved_image_warns_and_records_no_digest() {
         let imgs = Images::with(image("fedora", None, None, None));
-        let (out, w) = run(&imgs, pvc(
-            json!({"resources": {"requests": {"storage": "5Gi"}},
+        let (out, w) = run(
+            &imgs,
+            pvc(
+                json!({"resources": {"requests": {"storage": "5Gi"}},
                    "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
-            json!({}),
-        ));
+                json!({}),
+            ),
+        );
         assert!(w.iter().any(|w| w.contains("not resolved")), "{w:?}");
-        assert!(out.unwrap().metadata.annotations.is_none_or(|a| !a.contains_key(DIGEST_ANNOTATION)));
+        assert!(out
+            .unwrap()
+            .metadata
+            .annotations
+            .is_none_or(|a| !a.contains_key(DIGEST_ANNOTATION)));
     }
 
     #[test]
     fn legacy_data_source_gains_an_equal_data_source_ref() {
         let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(1 << 30), None));
-        let (out, _) = run(&imgs, pvc(
-            json!({"resources": {"requests": {"storage": "20Gi"}},
+        let (out, _) = run(
+            &imgs,
+            pvc(
+                json!({"resources": {"requests": {"storage": "20Gi"}},
                    "dataSource": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
-            json!({}),
-        ));
+                json!({}),
+            ),
+        );
         let spec = out.unwrap().spec.unwrap();
         assert_eq!(spec.data_source_ref.unwrap().name, "fedora");
         assert_eq!(spec.data_source.unwrap().name, "fedora");
@@ -454,10 +534,13 @@ mod tests {
 
     #[test]
     fn other_sources_pass_through_and_annotation_conflict_warns() {
-        let (out, w) = run(&Images::default(), pvc(
-            json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}),
-            json!({"vmdisk.io/image": "fedora"}),
-        ));
+        let (out, w) = run(
+            &Images::default(),
+            pvc(
+                json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}),
+                json!({"vmdisk.io/image": "fedora"}),
+            ),
+        );
         assert!(out.is_none());
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("ignored"));
@@ -465,18 +548,32 @@ mod tests {
 
     #[test]
     fn cross_namespace_reference_is_left_alone() {
-        let (out, w) = run(&Images::default(), pvc(
-            json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "f", "namespace": "other"}}),
-            json!({}),
-        ));
+        let (out, w) = run(
+            &Images::default(),
+            pvc(
+                json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "f", "namespace": "other"}}),
+                json!({}),
+            ),
+        );
         assert!(out.is_none());
         assert!(w[0].contains("another namespace"));
     }
 
     #[test]
     fn mutation_is_idempotent() {
-        let imgs = Images::with(image("fedora", Some("sha256:abc"), Some(3 << 30), Some("local-path")));
-        let (once, _) = run(&imgs, pvc(json!({"volumeMode": "Filesystem"}), json!({"vmdisk.io/image": "fedora"})));
+        let imgs = Images::with(image(
+            "fedora",
+            Some("sha256:abc"),
+            Some(3 << 30),
+            Some("local-path"),
+        ));
+        let (once, _) = run(
+            &imgs,
+            pvc(
+                json!({"volumeMode": "Filesystem"}),
+                json!({"vmdisk.io/image": "fedora"}),
+            ),
+        );
         let (twice, w) = run(&imgs, serde_json::to_value(once.unwrap()).unwrap());
         assert!(twice.is_none());
         assert!(w.is_empty());
@@ -488,9 +585,15 @@ mod tests {
         let doc = json!({"spec": {"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}, "resources": {}}});
         let (out, _) = run(&imgs, doc);
         let out = out.unwrap();
-        assert_eq!(out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"], "fedora");
+        assert_eq!(
+            out.metadata.labels.as_ref().unwrap()["vmdisk.io/image"],
+            "fedora"
+        );
         assert!(storage(&out).is_some());
-        let view: PvcView = serde_json::from_value(json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}})).unwrap();
+        let view: PvcView = serde_json::from_value(
+            json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}}),
+        )
+        .unwrap();
         let m = mutate_pvc(&view, "vms", &imgs, &MutationConfig::default());
         let mut doc = json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}});
         json_patch::patch(&mut doc, &m.patch.unwrap()).unwrap();

@@ -164,6 +164,9 @@ mod tests {
         assert_eq!(m.annotations.unwrap().len(), 1);
         let v: PvcView = serde_json::from_str(r#"{"metadata": {"labels": null}}"#).unwrap();
         assert_eq!(v.metadata.unwrap().labels, None);
-        assert!(serde_json::from_str::<PvcView>(r#"{"metadata": {"labels": {"vmdisk.io/image": 5}}}"#).is_err());
+        assert!(serde_json::from_str::<PvcView>(
+            r#"{"metadata": {"labels": {"vmdisk.io/image": 5}}}"#
+        )
+        .is_err());
     }
 }
