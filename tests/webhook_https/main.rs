@@ -484,3 +484,60 @@ async fn shutdown_drains_and_stops_accepting() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    use std::sync::Arc;
+    use vmdisk_tests::certs::{write_secret_dir, TestCa};
+    use vmdisk_tests::https::{client_config, Connection};
+    use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("drain CA");
+    write_secret_dir(dir.path(), &ca.issue(&["localhost"]), 1);
+    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(dir.path())).unwrap();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = Arc::new(std::sync::Mutex::new(Some(started_tx)));
+    let router = axum::Router::new().route(
+        "/slow",
+        axum::routing::post(move || {
+            let started = started_tx.lock().unwrap().take();
+            async move {
+                if let Some(tx) = started {
+                    let _ = tx.send(());
+                }
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                "finished"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(vmdisk_webhook::server::serve_tls(
+        listener,
+        server_config(resolver),
+        router,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let mut conn = Connection::open(addr, "localhost", client_config(&ca.cert_pem()))
+        .await
+        .unwrap();
+    let in_flight = tokio::spawn(async move { conn.request("POST", "/slow", None, "").await });
+    started_rx.await.unwrap();
+    stop_tx.send(()).unwrap();
+    let reply = in_flight
+        .await
+        .unwrap()
+        .expect("in-flight request must complete during drain");
+    assert_eq!((reply.status, reply.text().as_str()), (200, "finished"));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}

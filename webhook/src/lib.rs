@@ -15,3 +15,15 @@ pub mod mutate;
 pub mod routes;
 pub mod server;
 pub mod tls;
+
+/// An error and its causes on one line, for log fields.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

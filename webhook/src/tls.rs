@@ -21,7 +21,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -38,7 +38,7 @@ pub enum TlsError {
         key: PathBuf,
         message: String,
     },
-    #[error("cannot watch certificate directory {path}: {source}")]
+    #[error("cannot watch certificate directory {path}")]
     Watch {
         path: PathBuf,
         source: notify::Error,
@@ -175,7 +175,7 @@ impl ReloadingCertResolver {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
                 if let Err(e) = me.reload() {
-                    tracing::error!(error = %e, "new serving certificate refused; the previous one keeps serving");
+                    tracing::error!(error = %crate::error_chain(&e), "new serving certificate refused; the previous one keeps serving");
                 }
             }
         });

@@ -21,12 +21,12 @@ use crate::mutate::ImageLookup;
 
 #[derive(Debug, Error)]
 pub enum FileCatalogError {
-    #[error("cannot read catalog directory {path}: {source}")]
+    #[error("cannot read catalog directory {path}")]
     ReadDir {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read catalog file {path}: {source}")]
+    #[error("cannot read catalog file {path}")]
     ReadFile {
         path: PathBuf,
         source: std::io::Error,
@@ -37,7 +37,7 @@ pub enum FileCatalogError {
         index: usize,
         message: String,
     },
-    #[error("cannot watch catalog directory {path}: {source}")]
+    #[error("cannot watch catalog directory {path}")]
     Watch {
         path: PathBuf,
         source: notify::Error,
@@ -195,7 +195,7 @@ impl FileCatalog {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while rx.try_recv().is_ok() {}
                 if let Err(e) = me.reload() {
-                    tracing::error!(error = %e, "catalog reload failed; keeping the previous contents");
+                    tracing::error!(error = %crate::error_chain(&e), "catalog reload failed; keeping the previous contents");
                 }
             }
         });
