@@ -10,7 +10,7 @@ use crate::quantity::{parse_quantity, QuantityError};
 
 /// Disk format the cache holds (and PVCs receive).
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, schemars::JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum DiskFormat {
