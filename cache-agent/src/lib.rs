@@ -11,3 +11,18 @@ pub mod report;
 pub mod store;
 pub mod warm;
 pub mod watch;
+
+/// An error and its causes on one line, for log fields and Events.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
