@@ -2,5 +2,8 @@
 //! registries, real disks.
 
 pub mod certs;
+pub mod disks;
 pub mod https;
+pub mod push;
+pub mod registry;
 pub mod webhook;
