@@ -90,9 +90,9 @@ impl DockerConfig {
                         message: e.to_string(),
                     })?;
                 let text = String::from_utf8_lossy(&decoded).into_owned();
-                let (user, password) = text
-                    .split_once(':')
-                    .ok_or_else(|| AuthError::NoColon { registry: registry.clone() })?;
+                let (user, password) = text.split_once(':').ok_or_else(|| AuthError::NoColon {
+                    registry: registry.clone(),
+                })?;
                 Some(Credential::Basic(user.to_string(), password.to_string()))
             } else {
                 match (entry.username, entry.password) {
@@ -153,20 +153,42 @@ mod tests {
             b64("alice:s3cr:et")
         );
         let c = DockerConfig::from_json(json.as_bytes()).unwrap();
-        assert!(matches!(registry_auth_for(&c, "docker.io"), RegistryAuth::Basic(u, p) if u == "alice" && p == "s3cr:et"));
-        assert!(matches!(registry_auth_for(&c, "registry-1.docker.io"), RegistryAuth::Basic(..)));
+        assert!(
+            matches!(registry_auth_for(&c, "docker.io"), RegistryAuth::Basic(u, p) if u == "alice" && p == "s3cr:et")
+        );
+        assert!(matches!(
+            registry_auth_for(&c, "registry-1.docker.io"),
+            RegistryAuth::Basic(..)
+        ));
         assert!(matches!(registry_auth_for(&c, "quay.io"), RegistryAuth::Basic(u, _) if u == "u"));
-        assert!(matches!(registry_auth_for(&c, "registry.example.com:5000"), RegistryAuth::Bearer(t) if t == "tok"));
-        assert!(matches!(registry_auth_for(&c, "empty.example.com"), RegistryAuth::Anonymous));
-        assert!(matches!(registry_auth_for(&c, "other.io"), RegistryAuth::Anonymous));
+        assert!(
+            matches!(registry_auth_for(&c, "registry.example.com:5000"), RegistryAuth::Bearer(t) if t == "tok")
+        );
+        assert!(matches!(
+            registry_auth_for(&c, "empty.example.com"),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            registry_auth_for(&c, "other.io"),
+            RegistryAuth::Anonymous
+        ));
     }
 
     #[test]
     fn bad_credentials_are_specific_errors() {
-        assert!(matches!(DockerConfig::from_json(b"{"), Err(AuthError::Json(_))));
+        assert!(matches!(
+            DockerConfig::from_json(b"{"),
+            Err(AuthError::Json(_))
+        ));
         let bad = r#"{"auths": {"quay.io": {"auth": "%%%"}}}"#;
-        assert!(matches!(DockerConfig::from_json(bad.as_bytes()), Err(AuthError::BadBase64 { .. })));
-        let no_colon = format!(r#"{{"auths": {{"quay.io": {{"auth": "{}"}}}}}}"#, b64("nocolon"));
+        assert!(matches!(
+            DockerConfig::from_json(bad.as_bytes()),
+            Err(AuthError::BadBase64 { .. })
+        ));
+        let no_colon = format!(
+            r#"{{"auths": {{"quay.io": {{"auth": "{}"}}}}}}"#,
+            b64("nocolon")
+        );
         let err = DockerConfig::from_json(no_colon.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("quay.io"), "{err}");
     }
@@ -174,12 +196,20 @@ mod tests {
     #[test]
     fn secret_data_needs_the_dockerconfigjson_key() {
         let mut data = BTreeMap::new();
-        assert!(matches!(DockerConfig::from_secret_data(&data), Err(AuthError::NotDockerConfigJson)));
+        assert!(matches!(
+            DockerConfig::from_secret_data(&data),
+            Err(AuthError::NotDockerConfigJson)
+        ));
         data.insert(
             ".dockerconfigjson".to_string(),
-            ByteString(format!(r#"{{"auths": {{"r.io": {{"auth": "{}"}}}}}}"#, b64("a:b")).into_bytes()),
+            ByteString(
+                format!(r#"{{"auths": {{"r.io": {{"auth": "{}"}}}}}}"#, b64("a:b")).into_bytes(),
+            ),
         );
         let c = DockerConfig::from_secret_data(&data).unwrap();
-        assert!(matches!(registry_auth_for(&c, "r.io"), RegistryAuth::Basic(..)));
+        assert!(matches!(
+            registry_auth_for(&c, "r.io"),
+            RegistryAuth::Basic(..)
+        ));
     }
 }

@@ -61,8 +61,19 @@ pub struct CloneOptions {
 
 /// Clones `src` to a regular file or block device `dst`; a file target is grown to
 /// `target_size` when that is larger than the disk.
-pub fn clone_disk(src: &Path, dst: &Path, target_size: Option<u64>) -> Result<CloneReport, CloneError> {
-    clone_disk_with(src, dst, target_size, CloneOptions { zero_holes_on_block: true })
+pub fn clone_disk(
+    src: &Path,
+    dst: &Path,
+    target_size: Option<u64>,
+) -> Result<CloneReport, CloneError> {
+    clone_disk_with(
+        src,
+        dst,
+        target_size,
+        CloneOptions {
+            zero_holes_on_block: true,
+        },
+    )
 }
 
 pub fn clone_disk_with(
@@ -72,7 +83,10 @@ pub fn clone_disk_with(
     options: CloneOptions,
 ) -> Result<CloneReport, CloneError> {
     let source = File::open(src).map_err(io(format!("opening {}", src.display())))?;
-    let source_size = source.metadata().map_err(io("reading the source size"))?.len();
+    let source_size = source
+        .metadata()
+        .map_err(io("reading the source size"))?
+        .len();
     let is_block = std::fs::metadata(dst)
         .map(|m| m.file_type().is_block_device())
         .unwrap_or(false);
@@ -84,7 +98,9 @@ pub fn clone_disk_with(
         .map_err(io(format!("opening {}", dst.display())))?;
 
     if is_block {
-        let device_size = (&target).seek(SeekFrom::End(0)).map_err(io("sizing the device"))?;
+        let device_size = (&target)
+            .seek(SeekFrom::End(0))
+            .map_err(io("sizing the device"))?;
         if device_size < source_size {
             return Err(CloneError::TargetTooSmall {
                 target: dst.display().to_string(),
@@ -109,7 +125,9 @@ pub fn clone_disk_with(
         (CloneMethod::SparseCopy, written)
     };
     let final_size = target_size.unwrap_or(0).max(source_size);
-    target.set_len(final_size).map_err(io("sizing the target"))?;
+    target
+        .set_len(final_size)
+        .map_err(io("sizing the target"))?;
     target.sync_all().map_err(io("syncing the target"))?;
     Ok(CloneReport {
         method,
@@ -152,7 +170,9 @@ fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
         let Some(start) = seek_data_hole(file, pos, libc::SEEK_DATA)? else {
             break;
         };
-        let end = seek_data_hole(file, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let end = seek_data_hole(file, start, libc::SEEK_HOLE)?
+            .unwrap_or(size)
+            .min(size);
         if end <= start {
             break;
         }
@@ -172,7 +192,12 @@ fn is_zero(block: &[u8]) -> bool {
 
 /// Copies the data extents of `source` into `target` at the same offsets, skipping zero
 /// blocks; with `zero_holes` the gaps are written as zeros. Returns bytes written.
-fn copy_extents(source: &File, target: &File, size: u64, zero_holes: bool) -> Result<u64, CloneError> {
+fn copy_extents(
+    source: &File,
+    target: &File,
+    size: u64,
+    zero_holes: bool,
+) -> Result<u64, CloneError> {
     let extents = data_extents(source, size).map_err(io("finding data extents"))?;
     let mut buf = vec![0u8; BLOCK];
     let zeros = vec![0u8; BLOCK];
@@ -180,33 +205,39 @@ fn copy_extents(source: &File, target: &File, size: u64, zero_holes: bool) -> Re
     let mut src = source;
     let mut dst = target;
     let mut cursor = 0u64;
-    let write_zeros = |dst: &mut &File, from: u64, to: u64, written: &mut u64| -> Result<(), CloneError> {
-        dst.seek(SeekFrom::Start(from)).map_err(io("seeking the target"))?;
-        let mut left = to - from;
-        while left > 0 {
-            let n = left.min(BLOCK as u64) as usize;
-            dst.write_all(&zeros[..n]).map_err(io("zeroing the target"))?;
-            left -= n as u64;
-            *written += n as u64;
-        }
-        Ok(())
-    };
+    let write_zeros =
+        |dst: &mut &File, from: u64, to: u64, written: &mut u64| -> Result<(), CloneError> {
+            dst.seek(SeekFrom::Start(from))
+                .map_err(io("seeking the target"))?;
+            let mut left = to - from;
+            while left > 0 {
+                let n = left.min(BLOCK as u64) as usize;
+                dst.write_all(&zeros[..n])
+                    .map_err(io("zeroing the target"))?;
+                left -= n as u64;
+                *written += n as u64;
+            }
+            Ok(())
+        };
     for (start, end) in extents {
         if zero_holes && start > cursor {
             write_zeros(&mut dst, cursor, start, &mut written)?;
         }
-        src.seek(SeekFrom::Start(start)).map_err(io("seeking the source"))?;
+        src.seek(SeekFrom::Start(start))
+            .map_err(io("seeking the source"))?;
         let mut pos = start;
         while pos < end {
             let n = ((end - pos) as usize).min(BLOCK);
-            src.read_exact(&mut buf[..n]).map_err(io("reading the source"))?;
+            src.read_exact(&mut buf[..n])
+                .map_err(io("reading the source"))?;
             let mut i = 0;
             while i < n {
                 let j = (i + ZERO_BLOCK).min(n);
                 let block = &buf[i..j];
                 if is_zero(block) {
                     if zero_holes {
-                        dst.seek(SeekFrom::Start(pos + i as u64)).map_err(io("seeking the target"))?;
+                        dst.seek(SeekFrom::Start(pos + i as u64))
+                            .map_err(io("seeking the target"))?;
                         dst.write_all(block).map_err(io("writing the target"))?;
                         written += block.len() as u64;
                     }
@@ -216,8 +247,10 @@ fn copy_extents(source: &File, target: &File, size: u64, zero_holes: bool) -> Re
                     while k < n && !is_zero(&buf[k..(k + ZERO_BLOCK).min(n)]) {
                         k = (k + ZERO_BLOCK).min(n);
                     }
-                    dst.seek(SeekFrom::Start(pos + i as u64)).map_err(io("seeking the target"))?;
-                    dst.write_all(&buf[i..k]).map_err(io("writing the target"))?;
+                    dst.seek(SeekFrom::Start(pos + i as u64))
+                        .map_err(io("seeking the target"))?;
+                    dst.write_all(&buf[i..k])
+                        .map_err(io("writing the target"))?;
                     written += (k - i) as u64;
                     i = k;
                     continue;

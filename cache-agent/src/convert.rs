@@ -80,7 +80,9 @@ struct FormatSpecific {
     data: serde_json::Value,
 }
 
-async fn qemu_img(args: &[&str]) -> Result<(std::process::ExitStatus, Vec<u8>, String), ConvertError> {
+async fn qemu_img(
+    args: &[&str],
+) -> Result<(std::process::ExitStatus, Vec<u8>, String), ConvertError> {
     let out = tokio::process::Command::new("qemu-img")
         .args(args)
         .stdin(Stdio::null())
@@ -131,7 +133,11 @@ pub fn parse_info(json: &[u8]) -> Result<ImageInfo, ConvertError> {
         .and_then(|v| v.as_array())
         .map(|a| {
             a.iter()
-                .filter_map(|e| e.get("filename").and_then(|f| f.as_str()).map(str::to_string))
+                .filter_map(|e| {
+                    e.get("filename")
+                        .and_then(|f| f.as_str())
+                        .map(str::to_string)
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -253,8 +259,15 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn run(args: &[&str]) {
-        let s = std::process::Command::new("qemu-img").args(args).output().unwrap();
-        assert!(s.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&s.stderr));
+        let s = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            s.status.success(),
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&s.stderr)
+        );
     }
 
     /// A 32 MiB sparse raw disk with data at a few offsets.
@@ -262,7 +275,10 @@ mod tests {
         let p = dir.join("src.raw");
         let mut f = std::fs::File::create(&p).unwrap();
         f.set_len(32 << 20).unwrap();
-        for (i, off) in [0u64, 5 << 20, 17 << 20, (32 << 20) - 4096].iter().enumerate() {
+        for (i, off) in [0u64, 5 << 20, 17 << 20, (32 << 20) - 4096]
+            .iter()
+            .enumerate()
+        {
             f.seek(SeekFrom::Start(*off)).unwrap();
             f.write_all(&vec![(i as u8) * 40 + 1; 4096]).unwrap();
         }
@@ -285,7 +301,12 @@ mod tests {
         let vmdk = dir.path().join("d.vmdk");
         run(&["convert", "-O", "vmdk", p(&src), p(&vmdk)]);
 
-        for (file, format) in [(&src, "raw"), (&qcow2, "qcow2"), (&compressed, "qcow2"), (&vmdk, "vmdk")] {
+        for (file, format) in [
+            (&src, "raw"),
+            (&qcow2, "qcow2"),
+            (&compressed, "qcow2"),
+            (&vmdk, "vmdk"),
+        ] {
             let info = inspect(file).await.unwrap();
             assert_eq!(info.format, format, "{}", file.display());
             assert_eq!(info.virtual_size, 32 << 20);
@@ -294,9 +315,17 @@ mod tests {
                 let out = dir.path().join(format!("out-{}-{}", format, target));
                 convert(file, &info.format, &out, target).await.unwrap();
                 check(&out, target).await.unwrap();
-                assert!(compare(&src, &out).await.unwrap(), "{} -> {target} differs", file.display());
+                assert!(
+                    compare(&src, &out).await.unwrap(),
+                    "{} -> {target} differs",
+                    file.display()
+                );
                 let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
-                assert!(allocated < 8 << 20, "{} -> {target} not sparse: {allocated}", file.display());
+                assert!(
+                    allocated < 8 << 20,
+                    "{} -> {target} not sparse: {allocated}",
+                    file.display()
+                );
             }
         }
         assert!(!needs_conversion("raw", DiskFormat::Raw));
@@ -308,17 +337,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = raw_disk(dir.path());
         let child = dir.path().join("child.qcow2");
-        run(&["create", "-f", "qcow2", "-b", p(&base), "-F", "raw", p(&child)]);
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            p(&base),
+            "-F",
+            "raw",
+            p(&child),
+        ]);
         let err = check_safe(&inspect(&child).await.unwrap()).unwrap_err();
         assert!(matches!(err, ConvertError::BackingFile { .. }), "{err}");
         // Still refused when the backing file does not exist on this host.
         let orphan = dir.path().join("orphan.qcow2");
-        run(&["create", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw", p(&orphan), "1M"]);
-        assert!(matches!(check_safe(&inspect(&orphan).await.unwrap()), Err(ConvertError::BackingFile { .. })));
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/shadow",
+            "-F",
+            "raw",
+            p(&orphan),
+            "1M",
+        ]);
+        assert!(matches!(
+            check_safe(&inspect(&orphan).await.unwrap()),
+            Err(ConvertError::BackingFile { .. })
+        ));
 
         let with_data = dir.path().join("data.qcow2");
         let data_file = dir.path().join("ext.raw");
-        run(&["create", "-f", "qcow2", "-o", &format!("data_file={}", p(&data_file)), p(&with_data), "1M"]);
+        run(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p(&data_file)),
+            p(&with_data),
+            "1M",
+        ]);
         let err = check_safe(&inspect(&with_data).await.unwrap()).unwrap_err();
         assert!(matches!(err, ConvertError::DataFile { .. }), "{err}");
         assert!(err.to_string().contains("ext.raw"));
@@ -354,7 +414,9 @@ mod tests {
         bytes[4..8].copy_from_slice(&99u32.to_be_bytes());
         std::fs::write(&qcow2, &bytes).unwrap();
         let out = dir.path().join("o.raw");
-        let err = convert(&qcow2, "qcow2", &out, DiskFormat::Raw).await.unwrap_err();
+        let err = convert(&qcow2, "qcow2", &out, DiskFormat::Raw)
+            .await
+            .unwrap_err();
         match &err {
             ConvertError::QemuImg { stderr, args, .. } => {
                 assert!(!stderr.is_empty(), "stderr missing");
@@ -380,9 +442,19 @@ mod tests {
             filename: "d".into(),
         };
         check_safe(&base).unwrap();
-        let dmg = ImageInfo { format: "dmg".into(), ..base.clone() };
-        assert!(matches!(check_safe(&dmg), Err(ConvertError::UnsupportedFormat { .. })));
-        let enc = ImageInfo { encrypted: true, format: "qcow2".into(), ..base };
+        let dmg = ImageInfo {
+            format: "dmg".into(),
+            ..base.clone()
+        };
+        assert!(matches!(
+            check_safe(&dmg),
+            Err(ConvertError::UnsupportedFormat { .. })
+        ));
+        let enc = ImageInfo {
+            encrypted: true,
+            format: "qcow2".into(),
+            ..base
+        };
         assert!(matches!(check_safe(&enc), Err(ConvertError::Encrypted)));
     }
 }

@@ -23,7 +23,9 @@ const READ_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum ExtractError {
-    #[error("unsupported layer media type {0:?} (expected a tar layer: uncompressed, gzip or zstd)")]
+    #[error(
+        "unsupported layer media type {0:?} (expected a tar layer: uncompressed, gzip or zstd)"
+    )]
     UnsupportedMediaType(String),
     #[error("layer {layer}: entry {entry:?} has an absolute path")]
     AbsolutePath { layer: usize, entry: String },
@@ -300,7 +302,9 @@ pub fn extract_disk(
         let reader: Box<dyn Read> = match file.compression {
             LayerCompression::None => Box::new(counted),
             LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
-            LayerCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted).map_err(corrupt)?),
+            LayerCompression::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(counted).map_err(corrupt)?)
+            }
         };
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(corrupt)?;
@@ -392,7 +396,9 @@ pub fn extract_disk(
                     })?;
                     let mut limited = (&mut entry).take(limits.max_disk_bytes + 1);
                     let written = write_sparse(&mut limited, &mut out, &mut buf).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::InvalidData || e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        if e.kind() == std::io::ErrorKind::InvalidData
+                            || e.kind() == std::io::ErrorKind::UnexpectedEof
+                        {
                             corrupt(e)
                         } else {
                             ExtractError::Io {
@@ -445,7 +451,13 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     /// A raw header with any path bytes (the tar builder refuses `..` and absolute paths).
-    fn raw_entry(builder: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, link: Option<&str>, data: &[u8]) {
+    fn raw_entry(
+        builder: &mut tar::Builder<Vec<u8>>,
+        path: &str,
+        kind: tar::EntryType,
+        link: Option<&str>,
+        data: &[u8],
+    ) {
         let mut h = tar::Header::new_old();
         {
             let old = h.as_old_mut();
@@ -481,7 +493,9 @@ mod tests {
 
     impl Setup {
         fn new() -> Self {
-            Self { dir: tempfile::tempdir().unwrap() }
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+            }
         }
         fn layer(&self, n: usize, bytes: &[u8], compression: LayerCompression) -> LayerFile {
             let path = self.dir.path().join(format!("layer{n}"));
@@ -492,7 +506,14 @@ mod tests {
             self.dir.path().join("staging")
         }
         fn run(&self, layers: &[LayerFile]) -> Result<ExtractedDisk, ExtractError> {
-            extract_disk(layers, &self.staging(), &ExtractLimits { max_disk_bytes: 64 << 20 }, &mut |_| {})
+            extract_disk(
+                layers,
+                &self.staging(),
+                &ExtractLimits {
+                    max_disk_bytes: 64 << 20,
+                },
+                &mut |_| {},
+            )
         }
         /// Everything in the temp dir outside staging (layers only, if nothing escaped).
         fn outside_staging(&self) -> Vec<String> {
@@ -521,31 +542,63 @@ mod tests {
     #[test]
     fn media_types() {
         use LayerCompression::*;
-        assert_eq!(LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar+gzip").unwrap(), Gzip);
-        assert_eq!(LayerCompression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip").unwrap(), Gzip);
-        assert_eq!(LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd").unwrap(), Zstd);
-        assert_eq!(LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar").unwrap(), None);
+        assert_eq!(
+            LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar+gzip")
+                .unwrap(),
+            Gzip
+        );
+        assert_eq!(
+            LayerCompression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip")
+                .unwrap(),
+            Gzip
+        );
+        assert_eq!(
+            LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd")
+                .unwrap(),
+            Zstd
+        );
+        assert_eq!(
+            LayerCompression::from_media_type("application/vnd.oci.image.layer.v1.tar").unwrap(),
+            None
+        );
         assert!(LayerCompression::from_media_type("application/json").is_err());
     }
 
     #[test]
     fn gzip_zstd_and_plain_layers_yield_the_same_disk() {
         let data = disk_bytes(4 << 20);
-        let tar = tar_of(&[("disk/", b""), ("disk/disk.img", &data), ("other/readme", b"hi")]);
+        let tar = tar_of(&[
+            ("disk/", b""),
+            ("disk/disk.img", &data),
+            ("other/readme", b"hi"),
+        ]);
         let zst = zstd::encode_all(&tar[..], 1).unwrap();
-        for (bytes, c) in [(gzip(&tar), LayerCompression::Gzip), (zst, LayerCompression::Zstd), (tar.clone(), LayerCompression::None)] {
+        for (bytes, c) in [
+            (gzip(&tar), LayerCompression::Gzip),
+            (zst, LayerCompression::Zstd),
+            (tar.clone(), LayerCompression::None),
+        ] {
             let s = Setup::new();
             let d = s.run(&[s.layer(0, &bytes, c)]).unwrap();
             assert_eq!(d.name, "disk.img");
             assert_eq!(std::fs::read(&d.path).unwrap(), data, "{c:?}");
-            assert!(!s.staging().join("other").exists(), "non-disk entries are not written");
+            assert!(
+                !s.staging().join("other").exists(),
+                "non-disk entries are not written"
+            );
         }
     }
 
     #[test]
     fn dot_slash_prefix_is_accepted() {
         let s = Setup::new();
-        let d = s.run(&[s.layer(0, &tar_of(&[("./disk/x.qcow2", b"abc")]), LayerCompression::None)]).unwrap();
+        let d = s
+            .run(&[s.layer(
+                0,
+                &tar_of(&[("./disk/x.qcow2", b"abc")]),
+                LayerCompression::None,
+            )])
+            .unwrap();
         assert_eq!(d.name, "x.qcow2");
         assert_eq!(std::fs::read(d.path).unwrap(), b"abc");
     }
@@ -556,44 +609,97 @@ mod tests {
         data[..1 << 20].fill(7);
         data[20 << 20..(21 << 20)].fill(9);
         let s = Setup::new();
-        let d = s.run(&[s.layer(0, &gzip(&tar_of(&[("disk/d.raw", &data)])), LayerCompression::Gzip)]).unwrap();
+        let d = s
+            .run(&[s.layer(
+                0,
+                &gzip(&tar_of(&[("disk/d.raw", &data)])),
+                LayerCompression::Gzip,
+            )])
+            .unwrap();
         assert_eq!(d.apparent_size, 32 << 20);
-        assert!(d.allocated_bytes <= 3 << 20, "allocated {} of 32 MiB", d.allocated_bytes);
+        assert!(
+            d.allocated_bytes <= 3 << 20,
+            "allocated {} of 32 MiB",
+            d.allocated_bytes
+        );
         assert_eq!(std::fs::read(&d.path).unwrap(), data);
-        assert_eq!(std::fs::metadata(&d.path).unwrap().blocks() * 512, d.allocated_bytes);
+        assert_eq!(
+            std::fs::metadata(&d.path).unwrap().blocks() * 512,
+            d.allocated_bytes
+        );
     }
 
     #[test]
     fn later_layers_white_out_and_replace_disks() {
         let s = Setup::new();
-        let l1 = s.layer(0, &tar_of(&[("disk/old.img", b"old")]), LayerCompression::None);
-        let l2 = s.layer(1, &tar_of(&[("disk/.wh.old.img", b""), ("disk/new.img", b"new")]), LayerCompression::None);
+        let l1 = s.layer(
+            0,
+            &tar_of(&[("disk/old.img", b"old")]),
+            LayerCompression::None,
+        );
+        let l2 = s.layer(
+            1,
+            &tar_of(&[("disk/.wh.old.img", b""), ("disk/new.img", b"new")]),
+            LayerCompression::None,
+        );
         let d = s.run(&[l1.clone(), l2]).unwrap();
-        assert_eq!((d.name.as_str(), std::fs::read(&d.path).unwrap()), ("new.img", b"new".to_vec()));
+        assert_eq!(
+            (d.name.as_str(), std::fs::read(&d.path).unwrap()),
+            ("new.img", b"new".to_vec())
+        );
         assert!(!s.staging().join("disk/old.img").exists());
 
         let s = Setup::new();
-        let l1 = s.layer(0, &tar_of(&[("disk/a.img", b"a"), ("disk/b.img", b"b")]), LayerCompression::None);
-        let l2 = s.layer(1, &tar_of(&[("disk/.wh..wh..opq", b""), ("disk/c.img", b"c")]), LayerCompression::None);
+        let l1 = s.layer(
+            0,
+            &tar_of(&[("disk/a.img", b"a"), ("disk/b.img", b"b")]),
+            LayerCompression::None,
+        );
+        let l2 = s.layer(
+            1,
+            &tar_of(&[("disk/.wh..wh..opq", b""), ("disk/c.img", b"c")]),
+            LayerCompression::None,
+        );
         assert_eq!(s.run(&[l1, l2]).unwrap().name, "c.img");
     }
 
     #[test]
     fn no_disk_and_several_disks_are_refused() {
         let s = Setup::new();
-        assert!(matches!(s.run(&[s.layer(0, &tar_of(&[("etc/x", b"1")]), LayerCompression::None)]), Err(ExtractError::NoDisk)));
+        assert!(matches!(
+            s.run(&[s.layer(0, &tar_of(&[("etc/x", b"1")]), LayerCompression::None)]),
+            Err(ExtractError::NoDisk)
+        ));
         let s = Setup::new();
-        match s.run(&[s.layer(0, &tar_of(&[("disk/a", b"1"), ("disk/b", b"2")]), LayerCompression::None)]) {
+        match s.run(&[s.layer(
+            0,
+            &tar_of(&[("disk/a", b"1"), ("disk/b", b"2")]),
+            LayerCompression::None,
+        )]) {
             Err(ExtractError::MultipleDisks { names }) => assert_eq!(names, ["a", "b"]),
             other => panic!("{other:?}"),
         }
     }
 
-    fn hostile(entries: &[(&str, tar::EntryType, Option<&str>)]) -> (Setup, Result<ExtractedDisk, ExtractError>) {
+    fn hostile(
+        entries: &[(&str, tar::EntryType, Option<&str>)],
+    ) -> (Setup, Result<ExtractedDisk, ExtractError>) {
         let mut b = tar::Builder::new(Vec::new());
-        raw_entry(&mut b, "disk/ok.img", tar::EntryType::Regular, None, b"fine");
+        raw_entry(
+            &mut b,
+            "disk/ok.img",
+            tar::EntryType::Regular,
+            None,
+            b"fine",
+        );
         for (path, kind, link) in entries {
-            raw_entry(&mut b, path, *kind, *link, if kind.is_file() { b"evil" } else { b"" });
+            raw_entry(
+                &mut b,
+                path,
+                *kind,
+                *link,
+                if kind.is_file() { b"evil" } else { b"" },
+            );
         }
         let s = Setup::new();
         let l = s.layer(0, &b.into_inner().unwrap(), LayerCompression::None);
@@ -604,27 +710,61 @@ mod tests {
     #[test]
     fn hostile_entries_are_refused_and_nothing_escapes() {
         use tar::EntryType as T;
-        let cases: Vec<(Vec<(&str, T, Option<&str>)>, fn(&ExtractError) -> bool)> = vec![
-            (vec![("/etc/passwd", T::Regular, None)], |e| matches!(e, ExtractError::AbsolutePath { .. })),
-            (vec![("../escape", T::Regular, None)], |e| matches!(e, ExtractError::PathTraversal { .. })),
-            (vec![("disk/../../escape", T::Regular, None)], |e| matches!(e, ExtractError::PathTraversal { .. })),
-            (vec![("link", T::Symlink, Some("/etc/shadow"))], |e| matches!(e, ExtractError::EscapingLink { .. })),
-            (vec![("a/link", T::Symlink, Some("../../etc"))], |e| matches!(e, ExtractError::EscapingLink { .. })),
-            (vec![("hard", T::Link, Some("../outside"))], |e| matches!(e, ExtractError::EscapingLink { .. })),
-            (vec![("disk/link.img", T::Symlink, Some("ok.img"))], |e| matches!(e, ExtractError::LinkInDisk { .. })),
-            (vec![("x", T::Link, Some("disk/ok.img"))], |e| matches!(e, ExtractError::LinkInDisk { .. })),
-            (vec![("dev/sda", T::Block, None)], |e| matches!(e, ExtractError::DeviceNode { .. })),
-            (vec![("dev/tty", T::Char, None)], |e| matches!(e, ExtractError::DeviceNode { .. })),
-            (vec![("pipe", T::Fifo, None)], |e| matches!(e, ExtractError::DeviceNode { .. })),
-            (vec![("disk/sub/x.img", T::Regular, None)], |e| matches!(e, ExtractError::NestedDiskFile { .. })),
-            (vec![("disk/second.img", T::Regular, None)], |e| matches!(e, ExtractError::MultipleDisks { .. })),
+        type Case<'a> = (
+            Vec<(&'a str, T, Option<&'a str>)>,
+            fn(&ExtractError) -> bool,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![("/etc/passwd", T::Regular, None)], |e| {
+                matches!(e, ExtractError::AbsolutePath { .. })
+            }),
+            (vec![("../escape", T::Regular, None)], |e| {
+                matches!(e, ExtractError::PathTraversal { .. })
+            }),
+            (vec![("disk/../../escape", T::Regular, None)], |e| {
+                matches!(e, ExtractError::PathTraversal { .. })
+            }),
+            (vec![("link", T::Symlink, Some("/etc/shadow"))], |e| {
+                matches!(e, ExtractError::EscapingLink { .. })
+            }),
+            (vec![("a/link", T::Symlink, Some("../../etc"))], |e| {
+                matches!(e, ExtractError::EscapingLink { .. })
+            }),
+            (vec![("hard", T::Link, Some("../outside"))], |e| {
+                matches!(e, ExtractError::EscapingLink { .. })
+            }),
+            (vec![("disk/link.img", T::Symlink, Some("ok.img"))], |e| {
+                matches!(e, ExtractError::LinkInDisk { .. })
+            }),
+            (vec![("x", T::Link, Some("disk/ok.img"))], |e| {
+                matches!(e, ExtractError::LinkInDisk { .. })
+            }),
+            (vec![("dev/sda", T::Block, None)], |e| {
+                matches!(e, ExtractError::DeviceNode { .. })
+            }),
+            (vec![("dev/tty", T::Char, None)], |e| {
+                matches!(e, ExtractError::DeviceNode { .. })
+            }),
+            (vec![("pipe", T::Fifo, None)], |e| {
+                matches!(e, ExtractError::DeviceNode { .. })
+            }),
+            (vec![("disk/sub/x.img", T::Regular, None)], |e| {
+                matches!(e, ExtractError::NestedDiskFile { .. })
+            }),
+            (vec![("disk/second.img", T::Regular, None)], |e| {
+                matches!(e, ExtractError::MultipleDisks { .. })
+            }),
         ];
         for (entries, expected) in cases {
             let (s, r) = hostile(&entries);
             let err = r.expect_err(&format!("{entries:?} must be refused"));
             assert!(expected(&err), "{entries:?}: wrong error {err}");
             assert!(!err.to_string().is_empty());
-            assert_eq!(s.outside_staging(), Vec::<String>::new(), "{entries:?} wrote outside staging");
+            assert_eq!(
+                s.outside_staging(),
+                Vec::<String>::new(),
+                "{entries:?} wrote outside staging"
+            );
         }
         // Links elsewhere that stay inside are fine.
         let (_, r) = hostile(&[("etc/alias", tar::EntryType::Symlink, Some("../etc/x"))]);
@@ -635,10 +775,23 @@ mod tests {
     fn oversized_disk_is_refused_before_writing() {
         let s = Setup::new();
         let data = vec![1u8; 2 << 20];
-        let l = s.layer(0, &tar_of(&[("disk/big.img", &data)]), LayerCompression::None);
-        let r = extract_disk(&[l], &s.staging(), &ExtractLimits { max_disk_bytes: 1 << 20 }, &mut |_| {});
+        let l = s.layer(
+            0,
+            &tar_of(&[("disk/big.img", &data)]),
+            LayerCompression::None,
+        );
+        let r = extract_disk(
+            &[l],
+            &s.staging(),
+            &ExtractLimits {
+                max_disk_bytes: 1 << 20,
+            },
+            &mut |_| {},
+        );
         match r {
-            Err(ExtractError::DiskTooLarge { size, limit, .. }) => assert_eq!((size, limit), (2 << 20, 1 << 20)),
+            Err(ExtractError::DiskTooLarge { size, limit, .. }) => {
+                assert_eq!((size, limit), (2 << 20, 1 << 20))
+            }
             other => panic!("{other:?}"),
         }
         assert!(!s.staging().join("disk/big.img").exists());
@@ -650,7 +803,11 @@ mod tests {
         let mut gz = gzip(&tar_of(&[("disk/d", &disk_bytes(1 << 20))]));
         gz.truncate(gz.len() / 2);
         match s.run(&[s.layer(0, &gz, LayerCompression::Gzip)]) {
-            Err(ExtractError::Corrupt { layer: 0, compression: "gzip", .. }) => {}
+            Err(ExtractError::Corrupt {
+                layer: 0,
+                compression: "gzip",
+                ..
+            }) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -662,7 +819,10 @@ mod tests {
         let total = gz.len() as u64;
         let l = s.layer(0, &gz, LayerCompression::Gzip);
         let mut last = 0;
-        extract_disk(&[l], &s.staging(), &ExtractLimits::default(), &mut |n| last = n).unwrap();
+        extract_disk(&[l], &s.staging(), &ExtractLimits::default(), &mut |n| {
+            last = n
+        })
+        .unwrap();
         assert_eq!(last, total);
     }
 }

@@ -2,6 +2,7 @@
 //! qemu-img into a node-local content-addressed cache, evicts by LRU within a byte budget,
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
+pub mod agent;
 pub mod auth;
 pub mod clone;
 pub mod convert;
@@ -25,4 +26,32 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<report::AgentMetrics>,
+) {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = std::sync::Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }));
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
 }

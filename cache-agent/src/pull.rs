@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::StreamExt;
-use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{
+    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
+};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::secrets::RegistryAuth;
@@ -217,7 +219,9 @@ fn classify(registry: &str, reference: &str, e: OciDistributionError) -> PullErr
             reference: reference.to_string(),
             message,
         },
-        E::RegistryError { .. } if message.contains("UNAUTHORIZED") || message.contains("DENIED") => {
+        E::RegistryError { .. }
+            if message.contains("UNAUTHORIZED") || message.contains("DENIED") =>
+        {
             PullError::Unauthorized {
                 registry: registry.to_string(),
                 message,
@@ -268,11 +272,17 @@ impl Puller {
         })
     }
 
-    fn client(&self, reference: &Reference, options: &RegistryOptions) -> Result<Client, PullError> {
+    fn client(
+        &self,
+        reference: &Reference,
+        options: &RegistryOptions,
+    ) -> Result<Client, PullError> {
         let mut extra = Vec::new();
         if let Some(pem) = &options.ca_bundle_pem {
             if !String::from_utf8_lossy(pem).contains("BEGIN CERTIFICATE") {
-                return Err(PullError::BadCaBundle("no PEM certificate in the bundle".into()));
+                return Err(PullError::BadCaBundle(
+                    "no PEM certificate in the bundle".into(),
+                ));
             }
             extra.push(Certificate {
                 encoding: CertificateEncoding::Pem,
@@ -328,7 +338,11 @@ impl Puller {
     }
 
     /// The digest the reference names now (tag → digest), without pulling layers.
-    pub async fn resolve_digest(&self, reference: &str, options: &RegistryOptions) -> Result<String, PullError> {
+    pub async fn resolve_digest(
+        &self,
+        reference: &str,
+        options: &RegistryOptions,
+    ) -> Result<String, PullError> {
         let r = Self::parse(reference)?;
         if let Some(d) = r.digest() {
             return Ok(d.to_string());
@@ -345,7 +359,11 @@ impl Puller {
     }
 
     /// Resolves the reference (an index to this node's platform) to its layers.
-    pub async fn resolve(&self, reference: &str, options: &RegistryOptions) -> Result<ResolvedImage, PullError> {
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        options: &RegistryOptions,
+    ) -> Result<ResolvedImage, PullError> {
         let r = Self::parse(reference)?;
         let client = self.client(&r, options)?;
         let registry = r.registry().to_string();
@@ -368,19 +386,20 @@ impl Puller {
         let (image, manifest_digest) = match manifest {
             OciManifest::Image(m) => (m, digest.clone()),
             OciManifest::ImageIndex(index) => {
-                let entry = pick_platform(&index.manifests, &options.platform).ok_or_else(|| {
-                    PullError::NoMatchingPlatform {
-                        reference: reference.to_string(),
-                        wanted: options.platform.to_string(),
-                        available: index
-                            .manifests
-                            .iter()
-                            .filter_map(|m| m.platform.as_ref())
-                            .map(|p| format!("{}/{}", p.os, p.architecture))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    }
-                })?;
+                let entry =
+                    pick_platform(&index.manifests, &options.platform).ok_or_else(|| {
+                        PullError::NoMatchingPlatform {
+                            reference: reference.to_string(),
+                            wanted: options.platform.to_string(),
+                            available: index
+                                .manifests
+                                .iter()
+                                .filter_map(|m| m.platform.as_ref())
+                                .map(|p| format!("{}/{}", p.os, p.architecture))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        }
+                    })?;
                 let by_digest = r.clone_with_digest(entry.digest.clone());
                 let (m, d) = self
                     .with_retries(&registry, || async {
@@ -413,14 +432,25 @@ impl Puller {
         dest_dir: &Path,
         progress: Arc<dyn Fn(u64) + Send + Sync>,
     ) -> Result<Vec<DownloadedLayer>, PullError> {
-        let _permit = self.inner.permits.acquire().await.expect("semaphore never closed");
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
         let r = Self::parse(&image.reference)?.clone_with_digest(image.manifest_digest.clone());
         let client = self.client(&r, options)?;
-        client.store_auth_if_needed(r.resolve_registry(), &options.auth).await;
+        client
+            .store_auth_if_needed(r.resolve_registry(), &options.auth)
+            .await;
         let done_before = Arc::new(AtomicU64::new(0));
         let mut out = Vec::new();
         for layer in &image.layers {
-            let hex = layer.digest.split_once(':').map(|(_, h)| h).unwrap_or(&layer.digest);
+            let hex = layer
+                .digest
+                .split_once(':')
+                .map(|(_, h)| h)
+                .unwrap_or(&layer.digest);
             if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(PullError::Registry {
                     registry: r.registry().to_string(),
@@ -434,7 +464,13 @@ impl Puller {
                 Arc::new(move |n: u64| progress(base + n)) as Arc<dyn Fn(u64) + Send + Sync>
             };
             let size = self
-                .download_shared(client.clone(), r.clone(), layer.clone(), path.clone(), layer_progress)
+                .download_shared(
+                    client.clone(),
+                    r.clone(),
+                    layer.clone(),
+                    path.clone(),
+                    layer_progress,
+                )
                 .await?;
             done_before.fetch_add(size, Ordering::Relaxed);
             out.push(DownloadedLayer {
@@ -464,15 +500,20 @@ impl Puller {
                 self.inner.downloads_started.fetch_add(1, Ordering::Relaxed);
                 let me = self.clone();
                 let p = path.clone();
-                let fut = async move { me.download(&client, &reference, &layer, &p, progress).await }
-                    .boxed()
-                    .shared();
+                let fut =
+                    async move { me.download(&client, &reference, &layer, &p, progress).await }
+                        .boxed()
+                        .shared();
                 downloads.insert(path.clone(), fut.clone());
                 fut
             }
         };
         let result = shared.await;
-        self.inner.downloads.lock().expect("downloads lock").remove(&path);
+        self.inner
+            .downloads
+            .lock()
+            .expect("downloads lock")
+            .remove(&path);
         result
     }
 
@@ -595,7 +636,9 @@ impl Puller {
                             actual,
                         });
                     }
-                    tokio::fs::rename(&partial, path).await.map_err(|e| io("renaming", e))?;
+                    tokio::fs::rename(&partial, path)
+                        .await
+                        .map_err(|e| io("renaming", e))?;
                     return Ok(layer.size);
                 }
                 Err(e @ PullError::DigestMismatch { .. }) => {
@@ -620,7 +663,12 @@ impl Puller {
     }
 }
 
-fn resolved(reference: &str, digest: String, manifest_digest: String, image: &OciImageManifest) -> ResolvedImage {
+fn resolved(
+    reference: &str,
+    digest: String,
+    manifest_digest: String,
+    image: &OciImageManifest,
+) -> ResolvedImage {
     let layers: Vec<LayerDescriptor> = image
         .layers
         .iter()
@@ -640,7 +688,10 @@ fn resolved(reference: &str, digest: String, manifest_digest: String, image: &Oc
 }
 
 /// The index entry for `platform` (os and architecture must match).
-pub fn pick_platform<'a>(entries: &'a [ImageIndexEntry], platform: &PlatformSpec) -> Option<&'a ImageIndexEntry> {
+pub fn pick_platform<'a>(
+    entries: &'a [ImageIndexEntry],
+    platform: &PlatformSpec,
+) -> Option<&'a ImageIndexEntry> {
     entries.iter().find(|e| {
         e.platform.as_ref().is_some_and(|p| {
             p.os.to_string() == platform.os && p.architecture.to_string() == platform.architecture
@@ -673,19 +724,34 @@ mod tests {
             {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:bb", "size": 1, "platform": {"os": "linux", "architecture": "arm64"}}
         ]))
         .unwrap();
-        let arm = PlatformSpec { os: "linux".into(), architecture: "arm64".into() };
+        let arm = PlatformSpec {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+        };
         assert_eq!(pick_platform(&entries, &arm).unwrap().digest, "sha256:bb");
-        let s390 = PlatformSpec { os: "linux".into(), architecture: "s390x".into() };
+        let s390 = PlatformSpec {
+            os: "linux".into(),
+            architecture: "s390x".into(),
+        };
         assert!(pick_platform(&entries, &s390).is_none());
         assert_eq!(PlatformSpec::default().os, "linux");
     }
 
     #[test]
     fn bad_references_and_ca_bundles_are_clear_errors() {
-        assert!(matches!(Puller::parse("Not A Ref!!"), Err(PullError::BadReference { .. })));
+        assert!(matches!(
+            Puller::parse("Not A Ref!!"),
+            Err(PullError::BadReference { .. })
+        ));
         let p = Puller::new(PullerConfig::default());
         let r = Puller::parse("127.0.0.1:5000/a/b:1").unwrap();
-        let opts = RegistryOptions { ca_bundle_pem: Some(b"junk".to_vec()), ..RegistryOptions::default() };
-        assert!(matches!(p.client(&r, &opts), Err(PullError::BadCaBundle(_))));
+        let opts = RegistryOptions {
+            ca_bundle_pem: Some(b"junk".to_vec()),
+            ..RegistryOptions::default()
+        };
+        assert!(matches!(
+            p.client(&r, &opts),
+            Err(PullError::BadCaBundle(_))
+        ));
     }
 }

@@ -1,1 +1,478 @@
-//! TODO
+//! What an agent tells the cluster about its own node, and only its own node: the
+//! `NodeDiskCache/<node>` status, the node's `cache.vmdisk.io/*` labels, Events, and
+//! Prometheus metrics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use vmdisk_crds::{
+    format_bytes_quantity, node_cache_label_key, CacheEntryState, CacheEntryStatus, DiskFormat,
+    NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus, NODE_CACHE_LABEL_PREFIX,
+    NODE_CACHE_LABEL_VALUE,
+};
+
+/// Field manager of everything the agent writes.
+pub const FIELD_MANAGER: &str = "vmdisk-cache-agent";
+
+/// One row of the report, built from the store and the running warms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheEntryView {
+    pub digest: String,
+    pub format: DiskFormat,
+    pub state: CacheEntryState,
+    pub progress: Option<f64>,
+    pub source_format: Option<String>,
+    pub virtual_size: Option<u64>,
+    pub allocated_size: Option<u64>,
+    pub last_used: Option<DateTime<Utc>>,
+    pub pinned: bool,
+    pub message: Option<String>,
+}
+
+/// The NodeDiskCache status for these entries, rows sorted by digest and format.
+pub fn node_cache_status(
+    entries: &[CacheEntryView],
+    capacity: u64,
+    budget: u64,
+    used: u64,
+) -> NodeDiskCacheStatus {
+    let mut rows: Vec<CacheEntryStatus> = entries
+        .iter()
+        .map(|e| CacheEntryStatus {
+            digest: e.digest.clone(),
+            format: e.format,
+            state: e.state,
+            progress: e.progress.map(|p| (p * 1000.0).round() / 1000.0),
+            source_format: e.source_format.clone(),
+            virtual_size: e.virtual_size,
+            allocated_size: e.allocated_size,
+            last_used: e
+                .last_used
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            pinned: e.pinned,
+            message: e.message.clone(),
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.digest, a.format).cmp(&(&b.digest, b.format)));
+    NodeDiskCacheStatus {
+        capacity_bytes: capacity,
+        budget_bytes: budget,
+        used_bytes: used,
+        used_quantity: Some(format_bytes_quantity(used)),
+        budget_quantity: Some(format_bytes_quantity(budget)),
+        entry_count: rows.len() as u32,
+        entries: rows,
+        conditions: Vec::new(),
+    }
+}
+
+/// A merge patch for the node's labels: adds the label of every ready digest, removes stale
+/// `cache.vmdisk.io/*` labels, never touches other labels. `None` when nothing changes.
+pub fn node_label_patch(
+    current: &BTreeMap<String, String>,
+    ready_digests: &BTreeSet<String>,
+) -> Option<serde_json::Value> {
+    let wanted: BTreeSet<String> = ready_digests
+        .iter()
+        .filter_map(|d| node_cache_label_key(d))
+        .collect();
+    let mut changes = serde_json::Map::new();
+    for key in &wanted {
+        if current.get(key).map(String::as_str) != Some(NODE_CACHE_LABEL_VALUE) {
+            changes.insert(key.clone(), NODE_CACHE_LABEL_VALUE.into());
+        }
+    }
+    for key in current.keys() {
+        if key.starts_with(NODE_CACHE_LABEL_PREFIX) && !wanted.contains(key) {
+            changes.insert(key.clone(), serde_json::Value::Null);
+        }
+    }
+    (!changes.is_empty()).then(|| serde_json::json!({"metadata": {"labels": changes}}))
+}
+
+/// Writes this node's NodeDiskCache, labels and Events.
+#[derive(Clone)]
+pub struct NodeReporter {
+    client: Client,
+    node_name: String,
+    last_status: Arc<Mutex<Option<NodeDiskCacheStatus>>>,
+    recorder: Recorder,
+}
+
+impl NodeReporter {
+    pub fn new(client: Client, node_name: String) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(node_name.clone()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            node_name,
+            last_status: Arc::default(),
+        }
+    }
+
+    fn caches(&self) -> Api<NodeDiskCache> {
+        Api::all(self.client.clone())
+    }
+
+    /// Creates (or adopts) `NodeDiskCache/<node>`, owned by the Node so it goes with it.
+    pub async fn ensure_cache_object(&self) -> Result<(), kube::Error> {
+        let node: Node = Api::all(self.client.clone()).get(&self.node_name).await?;
+        let mut cache = NodeDiskCache::new(
+            &self.node_name,
+            NodeDiskCacheSpec {
+                node_name: self.node_name.clone(),
+            },
+        );
+        if let Some(owner) = node.controller_owner_ref(&()).or_else(|| {
+            Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Node".into(),
+                    name: self.node_name.clone(),
+                    uid: node.metadata.uid.clone()?,
+                    ..Default::default()
+                },
+            )
+        }) {
+            cache.metadata.owner_references = Some(vec![owner]);
+        }
+        self.caches()
+            .patch(
+                &self.node_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&cache),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes the status; skipped when it equals the last one published.
+    pub async fn publish(&self, status: &NodeDiskCacheStatus) -> Result<bool, kube::Error> {
+        if self.last_status.lock().expect("status lock").as_ref() == Some(status) {
+            return Ok(false);
+        }
+        let patch = serde_json::json!({"status": status});
+        self.caches()
+            .patch_status(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        *self.last_status.lock().expect("status lock") = Some(status.clone());
+        Ok(true)
+    }
+
+    /// Brings the node's cache labels in line with the ready digests.
+    pub async fn sync_labels(&self, ready: &BTreeSet<String>) -> Result<bool, kube::Error> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get(&self.node_name).await?;
+        let labels = node.metadata.labels.unwrap_or_default();
+        match node_label_patch(&labels, ready) {
+            None => Ok(false),
+            Some(patch) => {
+                nodes
+                    .patch(
+                        &self.node_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// An Event on this node's NodeDiskCache.
+    pub async fn event(&self, reason: &str, note: &str, warning: bool) -> Result<(), kube::Error> {
+        let reference = ObjectReference {
+            api_version: Some("vmdisk.io/v1alpha1".into()),
+            kind: Some("NodeDiskCache".into()),
+            name: Some(self.node_name.clone()),
+            ..Default::default()
+        };
+        self.recorder
+            .publish(
+                &Event {
+                    type_: if warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: reason.into(),
+                    note: Some(note.chars().take(1000).collect()),
+                    action: "Cache".into(),
+                    secondary: None,
+                },
+                &reference,
+            )
+            .await
+    }
+}
+
+/// The agent's Prometheus metrics.
+pub struct AgentMetrics {
+    registry: Registry,
+    bytes_pulled: Counter,
+    hits: Counter,
+    misses: Counter,
+    evictions: Counter,
+    failures: Counter,
+    pull_seconds: Histogram,
+    convert_seconds: Histogram,
+    used: Gauge,
+    budget: Gauge,
+    entries: Gauge,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vmdisk_cache");
+        let m = Self {
+            bytes_pulled: Counter::default(),
+            hits: Counter::default(),
+            misses: Counter::default(),
+            evictions: Counter::default(),
+            failures: Counter::default(),
+            pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            convert_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
+            used: Gauge::default(),
+            budget: Gauge::default(),
+            entries: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "bytes_pulled",
+            "Bytes downloaded from registries",
+            m.bytes_pulled.clone(),
+        );
+        registry.register(
+            "hits",
+            "Warms and populates served from the cache",
+            m.hits.clone(),
+        );
+        registry.register("misses", "Warms that had to pull", m.misses.clone());
+        registry.register(
+            "evictions",
+            "Entries evicted by the LRU budget",
+            m.evictions.clone(),
+        );
+        registry.register("warm_failures", "Warms that failed", m.failures.clone());
+        registry.register(
+            "pull_duration_seconds",
+            "Time to download an image's layers",
+            m.pull_seconds.clone(),
+        );
+        registry.register(
+            "convert_duration_seconds",
+            "Time to extract, check and convert a disk",
+            m.convert_seconds.clone(),
+        );
+        registry.register(
+            "used_bytes",
+            "Bytes the cache entries occupy",
+            m.used.clone(),
+        );
+        registry.register("budget_bytes", "Bytes the cache may use", m.budget.clone());
+        registry.register("entries", "Cache entries", m.entries.clone());
+        Self { registry, ..m }
+    }
+
+    pub fn cache_hit(&self) {
+        self.hits.inc();
+    }
+    pub fn cache_miss(&self) {
+        self.misses.inc();
+    }
+    pub fn warm_failed(&self) {
+        self.failures.inc();
+    }
+    /// Brings the evictions counter up to the store's running total.
+    pub fn set_evictions(&self, total: u64) {
+        let now = self.evictions.get();
+        if total > now {
+            self.evictions.inc_by(total - now);
+        }
+    }
+    pub fn observe_pull(&self, bytes: u64, seconds: f64) {
+        self.bytes_pulled.inc_by(bytes);
+        self.pull_seconds.observe(seconds);
+    }
+    pub fn observe_convert(&self, seconds: f64) {
+        self.convert_seconds.observe(seconds);
+    }
+    pub fn set_cache(&self, used: u64, budget: u64, entries: u64) {
+        self.used.set(used as i64);
+        self.budget.set(budget as i64);
+        self.entries.set(entries as i64);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("encoding to a String");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use kube::client::Body;
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    #[test]
+    fn status_rows_are_sorted_and_quantities_filled() {
+        let views = vec![
+            CacheEntryView {
+                digest: D2.into(),
+                state: CacheEntryState::Pulling,
+                progress: Some(0.33333),
+                ..Default::default()
+            },
+            CacheEntryView {
+                digest: D1.into(),
+                format: DiskFormat::Qcow2,
+                state: CacheEntryState::Ready,
+                virtual_size: Some(1 << 30),
+                pinned: true,
+                ..Default::default()
+            },
+        ];
+        let s = node_cache_status(&views, 100 << 30, 50 << 30, 3 << 30);
+        assert_eq!(s.entry_count, 2);
+        assert_eq!(s.entries[0].digest, D1);
+        assert_eq!(s.entries[1].progress, Some(0.333));
+        assert_eq!(s.used_quantity.as_deref(), Some("3Gi"));
+        assert_eq!(s.budget_quantity.as_deref(), Some("50Gi"));
+    }
+
+    #[test]
+    fn label_patch_adds_ready_removes_stale_and_leaves_others() {
+        let k1 = node_cache_label_key(D1).unwrap();
+        let k2 = node_cache_label_key(D2).unwrap();
+        let current: BTreeMap<String, String> = [
+            ("kubernetes.io/hostname".to_string(), "n1".to_string()),
+            (k2.clone(), "ready".to_string()),
+        ]
+        .into();
+        let patch = node_label_patch(&current, &[D1.to_string()].into()).unwrap();
+        let labels = &patch["metadata"]["labels"];
+        assert_eq!(labels[&k1], "ready");
+        assert!(labels[&k2].is_null());
+        assert!(labels.get("kubernetes.io/hostname").is_none());
+        let settled: BTreeMap<String, String> = [(k1, "ready".to_string())].into();
+        assert_eq!(node_label_patch(&settled, &[D1.to_string()].into()), None);
+    }
+
+    #[test]
+    fn metrics_exposition() {
+        let m = AgentMetrics::new();
+        m.observe_pull(1000, 1.5);
+        m.cache_hit();
+        m.set_cache(10, 20, 1);
+        let text = m.encode();
+        assert!(
+            text.contains("vmdisk_cache_bytes_pulled_total 1000"),
+            "{text}"
+        );
+        assert!(text.contains("vmdisk_cache_hits_total 1"), "{text}");
+        assert!(text.contains("vmdisk_cache_used_bytes 10"), "{text}");
+    }
+
+    type Handle = tower_test::mock::Handle<http::Request<Body>, http::Response<Body>>;
+
+    async fn expect(
+        handle: &mut Handle,
+        method: &str,
+        path: &str,
+        reply: serde_json::Value,
+    ) -> serde_json::Value {
+        let (request, send) = handle.next_request().await.expect("a request");
+        assert_eq!(request.method().as_str(), method);
+        assert_eq!(request.uri().path(), path);
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        send.send_response(
+            http::Response::builder()
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap(),
+        );
+        if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn reporter_writes_only_its_own_objects_and_skips_unchanged_status() {
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let reporter = NodeReporter::new(Client::new(service, "default"), "node-a".into());
+        let status = node_cache_status(
+            &[CacheEntryView {
+                digest: D1.into(),
+                state: CacheEntryState::Ready,
+                ..Default::default()
+            }],
+            10,
+            5,
+            1,
+        );
+        let cache_json = serde_json::json!({"apiVersion": "vmdisk.io/v1alpha1", "kind": "NodeDiskCache", "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-a"}});
+        let server = tokio::spawn(async move {
+            let body = expect(
+                &mut handle,
+                "PATCH",
+                "/apis/vmdisk.io/v1alpha1/nodediskcaches/node-a/status",
+                cache_json.clone(),
+            )
+            .await;
+            assert_eq!(body["status"]["entries"][0]["digest"], D1);
+            assert_eq!(body["status"]["entries"][0]["state"], "Ready");
+            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"zone": "a"}}});
+            expect(&mut handle, "GET", "/api/v1/nodes/node-a", node.clone()).await;
+            let body = expect(&mut handle, "PATCH", "/api/v1/nodes/node-a", node).await;
+            assert_eq!(
+                body["metadata"]["labels"][node_cache_label_key(D1).unwrap()],
+                "ready"
+            );
+            assert!(body["metadata"]["labels"].get("zone").is_none());
+            handle
+        });
+        assert!(reporter.publish(&status).await.unwrap());
+        assert!(
+            !reporter.publish(&status).await.unwrap(),
+            "unchanged status must not be re-sent"
+        );
+        assert!(reporter
+            .sync_labels(&[D1.to_string()].into())
+            .await
+            .unwrap());
+        let mut handle = server.await.unwrap();
+        // No further request (e.g. to a VMDiskImage) was made.
+        drop(reporter);
+        assert!(handle.next_request().await.is_none());
+    }
+}

@@ -39,7 +39,9 @@ pub enum StoreError {
         budget: u64,
         evictable: u64,
     },
-    #[error("invalid budget {0:?}: use a quantity (200Gi) or a percentage of the filesystem (50%)")]
+    #[error(
+        "invalid budget {0:?}: use a quantity (200Gi) or a percentage of the filesystem (50%)"
+    )]
     BadBudget(String),
     #[error("staging directory {0} is not inside this cache")]
     ForeignStaging(PathBuf),
@@ -196,6 +198,7 @@ pub struct CacheStore {
     root: PathBuf,
     budget: Budget,
     inner: Arc<Mutex<Inner>>,
+    evictions: std::sync::atomic::AtomicU64,
 }
 
 /// What `open` cleaned up.
@@ -272,8 +275,10 @@ impl CacheStore {
     pub fn open(root: &Path, budget: Budget) -> Result<(Self, OpenReport), StoreError> {
         let entries_dir = root.join("entries");
         let staging_dir = root.join("staging");
-        std::fs::create_dir_all(&entries_dir).map_err(io(format!("creating {}", entries_dir.display())))?;
-        std::fs::create_dir_all(&staging_dir).map_err(io(format!("creating {}", staging_dir.display())))?;
+        std::fs::create_dir_all(&entries_dir)
+            .map_err(io(format!("creating {}", entries_dir.display())))?;
+        std::fs::create_dir_all(&staging_dir)
+            .map_err(io(format!("creating {}", staging_dir.display())))?;
         let mut report = OpenReport::default();
         for e in std::fs::read_dir(&staging_dir).map_err(io("listing staging"))? {
             let e = e.map_err(io("listing staging"))?;
@@ -287,7 +292,8 @@ impl CacheStore {
             match Self::load_entry(&e.path(), &name) {
                 Some(entry) => loaded.push(entry),
                 None => {
-                    let _ = std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
                     report.removed_corrupt.push(name);
                 }
             }
@@ -309,6 +315,7 @@ impl CacheStore {
                 root: root.to_path_buf(),
                 budget,
                 inner: Arc::new(Mutex::new(inner)),
+                evictions: std::sync::atomic::AtomicU64::new(0),
             },
             report,
         ))
@@ -317,7 +324,8 @@ impl CacheStore {
     /// Reads an entry directory; `None` when it is not a complete, consistent entry.
     fn load_entry(dir: &Path, name: &str) -> Option<(EntryKey, Indexed)> {
         let key = EntryKey::from_dir_name(name)?;
-        let meta: EntryMeta = serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).ok()?).ok()?;
+        let meta: EntryMeta =
+            serde_json::from_slice(&std::fs::read(dir.join(META_FILE)).ok()?).ok()?;
         if meta.digest != key.digest || meta.format != key.format {
             return None;
         }
@@ -349,7 +357,8 @@ impl CacheStore {
     }
 
     fn disk_path(&self, key: &EntryKey) -> Option<PathBuf> {
-        self.entry_dir(key).map(|d| d.join(format!("disk.{}", key.format)))
+        self.entry_dir(key)
+            .map(|d| d.join(format!("disk.{}", key.format)))
     }
 
     /// A fresh directory in staging.
@@ -372,7 +381,9 @@ impl CacheStore {
         disk_file: &Path,
         meta: EntryMeta,
     ) -> Result<CacheEntry, StoreError> {
-        if !disk_file.starts_with(staging.path()) || !staging.path().starts_with(self.root.join("staging")) {
+        if !disk_file.starts_with(staging.path())
+            || !staging.path().starts_with(self.root.join("staging"))
+        {
             return Err(StoreError::ForeignStaging(disk_file.to_path_buf()));
         }
         if let Some(existing) = self.get(&key) {
@@ -384,13 +395,17 @@ impl CacheStore {
         let build = staging.path().join("entry");
         std::fs::create_dir_all(&build).map_err(io("creating the entry in staging"))?;
         let disk_name = format!("disk.{}", key.format);
-        std::fs::rename(disk_file, build.join(&disk_name)).map_err(io("moving the disk into the entry"))?;
+        std::fs::rename(disk_file, build.join(&disk_name))
+            .map_err(io("moving the disk into the entry"))?;
         std::fs::File::open(build.join(&disk_name))
             .and_then(|f| f.sync_all())
             .map_err(io("fsyncing the disk"))?;
         let meta_path = build.join(META_FILE);
-        std::fs::write(&meta_path, serde_json::to_vec_pretty(&meta).expect("meta serializes"))
-            .map_err(io("writing meta.json"))?;
+        std::fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+        )
+        .map_err(io("writing meta.json"))?;
         std::fs::File::open(&meta_path)
             .and_then(|f| f.sync_all())
             .map_err(io("fsyncing meta.json"))?;
@@ -440,8 +455,11 @@ impl CacheStore {
         };
         if let Some(dir) = self.entry_dir(key) {
             let tmp = dir.join(format!(".{META_FILE}.{}", random_name()));
-            let ok = std::fs::write(&tmp, serde_json::to_vec_pretty(&meta).expect("meta serializes"))
-                .and_then(|()| std::fs::rename(&tmp, dir.join(META_FILE)));
+            let ok = std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&meta).expect("meta serializes"),
+            )
+            .and_then(|()| std::fs::rename(&tmp, dir.join(META_FILE)));
             if let Err(e) = ok {
                 let _ = std::fs::remove_file(&tmp);
                 tracing::debug!(error = %e, entry = %key, "could not persist last use");
@@ -462,7 +480,11 @@ impl CacheStore {
     }
 
     pub fn is_leased(&self, key: &EntryKey) -> bool {
-        self.inner.lock().expect("store lock poisoned").leases.contains_key(key)
+        self.inner
+            .lock()
+            .expect("store lock poisoned")
+            .leases
+            .contains_key(key)
     }
 
     /// Replaces the set of pinned entries (from the images' cache policies).
@@ -471,7 +493,11 @@ impl CacheStore {
     }
 
     pub fn is_pinned(&self, key: &EntryKey) -> bool {
-        self.inner.lock().expect("store lock poisoned").pinned.contains(key)
+        self.inner
+            .lock()
+            .expect("store lock poisoned")
+            .pinned
+            .contains(key)
     }
 
     /// Deletes an entry. Refused (false) while it is leased.
@@ -485,9 +511,14 @@ impl CacheStore {
         }
         if let Some(dir) = self.entry_dir(key) {
             // Rename first so a crash mid-delete leaves nothing that looks like an entry.
-            let doomed = self.root.join("staging").join(format!("evict-{}", random_name()));
+            let doomed = self
+                .root
+                .join("staging")
+                .join(format!("evict-{}", random_name()));
             match std::fs::rename(&dir, &doomed) {
-                Ok(()) => std::fs::remove_dir_all(&doomed).map_err(io("deleting an evicted entry"))?,
+                Ok(()) => {
+                    std::fs::remove_dir_all(&doomed).map_err(io("deleting an evicted entry"))?
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io(format!("evicting {}", dir.display()))(e)),
             }
@@ -534,6 +565,11 @@ impl CacheStore {
         }
     }
 
+    /// Entries evicted by the budget since open.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Evicts least recently used entries (never pinned or leased ones) until `incoming` more
     /// bytes fit in the budget. Returns what was evicted.
     pub fn make_room(&self, incoming: u64) -> Result<Vec<EntryKey>, StoreError> {
@@ -561,6 +597,8 @@ impl CacheStore {
         let mut evicted = Vec::new();
         for key in plan {
             if self.remove(&key)? {
+                self.evictions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(entry = %key, "evicted from the cache (LRU)");
                 evicted.push(key);
             }
@@ -607,9 +645,19 @@ mod tests {
 
     #[test]
     fn eviction_takes_least_recent_first_and_stops_when_it_fits() {
-        let c = [cand(1, 10, false, false), cand(2, 10, false, false), cand(3, 10, false, false)];
-        assert_eq!(plan_eviction(&c, 30, 100, 50).unwrap(), Vec::<EntryKey>::new());
-        assert_eq!(plan_eviction(&c, 30, 30, 5).unwrap(), vec![key(1, DiskFormat::Raw)]);
+        let c = [
+            cand(1, 10, false, false),
+            cand(2, 10, false, false),
+            cand(3, 10, false, false),
+        ];
+        assert_eq!(
+            plan_eviction(&c, 30, 100, 50).unwrap(),
+            Vec::<EntryKey>::new()
+        );
+        assert_eq!(
+            plan_eviction(&c, 30, 30, 5).unwrap(),
+            vec![key(1, DiskFormat::Raw)]
+        );
         assert_eq!(
             plan_eviction(&c, 30, 30, 15).unwrap(),
             vec![key(1, DiskFormat::Raw), key(2, DiskFormat::Raw)]
@@ -618,18 +666,31 @@ mod tests {
 
     #[test]
     fn eviction_skips_pinned_and_leased_and_reports_no_room() {
-        let c = [cand(1, 10, true, false), cand(2, 10, false, true), cand(3, 10, false, false)];
-        assert_eq!(plan_eviction(&c, 30, 30, 5).unwrap(), vec![key(3, DiskFormat::Raw)]);
+        let c = [
+            cand(1, 10, true, false),
+            cand(2, 10, false, true),
+            cand(3, 10, false, false),
+        ];
+        assert_eq!(
+            plan_eviction(&c, 30, 30, 5).unwrap(),
+            vec![key(3, DiskFormat::Raw)]
+        );
         match plan_eviction(&c, 30, 30, 15) {
             Err(StoreError::NoRoom { evictable, .. }) => assert_eq!(evictable, 10),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(plan_eviction(&[], 0, 10, 11), Err(StoreError::NoRoom { .. })));
+        assert!(matches!(
+            plan_eviction(&[], 0, 10, 11),
+            Err(StoreError::NoRoom { .. })
+        ));
     }
 
     #[test]
     fn budget_parses() {
-        assert_eq!("50%".parse::<Budget>().unwrap(), Budget::PercentOfFilesystem(50));
+        assert_eq!(
+            "50%".parse::<Budget>().unwrap(),
+            Budget::PercentOfFilesystem(50)
+        );
         assert_eq!("1Gi".parse::<Budget>().unwrap(), Budget::Bytes(1 << 30));
         assert!("0%".parse::<Budget>().is_err());
         assert!("150%".parse::<Budget>().is_err());
@@ -667,7 +728,9 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![n.max(1); len]).unwrap();
-        store.commit(staging, k.clone(), &disk, meta(&k, len as u64)).unwrap();
+        store
+            .commit(staging, k.clone(), &disk, meta(&k, len as u64))
+            .unwrap();
         k
     }
 
@@ -679,7 +742,13 @@ mod tests {
         let k = commit_raw(&store, 1, 8192);
         let e = store.get(&k).unwrap();
         assert_eq!(std::fs::read(&e.disk_path).unwrap().len(), 8192);
-        assert!(std::fs::read_dir(dir.path().join("staging")).unwrap().next().is_none(), "staging must be empty after commit");
+        assert!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "staging must be empty after commit"
+        );
 
         // Leftovers of a crash: a staging dir, an entry dir without meta, a truncated disk.
         std::fs::create_dir_all(dir.path().join("staging/abandoned/layers")).unwrap();
@@ -705,8 +774,14 @@ mod tests {
         let s = store.staging().unwrap();
         std::fs::write(s.path().join("x"), b"data").unwrap();
         drop(s);
-        assert!(std::fs::read_dir(dir.path().join("staging")).unwrap().next().is_none());
-        assert!(std::fs::read_dir(dir.path().join("entries")).unwrap().next().is_none());
+        assert!(std::fs::read_dir(dir.path().join("staging"))
+            .unwrap()
+            .next()
+            .is_none());
+        assert!(std::fs::read_dir(dir.path().join("entries"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 
     #[test]
@@ -721,10 +796,17 @@ mod tests {
         let lease = store.lease(&k3).unwrap();
         let k4 = commit_raw(&store, 4, 256 << 10);
         let evicted = store.make_room(200 << 10).unwrap();
-        assert_eq!(evicted, vec![k1.clone()], "only unpinned, unleased entries go, LRU first");
+        assert_eq!(
+            evicted,
+            vec![k1.clone()],
+            "only unpinned, unleased entries go, LRU first"
+        );
         assert!(store.get(&k2).is_some() && store.get(&k3).is_some() && store.get(&k4).is_some());
         assert!(store.entry_dir(&k1).map(|d| !d.exists()).unwrap());
-        assert!(matches!(store.make_room(2 << 20), Err(StoreError::NoRoom { .. })));
+        assert!(matches!(
+            store.make_room(2 << 20),
+            Err(StoreError::NoRoom { .. })
+        ));
         assert!(!store.remove(&k3).unwrap(), "a leased entry is not removed");
         drop(lease);
         assert!(store.remove(&k3).unwrap());

@@ -232,7 +232,9 @@ impl Warmer {
             reference: reference.clone(),
             source,
         };
-        let info = convert::inspect(&extracted.path).await.map_err(convert_error)?;
+        let info = convert::inspect(&extracted.path)
+            .await
+            .map_err(convert_error)?;
         convert::check_safe(&info).map_err(convert_error)?;
         let target = staging
             .path()

@@ -19,7 +19,11 @@ pub fn pseudo_random(seed: u64, buf: &mut [u8]) {
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A raw disk of `size_mib` holding an ext4 filesystem with about `data_mib` of files: half
@@ -33,7 +37,7 @@ pub fn make_ext4_raw(dir: &Path, name: &str, size_mib: u64, data_mib: u64, seed:
     let mut buf = vec![0u8; 4 << 20];
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             pseudo_random(seed.wrapping_add(i), &mut buf[..n]);
         } else {
             let line = format!("line {i} of {name}: the quick brown fox jumps over the lazy dog\n");
@@ -48,7 +52,13 @@ pub fn make_ext4_raw(dir: &Path, name: &str, size_mib: u64, data_mib: u64, seed:
     }
     let raw = dir.join(format!("{name}.raw"));
     run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1", "-d"])
+        .args([
+            "-q",
+            "-F",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+            "-d",
+        ])
         .arg(&tree)
         .arg(&raw)
         .arg(format!("{size_mib}M")));
@@ -78,10 +88,18 @@ pub fn allocated(path: &Path) -> u64 {
 
 /// `qemu-img compare`: same content?
 pub fn same_content(a: &Path, b: &Path) -> bool {
-    let out = Command::new("qemu-img").arg("compare").arg(a).arg(b).output().unwrap();
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
     match out.status.code() {
         Some(0) => true,
         Some(1) => false,
-        _ => panic!("qemu-img compare failed: {}", String::from_utf8_lossy(&out.stderr)),
+        _ => panic!(
+            "qemu-img compare failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
     }
 }

@@ -38,7 +38,9 @@ impl LayerSpec {
         dir.set_entry_type(tar::EntryType::Directory);
         dir.set_mode(0o555);
         dir.set_size(0);
-        builder.append_data(&mut dir, "disk/", std::io::empty()).unwrap();
+        builder
+            .append_data(&mut dir, "disk/", std::io::empty())
+            .unwrap();
         for (path, data) in &self.entries {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
@@ -100,12 +102,28 @@ fn auth_for(registry: &TestRegistry) -> RegistryAuth {
 
 /// Pushes an image made of `layers` as `<addr>/<repo>:<tag>`; returns (reference, manifest
 /// digest).
-pub async fn push_layers(registry: &TestRegistry, repo: &str, tag: &str, layers: &[LayerSpec]) -> (String, String) {
-    push_blobs(registry, repo, tag, layers.iter().map(|l| (l.encode(), l.media_type)).collect()).await
+pub async fn push_layers(
+    registry: &TestRegistry,
+    repo: &str,
+    tag: &str,
+    layers: &[LayerSpec],
+) -> (String, String) {
+    push_blobs(
+        registry,
+        repo,
+        tag,
+        layers.iter().map(|l| (l.encode(), l.media_type)).collect(),
+    )
+    .await
 }
 
 /// Pushes already encoded layer blobs.
-pub async fn push_blobs(registry: &TestRegistry, repo: &str, tag: &str, blobs: Vec<(Vec<u8>, &'static str)>) -> (String, String) {
+pub async fn push_blobs(
+    registry: &TestRegistry,
+    repo: &str,
+    tag: &str,
+    blobs: Vec<(Vec<u8>, &'static str)>,
+) -> (String, String) {
     let client = client_for(registry);
     let reference_text = format!("{}/{repo}:{tag}", registry.addr);
     let reference: Reference = reference_text.parse().unwrap();
@@ -114,13 +132,20 @@ pub async fn push_blobs(registry: &TestRegistry, repo: &str, tag: &str, blobs: V
         .map(|(data, mt)| ImageLayer::new(data, mt.to_string(), None))
         .collect();
     let config = Config::new(
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+            .to_vec(),
         "application/vnd.oci.image.config.v1+json".to_string(),
         None,
     );
     let manifest = OciImageManifest::build(&layers, &config, None);
     client
-        .push(&reference, &layers, config, &auth_for(registry), Some(manifest))
+        .push(
+            &reference,
+            &layers,
+            config,
+            &auth_for(registry),
+            Some(manifest),
+        )
         .await
         .unwrap_or_else(|e| panic!("push {reference_text}: {e}"));
     let digest = client
@@ -131,20 +156,42 @@ pub async fn push_blobs(registry: &TestRegistry, repo: &str, tag: &str, blobs: V
 }
 
 /// A containerDisk: one gzip layer holding `disk/<file name>`.
-pub async fn push_container_disk(registry: &TestRegistry, repo: &str, tag: &str, disk: &Path) -> (String, String) {
+pub async fn push_container_disk(
+    registry: &TestRegistry,
+    repo: &str,
+    tag: &str,
+    disk: &Path,
+) -> (String, String) {
     let name = disk.file_name().unwrap().to_string_lossy().into_owned();
-    push_layers(registry, repo, tag, &[LayerSpec::disk(disk, &name, TAR_GZIP)]).await
+    push_layers(
+        registry,
+        repo,
+        tag,
+        &[LayerSpec::disk(disk, &name, TAR_GZIP)],
+    )
+    .await
 }
 
 /// An OCI image index `<repo>:<tag>` over already pushed manifests, one per (os, arch).
-pub async fn push_index(registry: &TestRegistry, repo: &str, tag: &str, platforms: &[(&str, &str, &str)]) -> (String, String) {
+pub async fn push_index(
+    registry: &TestRegistry,
+    repo: &str,
+    tag: &str,
+    platforms: &[(&str, &str, &str)],
+) -> (String, String) {
     let client = client_for(registry);
     let auth = auth_for(registry);
     let mut manifests = Vec::new();
     for (os, arch, digest) in platforms {
-        let by_digest: Reference = format!("{}/{repo}@{digest}", registry.addr).parse().unwrap();
+        let by_digest: Reference = format!("{}/{repo}@{digest}", registry.addr)
+            .parse()
+            .unwrap();
         let (raw, _) = client
-            .pull_manifest_raw(&by_digest, &auth, &["application/vnd.oci.image.manifest.v1+json"])
+            .pull_manifest_raw(
+                &by_digest,
+                &auth,
+                &["application/vnd.oci.image.manifest.v1+json"],
+            )
             .await
             .unwrap();
         manifests.push(serde_json::json!({
@@ -161,7 +208,13 @@ pub async fn push_index(registry: &TestRegistry, repo: &str, tag: &str, platform
     .unwrap();
     let reference_text = format!("{}/{repo}:{tag}", registry.addr);
     let reference: Reference = reference_text.parse().unwrap();
-    client.push_manifest_list(&reference, &auth, index).await.unwrap();
-    let digest = client.fetch_manifest_digest(&reference, &auth).await.unwrap();
+    client
+        .push_manifest_list(&reference, &auth, index)
+        .await
+        .unwrap();
+    let digest = client
+        .fetch_manifest_digest(&reference, &auth)
+        .await
+        .unwrap();
     (reference_text, digest)
 }

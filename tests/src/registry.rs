@@ -22,7 +22,11 @@ pub struct TestRegistry {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl TestRegistry {
@@ -147,7 +151,11 @@ impl TestRegistry {
     /// Starts again on the same port with the same storage.
     pub fn restart(&mut self) {
         self.stop();
-        assert!(self.spawn_and_wait(), "registry restart failed: {}", self.log());
+        assert!(
+            self.spawn_and_wait(),
+            "registry restart failed: {}",
+            self.log()
+        );
     }
 
     pub fn ca_pem(&self) -> Option<String> {

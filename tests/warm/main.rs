@@ -12,7 +12,9 @@ use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::{WarmError, WarmOutcome, WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
-use vmdisk_tests::push::{options_for, push_container_disk, push_index, push_layers, LayerSpec, TAR, TAR_GZIP, TAR_ZSTD};
+use vmdisk_tests::push::{
+    options_for, push_container_disk, push_index, push_layers, LayerSpec, TAR, TAR_GZIP, TAR_ZSTD,
+};
 use vmdisk_tests::registry::TestRegistry;
 
 fn init() {
@@ -31,11 +33,18 @@ fn warmer(root: &Path, budget: Budget) -> Warmer {
                 max_backoff: Duration::from_secs(2),
             },
         }),
-        ExtractLimits { max_disk_bytes: 1 << 30 },
+        ExtractLimits {
+            max_disk_bytes: 1 << 30,
+        },
     )
 }
 
-async fn warm(w: &Warmer, registry: &TestRegistry, reference: &str, format: DiskFormat) -> Result<WarmOutcome, Arc<WarmError>> {
+async fn warm(
+    w: &Warmer,
+    registry: &TestRegistry,
+    reference: &str,
+    format: DiskFormat,
+) -> Result<WarmOutcome, Arc<WarmError>> {
     w.warm(
         WarmRequest {
             reference: reference.to_string(),
@@ -51,7 +60,10 @@ async fn warm(w: &Warmer, registry: &TestRegistry, reference: &str, format: Disk
 fn assert_clean(root: &Path) {
     let staging: Vec<_> = std::fs::read_dir(root.join("staging")).unwrap().collect();
     assert!(staging.is_empty(), "staging not empty: {staging:?}");
-    let mut top: Vec<String> = std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut top: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     top.sort();
     assert_eq!(top, ["entries", "staging"]);
 }
@@ -76,14 +88,23 @@ async fn every_source_format_warms_equal_and_sparse() {
     ];
     for (disk, tag, format) in cases {
         let (reference, digest) = push_container_disk(&registry, "disks/fedora", tag, disk).await;
-        let outcome = warm(&w, &registry, &reference, format).await.unwrap_or_else(|e| panic!("{tag}->{format}: {e}"));
+        let outcome = warm(&w, &registry, &reference, format)
+            .await
+            .unwrap_or_else(|e| panic!("{tag}->{format}: {e}"));
         assert!(outcome.pulled);
         let entry = &outcome.entry;
         assert_eq!(entry.key.digest, digest);
         assert_eq!(entry.key.format, format);
         assert_eq!(entry.meta.virtual_size, 48 << 20);
-        assert!(same_content(&raw, &entry.disk_path), "{tag}->{format}: cached disk differs from the source");
-        assert!(allocated(&entry.disk_path) < 24 << 20, "{tag}->{format}: not sparse ({} bytes)", allocated(&entry.disk_path));
+        assert!(
+            same_content(&raw, &entry.disk_path),
+            "{tag}->{format}: cached disk differs from the source"
+        );
+        assert!(
+            allocated(&entry.disk_path) < 24 << 20,
+            "{tag}->{format}: not sparse ({} bytes)",
+            allocated(&entry.disk_path)
+        );
         let again = warm(&w, &registry, &reference, format).await.unwrap();
         assert!(!again.pulled, "second warm must be a cache hit");
     }
@@ -100,7 +121,9 @@ async fn tls_with_htpasswd_and_wrong_credentials() {
     let (reference, _) = push_container_disk(&registry, "disks/tls", "1", &raw).await;
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-    let ok = warm(&w, &registry, &reference, DiskFormat::Raw).await.unwrap();
+    let ok = warm(&w, &registry, &reference, DiskFormat::Raw)
+        .await
+        .unwrap();
     assert!(same_content(&raw, &ok.entry.disk_path));
 
     let cache2 = tempfile::tempdir().unwrap();
@@ -108,16 +131,39 @@ async fn tls_with_htpasswd_and_wrong_credentials() {
     let mut wrong = options_for(&registry);
     wrong.auth = RegistryAuth::Basic("vmdisk".into(), "wrong".into());
     let err = w2
-        .warm(WarmRequest { reference: reference.clone(), format: DiskFormat::Raw, registry: wrong }, Arc::new(|_| {}))
+        .warm(
+            WarmRequest {
+                reference: reference.clone(),
+                format: DiskFormat::Raw,
+                registry: wrong,
+            },
+            Arc::new(|_| {}),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(&*err, WarmError::Pull { source: PullError::Unauthorized { .. }, .. }), "{err}");
+    assert!(
+        matches!(
+            &*err,
+            WarmError::Pull {
+                source: PullError::Unauthorized { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("pull secret"), "{err}");
 
     let mut no_ca = options_for(&registry);
     no_ca.ca_bundle_pem = None;
     let err = w2
-        .warm(WarmRequest { reference: reference.clone(), format: DiskFormat::Raw, registry: no_ca }, Arc::new(|_| {}))
+        .warm(
+            WarmRequest {
+                reference: reference.clone(),
+                format: DiskFormat::Raw,
+                registry: no_ca,
+            },
+            Arc::new(|_| {}),
+        )
         .await
         .unwrap_err();
     let text = vmdisk_cache_agent::error_chain(&*err);
@@ -136,15 +182,23 @@ async fn multi_layer_images_honour_whiteouts_and_compressions() {
     let layers = [
         LayerSpec::disk(&old, "old.img", TAR_ZSTD),
         LayerSpec {
-            entries: vec![("disk/.wh.old.img".into(), vec![]), ("disk/new.img".into(), std::fs::read(&new).unwrap())],
+            entries: vec![
+                ("disk/.wh.old.img".into(), vec![]),
+                ("disk/new.img".into(), std::fs::read(&new).unwrap()),
+            ],
             media_type: TAR,
         },
-        LayerSpec { entries: vec![("etc/motd".into(), b"hello".to_vec())], media_type: TAR_GZIP },
+        LayerSpec {
+            entries: vec![("etc/motd".into(), b"hello".to_vec())],
+            media_type: TAR_GZIP,
+        },
     ];
     let (reference, _) = push_layers(&registry, "disks/layered", "1", &layers).await;
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-    let outcome = warm(&w, &registry, &reference, DiskFormat::Raw).await.unwrap();
+    let outcome = warm(&w, &registry, &reference, DiskFormat::Raw)
+        .await
+        .unwrap();
     assert!(same_content(&new, &outcome.entry.disk_path));
     assert!(!same_content(&old, &outcome.entry.disk_path));
 }
@@ -158,28 +212,69 @@ async fn index_resolves_to_the_nodes_platform() {
     let arm = make_ext4_raw(work.path(), "arm", 16, 2, 6);
     let (_, amd_digest) = push_container_disk(&registry, "disks/multi", "amd64", &amd).await;
     let (_, arm_digest) = push_container_disk(&registry, "disks/multi", "arm64", &arm).await;
-    let (reference, index_digest) = push_index(&registry, "disks/multi", "latest", &[("linux", "amd64", &amd_digest), ("linux", "arm64", &arm_digest)]).await;
+    let (reference, index_digest) = push_index(
+        &registry,
+        "disks/multi",
+        "latest",
+        &[
+            ("linux", "amd64", &amd_digest),
+            ("linux", "arm64", &arm_digest),
+        ],
+    )
+    .await;
     for (arch, expected) in [("amd64", &amd), ("arm64", &arm)] {
         let cache = tempfile::tempdir().unwrap();
         let w = warmer(cache.path(), Budget::Bytes(1 << 30));
         let mut options = options_for(&registry);
-        options.platform = PlatformSpec { os: "linux".into(), architecture: arch.into() };
+        options.platform = PlatformSpec {
+            os: "linux".into(),
+            architecture: arch.into(),
+        };
         let outcome = w
-            .warm(WarmRequest { reference: reference.clone(), format: DiskFormat::Raw, registry: options }, Arc::new(|_| {}))
+            .warm(
+                WarmRequest {
+                    reference: reference.clone(),
+                    format: DiskFormat::Raw,
+                    registry: options,
+                },
+                Arc::new(|_| {}),
+            )
             .await
             .unwrap();
-        assert_eq!(outcome.entry.key.digest, index_digest, "the cache key is the index digest every node shares");
+        assert_eq!(
+            outcome.entry.key.digest, index_digest,
+            "the cache key is the index digest every node shares"
+        );
         assert!(same_content(expected, &outcome.entry.disk_path), "{arch}");
     }
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
     let mut options = options_for(&registry);
-    options.platform = PlatformSpec { os: "linux".into(), architecture: "riscv64".into() };
+    options.platform = PlatformSpec {
+        os: "linux".into(),
+        architecture: "riscv64".into(),
+    };
     let err = w
-        .warm(WarmRequest { reference, format: DiskFormat::Raw, registry: options }, Arc::new(|_| {}))
+        .warm(
+            WarmRequest {
+                reference,
+                format: DiskFormat::Raw,
+                registry: options,
+            },
+            Arc::new(|_| {}),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(&*err, WarmError::Pull { source: PullError::NoMatchingPlatform { .. }, .. }), "{err}");
+    assert!(
+        matches!(
+            &*err,
+            WarmError::Pull {
+                source: PullError::NoMatchingPlatform { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("linux/arm64"), "{err}");
 }
 
@@ -190,8 +285,17 @@ async fn corrupted_blob_is_refused_and_nothing_is_kept() {
     let work = tempfile::tempdir().unwrap();
     let raw = make_ext4_raw(work.path(), "c", 16, 2, 7);
     let layer = LayerSpec::disk(&raw, "c.raw", TAR_GZIP).encode();
-    let layer_digest = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer)));
-    let (reference, _) = vmdisk_tests::push::push_blobs(&registry, "disks/corrupt", "1", vec![(layer.clone(), TAR_GZIP)]).await;
+    let layer_digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer))
+    );
+    let (reference, _) = vmdisk_tests::push::push_blobs(
+        &registry,
+        "disks/corrupt",
+        "1",
+        vec![(layer.clone(), TAR_GZIP)],
+    )
+    .await;
     let blob = registry.blob_path(&layer_digest);
     let mut bytes = std::fs::read(&blob).unwrap();
     let mid = bytes.len() / 2;
@@ -199,8 +303,19 @@ async fn corrupted_blob_is_refused_and_nothing_is_kept() {
     std::fs::write(&blob, bytes).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-    let err = warm(&w, &registry, &reference, DiskFormat::Raw).await.unwrap_err();
-    assert!(matches!(&*err, WarmError::Pull { source: PullError::DigestMismatch { .. }, .. }), "{err}");
+    let err = warm(&w, &registry, &reference, DiskFormat::Raw)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &*err,
+            WarmError::Pull {
+                source: PullError::DigestMismatch { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(w.store().entries().is_empty());
     assert_clean(cache.path());
 }
@@ -213,35 +328,80 @@ async fn hostile_images_are_refused_with_nothing_outside_staging() {
     let raw = make_ext4_raw(work.path(), "h", 16, 1, 8);
     let child = work.path().join("child.qcow2");
     let out = std::process::Command::new("qemu-img")
-        .args(["create", "-f", "qcow2", "-u", "-b", "/etc/hostname", "-F", "raw"])
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/hostname",
+            "-F",
+            "raw",
+        ])
         .arg(&child)
         .arg("16M")
         .output()
         .unwrap();
     assert!(out.status.success());
     let disk = std::fs::read(&raw).unwrap();
-    let cases: Vec<(&str, Vec<LayerSpec>, fn(&WarmError) -> bool)> = vec![
+    type Case = (&'static str, Vec<LayerSpec>, fn(&WarmError) -> bool);
+    let cases: Vec<Case> = vec![
         (
             "two-disks",
-            vec![LayerSpec { entries: vec![("disk/a.img".into(), disk.clone()), ("disk/b.img".into(), disk.clone())], media_type: TAR }],
-            |e| matches!(e, WarmError::Extract { source: ExtractError::MultipleDisks { .. }, .. }),
+            vec![LayerSpec {
+                entries: vec![
+                    ("disk/a.img".into(), disk.clone()),
+                    ("disk/b.img".into(), disk.clone()),
+                ],
+                media_type: TAR,
+            }],
+            |e| {
+                matches!(
+                    e,
+                    WarmError::Extract {
+                        source: ExtractError::MultipleDisks { .. },
+                        ..
+                    }
+                )
+            },
         ),
         (
             "no-disk",
-            vec![LayerSpec { entries: vec![("etc/x".into(), b"x".to_vec())], media_type: TAR }],
-            |e| matches!(e, WarmError::Extract { source: ExtractError::NoDisk, .. }),
+            vec![LayerSpec {
+                entries: vec![("etc/x".into(), b"x".to_vec())],
+                media_type: TAR,
+            }],
+            |e| {
+                matches!(
+                    e,
+                    WarmError::Extract {
+                        source: ExtractError::NoDisk,
+                        ..
+                    }
+                )
+            },
         ),
         (
             "backing-file",
             vec![LayerSpec::disk(&child, "disk.qcow2", TAR_GZIP)],
-            |e| matches!(e, WarmError::Convert { source: ConvertError::BackingFile { .. }, .. }),
+            |e| {
+                matches!(
+                    e,
+                    WarmError::Convert {
+                        source: ConvertError::BackingFile { .. },
+                        ..
+                    }
+                )
+            },
         ),
     ];
     for (tag, layers, expected) in cases {
         let (reference, _) = push_layers(&registry, "disks/hostile", tag, &layers).await;
         let cache = tempfile::tempdir().unwrap();
         let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-        let err = warm(&w, &registry, &reference, DiskFormat::Raw).await.unwrap_err();
+        let err = warm(&w, &registry, &reference, DiskFormat::Raw)
+            .await
+            .unwrap_err();
         assert!(expected(&err), "{tag}: {err}");
         assert!(w.store().entries().is_empty());
         assert_clean(cache.path());
@@ -256,11 +416,28 @@ async fn hostile_images_are_refused_with_nothing_outside_staging() {
     h.set_mode(0o644);
     h.set_cksum();
     b.append(&h, &b"evil"[..]).unwrap();
-    let (reference, _) = vmdisk_tests::push::push_blobs(&registry, "disks/hostile", "traversal", vec![(b.into_inner().unwrap(), TAR)]).await;
+    let (reference, _) = vmdisk_tests::push::push_blobs(
+        &registry,
+        "disks/hostile",
+        "traversal",
+        vec![(b.into_inner().unwrap(), TAR)],
+    )
+    .await;
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-    let err = warm(&w, &registry, &reference, DiskFormat::Raw).await.unwrap_err();
-    assert!(matches!(&*err, WarmError::Extract { source: ExtractError::PathTraversal { .. }, .. }), "{err}");
+    let err = warm(&w, &registry, &reference, DiskFormat::Raw)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &*err,
+            WarmError::Extract {
+                source: ExtractError::PathTraversal { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_clean(cache.path());
     assert!(!cache.path().parent().unwrap().join("escaped").exists());
 }
@@ -276,20 +453,33 @@ async fn registry_killed_mid_pull_then_restarted_resumes() {
     vmdisk_tests::disks::pseudo_random(9, &mut data);
     std::fs::write(&raw, &data).unwrap();
     drop(data);
-    let (reference, _) = push_layers(&registry, "disks/big", "1", &[LayerSpec::disk(&raw, "big.raw", TAR)]).await;
+    let (reference, _) = push_layers(
+        &registry,
+        "disks/big",
+        "1",
+        &[LayerSpec::disk(&raw, "big.raw", TAR)],
+    )
+    .await;
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
     let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let seen = Arc::clone(&pulled);
-    let request = WarmRequest { reference: reference.clone(), format: DiskFormat::Raw, registry: options_for(&registry) };
+    let request = WarmRequest {
+        reference: reference.clone(),
+        format: DiskFormat::Raw,
+        registry: options_for(&registry),
+    };
     let task = {
         let w = w.clone();
         tokio::spawn(async move {
-            w.warm(request, Arc::new(move |p| {
-                if let vmdisk_cache_agent::warm::WarmProgress::Pulling { done, .. } = p {
-                    seen.store(done, std::sync::atomic::Ordering::Relaxed);
-                }
-            }))
+            w.warm(
+                request,
+                Arc::new(move |p| {
+                    if let vmdisk_cache_agent::warm::WarmProgress::Pulling { done, .. } = p {
+                        seen.store(done, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }),
+            )
             .await
         })
     };
@@ -302,9 +492,15 @@ async fn registry_killed_mid_pull_then_restarted_resumes() {
     let at_kill = pulled.load(std::sync::atomic::Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     registry.restart();
-    let outcome = task.await.unwrap().unwrap_or_else(|e| panic!("warm after restart: {e}"));
+    let outcome = task
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("warm after restart: {e}"));
     assert!(same_content(&raw, &outcome.entry.disk_path));
-    println!("killed at {at_kill} bytes; log shows resumption: {}", registry.log().contains("Range") || at_kill > 0);
+    println!(
+        "killed at {at_kill} bytes; log shows resumption: {}",
+        registry.log().contains("Range") || at_kill > 0
+    );
     assert_clean(cache.path());
 }
 
@@ -315,8 +511,13 @@ async fn concurrent_warms_of_one_image_share_one_pull() {
     let work = tempfile::tempdir().unwrap();
     let raw = make_ext4_raw(work.path(), "shared", 32, 4, 10);
     let layer = LayerSpec::disk(&raw, "shared.raw", TAR_GZIP).encode();
-    let layer_digest = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer)));
-    let (reference, _) = vmdisk_tests::push::push_blobs(&registry, "disks/shared", "1", vec![(layer, TAR_GZIP)]).await;
+    let layer_digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&layer))
+    );
+    let (reference, _) =
+        vmdisk_tests::push::push_blobs(&registry, "disks/shared", "1", vec![(layer, TAR_GZIP)])
+            .await;
     let cache = tempfile::tempdir().unwrap();
     let w = warmer(cache.path(), Budget::Bytes(1 << 30));
     let (a, b) = tokio::join!(
@@ -325,7 +526,12 @@ async fn concurrent_warms_of_one_image_share_one_pull() {
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.entry.disk_path, b.entry.disk_path);
-    assert_eq!(registry.blob_gets(&layer_digest), 1, "the layer must be fetched once:\n{}", registry.log());
+    assert_eq!(
+        registry.blob_gets(&layer_digest),
+        1,
+        "the layer must be fetched once:\n{}",
+        registry.log()
+    );
     assert_eq!(w.puller().downloads_started(), 1);
 }
 
@@ -355,8 +561,16 @@ async fn budget_evicts_lru_but_keeps_pinned_and_leased() {
     let keys: Vec<_> = store.entries().into_iter().map(|e| e.key).collect();
     assert!(keys.contains(&entries[0].key), "pinned entry evicted");
     assert!(keys.contains(&entries[1].key), "leased entry evicted");
-    assert!(!keys.contains(&entries[2].key), "the least recently used unpinned entry should go");
-    assert!(store.used_bytes() <= store.budget_bytes(), "{} > {}", store.used_bytes(), store.budget_bytes());
+    assert!(
+        !keys.contains(&entries[2].key),
+        "the least recently used unpinned entry should go"
+    );
+    assert!(
+        store.used_bytes() <= store.budget_bytes(),
+        "{} > {}",
+        store.used_bytes(),
+        store.budget_bytes()
+    );
     drop(lease);
 }
 
@@ -365,14 +579,29 @@ const CRASH_CHILD: &str = "VMDISK_TEST_CRASH_CHILD";
 
 #[tokio::test]
 async fn crash_child() {
-    let Ok(spec) = std::env::var(CRASH_CHILD) else { return };
+    let Ok(spec) = std::env::var(CRASH_CHILD) else {
+        return;
+    };
     init();
     let v: serde_json::Value = serde_json::from_str(&spec).unwrap();
-    let w = warmer(Path::new(v["cache"].as_str().unwrap()), Budget::Bytes(1 << 30));
-    let options = vmdisk_cache_agent::pull::RegistryOptions { insecure: true, ..Default::default() };
-    w.warm(WarmRequest { reference: v["reference"].as_str().unwrap().to_string(), format: DiskFormat::Qcow2, registry: options }, Arc::new(|_| {}))
-        .await
-        .unwrap();
+    let w = warmer(
+        Path::new(v["cache"].as_str().unwrap()),
+        Budget::Bytes(1 << 30),
+    );
+    let options = vmdisk_cache_agent::pull::RegistryOptions {
+        insecure: true,
+        ..Default::default()
+    };
+    w.warm(
+        WarmRequest {
+            reference: v["reference"].as_str().unwrap().to_string(),
+            format: DiskFormat::Qcow2,
+            registry: options,
+        },
+        Arc::new(|_| {}),
+    )
+    .await
+    .unwrap();
     std::process::exit(0);
 }
 
@@ -417,35 +646,49 @@ async fn sigkill_at_any_point_leaves_no_partial_entry() {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut killed_in = None;
-        while Instant::now() < deadline {
+        while killed_in.is_none() && Instant::now() < deadline {
             if let Some(status) = child.try_wait().unwrap() {
                 killed_in = Some(format!("finished first ({status})"));
-                break;
-            }
-            if staging_phase(cache.path()) == Some(target_phase) {
+            } else if staging_phase(cache.path()) == Some(target_phase) {
                 child.kill().unwrap(); // SIGKILL
-                child.wait().unwrap();
                 killed_in = Some(target_phase.to_string());
-                break;
+            } else {
+                std::thread::sleep(Duration::from_micros(200));
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
+        let _ = child.kill();
+        child.wait().unwrap();
         let killed_in = killed_in.expect("child neither reached the phase nor finished");
         phases_killed.push(killed_in.clone());
         // Nothing partial is visible: either no entry, or a complete verified one.
         let (store, report) = CacheStore::open(cache.path(), Budget::Bytes(1 << 30)).unwrap();
         for e in store.entries() {
-            assert!(same_content(&raw, &e.disk_path), "after a kill in {killed_in}: a visible entry is not complete");
+            assert!(
+                same_content(&raw, &e.disk_path),
+                "after a kill in {killed_in}: a visible entry is not complete"
+            );
         }
-        assert!(report.removed_corrupt.is_empty(), "corrupt entry visible after kill in {killed_in}: {report:?}");
+        assert!(
+            report.removed_corrupt.is_empty(),
+            "corrupt entry visible after kill in {killed_in}: {report:?}"
+        );
         assert_clean(cache.path());
         drop(store);
         // The next warm succeeds.
         let w = warmer(cache.path(), Budget::Bytes(1 << 30));
-        let outcome = warm(&w, &registry, &reference, DiskFormat::Qcow2).await.unwrap();
+        let outcome = warm(&w, &registry, &reference, DiskFormat::Qcow2)
+            .await
+            .unwrap();
         assert_eq!(outcome.entry.key.digest, digest);
         assert!(same_content(&raw, &outcome.entry.disk_path));
     }
     println!("SIGKILL landed in phases: {phases_killed:?}");
-    assert!(phases_killed.iter().filter(|p| !p.starts_with("finished")).count() >= 2, "kills must land mid-warm: {phases_killed:?}");
+    assert!(
+        phases_killed
+            .iter()
+            .filter(|p| !p.starts_with("finished"))
+            .count()
+            >= 2,
+        "kills must land mid-warm: {phases_killed:?}"
+    );
 }

@@ -1,0 +1,601 @@
+//! The DaemonSet's `run` mode: keep this node's cache holding what the VMDiskImages ask for.
+//!
+//! [`plan`] is the pure decision (what is wanted here, what is pinned, what to warm now); the
+//! [`Agent`] loop feeds it from reflectors and the store, runs the warms, and reports.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use vmdisk_crds::{CacheEntryState, ImageReference, VMDiskImage};
+
+use crate::auth::{registry_auth_for, DockerConfig};
+use crate::pull::RegistryOptions;
+use crate::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
+use crate::store::EntryKey;
+use crate::warm::{WarmProgress, WarmRequest, Warmer};
+
+/// An image this node should hold, as the plan sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedImage {
+    pub namespace: String,
+    pub name: String,
+    pub key: EntryKey,
+    /// The reference pinned to the resolved digest: every node pulls the same bits.
+    pub reference: String,
+    pub pinned: bool,
+    pub insecure: bool,
+    pub ca_bundle: Option<String>,
+    pub pull_secret: Option<String>,
+}
+
+/// Images whose cache policy selects a node with `node_labels` and whose digest is resolved.
+/// Unresolved images wait for the image controller: agents never resolve tags themselves, so
+/// every node caches the same digest.
+pub fn wanted_images(
+    images: &[Arc<VMDiskImage>],
+    node_labels: &BTreeMap<String, String>,
+) -> Vec<WantedImage> {
+    let mut out: Vec<WantedImage> = images
+        .iter()
+        .filter(|i| i.spec.cache.selects(node_labels))
+        .filter_map(|i| {
+            let digest = i.digest()?;
+            let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
+            let registry = &i.spec.source.registry;
+            Some(WantedImage {
+                namespace: i.metadata.namespace.clone().unwrap_or_default(),
+                name: i.metadata.name.clone().unwrap_or_default(),
+                key: EntryKey {
+                    digest: digest.to_string(),
+                    format: i.spec.format,
+                },
+                reference: reference.with_digest(digest).to_string(),
+                pinned: i.spec.cache.pinned,
+                insecure: registry.insecure.unwrap_or(false),
+                ca_bundle: registry.ca_bundle.clone(),
+                pull_secret: registry.pull_secret_ref.as_ref().map(|s| s.name.clone()),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// Backoff after failed warms, per entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryState {
+    pub failures: u32,
+    pub next_attempt: Instant,
+}
+
+pub const RETRY_BASE: Duration = Duration::from_secs(10);
+pub const RETRY_MAX: Duration = Duration::from_secs(600);
+
+/// Delay before the next attempt after `failures` consecutive failures.
+pub fn retry_delay(failures: u32) -> Duration {
+    let exp = RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    exp.min(RETRY_MAX)
+}
+
+/// What to do now.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Entries that must survive eviction.
+    pub pinned: HashSet<EntryKey>,
+    /// Warms to start now (not cached, not running, not backing off). Several images may
+    /// share one entry: each entry appears once.
+    pub start: Vec<WantedImage>,
+}
+
+pub fn plan(
+    wanted: &[WantedImage],
+    cached: &HashSet<EntryKey>,
+    running: &HashSet<EntryKey>,
+    retries: &HashMap<EntryKey, RetryState>,
+    now: Instant,
+) -> Plan {
+    let mut out = Plan::default();
+    let mut seen = HashSet::new();
+    for w in wanted {
+        if w.pinned {
+            out.pinned.insert(w.key.clone());
+        }
+        if cached.contains(&w.key) || running.contains(&w.key) || !seen.insert(w.key.clone()) {
+            continue;
+        }
+        if retries.get(&w.key).is_some_and(|r| r.next_attempt > now) {
+            continue;
+        }
+        out.start.push(w.clone());
+    }
+    out
+}
+
+/// Live state of warms, for the status report.
+#[derive(Debug, Clone)]
+struct Running {
+    state: CacheEntryState,
+    progress: Option<f64>,
+}
+
+#[derive(Default)]
+struct AgentState {
+    running: HashMap<EntryKey, Running>,
+    retries: HashMap<EntryKey, RetryState>,
+    failures: HashMap<EntryKey, String>,
+}
+
+pub struct Agent {
+    pub client: Client,
+    pub node_name: String,
+    pub warmer: Warmer,
+    pub reporter: NodeReporter,
+    pub metrics: Arc<AgentMetrics>,
+    pub resync: Duration,
+}
+
+impl Agent {
+    /// Runs until the process ends.
+    pub async fn run(self) {
+        let images_api: Api<VMDiskImage> = Api::all(self.client.clone());
+        let (images, writer) = reflector::store::<VMDiskImage>();
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let w = Arc::clone(&wake);
+        tokio::spawn(
+            reflector::reflector(writer, watcher(images_api, watcher::Config::default()))
+                .default_backoff()
+                .touched_objects()
+                .for_each(move |event| {
+                    if let Err(e) = &event {
+                        tracing::warn!(error = %e, "VMDiskImage watch error; retrying");
+                    }
+                    w.notify_one();
+                    futures::future::ready(())
+                }),
+        );
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let (node_store, node_writer) = reflector::store::<Node>();
+        let w = Arc::clone(&wake);
+        tokio::spawn(
+            reflector::reflector(
+                node_writer,
+                watcher(
+                    nodes,
+                    watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+                ),
+            )
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |_| {
+                w.notify_one();
+                futures::future::ready(())
+            }),
+        );
+        let _ = images.wait_until_ready().await;
+        if let Err(e) = self.reporter.ensure_cache_object().await {
+            tracing::error!(error = %e, "cannot create this node's NodeDiskCache; will retry");
+        }
+
+        let state = Arc::new(Mutex::new(AgentState::default()));
+        let mut lost = match crate::watch::watch_entries(Arc::clone(self.warmer.store())) {
+            Ok((handle, rx)) => Some((handle, rx)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the cache directory; external changes go unnoticed");
+                None
+            }
+        };
+        loop {
+            self.iterate(&images, &node_store, &state, &wake).await;
+            let changed = async {
+                match lost.as_mut() {
+                    Some((_, rx)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wake.notified() => {}
+                change = changed => {
+                    if let Some(change) = change {
+                        tracing::warn!(?change, "cache entry changed behind the agent's back; dropped from the index");
+                        let _ = self.reporter.event("CacheEntryLost", &format!("{change:?}"), true).await;
+                    }
+                }
+                () = tokio::time::sleep(self.resync) => {}
+            }
+        }
+    }
+
+    async fn iterate(
+        &self,
+        images: &Store<VMDiskImage>,
+        nodes: &Store<Node>,
+        state: &Arc<Mutex<AgentState>>,
+        wake: &Arc<tokio::sync::Notify>,
+    ) {
+        let node_labels = nodes
+            .state()
+            .first()
+            .and_then(|n| n.metadata.labels.clone())
+            .unwrap_or_default();
+        let wanted = wanted_images(&images.state(), &node_labels);
+        let store = self.warmer.store();
+        let cached: HashSet<EntryKey> = store.entries().into_iter().map(|e| e.key).collect();
+        let plan = {
+            let st = state.lock().expect("agent state poisoned");
+            let running: HashSet<EntryKey> = st.running.keys().cloned().collect();
+            plan(&wanted, &cached, &running, &st.retries, Instant::now())
+        };
+        store.set_pinned(&plan.pinned);
+        for w in plan.start {
+            self.start_warm(w, Arc::clone(state), Arc::clone(wake))
+                .await;
+        }
+        self.report(state).await;
+    }
+
+    async fn start_warm(
+        &self,
+        wanted: WantedImage,
+        state: Arc<Mutex<AgentState>>,
+        wake: Arc<tokio::sync::Notify>,
+    ) {
+        let registry = match self.registry_options(&wanted).await {
+            Ok(r) => r,
+            Err(message) => {
+                record_failure(&state, &wanted.key, message.clone());
+                self.metrics.warm_failed();
+                let _ = self.reporter.event("PullSecretError", &message, true).await;
+                return;
+            }
+        };
+        state.lock().expect("agent state poisoned").running.insert(
+            wanted.key.clone(),
+            Running {
+                state: CacheEntryState::Pending,
+                progress: None,
+            },
+        );
+        let request = WarmRequest {
+            reference: wanted.reference.clone(),
+            format: wanted.key.format,
+            registry,
+        };
+        let warmer = self.warmer.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let reporter = self.reporter.clone();
+        let key = wanted.key.clone();
+        let progress_state = Arc::clone(&state);
+        let progress_key = key.clone();
+        let progress = Arc::new(move |p: WarmProgress| {
+            let (s, fraction) = match p {
+                WarmProgress::Resolving => (CacheEntryState::Pulling, None),
+                WarmProgress::Pulling { done, total } => (
+                    CacheEntryState::Pulling,
+                    Some(if total == 0 {
+                        0.0
+                    } else {
+                        done as f64 / total as f64
+                    }),
+                ),
+                WarmProgress::Extracting | WarmProgress::Converting | WarmProgress::Committing => {
+                    (CacheEntryState::Converting, None)
+                }
+            };
+            if let Some(r) = progress_state
+                .lock()
+                .expect("agent state poisoned")
+                .running
+                .get_mut(&progress_key)
+            {
+                r.state = s;
+                r.progress = fraction;
+            }
+        });
+        tokio::spawn(async move {
+            let span = tracing::info_span!("warm", image = %format!("{}/{}", wanted.namespace, wanted.name), digest = %key.digest, format = %key.format);
+            let _enter = span.enter();
+            match warmer.warm(request, progress).await {
+                Ok(outcome) => {
+                    if outcome.pulled {
+                        metrics.cache_miss();
+                        metrics.observe_pull(outcome.bytes_pulled, outcome.pull_seconds);
+                        metrics.observe_convert(outcome.convert_seconds);
+                    } else {
+                        metrics.cache_hit();
+                    }
+                    tracing::info!(pulled = outcome.pulled, "cache entry ready");
+                    let mut st = state.lock().expect("agent state poisoned");
+                    st.running.remove(&key);
+                    st.retries.remove(&key);
+                    st.failures.remove(&key);
+                }
+                Err(e) => {
+                    let message = crate::error_chain(e.as_ref());
+                    tracing::error!(error = %message, "warm failed");
+                    metrics.warm_failed();
+                    state
+                        .lock()
+                        .expect("agent state poisoned")
+                        .running
+                        .remove(&key);
+                    record_failure(&state, &key, message.clone());
+                    let _ = reporter
+                        .event(
+                            "WarmFailed",
+                            &format!("{}: {message}", wanted.reference),
+                            true,
+                        )
+                        .await;
+                }
+            }
+            wake.notify_one();
+        });
+    }
+
+    async fn registry_options(&self, wanted: &WantedImage) -> Result<RegistryOptions, String> {
+        let mut options = RegistryOptions {
+            insecure: wanted.insecure,
+            ca_bundle_pem: wanted.ca_bundle.as_ref().map(|s| s.as_bytes().to_vec()),
+            ..RegistryOptions::default()
+        };
+        if let Some(secret_name) = &wanted.pull_secret {
+            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &wanted.namespace);
+            let secret = secrets.get(secret_name).await.map_err(|e| {
+                format!(
+                    "reading pull secret {}/{secret_name}: {e}",
+                    wanted.namespace
+                )
+            })?;
+            let data = secret.data.unwrap_or_default();
+            let config = DockerConfig::from_secret_data(&data)
+                .map_err(|e| format!("pull secret {}/{secret_name}: {e}", wanted.namespace))?;
+            let registry = ImageReference::parse(&wanted.reference)
+                .map(|r| r.registry)
+                .unwrap_or_default();
+            options.auth = registry_auth_for(&config, &registry);
+        }
+        Ok(options)
+    }
+
+    async fn report(&self, state: &Arc<Mutex<AgentState>>) {
+        let store = self.warmer.store();
+        let (running, failures) = {
+            let st = state.lock().expect("agent state poisoned");
+            (st.running.clone(), st.failures.clone())
+        };
+        let views = entry_views(store, &running, &failures);
+        let ready: BTreeSet<String> = views
+            .iter()
+            .filter(|v| v.state == CacheEntryState::Ready)
+            .map(|v| v.digest.clone())
+            .collect();
+        self.metrics
+            .set_cache(store.used_bytes(), store.budget_bytes(), ready.len() as u64);
+        self.metrics.set_evictions(store.evictions());
+        let status = node_cache_status(
+            &views,
+            store.capacity_bytes(),
+            store.budget_bytes(),
+            store.used_bytes(),
+        );
+        if let Err(e) = self.reporter.publish(&status).await {
+            tracing::warn!(error = %e, "cannot publish NodeDiskCache status");
+        }
+        if let Err(e) = self.reporter.sync_labels(&ready).await {
+            tracing::warn!(error = %e, "cannot update this node's cache labels");
+        }
+    }
+}
+
+fn record_failure(state: &Arc<Mutex<AgentState>>, key: &EntryKey, message: String) {
+    let mut st = state.lock().expect("agent state poisoned");
+    let failures = st.retries.get(key).map_or(0, |r| r.failures) + 1;
+    st.retries.insert(
+        key.clone(),
+        RetryState {
+            failures,
+            next_attempt: Instant::now() + retry_delay(failures),
+        },
+    );
+    st.failures.insert(key.clone(), message);
+}
+
+fn entry_views(
+    store: &crate::store::CacheStore,
+    running: &HashMap<EntryKey, Running>,
+    failures: &HashMap<EntryKey, String>,
+) -> Vec<CacheEntryView> {
+    let mut views: Vec<CacheEntryView> = store
+        .entries()
+        .into_iter()
+        .map(|e| CacheEntryView {
+            digest: e.key.digest.clone(),
+            format: e.key.format,
+            state: CacheEntryState::Ready,
+            progress: None,
+            source_format: Some(e.meta.source_format.clone()),
+            virtual_size: Some(e.meta.virtual_size),
+            allocated_size: Some(e.meta.allocated_size),
+            last_used: Some(e.meta.last_used),
+            pinned: store.is_pinned(&e.key),
+            message: None,
+        })
+        .collect();
+    for (key, r) in running {
+        views.push(CacheEntryView {
+            digest: key.digest.clone(),
+            format: key.format,
+            state: r.state,
+            progress: r.progress,
+            ..CacheEntryView::default()
+        });
+    }
+    for (key, message) in failures {
+        if !running.contains_key(key) {
+            views.push(CacheEntryView {
+                digest: key.digest.clone(),
+                format: key.format,
+                state: CacheEntryState::Failed,
+                message: Some(message.clone()),
+                ..CacheEntryView::default()
+            });
+        }
+    }
+    views
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmdisk_crds::{
+        CachePolicy, DiskFormat, ImageSource, RegistrySource, VMDiskImageSpec, VMDiskImageStatus,
+    };
+
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn image(
+        name: &str,
+        digest: Option<&str>,
+        cache: CachePolicy,
+        format: DiskFormat,
+    ) -> Arc<VMDiskImage> {
+        let mut i = VMDiskImage::new(
+            name,
+            VMDiskImageSpec {
+                source: ImageSource {
+                    registry: RegistrySource {
+                        url: format!("registry.example.com/disks/{name}:1"),
+                        pull_secret_ref: None,
+                        ca_bundle: None,
+                        insecure: None,
+                    },
+                },
+                format,
+                size: None,
+                storage_class_name: None,
+                access_modes: None,
+                cache,
+                poll_interval: None,
+            },
+        );
+        i.metadata.namespace = Some("vms".into());
+        i.status = Some(VMDiskImageStatus {
+            digest: digest.map(str::to_string),
+            ..Default::default()
+        });
+        Arc::new(i)
+    }
+
+    fn selector(k: &str, v: &str) -> CachePolicy {
+        CachePolicy {
+            node_selector: Some([(k.to_string(), v.to_string())].into()),
+            ..CachePolicy::default()
+        }
+    }
+
+    #[test]
+    fn wanted_follows_selectors_digests_and_prefetch() {
+        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        let images = vec![
+            image("a", Some(D1), selector("zone", "a"), DiskFormat::Raw),
+            image("b", Some(D2), selector("zone", "b"), DiskFormat::Raw),
+            image("c", None, CachePolicy::default(), DiskFormat::Raw),
+            image(
+                "d",
+                Some(D2),
+                CachePolicy {
+                    prefetch: false,
+                    ..CachePolicy::default()
+                },
+                DiskFormat::Raw,
+            ),
+            image("e", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
+        ];
+        let wanted = wanted_images(&images, &labels);
+        let names: Vec<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["a", "e"]);
+        assert_eq!(
+            wanted[0].reference,
+            format!("registry.example.com/disks/a:1@{D1}")
+        );
+        assert_eq!(wanted[1].key.format, DiskFormat::Qcow2);
+    }
+
+    #[test]
+    fn plan_skips_cached_running_backing_off_and_duplicates() {
+        let labels = BTreeMap::new();
+        let pinned = CachePolicy {
+            pinned: true,
+            ..CachePolicy::default()
+        };
+        let images = vec![
+            image("a", Some(D1), pinned.clone(), DiskFormat::Raw),
+            image("a-again", Some(D1), CachePolicy::default(), DiskFormat::Raw),
+            image("b", Some(D2), CachePolicy::default(), DiskFormat::Raw),
+            image("c", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
+        ];
+        let wanted = wanted_images(&images, &labels);
+        let now = Instant::now();
+        let p = plan(
+            &wanted,
+            &HashSet::new(),
+            &HashSet::new(),
+            &HashMap::new(),
+            now,
+        );
+        assert_eq!(p.start.len(), 3, "one warm per entry: {:?}", p.start);
+        assert!(p.pinned.contains(&EntryKey {
+            digest: D1.into(),
+            format: DiskFormat::Raw
+        }));
+        assert_eq!(p.pinned.len(), 1);
+
+        let cached: HashSet<EntryKey> = [EntryKey {
+            digest: D1.into(),
+            format: DiskFormat::Raw,
+        }]
+        .into();
+        let running: HashSet<EntryKey> = [EntryKey {
+            digest: D2.into(),
+            format: DiskFormat::Raw,
+        }]
+        .into();
+        let retries: HashMap<EntryKey, RetryState> = [(
+            EntryKey {
+                digest: D2.into(),
+                format: DiskFormat::Qcow2,
+            },
+            RetryState {
+                failures: 1,
+                next_attempt: now + Duration::from_secs(5),
+            },
+        )]
+        .into();
+        let p = plan(&wanted, &cached, &running, &retries, now);
+        assert!(p.start.is_empty(), "{:?}", p.start);
+        let p = plan(
+            &wanted,
+            &cached,
+            &running,
+            &retries,
+            now + Duration::from_secs(6),
+        );
+        assert_eq!(p.start.len(), 1);
+        assert_eq!(p.start[0].name, "c");
+    }
+
+    #[test]
+    fn retry_delay_grows_and_caps() {
+        assert_eq!(retry_delay(1), RETRY_BASE);
+        assert_eq!(retry_delay(2), RETRY_BASE * 2);
+        assert_eq!(retry_delay(3), RETRY_BASE * 4);
+        assert_eq!(retry_delay(50), RETRY_MAX);
+    }
+}
