@@ -1,212 +1,289 @@
-//! Noticing cache entries removed or altered behind the agent's back (notify).
+//! Notices cache entries deleted or altered behind the agent's back (an operator's `rm`, a
+//! disk filling up and truncating, a stray writer) so they leave the index and the agent can
+//! report the loss and warm the image again.
 //!
-//! Any event under `entries/` re-validates the entries it touches: an entry whose disk or
-//! metadata is gone, or whose disk no longer matches its metadata, leaves the index (its
-//! remains are deleted) and is reported as [`EntryChange::Lost`] so the agent can tell the
-//! cluster and warm it again if still wanted. The store's own commits (a rename of a complete
-//! directory into `entries/`) validate fine and are not reported.
+//! A recursive inotify watch (notify) on `<root>/entries`. Every event names an entry
+//! directory; the entry is then checked against what the store recorded at commit
+//! (`CacheStore::revalidate`), so the store's own writes (commit renames a whole directory in,
+//! eviction renames it out, `touch` replaces `meta.json` by rename) never count as losses. A
+//! data write into a disk file is a loss even when length and mtime happen to match, since the
+//! store never writes a disk once it is in `entries/`. When the kernel queue overflows every
+//! entry is checked.
+//!
+//! An entry committed moments before an external change can be missed: notify adds the watch
+//! on a new entry directory only after it has seen the rename that created it.
 
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{EventKind, ModifyKind};
+use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher};
 use thiserror::Error;
+use tokio::sync::mpsc;
 
-use crate::store::{CacheStore, EntryKey};
+use crate::store::{CacheStore, EntryKey, LossReason};
+
+/// Lost entries wait here while the agent is busy; a full queue holds the watcher back rather
+/// than dropping a loss.
+const QUEUE: usize = 64;
 
 #[derive(Debug, Error)]
 pub enum WatchError {
     #[error("cannot watch {path}: {source}")]
-    Notify {
-        path: String,
+    Watch {
+        path: PathBuf,
         #[source]
         source: notify::Error,
     },
 }
 
+/// A change to the cache that the agent did not make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryChange {
-    Lost { key: EntryKey, reason: String },
+    /// The entry was dropped from the index (and what was left of it deleted).
+    Lost { key: EntryKey, reason: LossReason },
 }
 
-/// Keeps the watch alive.
+/// Keeps the watch alive; dropping it stops watching.
 pub struct WatchHandle {
-    _watcher: notify::RecommendedWatcher,
-    task: tokio::task::JoinHandle<()>,
+    _watcher: RecommendedWatcher,
 }
 
-impl Drop for WatchHandle {
-    fn drop(&mut self) {
-        self.task.abort();
+/// What one notify event asks the watcher to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Check {
+    Nothing,
+    Entry { key: EntryKey, disk_written: bool },
+    Everything,
+}
+
+/// Maps a notify event to the entries it may concern. Pure: paths and kinds only.
+fn check_for(entries_dir: &Path, event: &Event) -> Vec<Check> {
+    if event.need_rescan() {
+        return vec![Check::Everything];
     }
-}
-
-/// Why an indexed entry is no longer valid on disk, if it is not.
-fn invalid_reason(store: &CacheStore, key: &EntryKey) -> Option<String> {
-    let entry = store.get(key)?;
-    let meta_path = entry.disk_path.parent()?.join("meta.json");
-    if !meta_path.exists() {
-        return Some("meta.json was removed".into());
+    if matches!(event.kind, EventKind::Access(_)) {
+        // Opens and closes: populate reading a disk.
+        return vec![Check::Nothing];
     }
-    match std::fs::metadata(&entry.disk_path) {
-        Err(_) => Some(format!("{} was removed", entry.disk_path.display())),
-        Ok(m)
-            if entry.key.format == vmdisk_crds::DiskFormat::Raw
-                && m.len() != entry.meta.virtual_size =>
-        {
-            Some(format!(
-                "{} changed size ({} bytes, expected {})",
-                entry.disk_path.display(),
-                m.len(),
-                entry.meta.virtual_size
-            ))
-        }
-        Ok(m)
-            if m.modified()
-                .ok()
-                .zip(entry_mtime_limit(&entry.meta))
-                .is_some_and(|(t, limit)| t > limit) =>
-        {
-            Some(format!("{} was modified", entry.disk_path.display()))
-        }
-        Ok(_) => None,
-    }
+    let disk_written = matches!(
+        event.kind,
+        EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any)
+    );
+    event
+        .paths
+        .iter()
+        .map(|path| {
+            let Ok(relative) = path.strip_prefix(entries_dir) else {
+                return Check::Nothing;
+            };
+            let mut parts = relative.components().filter_map(|c| match c {
+                Component::Normal(s) => Some(s.to_string_lossy()),
+                _ => None,
+            });
+            let Some(dir_name) = parts.next() else {
+                // entries/ itself went away or was replaced.
+                return Check::Everything;
+            };
+            let Some(key) = EntryKey::from_dir_name(&dir_name) else {
+                return Check::Nothing;
+            };
+            let is_disk = parts.next().is_some_and(|f| f.starts_with("disk."));
+            Check::Entry {
+                key,
+                disk_written: disk_written && is_disk,
+            }
+        })
+        .collect()
 }
 
-/// An entry's disk is never written after commit; a modification time later than the
-/// commit (plus slack for filesystems with coarse timestamps) means someone wrote to it.
-fn entry_mtime_limit(meta: &crate::store::EntryMeta) -> Option<std::time::SystemTime> {
-    let created: std::time::SystemTime = meta.created.into();
-    Some(created + std::time::Duration::from_secs(2))
-}
-
+/// Watches `<root>/entries` of `store`; losses arrive on the receiver.
 pub fn watch_entries(
     store: Arc<CacheStore>,
-) -> Result<(WatchHandle, tokio::sync::mpsc::Receiver<EntryChange>), WatchError> {
-    let root = store.entries_dir();
-    let (raw_tx, mut raw_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            // The callback runs on notify's thread; a full channel already means "check".
-            let _ = raw_tx.try_send(());
-        }
-    })
-    .map_err(|source| WatchError::Notify {
-        path: root.display().to_string(),
-        source,
-    })?;
-    watcher
-        .watch(Path::new(&root), RecursiveMode::Recursive)
-        .map_err(|source| WatchError::Notify {
-            path: root.display().to_string(),
-            source,
-        })?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        while raw_rx.recv().await.is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            while raw_rx.try_recv().is_ok() {}
-            for entry in store.entries() {
-                if let Some(reason) = invalid_reason(&store, &entry.key) {
-                    if store.is_leased(&entry.key) {
-                        store.forget(&entry.key);
-                    } else {
-                        let _ = store.remove(&entry.key);
-                    }
-                    tracing::warn!(entry = %entry.key, %reason, "cache entry changed behind the agent's back");
-                    if tx
-                        .send(EntryChange::Lost {
-                            key: entry.key.clone(),
-                            reason,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
+) -> Result<(WatchHandle, mpsc::Receiver<EntryChange>), WatchError> {
+    let entries_dir = store.entries_dir();
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let watched = entries_dir.clone();
+    // notify calls this on its own thread, outside any runtime, so blocking_send is allowed.
+    let handler = move |result: notify::Result<Event>| {
+        let checks = match result {
+            Ok(event) => check_for(&watched, &event),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache watch error; checking every entry");
+                vec![Check::Everything]
+            }
+        };
+        let mut lost = Vec::new();
+        for check in checks {
+            match check {
+                Check::Nothing => {}
+                Check::Entry { key, disk_written } => {
+                    if let Some(reason) = store.revalidate(&key, disk_written) {
+                        lost.push((key, reason));
                     }
                 }
+                Check::Everything => lost.extend(store.revalidate_all()),
             }
         }
-    });
-    Ok((
-        WatchHandle {
-            _watcher: watcher,
-            task,
-        },
-        rx,
-    ))
+        for (key, reason) in lost {
+            // A closed receiver means the agent is shutting down.
+            let _ = tx.blocking_send(EntryChange::Lost { key, reason });
+        }
+    };
+    let watch_error = |source| WatchError::Watch {
+        path: entries_dir.clone(),
+        source,
+    };
+    let mut watcher = notify::recommended_watcher(handler).map_err(watch_error)?;
+    watcher
+        .watch(&entries_dir, RecursiveMode::Recursive)
+        .map_err(watch_error)?;
+    Ok((WatchHandle { _watcher: watcher }, rx))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{Budget, EntryMeta};
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, RemoveKind};
+    use std::os::unix::fs::FileExt;
     use std::time::Duration;
     use vmdisk_crds::DiskFormat;
 
-    fn commit(store: &CacheStore, n: u8) -> EntryKey {
-        let key = EntryKey {
+    fn key(n: u8) -> EntryKey {
+        EntryKey {
             digest: format!("sha256:{}", format!("{n:02x}").repeat(32)),
             format: DiskFormat::Raw,
+        }
+    }
+
+    fn event(kind: EventKind, path: PathBuf) -> Event {
+        Event::new(kind).add_path(path)
+    }
+
+    #[test]
+    fn events_map_to_the_entry_they_touch() {
+        let root = Path::new("/cache/entries");
+        let dir = root.join(key(1).dir_name().unwrap());
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let entry = |disk_written| Check::Entry {
+            key: key(1),
+            disk_written,
         };
+        assert_eq!(check_for(root, &event(data, dir.join("disk.raw"))), vec![entry(true)]);
+        assert_eq!(check_for(root, &event(data, dir.join(".meta.json.12"))), vec![entry(false)]);
+        assert_eq!(
+            check_for(root, &event(EventKind::Remove(RemoveKind::File), dir.join("disk.raw"))),
+            vec![entry(false)]
+        );
+        assert_eq!(
+            check_for(root, &event(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), dir.join("disk.raw"))),
+            vec![entry(false)]
+        );
+        assert_eq!(check_for(root, &event(EventKind::Create(CreateKind::Folder), dir.clone())), vec![entry(false)]);
+        assert_eq!(
+            check_for(root, &event(EventKind::Access(AccessKind::Close(AccessMode::Write)), dir.join("disk.raw"))),
+            vec![Check::Nothing]
+        );
+        assert_eq!(check_for(root, &event(data, root.join("junk/disk.raw"))), vec![Check::Nothing]);
+        assert_eq!(check_for(root, &event(data, PathBuf::from("/elsewhere/x"))), vec![Check::Nothing]);
+        assert_eq!(
+            check_for(root, &event(EventKind::Remove(RemoveKind::Folder), root.to_path_buf())),
+            vec![Check::Everything]
+        );
+        let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        assert_eq!(check_for(root, &overflow), vec![Check::Everything]);
+    }
+
+    fn commit(store: &CacheStore, n: u8, len: usize) -> EntryKey {
+        let k = key(n);
         let staging = store.staging().unwrap();
-        let disk = staging.path().join("d");
-        std::fs::write(&disk, vec![n; 4096]).unwrap();
+        let disk = staging.path().join("d.raw");
+        std::fs::write(&disk, vec![n; len]).unwrap();
         let now = chrono::Utc::now();
         let meta = EntryMeta {
-            digest: key.digest.clone(),
-            format: key.format,
+            digest: k.digest.clone(),
+            format: k.format,
             source_format: "raw".into(),
-            virtual_size: 4096,
-            allocated_size: 4096,
+            virtual_size: len as u64,
+            allocated_size: len as u64,
             created: now,
             last_used: now,
             reference: None,
         };
-        store.commit(staging, key.clone(), &disk, meta).unwrap();
-        key
+        store.commit(staging, k.clone(), &disk, meta).unwrap();
+        k
     }
 
-    async fn next(rx: &mut tokio::sync::mpsc::Receiver<EntryChange>) -> Option<EntryChange> {
+    /// The next change. The timeout only bounds a failing test; events normally arrive in
+    /// milliseconds.
+    async fn next(rx: &mut mpsc::Receiver<EntryChange>) -> EntryChange {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
-            .ok()
-            .flatten()
+            .expect("no cache change reported within 10 s")
+            .expect("watcher gone")
     }
 
     #[tokio::test]
-    async fn external_removal_and_alteration_are_noticed_commits_are_not() {
+    async fn external_changes_are_lost_entries_and_the_stores_own_writes_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = CacheStore::open(dir.path(), Budget::Bytes(1 << 30)).unwrap();
         let store = Arc::new(store);
-        let k1 = commit(&store, 1);
-        let k2 = commit(&store, 2);
+        let deleted = commit(&store, 1, 8192);
+        let rewritten = commit(&store, 2, 8192);
+        let evicted = commit(&store, 3, 8192);
         let (_handle, mut rx) = watch_entries(Arc::clone(&store)).unwrap();
 
-        std::fs::remove_file(store.get(&k1).unwrap().disk_path).unwrap();
-        match next(&mut rx).await {
-            Some(EntryChange::Lost { key, reason }) => {
-                assert_eq!(key, k1);
-                assert!(reason.contains("removed"), "{reason}");
+        // The store's own writes: a commit, a touch, a removal. None of them may be reported;
+        // the external deletion after them is, and events arrive in order, so the first
+        // change must be that deletion.
+        let fresh = commit(&store, 4, 8192);
+        store.touch(&deleted);
+        store.touch(&fresh);
+        assert!(store.remove(&evicted).unwrap());
+        std::fs::remove_file(store.get(&deleted).unwrap().disk_path).unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            EntryChange::Lost {
+                key: deleted.clone(),
+                reason: LossReason::DiskDeleted
             }
-            other => panic!("{other:?}"),
-        }
-        assert!(store.get(&k1).is_none());
+        );
+        assert!(store.get(&deleted).is_none());
+        assert!(!store.entry_dir(&deleted).unwrap().exists(), "the leftover meta.json goes too");
 
-        let k3 = commit(&store, 3);
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(store.get(&k2).unwrap().disk_path)
-            .unwrap()
-            .set_len(100)
-            .unwrap();
-        match next(&mut rx).await {
-            Some(EntryChange::Lost { key, .. }) => {
-                assert_eq!(key, k2, "the commit of k3 must not be reported")
+        // Same length, and possibly the same mtime tick: the data write itself gives it away.
+        let path = store.get(&rewritten).unwrap().disk_path;
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"evil", 0).unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            EntryChange::Lost {
+                key: rewritten.clone(),
+                reason: LossReason::DiskModified
             }
-            other => panic!("{other:?}"),
-        }
-        assert!(store.get(&k3).is_some());
-        assert_eq!(store.entries().len(), 1);
+        );
+        assert!(store.get(&rewritten).is_none());
+        assert!(!store.entry_dir(&rewritten).unwrap().exists(), "an altered entry is deleted");
+
+        // The entry committed under the watch is watched too.
+        std::fs::remove_file(store.entry_dir(&fresh).unwrap().join("meta.json")).unwrap();
+        assert_eq!(
+            next(&mut rx).await,
+            EntryChange::Lost {
+                key: fresh.clone(),
+                reason: LossReason::MetaDeleted
+            }
+        );
+        assert!(store.entries().is_empty());
+        assert!(rx.try_recv().is_err(), "nothing else was reported");
+    }
+
+    #[test]
+    fn a_missing_cache_root_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = CacheStore::open(&dir.path().join("cache"), Budget::Bytes(1 << 30)).unwrap();
+        std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
+        let err = watch_entries(Arc::new(store)).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("entries"), "{err}");
     }
 }
