@@ -286,7 +286,10 @@ impl fmt::Display for LossReason {
             LossReason::MetaDeleted => f.write_str("meta.json was deleted"),
             LossReason::MetaUnreadable(why) => write!(f, "meta.json is unreadable: {why}"),
             LossReason::DiskResized { recorded, found } => {
-                write!(f, "the disk file changed length from {recorded} to {found} bytes")
+                write!(
+                    f,
+                    "the disk file changed length from {recorded} to {found} bytes"
+                )
             }
             LossReason::DiskModified => f.write_str("the disk file was modified"),
         }
@@ -494,7 +497,8 @@ impl CacheStore {
                 Ok(entry) => loaded.push(entry),
                 Err(problem) => {
                     tracing::warn!(entry = %name, %problem, "removing a broken cache entry");
-                    remove_any(&e.path()).map_err(io(format!("removing {}", e.path().display())))?;
+                    remove_any(&e.path())
+                        .map_err(io(format!("removing {}", e.path().display())))?;
                     report.removed_corrupt.push(format!("{name}: {problem}"));
                 }
             }
@@ -527,8 +531,9 @@ impl CacheStore {
 
     /// Reads an entry directory; the problem when it is not a complete, consistent entry.
     fn load_entry(dir: &Path, name: &str) -> Result<(EntryKey, Indexed), String> {
-        let key = EntryKey::from_dir_name(name)
-            .ok_or_else(|| "not an entry directory name (<algorithm>-<hex>-<format>)".to_string())?;
+        let key = EntryKey::from_dir_name(name).ok_or_else(|| {
+            "not an entry directory name (<algorithm>-<hex>-<format>)".to_string()
+        })?;
         if !dir.is_dir() {
             return Err("not a directory".into());
         }
@@ -648,8 +653,11 @@ impl CacheStore {
             meta,
             disk_length: disk_len,
         };
-        std::fs::write(&meta_path, serde_json::to_vec_pretty(&file).expect("meta serializes"))
-            .map_err(io("writing meta.json"))?;
+        std::fs::write(
+            &meta_path,
+            serde_json::to_vec_pretty(&file).expect("meta serializes"),
+        )
+        .map_err(io("writing meta.json"))?;
         fsync_path(&meta_path).map_err(io("fsyncing meta.json"))?;
         fsync_path(&build).map_err(io("fsyncing the entry directory"))?;
         crash_point("before-rename");
@@ -691,11 +699,14 @@ impl CacheStore {
         if let Some(existing) = self.get(key) {
             return Ok(existing);
         }
-        let name = key.dir_name().ok_or_else(|| StoreError::BadDigest(key.digest.clone()))?;
-        let (key, indexed) = Self::load_entry(dir, &name).map_err(|problem| StoreError::Inconsistent {
-            key: key.to_string(),
-            problem: format!("the concurrently committed entry is broken: {problem}"),
-        })?;
+        let name = key
+            .dir_name()
+            .ok_or_else(|| StoreError::BadDigest(key.digest.clone()))?;
+        let (key, indexed) =
+            Self::load_entry(dir, &name).map_err(|problem| StoreError::Inconsistent {
+                key: key.to_string(),
+                problem: format!("the concurrently committed entry is broken: {problem}"),
+            })?;
         let entry = CacheEntry {
             key: key.clone(),
             meta: indexed.meta.clone(),
@@ -738,8 +749,11 @@ impl CacheStore {
         };
         // Write-then-rename so meta.json is never seen half-written.
         let tmp = dir.join(format!("{META_TMP_PREFIX}{}", random_name()));
-        let written = std::fs::write(&tmp, serde_json::to_vec_pretty(&file).expect("meta serializes"))
-            .and_then(|()| std::fs::rename(&tmp, dir.join(META_FILE)));
+        let written = std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&file).expect("meta serializes"),
+        )
+        .and_then(|()| std::fs::rename(&tmp, dir.join(META_FILE)));
         if let Err(e) = written {
             let _ = std::fs::remove_file(&tmp);
             tracing::debug!(error = %e, entry = %key, "could not persist the last use");
@@ -792,7 +806,9 @@ impl CacheStore {
         let Some(dir) = self.entry_dir(key) else {
             return Ok(());
         };
-        let doomed = self.staging_root().join(format!("deleted-{}", random_name()));
+        let doomed = self
+            .staging_root()
+            .join(format!("deleted-{}", random_name()));
         match std::fs::rename(&dir, &doomed) {
             Ok(()) => remove_any(&doomed).map_err(io(format!("deleting {}", doomed.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -1016,13 +1032,26 @@ mod tests {
 
     #[test]
     fn eviction_takes_least_recent_first_and_stops_as_soon_as_it_fits() {
-        let c = [cand(1, 10, false, false), cand(2, 10, false, false), cand(3, 10, false, false)];
-        assert_eq!(plan_eviction(&c, 30, 100, 50).unwrap(), Vec::<EntryKey>::new());
-        assert_eq!(plan_eviction(&c, 30, 30, 0).unwrap(), Vec::<EntryKey>::new());
+        let c = [
+            cand(1, 10, false, false),
+            cand(2, 10, false, false),
+            cand(3, 10, false, false),
+        ];
+        assert_eq!(
+            plan_eviction(&c, 30, 100, 50).unwrap(),
+            Vec::<EntryKey>::new()
+        );
+        assert_eq!(
+            plan_eviction(&c, 30, 30, 0).unwrap(),
+            Vec::<EntryKey>::new()
+        );
         assert_eq!(plan_eviction(&c, 30, 30, 5).unwrap(), vec![raw(1)]);
         assert_eq!(plan_eviction(&c, 30, 30, 10).unwrap(), vec![raw(1)]);
         assert_eq!(plan_eviction(&c, 30, 30, 15).unwrap(), vec![raw(1), raw(2)]);
-        assert_eq!(plan_eviction(&c, 30, 30, 30).unwrap(), vec![raw(1), raw(2), raw(3)]);
+        assert_eq!(
+            plan_eviction(&c, 30, 30, 30).unwrap(),
+            vec![raw(1), raw(2), raw(3)]
+        );
     }
 
     #[test]
@@ -1033,13 +1062,21 @@ mod tests {
 
     #[test]
     fn eviction_skips_pinned_and_leased() {
-        let c = [cand(1, 10, true, false), cand(2, 10, false, true), cand(3, 10, false, false)];
+        let c = [
+            cand(1, 10, true, false),
+            cand(2, 10, false, true),
+            cand(3, 10, false, false),
+        ];
         assert_eq!(plan_eviction(&c, 30, 30, 5).unwrap(), vec![raw(3)]);
     }
 
     #[test]
     fn eviction_reports_no_room_when_pinned_and_leased_block_it() {
-        let c = [cand(1, 10, true, false), cand(2, 10, false, true), cand(3, 10, false, false)];
+        let c = [
+            cand(1, 10, true, false),
+            cand(2, 10, false, true),
+            cand(3, 10, false, false),
+        ];
         assert_eq!(
             plan_eviction(&c, 30, 30, 15),
             Err(NoRoom {
@@ -1050,26 +1087,50 @@ mod tests {
             })
         );
         let err = StoreError::from(plan_eviction(&c, 30, 30, 15).unwrap_err());
-        assert!(err.to_string().contains("only 10 bytes are evictable"), "{err}");
+        assert!(
+            err.to_string().contains("only 10 bytes are evictable"),
+            "{err}"
+        );
     }
 
     #[test]
     fn eviction_refuses_an_incoming_disk_larger_than_the_budget() {
         let c = [cand(1, 10, false, false), cand(2, 10, false, false)];
-        assert!(matches!(plan_eviction(&c, 20, 100, 101), Err(NoRoom { needed: 101, .. })));
-        assert!(matches!(plan_eviction(&[], 0, 10, 11), Err(NoRoom { evictable: 0, .. })));
-        assert!(matches!(plan_eviction(&c, 20, 100, u64::MAX), Err(NoRoom { .. })));
+        assert!(matches!(
+            plan_eviction(&c, 20, 100, 101),
+            Err(NoRoom { needed: 101, .. })
+        ));
+        assert!(matches!(
+            plan_eviction(&[], 0, 10, 11),
+            Err(NoRoom { evictable: 0, .. })
+        ));
+        assert!(matches!(
+            plan_eviction(&c, 20, 100, u64::MAX),
+            Err(NoRoom { .. })
+        ));
     }
 
     #[test]
     fn budget_parses() {
-        assert_eq!("50%".parse::<Budget>().unwrap(), Budget::PercentOfFilesystem(50));
-        assert_eq!("100%".parse::<Budget>().unwrap(), Budget::PercentOfFilesystem(100));
+        assert_eq!(
+            "50%".parse::<Budget>().unwrap(),
+            Budget::PercentOfFilesystem(50)
+        );
+        assert_eq!(
+            "100%".parse::<Budget>().unwrap(),
+            Budget::PercentOfFilesystem(100)
+        );
         assert_eq!("20Gi".parse::<Budget>().unwrap(), Budget::Bytes(20 << 30));
-        assert_eq!("500M".parse::<Budget>().unwrap(), Budget::Bytes(500_000_000));
+        assert_eq!(
+            "500M".parse::<Budget>().unwrap(),
+            Budget::Bytes(500_000_000)
+        );
         for bad in ["0%", "150%", "-5%", "lots", "", "%"] {
             let err = bad.parse::<Budget>().unwrap_err();
-            assert!(matches!(&err, StoreError::BadBudget(s) if s == bad), "{bad}: {err}");
+            assert!(
+                matches!(&err, StoreError::BadBudget(s) if s == bad),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -1078,7 +1139,13 @@ mod tests {
         let k = key(7, DiskFormat::Qcow2);
         assert_eq!(k.to_string(), format!("sha256:{}/qcow2", "07".repeat(32)));
         assert_eq!(EntryKey::from_dir_name(&k.dir_name().unwrap()), Some(k));
-        for digest in ["sha256:../../etc", "sha256:", ":abcd", "nocolon", "sha-256:ab"] {
+        for digest in [
+            "sha256:../../etc",
+            "sha256:",
+            ":abcd",
+            "nocolon",
+            "sha-256:ab",
+        ] {
             let hostile = EntryKey {
                 digest: digest.into(),
                 format: DiskFormat::Raw,
@@ -1109,22 +1176,40 @@ mod tests {
             f(&mut o);
             judge_entry(&recorded, &o)
         };
-        assert_eq!(with(&|o| o.dir_exists = false), Some(LossReason::EntryDeleted));
+        assert_eq!(
+            with(&|o| o.dir_exists = false),
+            Some(LossReason::EntryDeleted)
+        );
         assert_eq!(with(&|o| o.disk = None), Some(LossReason::DiskDeleted));
-        assert_eq!(with(&|o| o.meta = MetaState::Missing), Some(LossReason::MetaDeleted));
+        assert_eq!(
+            with(&|o| o.meta = MetaState::Missing),
+            Some(LossReason::MetaDeleted)
+        );
         assert_eq!(
             with(&|o| o.meta = MetaState::Unreadable("eof".into())),
             Some(LossReason::MetaUnreadable("eof".into()))
         );
         assert_eq!(
-            with(&|o| o.disk = Some(DiskStamp { len: 5, modified: Some(t) })),
-            Some(LossReason::DiskResized { recorded: 100, found: 5 })
+            with(&|o| o.disk = Some(DiskStamp {
+                len: 5,
+                modified: Some(t)
+            })),
+            Some(LossReason::DiskResized {
+                recorded: 100,
+                found: 5
+            })
         );
         assert_eq!(
-            with(&|o| o.disk = Some(DiskStamp { len: 100, modified: Some(t + Duration::from_nanos(1)) })),
+            with(&|o| o.disk = Some(DiskStamp {
+                len: 100,
+                modified: Some(t + Duration::from_nanos(1))
+            })),
             Some(LossReason::DiskModified)
         );
-        assert_eq!(with(&|o| o.disk_written = true), Some(LossReason::DiskModified));
+        assert_eq!(
+            with(&|o| o.disk_written = true),
+            Some(LossReason::DiskModified)
+        );
     }
 
     fn meta(k: &EntryKey, virtual_size: u64) -> EntryMeta {
@@ -1146,7 +1231,9 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![n.max(1); len]).unwrap();
-        store.commit(staging, k.clone(), &disk, meta(&k, len as u64)).unwrap();
+        store
+            .commit(staging, k.clone(), &disk, meta(&k, len as u64))
+            .unwrap();
         k
     }
 
@@ -1171,20 +1258,35 @@ mod tests {
         let mut m = meta(&qcow, 1 << 30);
         m.source_format = "vmdk".into();
         m.reference = Some("registry.example/disks/fedora@sha256:02".into());
-        store.commit(staging, qcow.clone(), &disk, m.clone()).unwrap();
+        store
+            .commit(staging, qcow.clone(), &disk, m.clone())
+            .unwrap();
 
         let e = store.get(&k1).unwrap();
         assert_eq!(e.disk_path, store.entry_dir(&k1).unwrap().join("disk.raw"));
         assert_eq!(std::fs::read(&e.disk_path).unwrap(), vec![1u8; 8192]);
-        assert!(is_empty_dir(&dir.path().join("staging")), "staging must be empty after commit");
+        assert!(
+            is_empty_dir(&dir.path().join("staging")),
+            "staging must be empty after commit"
+        );
         assert!(store.used_bytes() >= 8192 + 3000);
         drop(store);
 
         let (store, report) = open(dir.path(), 1 << 30);
         assert_eq!(report, OpenReport::default());
-        assert_eq!(store.entries().iter().map(|e| e.key.clone()).collect::<Vec<_>>(), vec![k1.clone(), qcow.clone()]);
+        assert_eq!(
+            store
+                .entries()
+                .iter()
+                .map(|e| e.key.clone())
+                .collect::<Vec<_>>(),
+            vec![k1.clone(), qcow.clone()]
+        );
         assert_eq!(store.get(&qcow).unwrap().meta, m);
-        assert_eq!(std::fs::read(store.get(&k1).unwrap().disk_path).unwrap(), vec![1u8; 8192]);
+        assert_eq!(
+            std::fs::read(store.get(&k1).unwrap().disk_path).unwrap(),
+            vec![1u8; 8192]
+        );
     }
 
     #[test]
@@ -1195,7 +1297,9 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![9u8; 4096]).unwrap();
-        let e = store.commit(staging, k.clone(), &disk, meta(&k, 4096)).unwrap();
+        let e = store
+            .commit(staging, k.clone(), &disk, meta(&k, 4096))
+            .unwrap();
         assert_eq!(std::fs::read(e.disk_path).unwrap(), vec![1u8; 4096]);
         assert!(is_empty_dir(&dir.path().join("staging")));
 
@@ -1205,7 +1309,9 @@ mod tests {
         let staging = other.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![9u8; 4096]).unwrap();
-        let e = other.commit(staging, k2.clone(), &disk, meta(&k2, 4096)).unwrap();
+        let e = other
+            .commit(staging, k2.clone(), &disk, meta(&k2, 4096))
+            .unwrap();
         assert_eq!(std::fs::read(e.disk_path).unwrap(), vec![2u8; 4096]);
         assert!(other.get(&k2).is_some());
     }
@@ -1219,14 +1325,24 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![1u8; 4096]).unwrap();
-        let err = store.commit(staging, k.clone(), &disk, meta(&k, 8192)).unwrap_err();
-        assert!(matches!(&err, StoreError::Inconsistent { problem, .. } if problem.contains("4096 bytes")), "{err}");
+        let err = store
+            .commit(staging, k.clone(), &disk, meta(&k, 8192))
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Inconsistent { problem, .. } if problem.contains("4096 bytes")),
+            "{err}"
+        );
 
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![1u8; 4096]).unwrap();
-        let err = store.commit(staging, k.clone(), &disk, meta(&raw(2), 4096)).unwrap_err();
-        assert!(matches!(&err, StoreError::Inconsistent { problem, .. } if problem.contains("metadata describes")), "{err}");
+        let err = store
+            .commit(staging, k.clone(), &disk, meta(&raw(2), 4096))
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Inconsistent { problem, .. } if problem.contains("metadata describes")),
+            "{err}"
+        );
 
         let hostile = EntryKey {
             digest: "sha256:../../x".into(),
@@ -1235,17 +1351,31 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d.raw");
         std::fs::write(&disk, vec![1u8; 4096]).unwrap();
-        let err = store.commit(staging, hostile.clone(), &disk, meta(&hostile, 4096)).unwrap_err();
-        assert!(matches!(&err, StoreError::BadDigest(d) if d == "sha256:../../x"), "{err}");
+        let err = store
+            .commit(staging, hostile.clone(), &disk, meta(&hostile, 4096))
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::BadDigest(d) if d == "sha256:../../x"),
+            "{err}"
+        );
 
         let outside = dir.path().join("outside.raw");
         std::fs::write(&outside, vec![1u8; 4096]).unwrap();
-        let err = store.commit(store.staging().unwrap(), k.clone(), &outside, meta(&k, 4096)).unwrap_err();
+        let err = store
+            .commit(
+                store.staging().unwrap(),
+                k.clone(),
+                &outside,
+                meta(&k, 4096),
+            )
+            .unwrap_err();
         assert!(matches!(err, StoreError::ForeignStaging(_)), "{err}");
 
         let staging = store.staging().unwrap();
         let missing = staging.path().join("never-written.raw");
-        let err = store.commit(staging, k.clone(), &missing, meta(&k, 4096)).unwrap_err();
+        let err = store
+            .commit(staging, k.clone(), &missing, meta(&k, 4096))
+            .unwrap_err();
         assert!(err.to_string().contains("never-written.raw"), "{err}");
 
         assert!(store.entries().is_empty());
@@ -1263,7 +1393,11 @@ mod tests {
         let no_disk = commit_raw(&store, 4, 4096);
         std::fs::remove_file(store.get(&no_disk).unwrap().disk_path).unwrap();
         let bad_meta = commit_raw(&store, 5, 4096);
-        std::fs::write(store.entry_dir(&bad_meta).unwrap().join(META_FILE), b"{\"digest\":").unwrap();
+        std::fs::write(
+            store.entry_dir(&bad_meta).unwrap().join(META_FILE),
+            b"{\"digest\":",
+        )
+        .unwrap();
         let wrong_meta = commit_raw(&store, 6, 4096);
         let seven = commit_raw(&store, 7, 4096);
         std::fs::copy(
@@ -1276,10 +1410,22 @@ mod tests {
         let staging = store.staging().unwrap();
         let disk = staging.path().join("d");
         std::fs::write(&disk, vec![8u8; 5000]).unwrap();
-        let qcow_path = store.commit(staging, qcow.clone(), &disk, meta(&qcow, 1 << 20)).unwrap().disk_path;
-        std::fs::OpenOptions::new().write(true).open(&qcow_path).unwrap().set_len(4096).unwrap();
+        let qcow_path = store
+            .commit(staging, qcow.clone(), &disk, meta(&qcow, 1 << 20))
+            .unwrap()
+            .disk_path;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&qcow_path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
         // A crashed touch's temporary file is tidied, not fatal.
-        std::fs::write(store.entry_dir(&seven).unwrap().join(".meta.json.1234"), b"{").unwrap();
+        std::fs::write(
+            store.entry_dir(&seven).unwrap().join(".meta.json.1234"),
+            b"{",
+        )
+        .unwrap();
         drop(store);
 
         std::fs::create_dir_all(dir.path().join("staging/abandoned/layers")).unwrap();
@@ -1287,7 +1433,11 @@ mod tests {
         std::fs::write(dir.path().join("staging/stray-file"), b"x").unwrap();
         let half = raw(2).dir_name().unwrap();
         std::fs::create_dir_all(dir.path().join("entries").join(&half)).unwrap();
-        std::fs::write(dir.path().join("entries").join(&half).join("disk.raw"), b"x").unwrap();
+        std::fs::write(
+            dir.path().join("entries").join(&half).join("disk.raw"),
+            b"x",
+        )
+        .unwrap();
         std::fs::create_dir_all(dir.path().join("entries/not-an-entry")).unwrap();
 
         let (store, report) = open(dir.path(), 1 << 30);
@@ -1297,27 +1447,50 @@ mod tests {
         let expect = |k: &EntryKey, what: &str| (k.dir_name().unwrap(), what.to_string());
         let mut expected = vec![
             expect(&raw(2), "meta.json is missing"),
-            expect(&truncated, "disk is 5 bytes but meta.json records 4096 bytes"),
+            expect(
+                &truncated,
+                "disk is 5 bytes but meta.json records 4096 bytes",
+            ),
             expect(&no_disk, "disk file disk.raw"),
             expect(&bad_meta, "meta.json is unreadable"),
             expect(&wrong_meta, "it describes"),
             expect(&qcow, "disk is 4096 bytes but meta.json records 5000 bytes"),
-            ("not-an-entry".to_string(), "not an entry directory name".to_string()),
+            (
+                "not-an-entry".to_string(),
+                "not an entry directory name".to_string(),
+            ),
         ];
         expected.sort();
         assert_eq!(removed.len(), expected.len(), "{removed:#?}");
         for (line, (name, what)) in removed.iter().zip(&expected) {
-            assert!(line.starts_with(name.as_str()) && line.contains(what.as_str()), "{line:?} should name {name} and say {what:?}");
+            assert!(
+                line.starts_with(name.as_str()) && line.contains(what.as_str()),
+                "{line:?} should name {name} and say {what:?}"
+            );
         }
-        assert_eq!(store.entries().iter().map(|e| e.key.clone()).collect::<Vec<_>>(), vec![good, seven.clone()]);
+        assert_eq!(
+            store
+                .entries()
+                .iter()
+                .map(|e| e.key.clone())
+                .collect::<Vec<_>>(),
+            vec![good, seven.clone()]
+        );
         assert!(is_empty_dir(&dir.path().join("staging")));
         let mut left: Vec<String> = std::fs::read_dir(dir.path().join("entries"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, vec![raw(1).dir_name().unwrap(), seven.dir_name().unwrap()]);
-        assert!(!store.entry_dir(&seven).unwrap().join(".meta.json.1234").exists());
+        assert_eq!(
+            left,
+            vec![raw(1).dir_name().unwrap(), seven.dir_name().unwrap()]
+        );
+        assert!(!store
+            .entry_dir(&seven)
+            .unwrap()
+            .join(".meta.json.1234")
+            .exists());
     }
 
     #[test]
@@ -1339,27 +1512,45 @@ mod tests {
         let k1 = commit_raw(&store, 1, 256 << 10);
         let k2 = commit_raw(&store, 2, 256 << 10);
         let k3 = commit_raw(&store, 3, 256 << 10);
-        store.touch(&k1); // k2 is now the least recent, then k3, k4, k1
+        store.touch(&k1); // least recent first: k2, k3, k1
         store.set_pinned(&[k2.clone()].into());
         let lease = store.lease(&k3).unwrap();
-        let k4 = commit_raw(&store, 4, 256 << 10);
-        assert!(store.used_bytes() > 1 << 20, "four entries exceed the budget");
+        let k4 = commit_raw(&store, 4, 256 << 10); // k2, k3, k1, k4
+        assert!(
+            store.used_bytes() > 1 << 20,
+            "four entries exceed the budget"
+        );
         let evicted = store.make_room(0).unwrap();
-        assert_eq!(evicted, vec![k4.clone()], "only unpinned, unleased entries go, LRU first");
-        assert!(store.entry_dir(&k4).map(|d| !d.exists()).unwrap());
+        assert_eq!(
+            evicted,
+            vec![k1.clone()],
+            "only unpinned, unleased entries go, LRU first"
+        );
+        assert!(store.entry_dir(&k1).map(|d| !d.exists()).unwrap());
         assert!(is_empty_dir(&dir.path().join("staging")));
+        assert_eq!(store.evictions(), 1);
         let evicted = store.make_room(300 << 10).unwrap();
-        assert_eq!(evicted, vec![k1.clone()]);
+        assert_eq!(evicted, vec![k4.clone()]);
         assert!(store.get(&k2).is_some() && store.get(&k3).is_some());
         let before = store.used_bytes();
         let err = store.make_room(900 << 10).unwrap_err();
-        assert!(matches!(err, StoreError::NoRoom { evictable: 0, .. }), "{err}");
-        assert_eq!(store.used_bytes(), before, "a refused make_room evicts nothing");
+        assert!(
+            matches!(err, StoreError::NoRoom { evictable: 0, .. }),
+            "{err}"
+        );
+        assert_eq!(
+            store.used_bytes(),
+            before,
+            "a refused make_room evicts nothing"
+        );
         assert!(!store.remove(&k3).unwrap(), "a leased entry is not removed");
         drop(lease);
-        assert_eq!(store.make_room(900 << 10).unwrap(), vec![k3.clone()]);
+        assert_eq!(store.make_room(700 << 10).unwrap(), vec![k3.clone()]);
         assert!(store.get(&k2).is_some(), "pinned survives");
-        assert!(store.lease(&k3).is_none(), "an absent entry cannot be leased");
+        assert!(
+            store.lease(&k3).is_none(),
+            "an absent entry cannot be leased"
+        );
         assert!(!store.remove(&k3).unwrap());
     }
 
@@ -1398,18 +1589,40 @@ mod tests {
         let k2 = commit_raw(&store, 2, 4096);
         let k3 = commit_raw(&store, 3, 4096);
         store.touch(&k1);
-        assert_eq!(store.revalidate_all(), vec![], "touch is the store's own write");
+        assert_eq!(
+            store.revalidate_all(),
+            vec![],
+            "touch is the store's own write"
+        );
         std::fs::remove_file(store.get(&k1).unwrap().disk_path).unwrap();
-        std::fs::OpenOptions::new().append(true).open(store.get(&k2).unwrap().disk_path).unwrap().write_all_at(b"x", 4096).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(store.get(&k2).unwrap().disk_path)
+            .unwrap()
+            .write_all_at(b"x", 4096)
+            .unwrap();
         let mut lost = store.revalidate_all();
         lost.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             lost,
-            vec![(k1.clone(), LossReason::DiskDeleted), (k2.clone(), LossReason::DiskResized { recorded: 4096, found: 4097 })]
+            vec![
+                (k1.clone(), LossReason::DiskDeleted),
+                (
+                    k2.clone(),
+                    LossReason::DiskResized {
+                        recorded: 4096,
+                        found: 4097
+                    }
+                )
+            ]
         );
         assert!(!store.entry_dir(&k1).unwrap().exists() && !store.entry_dir(&k2).unwrap().exists());
         let _lease = store.lease(&k3).unwrap();
-        assert_eq!(store.revalidate(&k3, true), Some(LossReason::DiskModified), "even a leased entry goes");
+        assert_eq!(
+            store.revalidate(&k3, true),
+            Some(LossReason::DiskModified),
+            "even a leased entry goes"
+        );
         assert!(store.entries().is_empty());
         assert_eq!(store.revalidate(&k3, true), None, "not indexed any more");
     }
@@ -1437,7 +1650,9 @@ mod tests {
             crash_point_after_first_write(&file, &chunk, len);
         }
         let k = raw(1);
-        store.commit(staging, k.clone(), &disk, meta(&k, len)).unwrap();
+        store
+            .commit(staging, k.clone(), &disk, meta(&k, len))
+            .unwrap();
         panic!("the crash point {mode:?} was never reached");
     }
 
@@ -1462,7 +1677,12 @@ mod tests {
         let root = dir.path().join("cache");
         let marker = dir.path().join("reached");
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "store::tests::crash_child", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "store::tests::crash_child",
+                "--ignored",
+                "--nocapture",
+            ])
             .env(CRASH_MODE_ENV, mode)
             .env(CRASH_ROOT_ENV, &root)
             .env(CRASH_MARKER_ENV, &marker)
@@ -1476,12 +1696,18 @@ mod tests {
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("crash child exited ({status}) before reaching {mode:?}");
             }
-            assert!(Instant::now() < deadline, "crash child never reached {mode:?}");
+            assert!(
+                Instant::now() < deadline,
+                "crash child never reached {mode:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         child.kill().unwrap(); // SIGKILL: no destructors, no cleanup
         child.wait().unwrap();
-        assert!(!is_empty_dir(&root.join("staging")), "the child left its work in staging");
+        assert!(
+            !is_empty_dir(&root.join("staging")),
+            "the child left its work in staging"
+        );
 
         let (store, report) = open(&root, 1 << 30);
         assert!(store.entries().is_empty(), "a partial entry became visible");

@@ -170,25 +170,61 @@ mod tests {
             key: key(1),
             disk_written,
         };
-        assert_eq!(check_for(root, &event(data, dir.join("disk.raw"))), vec![entry(true)]);
-        assert_eq!(check_for(root, &event(data, dir.join(".meta.json.12"))), vec![entry(false)]);
         assert_eq!(
-            check_for(root, &event(EventKind::Remove(RemoveKind::File), dir.join("disk.raw"))),
+            check_for(root, &event(data, dir.join("disk.raw"))),
+            vec![entry(true)]
+        );
+        assert_eq!(
+            check_for(root, &event(data, dir.join(".meta.json.12"))),
             vec![entry(false)]
         );
         assert_eq!(
-            check_for(root, &event(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), dir.join("disk.raw"))),
+            check_for(
+                root,
+                &event(EventKind::Remove(RemoveKind::File), dir.join("disk.raw"))
+            ),
             vec![entry(false)]
         );
-        assert_eq!(check_for(root, &event(EventKind::Create(CreateKind::Folder), dir.clone())), vec![entry(false)]);
         assert_eq!(
-            check_for(root, &event(EventKind::Access(AccessKind::Close(AccessMode::Write)), dir.join("disk.raw"))),
+            check_for(
+                root,
+                &event(
+                    EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+                    dir.join("disk.raw")
+                )
+            ),
+            vec![entry(false)]
+        );
+        assert_eq!(
+            check_for(
+                root,
+                &event(EventKind::Create(CreateKind::Folder), dir.clone())
+            ),
+            vec![entry(false)]
+        );
+        assert_eq!(
+            check_for(
+                root,
+                &event(
+                    EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                    dir.join("disk.raw")
+                )
+            ),
             vec![Check::Nothing]
         );
-        assert_eq!(check_for(root, &event(data, root.join("junk/disk.raw"))), vec![Check::Nothing]);
-        assert_eq!(check_for(root, &event(data, PathBuf::from("/elsewhere/x"))), vec![Check::Nothing]);
         assert_eq!(
-            check_for(root, &event(EventKind::Remove(RemoveKind::Folder), root.to_path_buf())),
+            check_for(root, &event(data, root.join("junk/disk.raw"))),
+            vec![Check::Nothing]
+        );
+        assert_eq!(
+            check_for(root, &event(data, PathBuf::from("/elsewhere/x"))),
+            vec![Check::Nothing]
+        );
+        assert_eq!(
+            check_for(
+                root,
+                &event(EventKind::Remove(RemoveKind::Folder), root.to_path_buf())
+            ),
             vec![Check::Everything]
         );
         let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
@@ -250,11 +286,19 @@ mod tests {
             }
         );
         assert!(store.get(&deleted).is_none());
-        assert!(!store.entry_dir(&deleted).unwrap().exists(), "the leftover meta.json goes too");
+        assert!(
+            !store.entry_dir(&deleted).unwrap().exists(),
+            "the leftover meta.json goes too"
+        );
 
         // Same length, and possibly the same mtime tick: the data write itself gives it away.
         let path = store.get(&rewritten).unwrap().disk_path;
-        std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"evil", 0).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"evil", 0)
+            .unwrap();
         assert_eq!(
             next(&mut rx).await,
             EntryChange::Lost {
@@ -263,7 +307,10 @@ mod tests {
             }
         );
         assert!(store.get(&rewritten).is_none());
-        assert!(!store.entry_dir(&rewritten).unwrap().exists(), "an altered entry is deleted");
+        assert!(
+            !store.entry_dir(&rewritten).unwrap().exists(),
+            "an altered entry is deleted"
+        );
 
         // The entry committed under the watch is watched too.
         std::fs::remove_file(store.entry_dir(&fresh).unwrap().join("meta.json")).unwrap();
@@ -281,7 +328,8 @@ mod tests {
     #[test]
     fn a_missing_cache_root_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = CacheStore::open(&dir.path().join("cache"), Budget::Bytes(1 << 30)).unwrap();
+        let (store, _) =
+            CacheStore::open(&dir.path().join("cache"), Budget::Bytes(1 << 30)).unwrap();
         std::fs::remove_dir_all(dir.path().join("cache")).unwrap();
         let err = watch_entries(Arc::new(store)).map(|_| ()).unwrap_err();
         assert!(err.to_string().contains("entries"), "{err}");

@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod catalog;
 pub mod config;
+pub mod controller;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;

@@ -66,8 +66,7 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             let (catalog, tasks) = KubeCatalog::start(client.clone());
             background.extend(tasks);
             if args.controllers {
-                // CONTROLLER-WIRING
-                let _ = &client;
+                background.push(vmdisk_webhook::controller::spawn(client));
             }
             catalog
         }
