@@ -12,7 +12,10 @@ use vmdisk_cache_agent::clone::clone_disk;
 use vmdisk_tests::disks::{make_ext4_raw, same_content};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -24,7 +27,11 @@ fn main() {
     let disk_mib = env_or("VMDISK_BENCH_DISK_MIB", 2048);
     let data_mib = env_or("VMDISK_BENCH_DATA_MIB", 560);
     let rounds = env_or("VMDISK_BENCH_ROUNDS", 5).max(1);
-    let work = tempfile::tempdir_in(std::env::var("VMDISK_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
+    let work = tempfile::tempdir_in(
+        std::env::var("VMDISK_BENCH_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .unwrap();
     eprintln!("building a {disk_mib} MiB ext4 disk with {data_mib} MiB of data");
     let src = make_ext4_raw(work.path(), "entry", disk_mib, data_mib, 7);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -37,7 +44,12 @@ fn main() {
         method = Some(report.method);
         let base_dst = work.path().join(format!("cp-{round}.raw"));
         let start = Instant::now();
-        let status = Command::new("cp").arg("--sparse=always").arg(&src).arg(&base_dst).status().unwrap();
+        let status = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(&src)
+            .arg(&base_dst)
+            .status()
+            .unwrap();
         assert!(status.success());
         // Our clone fsyncs its target; make the baseline durable too.
         let f = std::fs::File::open(&base_dst).unwrap();
@@ -46,11 +58,19 @@ fn main() {
         if round == 0 {
             assert!(same_content(&src, &dst), "clone differs from the entry");
         }
-        eprintln!("round {}: vmdisk {:.3}s, cp {:.3}s", round + 1, ours[round as usize], theirs[round as usize]);
+        eprintln!(
+            "round {}: vmdisk {:.3}s, cp {:.3}s",
+            round + 1,
+            ours[round as usize],
+            theirs[round as usize]
+        );
         std::fs::remove_file(&dst).unwrap();
         std::fs::remove_file(&base_dst).unwrap();
     }
     let (secs, base) = (median(&mut ours), median(&mut theirs));
     eprintln!("clone method: {method:?}");
-    println!("RESULT clone secs={secs:.3} baseline_secs={base:.3} ratio={:.3}", secs / base);
+    println!(
+        "RESULT clone secs={secs:.3} baseline_secs={base:.3} ratio={:.3}",
+        secs / base
+    );
 }

@@ -25,29 +25,50 @@ use vmdisk_tests::registry::TestRegistry;
 const CHILD: &str = "VMDISK_BENCH_WARM_CHILD";
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The child: one cold warm, then exit.
 fn child(spec: &str) {
     let v: serde_json::Value = serde_json::from_str(spec).unwrap();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
-        let (store, _) = CacheStore::open(Path::new(v["cache"].as_str().unwrap()), Budget::Bytes(1 << 40)).unwrap();
-        let warmer = Warmer::new(Arc::new(store), Puller::new(PullerConfig::default()), ExtractLimits::default());
+        let (store, _) = CacheStore::open(
+            Path::new(v["cache"].as_str().unwrap()),
+            Budget::Bytes(1 << 40),
+        )
+        .unwrap();
+        let warmer = Warmer::new(
+            Arc::new(store),
+            Puller::new(PullerConfig::default()),
+            ExtractLimits::default(),
+        );
         let format: DiskFormat = v["format"].as_str().unwrap().parse().unwrap();
         let outcome = warmer
             .warm(
                 WarmRequest {
                     reference: v["reference"].as_str().unwrap().to_string(),
                     format,
-                    registry: RegistryOptions { insecure: true, ..RegistryOptions::default() },
+                    registry: RegistryOptions {
+                        insecure: true,
+                        ..RegistryOptions::default()
+                    },
                 },
                 Arc::new(|_| {}),
             )
@@ -70,13 +91,25 @@ fn timed_child(cmd: &mut Command) -> (f64, f64, String) {
     let start = Instant::now();
     let out = cmd.output().unwrap();
     let secs = start.elapsed().as_secs_f64();
-    assert!(out.status.success(), "warm child failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "warm child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (path, hwm) = text.rsplit_once(' ').expect("child prints `<path> <VmHWM kB>`");
+    let (path, hwm) = text
+        .rsplit_once(' ')
+        .expect("child prints `<path> <VmHWM kB>`");
     (secs, hwm.parse::<f64>().unwrap() / 1024.0, path.to_string())
 }
 
-fn baseline(registry: &TestRegistry, reference: &str, disk_name: &str, format: &str, work: &Path) -> (f64, PathBuf) {
+fn baseline(
+    registry: &TestRegistry,
+    reference: &str,
+    disk_name: &str,
+    format: &str,
+    work: &Path,
+) -> (f64, PathBuf) {
     let dir = work.join(format!("baseline-{}", rand::random::<u32>()));
     std::fs::create_dir_all(dir.join("out")).unwrap();
     let start = Instant::now();
@@ -87,10 +120,18 @@ fn baseline(registry: &TestRegistry, reference: &str, disk_name: &str, format: &
         &format!("docker://{reference}"),
         &format!("dir:{}", dir.join("image").display()),
     ]));
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("image/manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("image/manifest.json")).unwrap()).unwrap();
     for layer in manifest["layers"].as_array().unwrap() {
-        let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
-        run(Command::new("tar").arg("-xzf").arg(dir.join("image").join(hex)).arg("-C").arg(dir.join("out")));
+        let hex = layer["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        run(Command::new("tar")
+            .arg("-xzf")
+            .arg(dir.join("image").join(hex))
+            .arg("-C")
+            .arg(dir.join("out")));
     }
     let out = dir.join(format!("final.{format}"));
     run(Command::new("qemu-img")
@@ -118,9 +159,16 @@ fn main() {
     let data_mib = env_or("VMDISK_BENCH_DATA_MIB", 560);
     let rounds = env_or("VMDISK_BENCH_ROUNDS", 2).max(1);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let registry = TestRegistry::start_plain();
-    let work = tempfile::tempdir_in(std::env::var("VMDISK_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string())).unwrap();
+    let work = tempfile::tempdir_in(
+        std::env::var("VMDISK_BENCH_DIR")
+            .unwrap_or_else(|_| std::env::temp_dir().display().to_string()),
+    )
+    .unwrap();
     eprintln!("building a {disk_mib} MiB ext4 disk with {data_mib} MiB of data");
     let raw = make_ext4_raw(work.path(), "bench", disk_mib, data_mib, 42);
     let variants: Vec<&str> = match variant.as_str() {
@@ -132,37 +180,61 @@ fn main() {
     let exe = std::env::current_exe().unwrap();
     let mut results = Vec::new();
     for v in variants {
-        let disk = if v == "qcow2" { to_format(&raw, "qcow2", false) } else { raw.clone() };
+        let disk = if v == "qcow2" {
+            to_format(&raw, "qcow2", false)
+        } else {
+            raw.clone()
+        };
         let disk_name = disk.file_name().unwrap().to_string_lossy().into_owned();
         // The layer, gzip at the default level like image build tools produce.
         let layer_path = work.path().join(format!("{v}.layer"));
         {
             let file = std::fs::File::create(&layer_path).unwrap();
-            let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::default());
+            let gz = flate2::write::GzEncoder::new(
+                std::io::BufWriter::new(file),
+                flate2::Compression::default(),
+            );
             let mut tar = tar::Builder::new(gz);
             let mut h = tar::Header::new_gnu();
             h.set_size(std::fs::metadata(&disk).unwrap().len());
             h.set_mode(0o444);
-            tar.append_data(&mut h, format!("disk/{disk_name}"), std::fs::File::open(&disk).unwrap()).unwrap();
+            tar.append_data(
+                &mut h,
+                format!("disk/{disk_name}"),
+                std::fs::File::open(&disk).unwrap(),
+            )
+            .unwrap();
             tar.into_inner().unwrap().finish().unwrap();
         }
         let layer = std::fs::read(&layer_path).unwrap();
         eprintln!("variant {v}: layer {} MiB", layer.len() >> 20);
-        let (reference, _) = runtime.block_on(push_blobs(&registry, "bench/disk", v, vec![(layer, TAR_GZIP)]));
+        let (reference, _) = runtime.block_on(push_blobs(
+            &registry,
+            "bench/disk",
+            v,
+            vec![(layer, TAR_GZIP)],
+        ));
         drop(std::fs::remove_file(&layer_path));
 
         let (mut ours, mut theirs, mut rss) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let cache = work.path().join(format!("cache-{v}-{round}"));
-            let spec = serde_json::json!({"cache": cache, "reference": reference, "format": v}).to_string();
+            let spec = serde_json::json!({"cache": cache, "reference": reference, "format": v})
+                .to_string();
             let (secs, peak, path) = timed_child(Command::new(&exe).env(CHILD, spec));
-            assert!(same_content(&raw, Path::new(&path)), "warmed disk differs from the source");
+            assert!(
+                same_content(&raw, Path::new(&path)),
+                "warmed disk differs from the source"
+            );
             ours.push(secs);
             rss.push(peak);
             let (base_secs, base_out) = baseline(&registry, &reference, &disk_name, v, work.path());
             assert!(same_content(&raw, &base_out), "baseline disk differs");
             theirs.push(base_secs);
-            eprintln!("round {}: vmdisk {secs:.2}s (peak RSS {peak:.1} MiB), baseline {base_secs:.2}s", round + 1);
+            eprintln!(
+                "round {}: vmdisk {secs:.2}s (peak RSS {peak:.1} MiB), baseline {base_secs:.2}s",
+                round + 1
+            );
             let _ = std::fs::remove_dir_all(&cache);
             let _ = std::fs::remove_dir_all(base_out.parent().unwrap());
         }

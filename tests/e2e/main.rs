@@ -2,5 +2,6 @@
 //! at a kubeconfig of a disposable cluster (they create CRDs, namespaces and objects), and
 //! print why they skip otherwise.
 
+mod cache;
 mod support;
 mod webhook;
