@@ -343,8 +343,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("the cache entry was evicted before it could be leased")?;
             let source = outcome.entry.disk_path.clone();
             let dest = target.clone();
+            // A raw disk grows by length; a qcow2 file's length is not its virtual size, so it
+            // is grown by `qemu-img resize` below instead.
+            let grow_to = if format == DiskFormat::Raw {
+                size
+            } else {
+                None
+            };
             let report =
-                tokio::task::spawn_blocking(move || clone_disk(&source, &dest, size)).await??;
+                tokio::task::spawn_blocking(move || clone_disk(&source, &dest, grow_to)).await??;
             drop(lease);
             store.touch(&key);
             if format == DiskFormat::Qcow2 {
