@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod cli;
 pub mod clone;
 pub mod convert;
 pub mod extract;
