@@ -20,7 +20,11 @@ fn docker_config(dir: &Path, prefix: &str, registry: &str, user: &str, password:
     use base64::Engine as _;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let path = dir.join(format!("{prefix}config.json"));
-    std::fs::write(&path, format!(r#"{{"auths": {{"{registry}": {{"auth": "{auth}"}}}}}}"#)).unwrap();
+    std::fs::write(
+        &path,
+        format!(r#"{{"auths": {{"{registry}": {{"auth": "{auth}"}}}}}}"#),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -38,53 +42,115 @@ async fn warm_ls_and_populate_through_the_command_line() {
     let good = docker_config(work.path(), "good-", &registry.addr, "ci", "s3cret");
     let ca_s = ca.display().to_string();
 
-    run(cli(&["warm", &reference, "--cache-dir", &cache_s, "--format", "raw", "--ca-bundle", &ca_s, "--docker-config", &good]))
-        .await
-        .unwrap();
+    run(cli(&[
+        "warm",
+        &reference,
+        "--cache-dir",
+        &cache_s,
+        "--format",
+        "raw",
+        "--ca-bundle",
+        &ca_s,
+        "--docker-config",
+        &good,
+    ]))
+    .await
+    .unwrap();
     let (store, _) = CacheStore::open(&cache, Budget::Bytes(1 << 40)).unwrap();
     let entries = store.entries();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].key.digest, digest);
     drop(store);
     run(cli(&["ls", "--cache-dir", &cache_s])).await.unwrap();
-    run(cli(&["ls", "--cache-dir", &cache_s, "--json"])).await.unwrap();
+    run(cli(&["ls", "--cache-dir", &cache_s, "--json"]))
+        .await
+        .unwrap();
 
     // Populate from the warm cache into a file, grown to the PVC size.
     let target = work.path().join("pvc.img");
     let pinned = format!("{}@{digest}", reference.rsplit_once(':').unwrap().0);
-    run(cli(&["populate", &pinned, "--cache-dir", &cache_s, "--target", &target.display().to_string(), "--size", "64Mi", "--ca-bundle", &ca_s, "--docker-config", &good]))
-        .await
-        .unwrap();
+    run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cache_s,
+        "--target",
+        &target.display().to_string(),
+        "--size",
+        "64Mi",
+        "--ca-bundle",
+        &ca_s,
+        "--docker-config",
+        &good,
+    ]))
+    .await
+    .unwrap();
     assert_eq!(std::fs::metadata(&target).unwrap().len(), 64 << 20);
     let head = work.path().join("head.raw");
     std::fs::write(&head, &std::fs::read(&target).unwrap()[..32 << 20]).unwrap();
     assert!(same_content(&raw, &head));
-    assert!(allocated(&target) < 24 << 20, "populated volume is not sparse");
+    assert!(
+        allocated(&target) < 24 << 20,
+        "populated volume is not sparse"
+    );
 
     // Populate with a cold cache pulls first.
     let cold = work.path().join("cold-cache");
     let target2 = work.path().join("pvc2.img");
-    run(cli(&["populate", &pinned, "--cache-dir", &cold.display().to_string(), "--target", &target2.display().to_string(), "--ca-bundle", &ca_s, "--docker-config", &good]))
-        .await
-        .unwrap();
+    run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cold.display().to_string(),
+        "--target",
+        &target2.display().to_string(),
+        "--ca-bundle",
+        &ca_s,
+        "--docker-config",
+        &good,
+    ]))
+    .await
+    .unwrap();
     assert!(same_content(&raw, &target2));
 
     // Wrong input: wrong password, bad reference, bad budget, bad size. Clear errors, nothing cached.
     let bad = docker_config(work.path(), "bad-", &registry.addr, "ci", "nope");
     let bad_dir = work.path().join("bad-cache");
-    let err = run(cli(&["warm", &reference, "--cache-dir", &bad_dir.display().to_string(), "--ca-bundle", &ca_s, "--docker-config", &bad]))
-        .await
-        .unwrap_err();
+    let err = run(cli(&[
+        "warm",
+        &reference,
+        "--cache-dir",
+        &bad_dir.display().to_string(),
+        "--ca-bundle",
+        &ca_s,
+        "--docker-config",
+        &bad,
+    ]))
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("credentials"), "{err:#}");
     let (store, _) = CacheStore::open(&bad_dir, Budget::Bytes(1 << 40)).unwrap();
     assert!(store.entries().is_empty());
-    let err = run(cli(&["warm", "fedora", "--cache-dir", &cache_s])).await.unwrap_err();
-    assert!(format!("{err:#}").contains("registry host"), "{err:#}");
-    let err = run(cli(&["ls", "--cache-dir", &cache_s, "--budget", "500%"])).await.unwrap_err();
-    assert!(format!("{err:#}").contains("budget"), "{err:#}");
-    let err = run(cli(&["populate", &pinned, "--cache-dir", &cache_s, "--target", "/nonexistent/dir/x", "--size", "lots"]))
+    let err = run(cli(&["warm", "fedora", "--cache-dir", &cache_s]))
         .await
         .unwrap_err();
+    assert!(format!("{err:#}").contains("registry host"), "{err:#}");
+    let err = run(cli(&["ls", "--cache-dir", &cache_s, "--budget", "500%"]))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("budget"), "{err:#}");
+    let err = run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cache_s,
+        "--target",
+        "/nonexistent/dir/x",
+        "--size",
+        "lots",
+    ]))
+    .await
+    .unwrap_err();
     assert!(format!("{err:#}").contains("--size"), "{err:#}");
     assert!(Cli::try_parse_from(["vmdisk-cache-agent", "warm", "x", "--format", "vhd"]).is_err());
 }
