@@ -17,7 +17,8 @@ pub fn pseudo_random(seed: u64, buf: &mut [u8]) {
     }
 }
 
-fn run(cmd: &mut Command) {
+/// Runs a command, panicking with its stderr when it fails.
+pub fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),

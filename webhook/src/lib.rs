@@ -11,6 +11,7 @@ pub mod admission;
 pub mod catalog;
 pub mod config;
 pub mod controller;
+pub mod dir_watch;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;

@@ -9,15 +9,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use thiserror::Error;
+
+use crate::dir_watch::DirWatch;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -150,39 +150,13 @@ impl ReloadingCertResolver {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
-                    let _ = tx.try_send(());
-                }
-            })
-            .map_err(|source| TlsError::Watch {
-                path: dir.clone(),
-                source,
-            })?;
-        watcher
-            .watch(&dir, RecursiveMode::NonRecursive)
-            .map_err(|source| TlsError::Watch {
-                path: dir.clone(),
-                source,
-            })?;
         let me = Arc::clone(self);
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // cert-manager writes the key and the certificate separately; a short settle
-                // avoids reading one new file with one old.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
-                if let Err(e) = me.reload() {
-                    tracing::error!(error = %crate::error_chain(&e), "new serving certificate refused; the previous one keeps serving");
-                }
+        DirWatch::start(&dir, move || {
+            if let Err(e) = me.reload() {
+                tracing::error!(error = %crate::error_chain(&e), "new serving certificate refused; the previous one keeps serving");
             }
-        });
-        Ok(CertWatch {
-            _watcher: watcher,
-            task,
         })
+        .map_err(|source| TlsError::Watch { path: dir, source })
     }
 }
 
@@ -193,16 +167,7 @@ impl ResolvesServerCert for ReloadingCertResolver {
 }
 
 /// Keeps a certificate directory watch alive.
-pub struct CertWatch {
-    _watcher: notify::RecommendedWatcher,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for CertWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+pub type CertWatch = DirWatch;
 
 /// A server config for TLS 1.2 and 1.3 only, HTTP/1.1 and HTTP/2, using `resolver`.
 pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {

@@ -7,16 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use thiserror::Error;
 use vmdisk_crds::VMDiskImage;
 
 use super::{CatalogSnapshot, ImageCatalog};
+use crate::dir_watch::DirWatch;
 use crate::mutate::ImageLookup;
 
 #[derive(Debug, Error)]
@@ -170,53 +169,21 @@ impl FileCatalog {
 
     /// Watches the directory and reloads on change until the returned guard is dropped.
     pub fn watch(self: &Arc<Self>) -> Result<CatalogWatch, FileCatalogError> {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
-                    // A full channel already means "reload pending".
-                    let _ = tx.try_send(());
-                }
-            })
-            .map_err(|source| FileCatalogError::Watch {
-                path: self.dir.clone(),
-                source,
-            })?;
-        watcher
-            .watch(&self.dir, RecursiveMode::NonRecursive)
-            .map_err(|source| FileCatalogError::Watch {
-                path: self.dir.clone(),
-                source,
-            })?;
         let me = Arc::clone(self);
-        let task = tokio::spawn(async move {
-            while rx.recv().await.is_some() {
-                // Editors write in several steps; let them finish.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while rx.try_recv().is_ok() {}
-                if let Err(e) = me.reload() {
-                    tracing::error!(error = %crate::error_chain(&e), "catalog reload failed; keeping the previous contents");
-                }
+        DirWatch::start(&self.dir, move || {
+            if let Err(e) = me.reload() {
+                tracing::error!(error = %crate::error_chain(&e), "catalog reload failed; keeping the previous contents");
             }
-        });
-        Ok(CatalogWatch {
-            _watcher: watcher,
-            task,
+        })
+        .map_err(|source| FileCatalogError::Watch {
+            path: self.dir.clone(),
+            source,
         })
     }
 }
 
-/// Keeps a directory watch alive.
-pub struct CatalogWatch {
-    _watcher: notify::RecommendedWatcher,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for CatalogWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// Keeps a catalog directory watch alive.
+pub type CatalogWatch = DirWatch;
 
 impl ImageLookup for FileCatalog {
     fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>> {
@@ -236,6 +203,7 @@ impl ImageCatalog for FileCatalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const IMAGE: &str = r#"
 apiVersion: vmdisk.io/v1alpha1
