@@ -156,8 +156,35 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Removed behind the agent's back: noticed, reported, and warmed again since still wanted.
+    let first = store.entries().into_iter().next().unwrap();
+    let removed_at = std::fs::metadata(&first.disk_path)
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::fs::remove_file(&first.disk_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let again = store.entries().into_iter().next().filter(|e| {
+            std::fs::metadata(&e.disk_path)
+                .is_ok_and(|m| m.modified().is_ok_and(|t| t > removed_at))
+        });
+        if again.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lost entry was not warmed again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     task.abort();
     let st = state.lock().unwrap();
+    assert!(
+        st.writes.iter().any(|w| w.ends_with("/events")),
+        "the lost entry must be reported with an Event: {:?}",
+        st.writes
+    );
     let row = st.cache_status.as_ref().unwrap()["entries"]
         .as_array()
         .unwrap()
