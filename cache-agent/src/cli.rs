@@ -6,14 +6,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
 use crate::auth::{registry_auth_for, DockerConfig};
 use crate::clone::clone_disk;
 use crate::extract::ExtractLimits;
 use crate::pull::{Puller, PullerConfig, RegistryOptions};
 use crate::store::{Budget, CacheStore, EntryKey};
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
 use vmdisk_crds::{parse_quantity, DiskFormat, ImageReference};
 
 /// vmdisk node cache agent: pre-pulls VM disk images from OCI registries, converts them with
@@ -358,15 +358,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("connecting to the Kubernetes API")?;
             let metrics = Arc::new(crate::report::AgentMetrics::new());
-            let reporter =
-                crate::report::NodeReporter::new(client.clone(), node_name.clone());
+            let reporter = crate::report::NodeReporter::new(client.clone(), node_name.clone());
             let listener = tokio::net::TcpListener::bind(metrics_listen)
                 .await
                 .with_context(|| format!("listening on {metrics_listen}"))?;
-            tokio::spawn(crate::serve_metrics(
-                listener,
-                Arc::clone(&metrics),
-            ));
+            tokio::spawn(crate::serve_metrics(listener, Arc::clone(&metrics)));
             tracing::info!(node = %node_name, cache = %cache.cache_dir.display(), "cache agent running");
             crate::agent::Agent {
                 client,
