@@ -12,26 +12,42 @@ use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
-use vmdisk_crds::{CacheEntryState, ImageReference, VMDiskImage};
+use vmdisk_crds::{
+    credentials_secret_name, reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference,
+    RegistrySource, VMDiskImage,
+};
+use vmdisk_registry::{DockerConfig, RegistryOptions};
 
-use crate::auth::{registry_auth_for, DockerConfig};
-use crate::pull::RegistryOptions;
 use crate::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
 use crate::store::EntryKey;
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
+
+/// What the run loop asks of the API server (besides [`crate::report::API_ACCESS`]).
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess::new(
+        "vmdisk.io",
+        "vmdiskimages",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    // This node only (a field selector), but RBAC cannot say so.
+    ApiAccess::new("", "nodes", &["list", "watch"], AccessScope::Cluster),
+    // The image controller's copies of pull credentials; never Secrets elsewhere.
+    ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace),
+];
 
 /// An image this node should hold, as the plan sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WantedImage {
     pub namespace: String,
     pub name: String,
+    /// The VMDiskImage's UID: names its credentials copy.
+    pub uid: String,
     pub key: EntryKey,
     /// The reference pinned to the resolved digest: every node pulls the same bits.
     pub reference: String,
     pub pinned: bool,
-    pub insecure: bool,
-    pub ca_bundle: Option<String>,
-    pub pull_secret: Option<String>,
+    pub source: RegistrySource,
 }
 
 /// Images whose cache policy selects a node with `node_labels` and whose digest is resolved.
@@ -47,19 +63,17 @@ pub fn wanted_images(
         .filter_map(|i| {
             let digest = i.digest()?;
             let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
-            let registry = &i.spec.source.registry;
             Some(WantedImage {
                 namespace: i.metadata.namespace.clone().unwrap_or_default(),
                 name: i.metadata.name.clone().unwrap_or_default(),
+                uid: i.metadata.uid.clone().unwrap_or_default(),
                 key: EntryKey {
                     digest: digest.to_string(),
                     format: i.spec.format,
                 },
                 reference: reference.with_digest(digest).to_string(),
                 pinned: i.spec.cache.pinned,
-                insecure: registry.insecure.unwrap_or(false),
-                ca_bundle: registry.ca_bundle.clone(),
-                pull_secret: registry.pull_secret_ref.as_ref().map(|s| s.name.clone()),
+                source: i.spec.source.registry.clone(),
             })
         })
         .collect();
@@ -134,6 +148,8 @@ struct AgentState {
 pub struct Agent {
     pub client: Client,
     pub node_name: String,
+    /// Where the image controller keeps the copies of pull credentials.
+    pub credentials_namespace: String,
     pub warmer: Warmer,
     pub reporter: NodeReporter,
     pub metrics: Arc<AgentMetrics>,
@@ -203,7 +219,7 @@ impl Agent {
                 change = changed => {
                     if let Some(change) = change {
                         tracing::warn!(?change, "cache entry changed behind the agent's back; dropped from the index");
-                        let _ = self.reporter.event("CacheEntryLost", &format!("{change:?}"), true).await;
+                        let _ = self.reporter.event(reasons::CACHE_ENTRY_LOST, &format!("{change:?}"), true).await;
                     }
                 }
                 () = tokio::time::sleep(self.resync) => {}
@@ -236,7 +252,8 @@ impl Agent {
             self.start_warm(w, Arc::clone(state), Arc::clone(wake))
                 .await;
         }
-        self.report(state).await;
+        let wanted_digests = wanted.iter().map(|w| w.key.digest.clone()).collect();
+        self.report(state, &wanted_digests).await;
     }
 
     async fn start_warm(
@@ -250,7 +267,10 @@ impl Agent {
             Err(message) => {
                 record_failure(&state, &wanted.key, message.clone());
                 self.metrics.warm_failed();
-                let _ = self.reporter.event("PullSecretError", &message, true).await;
+                let _ = self
+                    .reporter
+                    .event(reasons::PULL_SECRET_ERROR, &message, true)
+                    .await;
                 return;
             }
         };
@@ -327,7 +347,7 @@ impl Agent {
                     record_failure(&state, &key, message.clone());
                     let _ = reporter
                         .event(
-                            "WarmFailed",
+                            reasons::WARM_FAILED,
                             &format!("{}: {message}", wanted.reference),
                             true,
                         )
@@ -338,41 +358,57 @@ impl Agent {
         });
     }
 
+    /// Registry options for a wanted image, with the credentials copy the image controller
+    /// made for it when the image names a pull secret.
     async fn registry_options(&self, wanted: &WantedImage) -> Result<RegistryOptions, String> {
-        let mut options = RegistryOptions {
-            insecure: wanted.insecure,
-            ca_bundle_pem: wanted.ca_bundle.as_ref().map(|s| s.as_bytes().to_vec()),
-            ..RegistryOptions::default()
-        };
-        if let Some(secret_name) = &wanted.pull_secret {
-            let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &wanted.namespace);
-            let secret = secrets.get(secret_name).await.map_err(|e| {
-                format!(
-                    "reading pull secret {}/{secret_name}: {e}",
-                    wanted.namespace
+        let reference = ImageReference::parse(&wanted.reference).map_err(|e| e.to_string())?;
+        let credentials = match &wanted.source.pull_secret_ref {
+            None => None,
+            Some(secret_ref) => {
+                let name = credentials_secret_name(&wanted.uid);
+                let secrets: Api<Secret> =
+                    Api::namespaced(self.client.clone(), &self.credentials_namespace);
+                let copy = secrets
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "reading the credentials of {}/{} ({}/{name}): {e}",
+                            wanted.namespace, wanted.name, self.credentials_namespace
+                        )
+                    })?
+                    .ok_or_else(|| {
+                        format!(
+                            "the credentials of {}/{} (pull secret {}) are not copied to {}/{name} yet; the image controller does that",
+                            wanted.namespace, wanted.name, secret_ref.name, self.credentials_namespace
+                        )
+                    })?;
+                Some(
+                    DockerConfig::from_secret_data(&copy.data.unwrap_or_default())
+                        .map_err(|e| format!("{}/{name}: {e}", self.credentials_namespace))?,
                 )
-            })?;
-            let data = secret.data.unwrap_or_default();
-            let config = DockerConfig::from_secret_data(&data)
-                .map_err(|e| format!("pull secret {}/{secret_name}: {e}", wanted.namespace))?;
-            let registry = ImageReference::parse(&wanted.reference)
-                .map(|r| r.registry)
-                .unwrap_or_default();
-            options.auth = registry_auth_for(&config, &registry);
-        }
-        Ok(options)
+            }
+        };
+        Ok(RegistryOptions::for_source(
+            &reference,
+            &wanted.source,
+            credentials.as_ref(),
+        ))
     }
 
-    async fn report(&self, state: &Arc<Mutex<AgentState>>) {
+    async fn report(&self, state: &Arc<Mutex<AgentState>>, wanted: &HashSet<String>) {
         let store = self.warmer.store();
         let (running, failures) = {
             let st = state.lock().expect("agent state poisoned");
             (st.running.clone(), st.failures.clone())
         };
         let views = entry_views(store, &running, &failures);
+        // A node advertises only what some image still wants: a deleted image takes its label
+        // with it, while its entry stays in the cache until the budget evicts it.
         let ready: BTreeSet<String> = views
             .iter()
             .filter(|v| v.state == CacheEntryState::Ready)
+            .filter(|v| wanted.contains(&v.digest))
             .map(|v| v.digest.clone())
             .collect();
         self.metrics

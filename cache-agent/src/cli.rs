@@ -6,15 +6,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{registry_auth_for, DockerConfig};
 use crate::clone::clone_disk;
 use crate::extract::ExtractLimits;
-use crate::pull::{Puller, PullerConfig, RegistryOptions};
 use crate::store::{Budget, CacheStore, EntryKey};
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use vmdisk_crds::{parse_quantity, DiskFormat, ImageReference};
+use vmdisk_registry::auth::DockerConfig;
+use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
 
 /// vmdisk node cache agent: pre-pulls VM disk images from OCI registries, converts them with
 /// qemu-img into a node-local content-addressed cache, evicts by LRU within a byte budget,
@@ -75,6 +75,9 @@ pub enum Mode {
         /// Seconds between full resyncs even without changes.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
+        /// Namespace where the image controller keeps copies of the images' pull credentials.
+        #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
+        credentials_namespace: String,
     },
     /// Warm one image into a cache directory, with progress (for a person at a terminal).
     Warm {
@@ -147,24 +150,29 @@ fn warmer(args: &CacheArgs, store: Arc<CacheStore>) -> anyhow::Result<Warmer> {
 
 fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
     let reference = ImageReference::parse(image)?;
-    let mut options = RegistryOptions {
-        insecure: args.insecure,
-        ..RegistryOptions::default()
+    let ca_bundle = match &args.ca_bundle {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
     };
-    if let Some(path) = &args.ca_bundle {
-        options.ca_bundle_pem =
-            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
-    }
     let config_path = args.docker_config.clone().or_else(|| {
         let p = PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json");
         p.exists().then_some(p)
     });
-    if let Some(path) = config_path {
-        let config = DockerConfig::from_file(&path)
-            .with_context(|| format!("reading docker config {}", path.display()))?;
-        options.auth = registry_auth_for(&config, &reference.registry);
-    }
-    Ok(options)
+    let credentials = match config_path {
+        Some(path) => Some(
+            DockerConfig::from_file(&path)
+                .with_context(|| format!("reading docker config {}", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(RegistryOptions::new(
+        &reference,
+        args.insecure,
+        ca_bundle,
+        credentials.as_ref(),
+    ))
 }
 
 /// Progress for a person: a bar on a terminal, plain lines otherwise.
@@ -351,6 +359,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             node_name,
             metrics_listen,
             resync_seconds,
+            credentials_namespace,
         } => {
             let store = open_store(&cache)?;
             let warmer = warmer(&cache, store)?;
@@ -367,6 +376,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::agent::Agent {
                 client,
                 node_name,
+                credentials_namespace,
                 warmer,
                 reporter,
                 metrics,

@@ -3,30 +3,21 @@
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
 pub mod agent;
-pub mod auth;
 pub mod cli;
 pub mod clone;
 pub mod convert;
 pub mod extract;
-pub mod pull;
 pub mod report;
 pub mod store;
 pub mod warm;
 pub mod watch;
 
-/// An error and its causes on one line, for log fields and Events.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
+pub use vmdisk_crds::error_chain;
+
+/// Everything `vmdisk-cache-agent run` asks of the API server (as the `vmdisk-cache-agent`
+/// ServiceAccount). `deploy/rbac.yaml` grants exactly this; a test checks it both ways.
+pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
+    vmdisk_crds::permissions(&[agent::API_ACCESS, report::API_ACCESS])
 }
 
 /// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).

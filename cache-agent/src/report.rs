@@ -15,10 +15,37 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use vmdisk_crds::{
-    format_bytes_quantity, node_cache_label_key, CacheEntryState, CacheEntryStatus, DiskFormat,
-    NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus, NODE_CACHE_LABEL_PREFIX,
-    NODE_CACHE_LABEL_VALUE,
+    format_bytes_quantity, node_cache_label_key, AccessScope, ApiAccess, CacheEntryState,
+    CacheEntryStatus, DiskFormat, NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus,
+    NODE_CACHE_LABEL_PREFIX, NODE_CACHE_LABEL_VALUE,
 };
+
+/// What the reporter asks of the API server. Writes to other nodes' objects are refused by
+/// `deploy/validating-policy.yaml`, which RBAC cannot express.
+pub const API_ACCESS: &[ApiAccess] = &[
+    // The node (owner of its NodeDiskCache) and its `cache.vmdisk.io/*` labels.
+    ApiAccess::new("", "nodes", &["get", "patch"], AccessScope::Cluster),
+    // Server-side apply creates the NodeDiskCache the first time.
+    ApiAccess::new(
+        "vmdisk.io",
+        "nodediskcaches",
+        &["create", "patch"],
+        AccessScope::Cluster,
+    ),
+    ApiAccess::new(
+        "vmdisk.io",
+        "nodediskcaches/status",
+        &["patch"],
+        AccessScope::Cluster,
+    ),
+    // Events about the (cluster-scoped) NodeDiskCache are recorded in `default`.
+    ApiAccess::new(
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        AccessScope::DefaultNamespace,
+    ),
+];
 
 /// Field manager of everything the agent writes.
 pub const FIELD_MANAGER: &str = "vmdisk-cache-agent";

@@ -17,8 +17,8 @@ use vmdisk_crds::DiskFormat;
 
 use crate::convert::{self, ConvertError};
 use crate::extract::{self, ExtractError, ExtractLimits, LayerCompression, LayerFile};
-use crate::pull::{PullError, Puller, RegistryOptions};
 use crate::store::{allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StoreError};
+use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
 
 #[derive(Debug, Error)]
 pub enum WarmError {

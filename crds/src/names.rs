@@ -22,6 +22,41 @@ pub const NODE_CACHE_LABEL_VALUE: &str = "ready";
 /// Finalizer the populator puts on PVCs it is filling.
 pub const POPULATOR_FINALIZER: &str = "vmdisk.io/populate-target-protection";
 
+/// vmdisk's own namespace: the webhook Deployment, the agents, the controllers' Lease.
+pub const INSTALL_NAMESPACE: &str = "vmdisk-system";
+/// Namespace of the per-image pull credentials the image controller copies for the agents.
+/// Agents may read Secrets here and nowhere else; it holds nothing but those copies.
+pub const CREDENTIALS_NAMESPACE: &str = "vmdisk-credentials";
+/// `app.kubernetes.io/managed-by` value on every object vmdisk creates.
+pub const MANAGED_BY: &str = "vmdisk";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Label on a credentials copy: the UID of the VMDiskImage it serves.
+pub const IMAGE_UID_LABEL: &str = "vmdisk.io/image-uid";
+/// Annotation on a credentials copy: `<namespace>/<image>` and the Secret it was copied from.
+pub const CREDENTIALS_SOURCE_ANNOTATION: &str = "vmdisk.io/copied-from";
+/// Annotation on a credentials copy: when it was last refreshed from its source (RFC 3339).
+pub const CREDENTIALS_SYNCED_ANNOTATION: &str = "vmdisk.io/synced-at";
+
+/// Name of the Secret in [`CREDENTIALS_NAMESPACE`] holding the pull credentials of the
+/// VMDiskImage with this UID (only the entry for the image's registry host).
+pub fn credentials_secret_name(image_uid: &str) -> String {
+    format!("pull-{image_uid}")
+}
+
+/// Event reasons, one place for all components (as kubernetes-csi's lib-volume-populator does).
+pub mod reasons {
+    /// Image controller, on a VMDiskImage: the reference resolved to a (new) digest.
+    pub const RESOLVED: &str = "Resolved";
+    /// Image controller, on a VMDiskImage: the reference could not be resolved.
+    pub const RESOLVE_FAILED: &str = "ResolveFailed";
+    /// Image controller, on a VMDiskImage: its pull secret is missing or malformed.
+    pub const PULL_SECRET_ERROR: &str = "PullSecretError";
+    /// Agent, on its NodeDiskCache: a warm failed (retried with backoff).
+    pub const WARM_FAILED: &str = "WarmFailed";
+    /// Agent, on its NodeDiskCache: an entry was deleted or altered behind its back.
+    pub const CACHE_ENTRY_LOST: &str = "CacheEntryLost";
+}
+
 /// Node label key saying "this node's cache holds the image with this digest, ready".
 ///
 /// Label names are limited to 63 characters, so the key keeps the algorithm and the first 56

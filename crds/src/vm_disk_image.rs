@@ -85,19 +85,23 @@ pub struct VMDiskImageSpec {
     /// Minimum size of PVCs filled from this image (a quantity such as `10Gi`). The disk's
     /// virtual size is used when it is larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$') && !self.matches('^0+(\\\\.0+)?[A-Za-z]*$')").message("size must be a positive quantity such as 10Gi"))]
     pub size: Option<String>,
     /// Storage class given to PVCs that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// Access modes given to PVCs that name none (default `ReadWriteOnce`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4), inner(length(max = 32)))]
     pub access_modes: Option<Vec<String>>,
     /// Which nodes keep the image warm in their cache.
     #[serde(default)]
     pub cache: CachePolicy,
     /// How often a moving tag is re-resolved (e.g. `10m`, `1h`). Unset: resolved once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+(s|m|h))+$')").message("pollInterval must look like 30s, 10m or 1h30m"))]
     pub poll_interval: Option<String>,
 }
@@ -108,11 +112,12 @@ pub struct ImageSource {
     pub registry: RegistrySource,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.insecure) && self.insecure && has(self.caBundle))").message("insecure and caBundle are mutually exclusive"))]
 pub struct RegistrySource {
     /// Image reference, `[docker://]registry/repository[:tag][@sha256:digest]`.
+    #[schemars(length(max = 512))]
     #[x_kube(validation = Rule::new("self.matches('^(docker://)?[a-zA-Z0-9.-]+(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)+(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$')").message("url must be an image reference such as quay.io/containerdisks/fedora:40"))]
     pub url: String,
     /// A `kubernetes.io/dockerconfigjson` Secret in the image's namespace.
@@ -120,6 +125,7 @@ pub struct RegistrySource {
     pub pull_secret_ref: Option<SecretRef>,
     /// PEM bundle of CAs to trust for this registry, in addition to the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
     pub ca_bundle: Option<String>,
     /// Talk plain HTTP to the registry. Only for registries on trusted networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,6 +134,7 @@ pub struct RegistrySource {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
 pub struct SecretRef {
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
 }
 

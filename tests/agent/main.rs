@@ -11,11 +11,11 @@ use kube::client::Body;
 use serde_json::{json, Value};
 use vmdisk_cache_agent::agent::Agent;
 use vmdisk_cache_agent::extract::ExtractLimits;
-use vmdisk_cache_agent::pull::{Puller, PullerConfig};
 use vmdisk_cache_agent::report::{AgentMetrics, NodeReporter};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::Warmer;
 use vmdisk_crds::node_cache_label_key;
+use vmdisk_registry::pull::{Puller, PullerConfig};
 use vmdisk_tests::disks::{make_ext4_raw, same_content};
 use vmdisk_tests::push::push_container_disk;
 use vmdisk_tests::registry::TestRegistry;
@@ -124,6 +124,7 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
     let agent = Agent {
         client: client.clone(),
         node_name: "node-a".into(),
+        credentials_namespace: "vmdisk-credentials".into(),
         warmer: Warmer::new(
             Arc::clone(&store),
             Puller::new(PullerConfig::default()),

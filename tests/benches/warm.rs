@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vmdisk_cache_agent::extract::ExtractLimits;
-use vmdisk_cache_agent::pull::{Puller, PullerConfig, RegistryOptions};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
+use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
 use vmdisk_tests::disks::{make_ext4_raw, run, same_content, to_format};
 use vmdisk_tests::push::{push_blobs, TAR_GZIP};
 use vmdisk_tests::registry::TestRegistry;

@@ -1,89 +1,285 @@
-//! Cluster access and setup shared by the e2e tests.
+//! Cluster access for the e2e suite: the environment it runs in, clients with the admin's or
+//! a ServiceAccount's credentials, `kubectl`, bound tokens, and waiting.
 
-use std::time::Duration;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{DeleteParams, PostParams};
+use kube::config::Kubeconfig;
 use kube::{Api, Client};
 
-pub const ENV: &str = "VMDISK_E2E_KUBECONFIG";
+pub const KUBECONFIG_ENV: &str = "VMDISK_E2E_KUBECONFIG";
+/// A directory of third-party CRDs to apply before vmdisk (cert-manager, VolumePopulator) on
+/// clusters that lack them.
+pub const PREREQ_CRDS_ENV: &str = "VMDISK_E2E_PREREQ_CRDS";
+/// Address the API server uses to reach servers the suite runs on this machine (default
+/// 127.0.0.1: a control plane on this machine; for kind use the docker bridge gateway).
+pub const HOST_ENV: &str = "VMDISK_E2E_HOST";
+/// Label on every namespace the suite makes, so a teardown finds what a failed case left.
+pub const NAMESPACE_LABEL: &str = "vmdisk.io/e2e";
 
-/// A client for the e2e cluster, or `None` (with the reason printed) when not configured.
-pub async fn client(test: &str) -> Option<Client> {
-    let Some(path) = std::env::var_os(ENV) else {
-        println!(
-            "e2e {test}: skipped: {ENV} is not set (point it at a kubeconfig of a disposable cluster to run the e2e suite)"
+/// Where the suite runs.
+#[derive(Clone)]
+pub struct Env {
+    pub kubeconfig: PathBuf,
+    pub prereq_crds: Option<PathBuf>,
+    /// This machine as the API server sees it.
+    pub host: String,
+    /// The workspace root (where `deploy/` is).
+    pub root: PathBuf,
+    /// `target/<profile>`: the built binaries.
+    pub bin_dir: PathBuf,
+}
+
+impl Env {
+    /// `Err(reason)` when the suite cannot run here.
+    pub fn from_env() -> Result<Self, String> {
+        let kubeconfig = std::env::var_os(KUBECONFIG_ENV).ok_or_else(|| {
+            format!("{KUBECONFIG_ENV} is not set (point it at the kubeconfig of a disposable cluster; see README)")
+        })?;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        // target/<profile>/deps/e2e-<hash> → target/<profile>
+        let bin_dir = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
+            .ok_or("cannot find the build directory")?;
+        Ok(Self {
+            kubeconfig: kubeconfig.into(),
+            prereq_crds: std::env::var_os(PREREQ_CRDS_ENV).map(PathBuf::from),
+            host: std::env::var(HOST_ENV).unwrap_or_else(|_| "127.0.0.1".into()),
+            root,
+            bin_dir,
+        })
+    }
+
+    /// A built binary of the workspace, e.g. `vmdisk-webhook`.
+    pub fn binary(&self, name: &str) -> PathBuf {
+        let path = self.bin_dir.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: build the binaries first (`cargo build --workspace --bins`, part of the README's test command)",
+            path.display()
         );
-        return None;
-    };
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path)
-        .unwrap_or_else(|e| panic!("{ENV}={}: {e}", path.to_string_lossy()));
+        path
+    }
+
+    pub async fn admin(&self) -> Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)
+            .unwrap_or_else(|e| panic!("{KUBECONFIG_ENV}={}: {e}", self.kubeconfig.display()));
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("usable kubeconfig");
+        Client::try_from(config).expect("client")
+    }
+
+    /// `kubectl` with the suite's admin kubeconfig; panics with its output on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_status(args);
+        match out {
+            Ok(stdout) => stdout,
+            Err(message) => panic!("kubectl {}: {message}", args.join(" ")),
+        }
+    }
+
+    /// `kubectl`, returning stdout or stderr.
+    pub fn kubectl_status(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .current_dir(&self.root)
+            .output()
+            .unwrap_or_else(|e| panic!("kubectl is needed by the e2e suite: {e}"));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// A kubeconfig file for the same cluster, authenticating with `token`.
+    pub fn kubeconfig_with_token(&self, dir: &Path, name: &str, token: &str) -> PathBuf {
+        let admin = Kubeconfig::read_from(&self.kubeconfig).unwrap();
+        let context = admin
+            .current_context
+            .as_ref()
+            .and_then(|c| admin.contexts.iter().find(|n| &n.name == c))
+            .and_then(|c| c.context.clone())
+            .expect("a current context");
+        let cluster = admin
+            .clusters
+            .iter()
+            .find(|c| c.name == context.cluster)
+            .and_then(|c| c.cluster.clone())
+            .expect("the context's cluster");
+        let mut cluster_yaml = serde_json::json!({"server": cluster.server});
+        if let Some(ca) = &cluster.certificate_authority {
+            cluster_yaml["certificate-authority"] = ca.clone().into();
+        }
+        if let Some(ca) = &cluster.certificate_authority_data {
+            cluster_yaml["certificate-authority-data"] = ca.clone().into();
+        }
+        if cluster.insecure_skip_tls_verify == Some(true) {
+            cluster_yaml["insecure-skip-tls-verify"] = true.into();
+        }
+        let doc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "e2e", "cluster": cluster_yaml}],
+            "users": [{"name": name, "user": {"token": token}}],
+            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": name}}],
+            "current-context": "e2e",
+        });
+        let path = dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+        path
+    }
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from(path: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(path).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
-        .expect("kubeconfig usable");
-    Some(Client::try_from(config).expect("client"))
+        .unwrap();
+    Client::try_from(config).unwrap()
 }
 
-/// Installs vmdisk's CRDs (server-side apply) and waits until they are served.
-pub async fn install_crds(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let yaml = vmdisk_crds::crds_yaml();
-    for doc in serde_yaml::Deserializer::from_str(&yaml) {
-        let crd: CustomResourceDefinition = serde::Deserialize::deserialize(doc).unwrap();
-        let name = crd.metadata.name.clone().unwrap();
-        api.patch(
-            &name,
-            &PatchParams::apply("vmdisk-e2e").force(),
-            &Patch::Apply(&crd),
-        )
+/// A token of ServiceAccount `namespace/name`, bound to `pod` (name, uid) when given: the API
+/// server then records the pod's node in the token's user info, as for a real pod's token.
+pub async fn service_account_token(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    pod: Option<(&str, &str)>,
+) -> String {
+    let mut spec = serde_json::json!({"expirationSeconds": 7200});
+    if let Some((pod_name, uid)) = pod {
+        spec["boundObjectRef"] =
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": uid});
+    }
+    let request = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec,
+    });
+    let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    let response: serde_json::Value = api
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("token for {namespace}/{name}: {e}"));
+    response["status"]["token"]
+        .as_str()
+        .expect("a token in the TokenRequest status")
+        .to_string()
+}
+
+/// Polls `probe` until it yields a value; panics after `timeout` with `what` and the last
+/// observation `describe` gives.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Creates a namespace for one case, labelled for the teardown sweep.
+pub async fn create_namespace(admin: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": {NAMESPACE_LABEL: "true"}}
+    }))
+    .unwrap();
+    Api::<Namespace>::all(admin.clone())
+        .create(&PostParams::default(), &ns)
         .await
         .unwrap();
-        for _ in 0..100 {
-            let c = api.get(&name).await.unwrap();
-            let established = c
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    name
+}
+
+/// Deletes a namespace. Pods bound to fake nodes are never confirmed terminated by a kubelet,
+/// so they are removed at once (grace period 0) or the namespace would stay Terminating.
+pub async fn delete_namespace(admin: &Client, name: &str) {
+    let _ = Api::<Namespace>::all(admin.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+    force_delete_pods(admin, name).await;
+}
+
+/// Deletes every pod of `namespace` with grace period 0.
+pub async fn force_delete_pods(admin: &Client, namespace: &str) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), namespace);
+    let _ = pods
+        .delete_collection(
+            &DeleteParams::default().grace_period(0),
+            &Default::default(),
+        )
+        .await;
+}
+
+/// The API error code of a result, for asserting refusals.
+pub fn api_error<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
+    match result {
+        Err(kube::Error::Api(e)) => *e,
+        other => panic!("expected the API server to refuse, got {other:?}"),
     }
 }
 
-/// A fresh namespace, deleted on drop of the guard (best effort).
-pub struct TestNamespace {
-    pub name: String,
-    client: Client,
+/// A child process killed (SIGKILL) on drop, with its output in a log file.
+pub struct Process {
+    pub child: std::process::Child,
+    pub log: PathBuf,
 }
 
-impl TestNamespace {
-    pub async fn create(client: &Client, prefix: &str) -> Self {
-        let name = format!("{prefix}-{}", std::process::id());
-        let api: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-        let _ = api.create(&PostParams::default(), &ns).await;
-        Self {
-            name,
-            client: client.clone(),
-        }
+impl Process {
+    pub fn spawn(mut command: Command, log: PathBuf) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+        Self { child, log }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 }
 
-impl Drop for TestNamespace {
+impl Drop for Process {
     fn drop(&mut self) {
-        let api: Api<Namespace> = Api::all(self.client.clone());
-        let name = self.name.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = api.delete(&name, &DeleteParams::default()).await;
-            });
-        }
+        self.kill();
     }
 }

@@ -1,6 +1,7 @@
 //! The manifests a user applies agree with the code: flags parse, paths exist, examples are
 //! valid VMDiskImages, CRDs are the generated ones.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
@@ -106,4 +107,125 @@ fn installed_crds_are_the_generated_ones() {
         );
     }
     assert!(resources.contains(&"crds.yaml"));
+}
+
+/// The permissions `deploy/rbac.yaml` grants a ServiceAccount of vmdisk-system, as
+/// (group, resource, verb, scope).
+fn granted(account: &str) -> BTreeSet<vmdisk_crds::Permission> {
+    use k8s_openapi::api::rbac::v1::{
+        ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding,
+    };
+    use vmdisk_crds::AccessScope;
+    let docs = docs("deploy/rbac.yaml");
+    let of_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind).cloned();
+    let cluster_roles: BTreeMap<String, ClusterRole> = of_kind("ClusterRole")
+        .map(|d| serde_yaml::from_value::<ClusterRole>(d).unwrap())
+        .map(|r| (r.metadata.name.clone().unwrap(), r))
+        .collect();
+    let roles: BTreeMap<(String, String), Role> = of_kind("Role")
+        .map(|d| serde_yaml::from_value::<Role>(d).unwrap())
+        .map(|r| {
+            (
+                (
+                    r.metadata.namespace.clone().unwrap(),
+                    r.metadata.name.clone().unwrap(),
+                ),
+                r,
+            )
+        })
+        .collect();
+    let binds_account = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == account
+                && s.namespace.as_deref() == Some(vmdisk_crds::INSTALL_NAMESPACE)
+        })
+    };
+    let scope_of = |namespace: &str| match namespace {
+        vmdisk_crds::INSTALL_NAMESPACE => AccessScope::InstallNamespace,
+        vmdisk_crds::CREDENTIALS_NAMESPACE => AccessScope::CredentialsNamespace,
+        "default" => AccessScope::DefaultNamespace,
+        other => panic!("a Role in unexpected namespace {other}"),
+    };
+    let mut out = BTreeSet::new();
+    let mut add = |rules: &[PolicyRule], scope: AccessScope| {
+        for rule in rules {
+            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+            for group in rule.api_groups.iter().flatten() {
+                for resource in rule.resources.iter().flatten() {
+                    for verb in &rule.verbs {
+                        assert!(
+                            group != "*" && resource != "*" && verb != "*",
+                            "no wildcards in vmdisk's RBAC"
+                        );
+                        out.insert((group.clone(), resource.clone(), verb.clone(), scope));
+                    }
+                }
+            }
+        }
+    };
+    for b in of_kind("ClusterRoleBinding") {
+        let b: ClusterRoleBinding = serde_yaml::from_value(b).unwrap();
+        if binds_account(&b.subjects) {
+            assert_eq!(b.role_ref.kind, "ClusterRole");
+            let role = &cluster_roles[&b.role_ref.name];
+            add(
+                role.rules.as_deref().unwrap_or_default(),
+                AccessScope::Cluster,
+            );
+        }
+    }
+    for b in of_kind("RoleBinding") {
+        let b: RoleBinding = serde_yaml::from_value(b).unwrap();
+        if binds_account(&b.subjects) {
+            let namespace = b.metadata.namespace.clone().unwrap();
+            assert_eq!(
+                b.role_ref.kind, "Role",
+                "vmdisk binds ClusterRoles only cluster-wide"
+            );
+            let role = &roles[&(namespace.clone(), b.role_ref.name.clone())];
+            add(
+                role.rules.as_deref().unwrap_or_default(),
+                scope_of(&namespace),
+            );
+        }
+    }
+    out
+}
+
+fn assert_same_permissions(account: &str, used: BTreeSet<vmdisk_crds::Permission>) {
+    let granted = granted(account);
+    let missing: Vec<_> = used.difference(&granted).collect();
+    let extra: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "deploy/rbac.yaml and the code disagree for {account}:\n  used by the code but not granted: {missing:?}\n  granted but never used: {extra:?}"
+    );
+}
+
+#[test]
+fn webhook_rbac_is_exactly_what_the_code_uses() {
+    assert_same_permissions("vmdisk-webhook", vmdisk_webhook::api_access());
+}
+
+#[test]
+fn cache_agent_rbac_is_exactly_what_the_code_uses() {
+    assert_same_permissions("vmdisk-cache-agent", vmdisk_cache_agent::api_access());
+}
+
+#[test]
+fn agents_read_secrets_only_in_the_credentials_namespace() {
+    let secrets: Vec<_> = granted("vmdisk-cache-agent")
+        .into_iter()
+        .filter(|(_, resource, _, _)| resource == "secrets")
+        .collect();
+    assert_eq!(
+        secrets,
+        vec![(
+            "".to_string(),
+            "secrets".to_string(),
+            "get".to_string(),
+            vmdisk_crds::AccessScope::CredentialsNamespace
+        )]
+    );
 }

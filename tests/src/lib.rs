@@ -6,4 +6,5 @@ pub mod disks;
 pub mod https;
 pub mod push;
 pub mod registry;
+pub mod throttle;
 pub mod webhook;

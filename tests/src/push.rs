@@ -9,7 +9,7 @@ use oci_client::client::{
 use oci_client::manifest::{OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
-use vmdisk_cache_agent::pull::RegistryOptions;
+use vmdisk_registry::pull::RegistryOptions;
 
 use crate::registry::TestRegistry;
 

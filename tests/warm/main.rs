@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use oci_client::secrets::RegistryAuth;
 use vmdisk_cache_agent::convert::ConvertError;
 use vmdisk_cache_agent::extract::{ExtractError, ExtractLimits};
-use vmdisk_cache_agent::pull::{PlatformSpec, PullError, Puller, PullerConfig, RetryPolicy};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::{WarmError, WarmOutcome, WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
+use vmdisk_registry::pull::{PlatformSpec, PullError, Puller, PullerConfig, RetryPolicy};
 use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
 use vmdisk_tests::push::{
     options_for, push_container_disk, push_index, push_layers, LayerSpec, TAR, TAR_GZIP, TAR_ZSTD,
@@ -594,7 +594,7 @@ async fn crash_child() {
         Path::new(v["cache"].as_str().unwrap()),
         Budget::Bytes(1 << 30),
     );
-    let options = vmdisk_cache_agent::pull::RegistryOptions {
+    let options = vmdisk_registry::pull::RegistryOptions {
         insecure: true,
         ..Default::default()
     };

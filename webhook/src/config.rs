@@ -53,6 +53,18 @@ pub struct WebhookArgs {
     #[arg(long, env = "VMDISK_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
 
+    /// vmdisk's namespace (the controllers' Lease lives here).
+    #[arg(long, env = "POD_NAMESPACE", default_value = vmdisk_crds::INSTALL_NAMESPACE)]
+    pub namespace: String,
+
+    /// Namespace where the image controller keeps the agents' copies of pull credentials.
+    #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
+    pub credentials_namespace: String,
+
+    /// This replica's name in leader election.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -73,6 +85,15 @@ impl WebhookArgs {
             filesystem_overhead: self.filesystem_overhead,
             affinity_weight: self.affinity_weight,
             ..MutationConfig::default()
+        }
+    }
+
+    pub fn controller_config(&self) -> crate::controller::ControllerConfig {
+        let defaults = crate::controller::ControllerConfig::default();
+        crate::controller::ControllerConfig {
+            install_namespace: self.namespace.clone(),
+            credentials_namespace: self.credentials_namespace.clone(),
+            identity: self.pod_name.clone().unwrap_or(defaults.identity),
         }
     }
 

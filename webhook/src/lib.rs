@@ -18,14 +18,13 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 
-/// An error and its causes on one line, for log fields.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
+pub use vmdisk_crds::error_chain;
+
+/// Everything `vmdisk-webhook` asks of the API server (as the `vmdisk-webhook`
+/// ServiceAccount): the catalog's watches and the controllers' calls. `deploy/rbac.yaml`
+/// grants exactly this; a test checks it both ways.
+pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
+    let mut lists: Vec<&[vmdisk_crds::ApiAccess]> = vec![catalog::kube::API_ACCESS];
+    lists.extend_from_slice(controller::API_ACCESS);
+    vmdisk_crds::permissions(&lists)
 }

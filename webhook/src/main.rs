@@ -66,7 +66,10 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             let (catalog, tasks) = KubeCatalog::start(client.clone());
             background.extend(tasks);
             if args.controllers {
-                background.push(vmdisk_webhook::controller::spawn(client));
+                background.push(vmdisk_webhook::controller::spawn(
+                    client,
+                    args.controller_config(),
+                ));
             }
             catalog
         }

@@ -96,10 +96,10 @@ async fn cache_demo() -> anyhow::Result<()> {
     use std::time::Instant;
     use vmdisk_cache_agent::clone::clone_disk;
     use vmdisk_cache_agent::extract::ExtractLimits;
-    use vmdisk_cache_agent::pull::{Puller, PullerConfig};
     use vmdisk_cache_agent::store::{Budget, CacheStore};
     use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
     use vmdisk_crds::DiskFormat;
+    use vmdisk_registry::pull::{Puller, PullerConfig};
     use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
 
     println!("\n== vmdisk demo: node cache agent against a local registry ==");

@@ -10,10 +10,27 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
-use vmdisk_crds::{VMDiskImage, IMAGE_LABEL};
+use vmdisk_crds::{AccessScope, ApiAccess, VMDiskImage, IMAGE_LABEL};
 
 use super::ImageCatalog;
 use crate::mutate::ImageLookup;
+
+/// What the catalog asks of the API server: it watches, never writes.
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess::new(
+        "vmdisk.io",
+        "vmdiskimages",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    // Metadata only (PartialObjectMetadata), still authorized as the resource itself.
+    ApiAccess::new(
+        "",
+        "persistentvolumeclaims",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+];
 
 pub struct KubeCatalog {
     images: Store<VMDiskImage>,

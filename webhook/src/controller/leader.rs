@@ -9,7 +9,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 
+use vmdisk_crds::{AccessScope, ApiAccess};
+
 use super::image::{from_timestamp, to_timestamp};
+
+/// What leader election asks of the API server: its Lease, in vmdisk's namespace.
+pub const API_ACCESS: &[ApiAccess] = &[ApiAccess::new(
+    "coordination.k8s.io",
+    "leases",
+    &["get", "create", "update"],
+    AccessScope::InstallNamespace,
+)];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaderAction {

@@ -21,11 +21,12 @@ use oci_client::client::{
 };
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
-use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
+
+pub use crate::options::RegistryOptions;
 
 #[derive(Debug, Error, Clone)]
 pub enum PullError {
@@ -82,28 +83,6 @@ impl Default for PlatformSpec {
 impl std::fmt::Display for PlatformSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)
-    }
-}
-
-/// How to talk to one registry.
-#[derive(Debug, Clone)]
-pub struct RegistryOptions {
-    /// Plain HTTP. Only when asked for.
-    pub insecure: bool,
-    /// Extra CAs (PEM) to trust.
-    pub ca_bundle_pem: Option<Vec<u8>>,
-    pub auth: RegistryAuth,
-    pub platform: PlatformSpec,
-}
-
-impl Default for RegistryOptions {
-    fn default() -> Self {
-        Self {
-            insecure: false,
-            ca_bundle_pem: None,
-            auth: RegistryAuth::Anonymous,
-            platform: PlatformSpec::default(),
-        }
     }
 }
 
@@ -230,7 +209,7 @@ fn classify(registry: &str, reference: &str, e: OciDistributionError) -> PullErr
         E::RequestError(_) | E::IoError(_) => PullError::Transient {
             registry: registry.to_string(),
             attempts: 1,
-            message: crate::error_chain(&e),
+            message: vmdisk_crds::error_chain(&e),
         },
         _ => PullError::Registry {
             registry: registry.to_string(),

@@ -124,6 +124,45 @@ impl DockerConfig {
     }
 }
 
+impl DockerConfig {
+    /// Only the credentials for `registry` (host[:port]): what a node needs to pull one image,
+    /// and nothing it could use elsewhere.
+    pub fn restricted_to(&self, registry: &str) -> Self {
+        let host = normalise_host(registry);
+        Self {
+            auths: self
+                .auths
+                .get(&host)
+                .map(|c| BTreeMap::from([(host, c.clone())]))
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.auths.is_empty()
+    }
+
+    /// As a `.dockerconfigjson` document.
+    pub fn to_json(&self) -> Vec<u8> {
+        let auths: serde_json::Map<String, serde_json::Value> = self
+            .auths
+            .iter()
+            .map(|(host, credential)| {
+                let entry = match credential {
+                    Credential::Basic(user, password) => serde_json::json!({
+                        "auth": base64::engine::general_purpose::STANDARD
+                            .encode(format!("{user}:{password}"))
+                    }),
+                    Credential::Bearer(token) => serde_json::json!({"identitytoken": token}),
+                };
+                (host.clone(), entry)
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({ "auths": auths }))
+            .expect("a docker config serializes")
+    }
+}
+
 /// The credentials for `registry` (host[:port]), anonymous when there are none.
 pub fn registry_auth_for(config: &DockerConfig, registry: &str) -> RegistryAuth {
     match config.auths.get(&normalise_host(registry)) {
@@ -191,6 +230,28 @@ mod tests {
         );
         let err = DockerConfig::from_json(no_colon.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("quay.io"), "{err}");
+    }
+
+    #[test]
+    fn restricted_config_keeps_one_host_and_round_trips() {
+        let json = format!(
+            r#"{{"auths": {{"a.io": {{"auth": "{}"}}, "b.io": {{"identitytoken": "t"}}}}}}"#,
+            b64("u:p")
+        );
+        let c = DockerConfig::from_json(json.as_bytes()).unwrap();
+        let only_a = c.restricted_to("a.io");
+        let again = DockerConfig::from_json(&only_a.to_json()).unwrap();
+        assert_eq!(again, only_a);
+        assert!(
+            matches!(registry_auth_for(&again, "a.io"), RegistryAuth::Basic(u, p) if u == "u" && p == "p")
+        );
+        assert!(matches!(
+            registry_auth_for(&again, "b.io"),
+            RegistryAuth::Anonymous
+        ));
+        let only_b = DockerConfig::from_json(&c.restricted_to("b.io").to_json()).unwrap();
+        assert!(matches!(registry_auth_for(&only_b, "b.io"), RegistryAuth::Bearer(t) if t == "t"));
+        assert!(c.restricted_to("c.io").is_empty());
     }
 
     #[test]

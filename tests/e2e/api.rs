@@ -1,0 +1,387 @@
+//! What the API server itself enforces for vmdisk: the CRDs' validation rules, the RBAC, and the
+//! policy that holds each agent to its own node.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use vmdisk_crds::{
+    AccessScope, NodeDiskCache, Permission, CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE,
+};
+
+use crate::local::LocalInstall;
+use crate::support::{api_error, client_from, service_account_token, wait_for};
+use crate::Case;
+
+fn image_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("vmdisk.io", "v1alpha1", "VMDiskImage"),
+        "vmdiskimages",
+    );
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+fn image(name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// Every CEL rule and schema bound fits the API server's cost budget (the CRD installed at all)
+/// and refuses what it should, with the message a user sees.
+pub async fn crds_refuse_invalid_images_with_their_messages(_fx: Arc<LocalInstall>, case: Case) {
+    let ns = case.namespace("e2e-crd").await;
+    let api = image_api(&case.admin, &ns);
+    let url = |u: &str| json!({"registry": {"url": u}});
+    let long_url = format!("quay.io/{}/disk:1", "a".repeat(600));
+    let invalid = [
+        (
+            "bad-url",
+            json!({"source": url("not a url")}),
+            "url must be an image reference",
+        ),
+        (
+            "no-registry",
+            json!({"source": url("fedora:40")}),
+            "url must be an image reference",
+        ),
+        ("long-url", json!({"source": url(&long_url)}), "Too long"),
+        (
+            "zero-size",
+            json!({"source": url("quay.io/a/b:1"), "size": "0"}),
+            "size must be a positive quantity",
+        ),
+        (
+            "zero-gi",
+            json!({"source": url("quay.io/a/b:1"), "size": "0Gi"}),
+            "size must be a positive quantity",
+        ),
+        (
+            "negative-size",
+            json!({"source": url("quay.io/a/b:1"), "size": "-1Gi"}),
+            "size must be a positive quantity",
+        ),
+        (
+            "word-size",
+            json!({"source": url("quay.io/a/b:1"), "size": "big"}),
+            "size must be a positive quantity",
+        ),
+        (
+            "insecure-and-ca",
+            json!({"source": {"registry": {"url": "quay.io/a/b:1", "insecure": true, "caBundle": "x"}}}),
+            "insecure and caBundle are mutually exclusive",
+        ),
+        (
+            "bad-poll",
+            json!({"source": url("quay.io/a/b:1"), "pollInterval": "5x"}),
+            "pollInterval must look like 30s, 10m or 1h30m",
+        ),
+        (
+            "empty-poll",
+            json!({"source": url("quay.io/a/b:1"), "pollInterval": ""}),
+            "pollInterval must look like",
+        ),
+        (
+            "vhd",
+            json!({"source": url("quay.io/a/b:1"), "format": "vhd"}),
+            "Unsupported value: \"vhd\"",
+        ),
+        (
+            "many-modes",
+            json!({"source": url("quay.io/a/b:1"), "accessModes": ["a", "b", "c", "d", "e"]}),
+            "Too many",
+        ),
+        (
+            "no-source",
+            json!({"format": "raw"}),
+            "spec.source: Required value",
+        ),
+    ];
+    for (name, spec, message) in invalid {
+        let e = api_error(api.create(&PostParams::default(), &image(name, spec)).await);
+        assert_eq!(e.code, 422, "{name}: {e:?}");
+        assert!(
+            e.message.contains(message),
+            "{name}: expected {message:?} in {:?}",
+            e.message
+        );
+    }
+    let valid = [
+        (
+            "minimal",
+            json!({"source": url("quay.io/containerdisks/fedora:40")}),
+        ),
+        (
+            "full",
+            json!({"source": {"registry": {"url": "docker://registry.example.com:5000/disks/win-2025:v1.2_3",
+                    "pullSecretRef": {"name": "creds"}, "caBundle": "-----BEGIN CERTIFICATE-----"}},
+                   "format": "qcow2", "size": "10.5Gi", "storageClassName": "fast",
+                   "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                   "cache": {"nodeSelector": {"zone": "a"}, "prefetch": false, "pinned": true},
+                   "pollInterval": "1h30m"}),
+        ),
+        (
+            "by-digest",
+            json!({"source": url(&format!("quay.io/a/b@sha256:{}", "0a".repeat(32))), "size": "2G"}),
+        ),
+        (
+            "insecure",
+            json!({"source": {"registry": {"url": "10.0.0.1:5000/a/b:1", "insecure": true}}}),
+        ),
+    ];
+    for (name, spec) in valid {
+        api.create(&PostParams::default(), &image(name, spec))
+            .await
+            .unwrap_or_else(|e| panic!("{name} refused: {e}"));
+    }
+}
+
+/// Resources of vmdisk's permissions that are cluster-scoped (asked without a namespace).
+const CLUSTER_SCOPED: &[&str] = &["nodes", "nodediskcaches", "nodediskcaches/status"];
+
+async fn allowed(
+    admin: &Client,
+    account: &str,
+    (group, resource, verb, namespace): (&str, &str, &str, Option<&str>),
+) -> bool {
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_string())),
+        None => (resource, None),
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(format!(
+                "system:serviceaccount:{INSTALL_NAMESPACE}:{account}"
+            )),
+            groups: Some(vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{INSTALL_NAMESPACE}"),
+                "system:authenticated".into(),
+            ]),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource,
+                verb: Some(verb.into()),
+                namespace: namespace.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(admin.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap();
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+fn namespace_of(permission: &Permission, any_namespace: &str) -> Option<String> {
+    let (_, resource, _, scope) = permission;
+    match scope {
+        AccessScope::Cluster if CLUSTER_SCOPED.contains(&resource.as_str()) => None,
+        AccessScope::Cluster => Some(any_namespace.to_string()),
+        other => other.namespace().map(str::to_string),
+    }
+}
+
+/// The real authorizer grants each component every permission its code declares, and refuses
+/// what vmdisk must not be able to do.
+pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>, case: Case) {
+    let ns = case.namespace("e2e-rbac").await;
+    for (account, used) in [
+        ("vmdisk-webhook", vmdisk_webhook::api_access()),
+        ("vmdisk-cache-agent", vmdisk_cache_agent::api_access()),
+    ] {
+        for p in &used {
+            let namespace = namespace_of(p, &ns);
+            let (group, resource, verb, _) = p;
+            assert!(
+                allowed(&case.admin, account, (group, resource, verb, namespace.as_deref())).await,
+                "{account} is not allowed {verb} {group}/{resource} in {namespace:?}, which its code uses"
+            );
+        }
+    }
+    let refused = [
+        (
+            "vmdisk-cache-agent",
+            ("", "secrets", "get", Some(ns.as_str())),
+        ),
+        (
+            "vmdisk-cache-agent",
+            ("", "secrets", "get", Some(INSTALL_NAMESPACE)),
+        ),
+        (
+            "vmdisk-cache-agent",
+            ("", "secrets", "get", Some("default")),
+        ),
+        (
+            "vmdisk-cache-agent",
+            ("", "secrets", "list", Some(CREDENTIALS_NAMESPACE)),
+        ),
+        ("vmdisk-cache-agent", ("", "nodes", "delete", None)),
+        (
+            "vmdisk-cache-agent",
+            (
+                "vmdisk.io",
+                "vmdiskimages/status",
+                "patch",
+                Some(ns.as_str()),
+            ),
+        ),
+        (
+            "vmdisk-cache-agent",
+            ("", "persistentvolumeclaims", "list", None),
+        ),
+        ("vmdisk-webhook", ("", "secrets", "list", Some(ns.as_str()))),
+        (
+            "vmdisk-webhook",
+            ("", "secrets", "create", Some(ns.as_str())),
+        ),
+        ("vmdisk-webhook", ("", "nodes", "patch", None)),
+        (
+            "vmdisk-webhook",
+            ("vmdisk.io", "nodediskcaches/status", "patch", None),
+        ),
+        (
+            "vmdisk-webhook",
+            ("vmdisk.io", "vmdiskimages", "delete", Some(ns.as_str())),
+        ),
+    ];
+    for (account, attributes) in refused {
+        assert!(
+            !allowed(&case.admin, account, attributes).await,
+            "{account} may {attributes:?}, which vmdisk must not be able to do"
+        );
+    }
+}
+
+/// A client with the token of the cache agent's DaemonSet pod on `node`.
+async fn agent_client(fx: &LocalInstall, node: &str, name: &str) -> Client {
+    let pods: Api<Pod> = Api::namespaced(fx.admin.clone(), INSTALL_NAMESPACE);
+    let pod = pods
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/name=vmdisk-cache-agent")
+                .fields(&format!("spec.nodeName={node}")),
+        )
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    let token = service_account_token(
+        &fx.admin,
+        INSTALL_NAMESPACE,
+        "vmdisk-cache-agent",
+        Some((&pod.name_any(), &pod.uid().unwrap())),
+    )
+    .await;
+    client_from(&fx.env.kubeconfig_with_token(fx.work.path(), name, &token)).await
+}
+
+/// With a node's agent token, Secrets are readable in the credentials namespace only.
+pub async fn agents_cannot_read_secrets_outside_the_credentials_namespace(
+    fx: Arc<LocalInstall>,
+    case: Case,
+) {
+    let ns = case.namespace("e2e-secrets").await;
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "database-password"}, "stringData": {"password": "hunter2"}
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(case.admin.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let node = fx.nodes[0].clone();
+    let agent = agent_client(&fx, &node, "secrets-probe").await;
+    for namespace in [ns.as_str(), INSTALL_NAMESPACE, "default", "kube-system"] {
+        let e = api_error(
+            Api::<Secret>::namespaced(agent.clone(), namespace)
+                .get("database-password")
+                .await,
+        );
+        assert_eq!(e.code, 403, "agent read a Secret in {namespace}: {e:?}");
+    }
+    // Where it may read: an absent copy is a 404, not a 403.
+    let e = api_error(
+        Api::<Secret>::namespaced(agent.clone(), CREDENTIALS_NAMESPACE)
+            .get("pull-does-not-exist")
+            .await,
+    );
+    assert_eq!(e.code, 404, "{e:?}");
+}
+
+/// RBAC lets agents patch NodeDiskCaches and Nodes; the ValidatingAdmissionPolicy holds each
+/// to its own node, with a message that says so.
+pub async fn an_agent_cannot_write_another_nodes_objects(fx: Arc<LocalInstall>, case: Case) {
+    let (own, other) = (fx.nodes[0].clone(), fx.nodes[1].clone());
+    let agent = agent_client(&fx, &own, "policy-probe").await;
+    let caches: Api<NodeDiskCache> = Api::all(agent.clone());
+    // The other node's agent creates its NodeDiskCache when it starts.
+    let admin_caches: Api<NodeDiskCache> = Api::all(case.admin.clone());
+    wait_for(
+        "the other node's NodeDiskCache",
+        std::time::Duration::from_secs(60),
+        || {
+            let admin_caches = admin_caches.clone();
+            let other = other.clone();
+            async move {
+                admin_caches
+                    .get(&other)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await;
+    let message = "a vmdisk cache agent may only write its own node's NodeDiskCache and labels";
+    let status = Patch::Merge(json!({"status": {"entryCount": 0}}));
+    let e = api_error(
+        caches
+            .patch_status(&other, &PatchParams::default(), &status)
+            .await,
+    );
+    assert!(e.message.contains(message), "{e:?}");
+    let nodes: Api<Node> = Api::all(agent.clone());
+    let label = |v: serde_json::Value| {
+        Patch::Merge(json!({"metadata": {"labels": {"cache.vmdisk.io/sha256-e2e": v}}}))
+    };
+    let e = api_error(
+        nodes
+            .patch(&other, &PatchParams::default(), &label(json!("ready")))
+            .await,
+    );
+    assert!(e.message.contains(message), "{e:?}");
+    // Its own node's objects it may write.
+    nodes
+        .patch(&own, &PatchParams::default(), &label(json!("ready")))
+        .await
+        .expect("own node's labels");
+    nodes
+        .patch(
+            &own,
+            &PatchParams::default(),
+            &label(serde_json::Value::Null),
+        )
+        .await
+        .expect("own node's labels");
+    caches
+        .patch_status(
+            &own,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {}})),
+        )
+        .await
+        .expect("own NodeDiskCache");
+}

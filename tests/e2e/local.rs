@@ -1,0 +1,367 @@
+//! Phase `local`: vmdisk installed from `deploy/` with `kubectl apply -k`, its components run
+//! as the shipped binaries on this machine with their production credentials.
+//!
+//! - The webhook (admission + image controller) authenticates with a token of the
+//!   `vmdisk-webhook` ServiceAccount; the MutatingWebhookConfiguration, as shipped except that
+//!   `clientConfig` becomes a `url` on this machine and the `caBundle` the suite's CA.
+//! - One cache agent per node authenticates with a token of `vmdisk-cache-agent` bound to
+//!   the DaemonSet's pod on that node, so the API server records the node in the token and the
+//!   ValidatingAdmissionPolicy can hold the agent to its own node. (The DaemonSet's pods exist
+//!   as objects; on the suite's fake nodes they never run, which is what makes room for the
+//!   local agent.)
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use tempfile::TempDir;
+use vmdisk_crds::{CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE, NODE_CACHE_LABEL_PREFIX};
+use vmdisk_tests::certs::TestCa;
+use vmdisk_tests::https::{client_config, Connection};
+
+use crate::support::{service_account_token, wait_for, Env, Process, NAMESPACE_LABEL};
+use crate::{cases, CaseDef};
+
+pub fn cases() -> Vec<CaseDef<LocalInstall>> {
+    cases![
+        crate::api::crds_refuse_invalid_images_with_their_messages,
+        crate::api::rbac_grants_exactly_what_the_components_use,
+        crate::api::agents_cannot_read_secrets_outside_the_credentials_namespace,
+        crate::api::an_agent_cannot_write_another_nodes_objects,
+        crate::flow::private_image_is_resolved_warmed_where_selected_and_steers_pods,
+        crate::flow::an_agent_killed_mid_warm_finishes_after_restart,
+        crate::flow::deleting_an_image_clears_its_label_and_credentials,
+    ]
+}
+
+/// A cache agent process and how to start it again.
+pub struct LocalAgent {
+    pub process: Option<Process>,
+    pub cache_dir: PathBuf,
+    command: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+pub struct LocalInstall {
+    pub env: Env,
+    pub admin: Client,
+    pub work: TempDir,
+    pub webhook: Mutex<Process>,
+    pub agents: Mutex<BTreeMap<String, LocalAgent>>,
+    /// Fake nodes first (pods there never run), then real ones.
+    pub nodes: Vec<String>,
+}
+
+fn free_port(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl LocalInstall {
+    pub async fn setup(env: Env) -> Result<Self, String> {
+        let admin = env.admin().await;
+        let work = tempfile::tempdir().unwrap();
+        if let Some(dir) = &env.prereq_crds {
+            env.kubectl(&["apply", "-f", &dir.display().to_string()]);
+        }
+        // As a user installs it.
+        env.kubectl(&["apply", "-k", "deploy/"]);
+        env.kubectl(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/vmdiskimages.vmdisk.io",
+            "crd/nodediskcaches.vmdisk.io",
+        ]);
+
+        // The webhook on this machine, reached by the API server through clientConfig.url.
+        let ca = TestCa::new("vmdisk e2e webhook CA");
+        let pair = ca.issue(&[env.host.as_str()]);
+        let tls_dir = work.path().join("webhook-tls");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        std::fs::write(tls_dir.join("tls.crt"), &pair.cert_pem).unwrap();
+        std::fs::write(tls_dir.join("tls.key"), &pair.key_pem).unwrap();
+        let port = free_port(&env.host);
+        let listen = format!("{}:{port}", env.host);
+        point_webhooks_at(&admin, &format!("https://{listen}"), &ca.cert_pem()).await;
+
+        let token = service_account_token(&admin, INSTALL_NAMESPACE, "vmdisk-webhook", None).await;
+        let kubeconfig = env.kubeconfig_with_token(work.path(), "vmdisk-webhook", &token);
+        let mut command = Command::new(env.binary("vmdisk-webhook"));
+        command
+            .args(["--listen", &listen, "--cert-dir"])
+            .arg(&tls_dir)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", "e2e-local-webhook")
+            .env("RUST_LOG", "info,vmdisk_webhook=debug");
+        let webhook = Process::spawn(command, work.path().join("webhook.log"));
+        let config = client_config(&ca.cert_pem());
+        let addr: SocketAddr = listen.parse().map_err(|e| format!("{listen}: {e}"))?;
+        let host = env.host.clone();
+        wait_for("the webhook to be ready", Duration::from_secs(60), || {
+            let config = Arc::clone(&config);
+            let host = host.clone();
+            async move {
+                let mut c = Connection::open(addr, &host, config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = c
+                    .request("GET", "/readyz", None, "")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                (reply.status == 200).then_some(()).ok_or(reply.text())
+            }
+        })
+        .await;
+
+        // One agent per node, each bound to the DaemonSet's pod object on its node.
+        let mut nodes: Vec<Node> = Api::<Node>::all(admin.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        nodes.sort_by_key(|n| (is_real(n), n.name_any()));
+        let nodes: Vec<String> = nodes.iter().map(|n| n.name_any()).collect();
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
+        let mut agents = BTreeMap::new();
+        for node in &nodes {
+            let pod = wait_for(
+                &format!("the cache agent DaemonSet pod on {node}"),
+                Duration::from_secs(60),
+                || {
+                    let pods = pods.clone();
+                    let node = node.clone();
+                    async move {
+                        pods.list(
+                            &ListParams::default()
+                                .labels("app.kubernetes.io/name=vmdisk-cache-agent")
+                                .fields(&format!("spec.nodeName={node}")),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| "no pod yet".to_string())
+                    }
+                },
+            )
+            .await;
+            let token = service_account_token(
+                &admin,
+                INSTALL_NAMESPACE,
+                "vmdisk-cache-agent",
+                Some((&pod.name_any(), &pod.uid().unwrap())),
+            )
+            .await;
+            let kubeconfig =
+                env.kubeconfig_with_token(work.path(), &format!("agent-{node}"), &token);
+            let cache_dir = work.path().join(format!("cache-{node}"));
+            let command = vec![
+                "run".to_string(),
+                "--node-name".into(),
+                node.clone(),
+                "--cache-dir".into(),
+                cache_dir.display().to_string(),
+                "--budget".into(),
+                "8Gi".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+                "--resync-seconds".into(),
+                "5".into(),
+            ];
+            let mut agent = LocalAgent {
+                process: None,
+                cache_dir,
+                command,
+                kubeconfig,
+            };
+            agent.process = Some(spawn_agent(&env, work.path(), node, &agent));
+            agents.insert(node.clone(), agent);
+        }
+        Ok(Self {
+            env,
+            admin,
+            work,
+            webhook: Mutex::new(webhook),
+            agents: Mutex::new(agents),
+            nodes,
+        })
+    }
+
+    /// The fake nodes (pods bound there never run), for placement tests.
+    pub fn fake_nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.as_str() != "node-real")
+            .cloned()
+            .collect()
+    }
+
+    pub fn cache_dir(&self, node: &str) -> PathBuf {
+        self.agents.lock().unwrap()[node].cache_dir.clone()
+    }
+
+    /// SIGKILLs the node's agent (as a crashing pod would die).
+    pub fn kill_agent(&self, node: &str) {
+        if let Some(p) = &mut self.agents.lock().unwrap().get_mut(node).unwrap().process {
+            p.kill();
+        }
+    }
+
+    /// Starts the node's agent again, on the same cache directory.
+    pub fn start_agent(&self, node: &str) {
+        let mut agents = self.agents.lock().unwrap();
+        let agent = agents.get_mut(node).unwrap();
+        agent.process = Some(spawn_agent(&self.env, self.work.path(), node, agent));
+    }
+
+    /// The agent's log tail, for failure messages.
+    pub fn agent_log(&self, node: &str) -> String {
+        self.agents.lock().unwrap()[node]
+            .process
+            .as_ref()
+            .map(Process::tail)
+            .unwrap_or_default()
+    }
+
+    pub fn webhook_log(&self) -> String {
+        self.webhook.lock().unwrap().tail()
+    }
+
+    pub async fn teardown(&self) {
+        self.webhook.lock().unwrap().kill();
+        for agent in self.agents.lock().unwrap().values_mut() {
+            if let Some(p) = &mut agent.process {
+                p.kill();
+            }
+        }
+        uninstall(&self.env, &self.admin).await;
+    }
+}
+
+fn is_real(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.node_info.as_ref())
+        .is_some_and(|i| !i.kubelet_version.is_empty())
+}
+
+fn spawn_agent(env: &Env, work: &std::path::Path, node: &str, agent: &LocalAgent) -> Process {
+    let mut command = Command::new(env.binary("vmdisk-cache-agent"));
+    command
+        .args(&agent.command)
+        .env("KUBECONFIG", &agent.kubeconfig)
+        .env("RUST_LOG", "info");
+    Process::spawn(command, work.join(format!("agent-{node}.log")))
+}
+
+/// Rewrites each webhook's `clientConfig` from the in-cluster Service to `base` + its path,
+/// trusting `ca_pem`. Everything else stays as shipped.
+async fn point_webhooks_at(admin: &Client, base: &str, ca_pem: &str) {
+    use base64::Engine as _;
+    let api: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
+    let config = api.get("vmdisk").await.unwrap();
+    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let ops: Vec<serde_json::Value> = config
+        .webhooks
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(i, hook)| {
+            let path = hook
+                .client_config
+                .service
+                .as_ref()
+                .and_then(|s| s.path.clone())
+                .unwrap_or_default();
+            serde_json::json!({"op": "replace", "path": format!("/webhooks/{i}/clientConfig"),
+                "value": {"url": format!("{base}{path}"), "caBundle": bundle}})
+        })
+        .collect();
+    api.patch(
+        "vmdisk",
+        &PatchParams::default(),
+        &Patch::<()>::Json(serde_json::from_value(serde_json::Value::Array(ops)).unwrap()),
+    )
+    .await
+    .unwrap();
+}
+
+/// Removes everything an installation and its cases left: the `deploy/` objects (CRDs, and with
+/// them every VMDiskImage and NodeDiskCache), the cases' namespaces, the agents' node labels.
+pub async fn uninstall(env: &Env, admin: &Client) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let _ = env.kubectl_status(&[
+        "delete",
+        "namespace",
+        "-l",
+        &format!("{NAMESPACE_LABEL}=true"),
+        "--wait=false",
+    ]);
+    let _ = env.kubectl_status(&[
+        "delete",
+        "-k",
+        "deploy/",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
+    // Pods on fake nodes never finish terminating by themselves.
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let _ = wait_for(
+        "the suite's namespaces to go",
+        Duration::from_secs(180),
+        || {
+            let namespaces = namespaces.clone();
+            let admin = admin.clone();
+            async move {
+                let left: Vec<String> = namespaces
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .into_iter()
+                    .filter(|n| {
+                        n.labels().contains_key(NAMESPACE_LABEL)
+                            || [INSTALL_NAMESPACE, CREDENTIALS_NAMESPACE]
+                                .contains(&n.name_any().as_str())
+                    })
+                    .map(|n| n.name_any())
+                    .collect();
+                for ns in &left {
+                    crate::support::force_delete_pods(&admin, ns).await;
+                }
+                left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+            }
+        },
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for node in nodes.list(&ListParams::default()).await.unwrap().items {
+        let stale: serde_json::Map<String, serde_json::Value> = node
+            .labels()
+            .keys()
+            .filter(|k| k.starts_with(NODE_CACHE_LABEL_PREFIX))
+            .map(|k| (k.clone(), serde_json::Value::Null))
+            .collect();
+        if !stale.is_empty() {
+            let _ = nodes
+                .patch(
+                    &node.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"metadata": {"labels": stale}})),
+                )
+                .await;
+        }
+    }
+}
