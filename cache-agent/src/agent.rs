@@ -21,6 +21,7 @@ use vmdisk_registry::{DockerConfig, RegistryOptions};
 use crate::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
 use crate::store::EntryKey;
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
+use crate::watch::EntryChange;
 
 /// What the run loop asks of the API server (besides [`crate::report::API_ACCESS`]).
 pub const API_ACCESS: &[ApiAccess] = &[
@@ -216,12 +217,19 @@ impl Agent {
             };
             tokio::select! {
                 () = wake.notified() => {}
-                change = changed => {
-                    if let Some(change) = change {
-                        tracing::warn!(?change, "cache entry changed behind the agent's back; dropped from the index");
-                        let _ = self.reporter.event(reasons::CACHE_ENTRY_LOST, &format!("{change:?}"), true).await;
+                change = changed => match change {
+                    Some(EntryChange::Lost { key, reason }) => {
+                        tracing::warn!(entry = %key, %reason, "cache entry changed behind the agent's back; dropped from the index");
+                        let _ = self.reporter.event(reasons::CACHE_ENTRY_LOST, &format!("{key}: {reason}"), true).await;
                     }
-                }
+                    Some(EntryChange::Adopted { key }) => {
+                        tracing::info!(entry = %key, "entry committed by another process (a populator pod) indexed");
+                        if let Err(e) = self.warmer.store().make_room(0) {
+                            tracing::warn!(error = %e, "cache over budget");
+                        }
+                    }
+                    None => {}
+                },
                 () = tokio::time::sleep(self.resync) => {}
             }
         }

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clone::clone_disk;
 use crate::extract::ExtractLimits;
-use crate::store::{Budget, CacheStore, EntryKey};
+use crate::populate::{parse_owner, populate, PopulateProgress, PopulateRequest};
+use crate::store::{Budget, CacheStore, StoreRole};
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -52,11 +52,23 @@ pub struct RegistryArgs {
     #[arg(long)]
     insecure: bool,
     /// PEM file of extra CAs to trust for the registry.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ca_bundle_pem")]
     ca_bundle: Option<PathBuf>,
+    /// Extra CAs to trust for the registry, as PEM text (how populator pods get a
+    /// VMDiskImage's caBundle).
+    #[arg(long, env = "VMDISK_CA_BUNDLE", hide_env_values = true)]
+    ca_bundle_pem: Option<String>,
     /// Docker config.json with registry credentials (default: ~/.docker/config.json if present).
-    #[arg(long, env = "DOCKER_CONFIG_FILE")]
+    #[arg(
+        long,
+        env = "DOCKER_CONFIG_FILE",
+        conflicts_with = "credentials_secret"
+    )]
     docker_config: Option<PathBuf>,
+    /// A kubernetes.io/dockerconfigjson Secret, NAMESPACE/NAME, read with the pod's
+    /// in-cluster credentials (the image controller's copy of a VMDiskImage's pull secret).
+    #[arg(long)]
+    credentials_secret: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,8 +103,9 @@ pub enum Mode {
         #[command(flatten)]
         registry: RegistryArgs,
     },
-    /// Fill a PVC: copy a cache entry (pulling it first when the cache is cold) to a target
-    /// file or block device, and grow it to the requested size.
+    /// Fill a PVC: copy a cache entry (warming it first when the cache is cold) to a target
+    /// file or block device. Shares the cache with a running agent. Exit status 2 means
+    /// retrying cannot help (image missing or refused, disk larger than the volume).
     Populate {
         /// Image reference, pinned to a digest.
         image: String,
@@ -103,9 +116,21 @@ pub enum Mode {
         /// Target: a file path (Filesystem mode) or a block device (Block mode).
         #[arg(long)]
         target: PathBuf,
-        /// Size of the volume (raw targets are grown to it).
+        /// Size the target file ends up with (raw: its length; qcow2: its virtual size);
+        /// smaller than the disk is an error. Ignored for block devices.
         #[arg(long)]
         size: Option<String>,
+        /// Owner of the target file, UID:GID (KubeVirt's qemu runs as 107:107).
+        #[arg(long, value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
+        /// A PVC, NAMESPACE/NAME, whose `vmdisk.io/progress` annotation follows the progress
+        /// (the populator's prime PVC).
+        #[arg(long)]
+        progress_pvc: Option<String>,
+        /// Where to write the outcome in one line for Kubernetes (a pod's
+        /// terminationMessagePath).
+        #[arg(long)]
+        termination_log: Option<PathBuf>,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -119,15 +144,20 @@ pub enum Mode {
     },
 }
 
-fn open_store(args: &CacheArgs) -> anyhow::Result<Arc<CacheStore>> {
+fn open_store(args: &CacheArgs, role: OpenAs) -> anyhow::Result<Arc<CacheStore>> {
     let budget: Budget = args
         .budget
         .parse()
         .map_err(|e| anyhow::anyhow!("--budget {:?}: {e}", args.budget))?;
     std::fs::create_dir_all(&args.cache_dir)
         .with_context(|| format!("creating cache directory {}", args.cache_dir.display()))?;
-    let (store, report) = CacheStore::open(&args.cache_dir, budget)
-        .with_context(|| format!("opening cache {}", args.cache_dir.display()))?;
+    let opened = match role {
+        OpenAs::Owner => CacheStore::open(&args.cache_dir, budget),
+        OpenAs::OwnerIfFree => CacheStore::open_shared(&args.cache_dir, budget),
+        OpenAs::Guest => CacheStore::open_guest(&args.cache_dir).map(|s| (s, Default::default())),
+    };
+    let (store, report) =
+        opened.with_context(|| format!("opening cache {}", args.cache_dir.display()))?;
     if report.removed_staging > 0 || !report.removed_corrupt.is_empty() {
         tracing::warn!(
             staging = report.removed_staging,
@@ -135,7 +165,21 @@ fn open_store(args: &CacheArgs) -> anyhow::Result<Arc<CacheStore>> {
             "cleaned up after an interrupted run"
         );
     }
+    if store.role() == StoreRole::Guest && role == OpenAs::OwnerIfFree {
+        tracing::info!("an agent owns this cache: sharing it (no cleanup, no eviction here)");
+    }
     Ok(Arc::new(store))
+}
+
+/// How a mode opens the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenAs {
+    /// `run`: the agent owns the node's cache.
+    Owner,
+    /// `warm`, `ls`: own it when no agent does, share it otherwise.
+    OwnerIfFree,
+    /// `populate`: always share.
+    Guest,
 }
 
 fn warmer(args: &CacheArgs, store: Arc<CacheStore>) -> anyhow::Result<Warmer> {
@@ -148,24 +192,29 @@ fn warmer(args: &CacheArgs, store: Arc<CacheStore>) -> anyhow::Result<Warmer> {
     Ok(Warmer::new(store, puller, ExtractLimits { max_disk_bytes }))
 }
 
-fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
+async fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
     let reference = ImageReference::parse(image)?;
-    let ca_bundle = match &args.ca_bundle {
-        Some(path) => {
+    let ca_bundle = match (&args.ca_bundle, &args.ca_bundle_pem) {
+        (Some(path), _) => {
             Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
         }
-        None => None,
+        (None, Some(pem)) => Some(pem.clone().into_bytes()),
+        (None, None) => None,
     };
-    let config_path = args.docker_config.clone().or_else(|| {
-        let p = PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json");
-        p.exists().then_some(p)
-    });
-    let credentials = match config_path {
-        Some(path) => Some(
-            DockerConfig::from_file(&path)
-                .with_context(|| format!("reading docker config {}", path.display()))?,
-        ),
-        None => None,
+    let credentials = if let Some(secret) = &args.credentials_secret {
+        Some(read_credentials_secret(secret).await?)
+    } else {
+        let config_path = args.docker_config.clone().or_else(|| {
+            let p = PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json");
+            p.exists().then_some(p)
+        });
+        match config_path {
+            Some(path) => Some(
+                DockerConfig::from_file(&path)
+                    .with_context(|| format!("reading docker config {}", path.display()))?,
+            ),
+            None => None,
+        }
     };
     Ok(RegistryOptions::new(
         &reference,
@@ -173,6 +222,77 @@ fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<Registry
         ca_bundle,
         credentials.as_ref(),
     ))
+}
+
+fn namespaced(text: &str, flag: &str) -> anyhow::Result<(String, String)> {
+    text.split_once('/')
+        .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+        .map(|(ns, name)| (ns.to_string(), name.to_string()))
+        .ok_or_else(|| anyhow::anyhow!("{flag} {text:?}: expected NAMESPACE/NAME"))
+}
+
+/// What populate's `--credentials-secret` and `--progress-pvc` ask of the API server (as the
+/// populator pods' `vmdisk-populator` ServiceAccount).
+pub const POPULATOR_API_ACCESS: &[vmdisk_crds::ApiAccess] = &[
+    vmdisk_crds::ApiAccess::new(
+        "",
+        "secrets",
+        &["get"],
+        vmdisk_crds::AccessScope::CredentialsNamespace,
+    ),
+    vmdisk_crds::ApiAccess::new(
+        "",
+        "persistentvolumeclaims",
+        &["patch"],
+        vmdisk_crds::AccessScope::InstallNamespace,
+    ),
+];
+
+async fn read_credentials_secret(secret: &str) -> anyhow::Result<DockerConfig> {
+    let (namespace, name) = namespaced(secret, "--credentials-secret")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API to read --credentials-secret")?;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(client, &namespace);
+    let s = secrets
+        .get(&name)
+        .await
+        .with_context(|| format!("reading Secret {secret}"))?;
+    DockerConfig::from_secret_data(&s.data.unwrap_or_default())
+        .with_context(|| format!("Secret {secret}"))
+}
+
+/// Keeps `vmdisk.io/progress` on a PVC in step with `percent` until aborted.
+async fn report_progress(pvc: String, percent: Arc<std::sync::atomic::AtomicU8>) {
+    let Ok((namespace, name)) = namespaced(&pvc, "--progress-pvc") else {
+        return;
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot report progress");
+            return;
+        }
+    };
+    let api: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        kube::Api::namespaced(client, &namespace);
+    let mut last = None;
+    loop {
+        let now = percent.load(std::sync::atomic::Ordering::Relaxed);
+        if last != Some(now) {
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                vmdisk_crds::PROGRESS_ANNOTATION: format!("{now}%")}}});
+            match api
+                .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => last = Some(now),
+                Err(e) => tracing::debug!(error = %e, "progress not reported"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Progress for a person: a bar on a terminal, plain lines otherwise.
@@ -235,8 +355,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             registry,
         } => {
-            let options = registry_options(&image, &registry)?;
-            let store = open_store(&cache)?;
+            let options = registry_options(&image, &registry).await?;
+            let store = open_store(&cache, OpenAs::OwnerIfFree)?;
             let warmer = warmer(&cache, store)?;
             let outcome = warmer
                 .warm(
@@ -262,34 +382,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Mode::Ls { cache, json } => {
-            let store = open_store(&cache)?;
+            let store = open_store(&cache, OpenAs::OwnerIfFree)?;
             let mut entries = store.entries();
             entries.sort_by_key(|e| std::cmp::Reverse(e.meta.last_used));
             if json {
                 let rows: Vec<_> = entries.iter().map(|e| &e.meta).collect();
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!(
-                    "{:<73} {:<6} {:>14} {:>14} {:<20} PINNED",
-                    "DIGEST", "FORMAT", "VIRTUAL", "ALLOCATED", "LAST USED"
-                );
-                for e in &entries {
-                    println!(
-                        "{:<73} {:<6} {:>14} {:>14} {:<20} {}",
-                        e.key.digest,
-                        e.key.format,
-                        e.meta.virtual_size,
-                        e.meta.allocated_size,
-                        e.meta.last_used.format("%Y-%m-%d %H:%M:%S"),
-                        store.is_pinned(&e.key)
-                    );
-                }
-                println!(
-                    "{} entries, {} bytes used of {} budget",
-                    entries.len(),
-                    store.used_bytes(),
-                    store.budget_bytes()
-                );
+                print!("{}", ls_table(&store, &entries));
             }
             Ok(())
         }
@@ -299,59 +399,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             target,
             size,
+            owner,
+            progress_pvc,
+            termination_log,
             registry,
         } => {
-            let size = size
-                .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
-                .transpose()?;
-            let options = registry_options(&image, &registry)?;
-            let store = open_store(&cache)?;
-            let warmer = warmer(&cache, Arc::clone(&store))?;
-            let outcome = warmer
-                .warm(
-                    WarmRequest {
-                        reference: image.clone(),
-                        format,
-                        registry: options,
-                    },
-                    Arc::new(|_| {}),
-                )
-                .await
-                .map_err(|e| anyhow::anyhow!(crate::error_chain(e.as_ref())))?;
-            let key: EntryKey = outcome.entry.key.clone();
-            let lease = store
-                .lease(&key)
-                .context("the cache entry was evicted before it could be leased")?;
-            let source = outcome.entry.disk_path.clone();
-            let dest = target.clone();
-            // A raw disk grows by length; a qcow2 file's length is not its virtual size, so it
-            // is grown by `qemu-img resize` below instead.
-            let grow_to = if format == DiskFormat::Raw {
-                size
-            } else {
-                None
-            };
-            let report =
-                tokio::task::spawn_blocking(move || clone_disk(&source, &dest, grow_to)).await??;
-            drop(lease);
-            store.touch(&key);
-            if format == DiskFormat::Qcow2 {
-                if let Some(bytes) = size.filter(|s| *s > outcome.entry.meta.virtual_size) {
-                    crate::convert::resize(&target, bytes).await?;
+            let result = run_populate(PopulateArgs {
+                image,
+                cache,
+                format,
+                target,
+                size,
+                owner,
+                progress_pvc,
+                registry,
+            })
+            .await;
+            if let Some(path) = termination_log {
+                let line = match &result {
+                    Ok(summary) => summary.clone(),
+                    Err(e) => format!("{e:#}"),
+                };
+                if let Err(e) = std::fs::write(&path, line) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot write the termination log");
                 }
             }
-            println!(
-                "populated {} from {} ({:?}, {} bytes written, {})",
-                target.display(),
-                key.digest,
-                report.method,
-                report.bytes_written,
-                if outcome.pulled {
-                    "cold: pulled"
-                } else {
-                    "warm: cache hit"
-                }
-            );
+            println!("{}", result?);
             Ok(())
         }
         Mode::Run {
@@ -361,7 +434,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             resync_seconds,
             credentials_namespace,
         } => {
-            let store = open_store(&cache)?;
+            let store = open_store(&cache, OpenAs::Owner)?;
             let warmer = warmer(&cache, store)?;
             let client = kube::Client::try_default()
                 .await
@@ -387,4 +460,106 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+struct PopulateArgs {
+    image: String,
+    cache: CacheArgs,
+    format: DiskFormat,
+    target: PathBuf,
+    size: Option<String>,
+    owner: Option<(u32, u32)>,
+    progress_pvc: Option<String>,
+    registry: RegistryArgs,
+}
+
+/// `populate`; the one-line summary on success. A [`crate::populate::PopulateError`] stays
+/// inside the anyhow error, so `main` can tell permanent failures by their type.
+async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
+    let size = args
+        .size
+        .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
+        .transpose()?;
+    let options = registry_options(&args.image, &args.registry).await?;
+    let store = open_store(&args.cache, OpenAs::Guest)?;
+    let warmer = warmer(&args.cache, store)?;
+    let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let reporter = args
+        .progress_pvc
+        .clone()
+        .map(|pvc| tokio::spawn(report_progress(pvc, Arc::clone(&percent))));
+    let progress = {
+        let percent = Arc::clone(&percent);
+        Arc::new(move |p: PopulateProgress| {
+            percent.fetch_max(p.percent(), std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let result = populate(
+        &warmer,
+        PopulateRequest {
+            reference: args.image.clone(),
+            format: args.format,
+            registry: options,
+            target: args.target.clone(),
+            size,
+            owner: args.owner,
+        },
+        progress,
+    )
+    .await;
+    if let Some(task) = reporter {
+        // One last report, so the PVC says 100% on success.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task.abort();
+        if result.is_ok() {
+            percent.store(100, std::sync::atomic::Ordering::Relaxed);
+            let last = tokio::spawn(report_progress(
+                args.progress_pvc.clone().unwrap_or_default(),
+                Arc::clone(&percent),
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            last.abort();
+        }
+    }
+    let report = result?;
+    Ok(format!(
+        "populated {} from {} ({:?}, {} bytes written, {} bytes, {})",
+        args.target.display(),
+        report.key.digest,
+        report.method,
+        report.bytes_written,
+        report.target_size,
+        if report.cache_hit {
+            "warm: cache hit"
+        } else {
+            "cold: pulled"
+        }
+    ))
+}
+
+/// `ls` for people: sizes in binary units, newest use first.
+fn ls_table(store: &CacheStore, entries: &[crate::store::CacheEntry]) -> String {
+    use vmdisk_crds::format_bytes_human as human;
+    let mut out = format!(
+        "{:<73} {:<6} {:>10} {:>10} {:<20} PINNED\n",
+        "DIGEST", "FORMAT", "VIRTUAL", "ALLOCATED", "LAST USED"
+    );
+    for e in entries {
+        out.push_str(&format!(
+            "{:<73} {:<6} {:>10} {:>10} {:<20} {}\n",
+            e.key.digest,
+            e.key.format,
+            human(e.meta.virtual_size),
+            human(e.meta.allocated_size),
+            e.meta.last_used.format("%Y-%m-%d %H:%M:%S"),
+            if store.is_pinned(&e.key) { "yes" } else { "no" }
+        ));
+    }
+    out.push_str(&format!(
+        "{} entries, {} used of a {} budget\n",
+        entries.len(),
+        human(store.used_bytes()),
+        human(store.budget_bytes())
+    ));
+    out
 }

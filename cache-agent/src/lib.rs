@@ -7,6 +7,8 @@ pub mod cli;
 pub mod clone;
 pub mod convert;
 pub mod extract;
+pub mod lock;
+pub mod populate;
 pub mod report;
 pub mod store;
 pub mod warm;

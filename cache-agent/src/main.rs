@@ -27,7 +27,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            // 2: running again cannot help (the populator stops retrying).
+            let permanent = e
+                .downcast_ref::<vmdisk_cache_agent::populate::PopulateError>()
+                .is_some_and(|p| p.is_permanent());
+            std::process::ExitCode::from(if permanent { 2 } else { 1 })
         }
     }
 }

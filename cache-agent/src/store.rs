@@ -7,7 +7,18 @@
 //! <root>/entries/<algorithm>-<hex>-<format>/disk.<format>   the disk (raw or qcow2)
 //! <root>/entries/<algorithm>-<hex>-<format>/meta.json       EntryMeta + the disk's length
 //! <root>/staging/<random>/                                  work in progress
+//! <root>/staging/<random>.lock                              held by whoever works there
+//! <root>/leases/<algorithm>-<hex>-<format>.lock             shared by processes copying out
+//! <root>/locks/<algorithm>-<hex>-<format>.lock              held while the entry is warmed
+//! <root>/owner.lock                                         held by the owning agent
 //! ```
+//!
+//! Several processes share a node's cache: the agent that **owns** it (the only one that
+//! cleans staging and evicts) and **guests** (populator pods) that copy entries out and, when
+//! an entry is cold, warm it themselves. They coordinate with `flock` locks, which die with
+//! their process: a staging directory is removed only when its lock is free (its writer is
+//! gone); a guest copying an entry holds a shared lease lock, which eviction must take
+//! exclusively; one process at a time warms an entry, and the others find it committed.
 //!
 //! One flat directory per entry (rather than `<algo>/<hex>/<format>/`) so that creating and
 //! deleting an entry is a single rename of a single directory.
@@ -35,6 +46,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmdisk_crds::{parse_quantity, DiskFormat};
 
+use crate::lock::{self, FileLock};
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("{context}: {source}")]
@@ -58,6 +71,8 @@ pub enum StoreError {
     Inconsistent { key: String, problem: String },
     #[error("{0} is not inside this cache's staging area")]
     ForeignStaging(PathBuf),
+    #[error("cache {0} is owned by another running vmdisk-cache-agent (only one agent per cache directory)")]
+    Owned(PathBuf),
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -333,35 +348,50 @@ struct Inner {
     /// Recency: the most recently used entry is at the front.
     recency: LruCache<EntryKey, ()>,
     pinned: HashSet<EntryKey>,
-    leases: HashMap<EntryKey, usize>,
 }
 
-fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+fn lock_inner(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // The index stays consistent across a panic elsewhere (every update is a single insert or
     // remove), so a poisoned lock is still usable.
     inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a process uses a shared cache directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreRole {
+    /// Cleans staging and evicts (the node's agent; `warm` and `ls` when no agent runs).
+    Owner,
+    /// Reads, leases and commits, never cleans or evicts (populator pods).
+    Guest,
 }
 
 /// The node cache. `Send + Sync`; share it behind an `Arc`. All methods take `&self`.
 pub struct CacheStore {
     root: PathBuf,
     budget: Budget,
+    role: StoreRole,
     inner: Arc<Mutex<Inner>>,
     evictions: AtomicU64,
+    _owner: Option<FileLock>,
 }
 
 /// What `open` cleaned up.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OpenReport {
+    /// Abandoned staging directories (their writer is gone) removed.
     pub removed_staging: usize,
+    /// Staging directories left alone because another process is still working in them.
+    pub busy_staging: usize,
     /// `<entry directory>: <what was wrong>` for each removed entry.
     pub removed_corrupt: Vec<String>,
 }
 
 /// A directory in staging, deleted on drop. `commit` moves the finished entry out of it
-/// first, so whatever else was left in it (layers, scratch files) goes with it.
+/// first, so whatever else was left in it (layers, scratch files) goes with it. Its lock tells
+/// the owner's cleanup that somebody still works here.
 pub struct StagingDir {
     path: PathBuf,
+    lock: FileLock,
 }
 
 impl StagingDir {
@@ -374,33 +404,23 @@ impl Drop for StagingDir {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not delete a staging directory; the next start removes it");
+                tracing::warn!(path = %self.path.display(), error = %e, "could not delete a staging directory; the owner's next start removes it");
             }
         }
+        self.lock.remove_file();
     }
 }
 
-/// Keeps an entry from eviction while held (a populate copying from it).
+/// Keeps an entry from eviction while held (a populate copying from it), in this process or
+/// any other: a shared lock on the entry's lease file, which eviction must take exclusively.
 pub struct Lease {
     key: EntryKey,
-    inner: Arc<Mutex<Inner>>,
+    _lock: FileLock,
 }
 
 impl Lease {
     pub fn key(&self) -> &EntryKey {
         &self.key
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let mut inner = lock(&self.inner);
-        if let Some(n) = inner.leases.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                inner.leases.remove(&self.key);
-            }
-        }
     }
 }
 
@@ -474,27 +494,71 @@ fn crash_point(name: &str) {
 fn crash_point(_name: &str) {}
 
 impl CacheStore {
+    /// Opens the cache as its owner: cleans abandoned staging, removes broken entries, evicts.
+    /// Fails when another process owns it.
     pub fn open(root: &Path, budget: Budget) -> Result<(Self, OpenReport), StoreError> {
+        Self::open_as(root, budget, StoreRole::Owner)
+    }
+
+    /// Opens the cache as a guest: reads, leases and commits; leaves cleaning and eviction to
+    /// the owner.
+    pub fn open_guest(root: &Path) -> Result<Self, StoreError> {
+        Self::open_as(root, Budget::PercentOfFilesystem(100), StoreRole::Guest).map(|(s, _)| s)
+    }
+
+    /// Opens as the owner when nobody owns the cache, as a guest otherwise (command-line use
+    /// on a node where an agent may be running).
+    pub fn open_shared(root: &Path, budget: Budget) -> Result<(Self, OpenReport), StoreError> {
+        match Self::open_as(root, budget, StoreRole::Owner) {
+            Err(StoreError::Owned(_)) => Self::open_as(root, budget, StoreRole::Guest),
+            other => other,
+        }
+    }
+
+    pub fn role(&self) -> StoreRole {
+        self.role
+    }
+
+    fn open_as(
+        root: &Path,
+        budget: Budget,
+        role: StoreRole,
+    ) -> Result<(Self, OpenReport), StoreError> {
         let entries_dir = root.join("entries");
         let staging_dir = root.join("staging");
-        for dir in [&entries_dir, &staging_dir] {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        for dir in [
+            entries_dir.clone(),
+            staging_dir.clone(),
+            root.join("leases"),
+            root.join("locks"),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         }
+        let owner = match role {
+            StoreRole::Owner => Some(
+                lock::try_lock(&root.join("owner.lock"), true)
+                    .map_err(io(format!("locking {}", root.display())))?
+                    .ok_or_else(|| StoreError::Owned(root.to_path_buf()))?,
+            ),
+            StoreRole::Guest => None,
+        };
         let mut report = OpenReport::default();
         let listing = |dir: &Path| {
             std::fs::read_dir(dir)
                 .and_then(|d| d.collect::<Result<Vec<_>, _>>())
                 .map_err(io(format!("listing {}", dir.display())))
         };
-        for e in listing(&staging_dir)? {
-            remove_any(&e.path()).map_err(io(format!("removing {}", e.path().display())))?;
-            report.removed_staging += 1;
+        if role == StoreRole::Owner {
+            report = Self::clean_staging(&staging_dir)?;
         }
         let mut loaded: Vec<(EntryKey, Indexed)> = Vec::new();
         for e in listing(&entries_dir)? {
             let name = e.file_name().to_string_lossy().into_owned();
             match Self::load_entry(&e.path(), &name) {
                 Ok(entry) => loaded.push(entry),
+                Err(problem) if role == StoreRole::Guest => {
+                    tracing::debug!(entry = %name, %problem, "skipping a broken cache entry (the owner removes it)");
+                }
                 Err(problem) => {
                     tracing::warn!(entry = %name, %problem, "removing a broken cache entry");
                     remove_any(&e.path())
@@ -512,7 +576,6 @@ impl CacheStore {
             entries: HashMap::new(),
             recency: LruCache::unbounded(),
             pinned: HashSet::new(),
-            leases: HashMap::new(),
         };
         for (key, indexed) in loaded {
             inner.recency.put(key.clone(), ());
@@ -522,11 +585,47 @@ impl CacheStore {
             Self {
                 root: root.to_path_buf(),
                 budget,
+                role,
                 inner: Arc::new(Mutex::new(inner)),
                 evictions: AtomicU64::new(0),
+                _owner: owner,
             },
             report,
         ))
+    }
+
+    /// Removes what crashed writers left in staging: directories whose lock is free. A
+    /// directory whose writer still runs (a populator pod warming) keeps its lock and stays.
+    fn clean_staging(staging: &Path) -> Result<OpenReport, StoreError> {
+        let mut report = OpenReport::default();
+        let children: Vec<PathBuf> = std::fs::read_dir(staging)
+            .and_then(|d| d.map(|e| e.map(|e| e.path())).collect())
+            .map_err(io(format!("listing {}", staging.display())))?;
+        let is_lock = |p: &Path| p.extension().is_some_and(|e| e == "lock");
+        for path in children.iter().filter(|p| !is_lock(p)) {
+            let lock_path = path.with_extension("lock");
+            match lock::try_lock(&lock_path, true)
+                .map_err(io(format!("locking {}", lock_path.display())))?
+            {
+                Some(held) => {
+                    remove_any(path).map_err(io(format!("removing {}", path.display())))?;
+                    held.remove_file();
+                    report.removed_staging += 1;
+                }
+                None => report.busy_staging += 1,
+            }
+        }
+        // Locks of writers that finished without removing them.
+        for path in children.iter().filter(|p| is_lock(p)) {
+            if !path.with_extension("").exists() {
+                if let Some(held) =
+                    lock::try_lock(path, true).map_err(io(format!("locking {}", path.display())))?
+                {
+                    held.remove_file();
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Reads an entry directory; the problem when it is not a complete, consistent entry.
@@ -595,11 +694,49 @@ impl CacheStore {
         self.entry_dir(key).map(|d| d.join(key.disk_file_name()))
     }
 
-    /// A fresh directory in staging.
+    /// A fresh directory in staging, locked before it exists so the owner's cleanup never
+    /// takes it for abandoned.
     pub fn staging(&self) -> Result<StagingDir, StoreError> {
-        let path = self.staging_root().join(random_name());
+        let name = random_name();
+        let lock_path = self.staging_root().join(format!("{name}.lock"));
+        let lock = lock::try_lock(&lock_path, true)
+            .map_err(io(format!("locking {}", lock_path.display())))?
+            .ok_or_else(|| StoreError::Io {
+                context: format!("locking {}", lock_path.display()),
+                source: std::io::Error::from(std::io::ErrorKind::WouldBlock),
+            })?;
+        let path = self.staging_root().join(name);
         std::fs::create_dir_all(&path).map_err(io(format!("creating {}", path.display())))?;
-        Ok(StagingDir { path })
+        Ok(StagingDir { path, lock })
+    }
+
+    fn lease_path(&self, key: &EntryKey) -> Option<PathBuf> {
+        key.dir_name()
+            .map(|n| self.root.join("leases").join(format!("{n}.lock")))
+    }
+
+    /// Waits until no other process warms `key` and holds that right until the guard drops:
+    /// warms of one entry are single-flight across processes sharing the cache.
+    pub async fn warm_lock(&self, key: &EntryKey) -> Result<FileLock, StoreError> {
+        let name = key
+            .dir_name()
+            .ok_or_else(|| StoreError::BadDigest(key.digest.clone()))?;
+        let path = self.root.join("locks").join(format!("{name}.lock"));
+        lock::lock_async(&path, true)
+            .await
+            .map_err(io(format!("locking {}", path.display())))
+    }
+
+    /// The entry, from the index or, when another process committed it meanwhile, from disk.
+    pub fn get_or_adopt(&self, key: &EntryKey) -> Option<CacheEntry> {
+        if let Some(e) = self.get(key) {
+            return Some(e);
+        }
+        let dir = self.entry_dir(key)?;
+        if !dir.is_dir() {
+            return None;
+        }
+        self.adopt(key, &dir).ok()
     }
 
     /// Makes `disk_file` (inside `staging`) the entry `key`: fsync, write metadata, rename into
@@ -681,7 +818,7 @@ impl CacheStore {
             meta: file.meta.clone(),
             disk_path: target_dir.join(disk_name),
         };
-        let mut inner = lock(&self.inner);
+        let mut inner = lock_inner(&self.inner);
         inner.recency.put(key.clone(), ());
         inner.entries.insert(
             key,
@@ -712,7 +849,7 @@ impl CacheStore {
             meta: indexed.meta.clone(),
             disk_path: dir.join(key.disk_file_name()),
         };
-        let mut inner = lock(&self.inner);
+        let mut inner = lock_inner(&self.inner);
         inner.recency.put(key.clone(), ());
         inner.entries.entry(key).or_insert(indexed);
         Ok(entry)
@@ -720,7 +857,7 @@ impl CacheStore {
 
     /// The entry, without counting this as a use.
     pub fn get(&self, key: &EntryKey) -> Option<CacheEntry> {
-        let inner = lock(&self.inner);
+        let inner = lock_inner(&self.inner);
         let indexed = inner.entries.get(key)?;
         Some(CacheEntry {
             key: key.clone(),
@@ -732,7 +869,7 @@ impl CacheStore {
     /// Marks the entry used now: front of the LRU, `lastUsed` persisted (best effort).
     pub fn touch(&self, key: &EntryKey) {
         let file = {
-            let mut inner = lock(&self.inner);
+            let mut inner = lock_inner(&self.inner);
             let Some(indexed) = inner.entries.get_mut(key) else {
                 return;
             };
@@ -760,43 +897,64 @@ impl CacheStore {
         }
     }
 
-    /// Keeps the entry from eviction until the lease is dropped; `None` when it is not cached.
+    /// Keeps the entry from eviction (by any process) until the lease is dropped; `None` when
+    /// it is not cached. Waits while the owner is evicting the entry.
     pub fn lease(&self, key: &EntryKey) -> Option<Lease> {
-        let mut inner = lock(&self.inner);
-        if !inner.entries.contains_key(key) {
-            return None;
-        }
-        *inner.leases.entry(key.clone()).or_insert(0) += 1;
-        Some(Lease {
-            key: key.clone(),
-            inner: Arc::clone(&self.inner),
-        })
+        let path = self.lease_path(key)?;
+        let held = match lock::lock(&path, false) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(entry = %key, error = %e, "cannot take a lease");
+                return None;
+            }
+        };
+        // The owner may have evicted it just before we got the lock.
+        self.get_or_adopt(key)
+            .filter(|e| e.disk_path.exists())
+            .map(|_| Lease {
+                key: key.clone(),
+                _lock: held,
+            })
     }
 
+    /// True while some process (this one included) holds a lease on the entry.
     pub fn is_leased(&self, key: &EntryKey) -> bool {
-        lock(&self.inner).leases.contains_key(key)
+        let Some(path) = self.lease_path(key) else {
+            return false;
+        };
+        !matches!(lock::try_lock(&path, true), Ok(Some(_)))
     }
 
     /// Replaces the set of pinned entries (from the images' cache policies).
     pub fn set_pinned(&self, pinned: &HashSet<EntryKey>) {
-        lock(&self.inner).pinned = pinned.clone();
+        lock_inner(&self.inner).pinned = pinned.clone();
     }
 
     pub fn is_pinned(&self, key: &EntryKey) -> bool {
-        lock(&self.inner).pinned.contains(key)
+        lock_inner(&self.inner).pinned.contains(key)
     }
 
-    /// Deletes an entry. Refused (`Ok(false)`) while it is leased; `Ok(false)` too when it is
-    /// not cached.
+    /// Deletes an entry. Refused (`Ok(false)`) while it is leased by any process; `Ok(false)`
+    /// too when it is not cached.
     pub fn remove(&self, key: &EntryKey) -> Result<bool, StoreError> {
+        let Some(lease_path) = self.lease_path(key) else {
+            return Ok(false);
+        };
+        // Exclusive while deleting: a lease taken now waits, then finds the entry gone.
+        let Some(held) = lock::try_lock(&lease_path, true)
+            .map_err(io(format!("locking {}", lease_path.display())))?
+        else {
+            return Ok(false);
+        };
         {
-            let mut inner = lock(&self.inner);
-            if inner.leases.contains_key(key) || inner.entries.remove(key).is_none() {
+            let mut inner = lock_inner(&self.inner);
+            if inner.entries.remove(key).is_none() {
                 return Ok(false);
             }
             inner.recency.pop(key);
         }
         self.delete_dir(key)?;
+        held.remove_file();
         Ok(true)
     }
 
@@ -819,7 +977,7 @@ impl CacheStore {
     /// Drops an entry from the index without touching the disk (it is already gone). True
     /// when it was indexed.
     pub fn forget(&self, key: &EntryKey) -> bool {
-        let mut inner = lock(&self.inner);
+        let mut inner = lock_inner(&self.inner);
         inner.recency.pop(key);
         inner.entries.remove(key).is_some()
     }
@@ -829,7 +987,7 @@ impl CacheStore {
     /// its content cannot be trusted any more), and the reason returned. `None` for an intact
     /// entry or one that is not indexed (being committed or removed by the store itself).
     pub fn revalidate(&self, key: &EntryKey, disk_written: bool) -> Option<LossReason> {
-        let recorded = lock(&self.inner).entries.get(key)?.disk;
+        let recorded = lock_inner(&self.inner).entries.get(key)?.disk;
         let dir = self.entry_dir(key)?;
         let observed = EntryObservation {
             dir_exists: dir.is_dir(),
@@ -844,7 +1002,7 @@ impl CacheStore {
         };
         let reason = judge_entry(&recorded, &observed)?;
         {
-            let mut inner = lock(&self.inner);
+            let mut inner = lock_inner(&self.inner);
             // Removed (or removed and committed again) by the store while we looked.
             if inner.entries.get(key).map(|i| i.disk) != Some(recorded) {
                 return None;
@@ -863,14 +1021,14 @@ impl CacheStore {
 
     /// `revalidate` for every indexed entry.
     pub fn revalidate_all(&self) -> Vec<(EntryKey, LossReason)> {
-        let keys: Vec<EntryKey> = lock(&self.inner).entries.keys().cloned().collect();
+        let keys: Vec<EntryKey> = lock_inner(&self.inner).entries.keys().cloned().collect();
         keys.into_iter()
             .filter_map(|k| self.revalidate(&k, false).map(|r| (k, r)))
             .collect()
     }
 
     pub fn entries(&self) -> Vec<CacheEntry> {
-        let inner = lock(&self.inner);
+        let inner = lock_inner(&self.inner);
         let mut out: Vec<CacheEntry> = inner
             .entries
             .iter()
@@ -888,7 +1046,11 @@ impl CacheStore {
 
     /// Allocated bytes of all entries.
     pub fn used_bytes(&self) -> u64 {
-        lock(&self.inner).entries.values().map(|i| i.size).sum()
+        lock_inner(&self.inner)
+            .entries
+            .values()
+            .map(|i| i.size)
+            .sum()
     }
 
     /// Entries evicted by `make_room` since open.
@@ -898,7 +1060,7 @@ impl CacheStore {
 
     /// Allocated bytes of one entry.
     pub fn entry_bytes(&self, key: &EntryKey) -> Option<u64> {
-        lock(&self.inner).entries.get(key).map(|i| i.size)
+        lock_inner(&self.inner).entries.get(key).map(|i| i.size)
     }
 
     /// Size of the filesystem holding the cache (0 when it cannot be read).
@@ -918,12 +1080,16 @@ impl CacheStore {
     /// Evicts least recently used entries (never pinned or leased ones) until `incoming` more
     /// bytes fit in the budget. Returns what was evicted; evicts nothing when it cannot fit.
     pub fn make_room(&self, incoming: u64) -> Result<Vec<EntryKey>, StoreError> {
+        if self.role == StoreRole::Guest {
+            // Eviction is the owner's job; it will make room when it sees the new entry.
+            return Ok(Vec::new());
+        }
         let budget = self.budget_bytes();
         let mut evicted = Vec::new();
         // A lease taken between planning and removing makes `remove` refuse; plan again then.
         loop {
             let plan = {
-                let inner = lock(&self.inner);
+                let inner = lock_inner(&self.inner);
                 let used: u64 = inner.entries.values().map(|i| i.size).sum();
                 // LruCache iterates most recent first.
                 let candidates: Vec<EvictionCandidate> = inner
@@ -937,7 +1103,7 @@ impl CacheStore {
                             size: i.size,
                             last_used: i.meta.last_used,
                             pinned: inner.pinned.contains(k),
-                            leased: inner.leases.contains_key(k),
+                            leased: self.is_leased(k),
                         })
                     })
                     .collect();
@@ -1303,8 +1469,8 @@ mod tests {
         assert_eq!(std::fs::read(e.disk_path).unwrap(), vec![1u8; 4096]);
         assert!(is_empty_dir(&dir.path().join("staging")));
 
-        // The same race across two stores on one root (the rename itself finds the entry).
-        let (other, _) = open(dir.path(), 1 << 30);
+        // The same race across two processes on one root (the rename itself finds the entry).
+        let other = CacheStore::open_guest(dir.path()).unwrap();
         let k2 = commit_raw(&store, 2, 4096);
         let staging = other.staging().unwrap();
         let disk = staging.path().join("d.raw");
@@ -1552,6 +1718,108 @@ mod tests {
             "an absent entry cannot be leased"
         );
         assert!(!store.remove(&k3).unwrap());
+    }
+
+    #[test]
+    fn one_owner_per_cache_and_any_number_of_guests() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, _) = open(dir.path(), 1 << 30);
+        assert!(matches!(
+            CacheStore::open(dir.path(), Budget::Bytes(1)),
+            Err(StoreError::Owned(_))
+        ));
+        let guest = CacheStore::open_guest(dir.path()).unwrap();
+        assert_eq!(guest.role(), StoreRole::Guest);
+        let (shared, _) = CacheStore::open_shared(dir.path(), Budget::Bytes(1)).unwrap();
+        assert_eq!(shared.role(), StoreRole::Guest, "an agent owns it");
+        // A guest commits; the owner finds the entry without reopening.
+        let k = commit_raw(&guest, 5, 4096);
+        assert!(owner.get(&k).is_none());
+        assert_eq!(owner.get_or_adopt(&k).unwrap().key, k);
+        assert!(
+            guest.make_room(1 << 40).unwrap().is_empty(),
+            "guests never evict"
+        );
+        drop(owner);
+        let (next, _) = CacheStore::open_shared(dir.path(), Budget::Bytes(1 << 30)).unwrap();
+        assert_eq!(next.role(), StoreRole::Owner, "nobody owns it any more");
+    }
+
+    #[test]
+    fn owner_cleanup_spares_staging_still_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, _) = open(dir.path(), 1 << 30);
+        let guest = CacheStore::open_guest(dir.path()).unwrap();
+        let busy = guest.staging().unwrap();
+        std::fs::write(busy.path().join("layer"), b"half a download").unwrap();
+        // What a killed writer leaves: a directory and a lock file nobody holds.
+        let abandoned = dir.path().join("staging/0123456789abcdef");
+        std::fs::create_dir_all(&abandoned).unwrap();
+        std::fs::write(abandoned.join("layer"), b"x").unwrap();
+        std::fs::write(abandoned.with_extension("lock"), b"").unwrap();
+        drop(owner);
+        let (_owner, report) = open(dir.path(), 1 << 30);
+        assert_eq!((report.removed_staging, report.busy_staging), (1, 1));
+        assert!(!abandoned.exists() && !abandoned.with_extension("lock").exists());
+        assert!(
+            busy.path().join("layer").exists(),
+            "a guest's warm in progress survives"
+        );
+        let path = busy.path().to_path_buf();
+        drop(busy);
+        assert!(!path.exists() && !path.with_extension("lock").exists());
+    }
+
+    #[test]
+    fn a_lease_held_by_another_process_stops_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open(dir.path(), 3 << 19);
+        let k1 = commit_raw(&store, 1, 512 << 10);
+        let k2 = commit_raw(&store, 2, 512 << 10);
+        let lease_file = store.lease_path(&k1).unwrap();
+        // Another process (a populator pod) holds a shared lease on k1.
+        let mut child = std::process::Command::new("flock")
+            .args(["--shared", "--close"])
+            .arg(&lease_file)
+            .args(["sleep", "30"])
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !store.is_leased(&k1) {
+            assert!(Instant::now() < deadline, "the child never took the lease");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(store.make_room(512 << 10).unwrap(), vec![k2.clone()]);
+        assert!(
+            store.make_room(3 << 19).is_err(),
+            "only the leased entry is left"
+        );
+        assert!(store.get(&k1).is_some());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!store.is_leased(&k1), "a dead holder leaves no lease");
+        assert_eq!(store.make_room(3 << 19).unwrap(), vec![k1]);
+    }
+
+    #[tokio::test]
+    async fn warms_of_one_entry_are_single_flight_across_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, _) = open(dir.path(), 1 << 30);
+        let guest = CacheStore::open_guest(dir.path()).unwrap();
+        let k = raw(9);
+        let first = owner.warm_lock(&k).await.unwrap();
+        let waiting = tokio::spawn(async move {
+            let _held = guest.warm_lock(&raw(9)).await.unwrap();
+            guest.get_or_adopt(&raw(9)).is_some()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the second warm waits for the first"
+        );
+        commit_raw(&owner, 9, 4096);
+        drop(first);
+        assert!(waiting.await.unwrap(), "and then finds the entry committed");
     }
 
     #[test]

@@ -50,9 +50,36 @@ pub enum WarmError {
     },
     #[error("warm task failed: {0}")]
     Task(String),
-    /// A shared warm failed; the first waiter holds the original error.
-    #[error("{0}")]
-    Shared(String),
+}
+
+impl WarmError {
+    /// True when warming again cannot succeed: the image is missing, refused by the registry
+    /// or by vmdisk's safety checks, or not for this platform. Disk space, network and
+    /// qemu-img failures are worth another try.
+    pub fn is_permanent(&self) -> bool {
+        use vmdisk_registry::PullError as P;
+        match self {
+            WarmError::Pull { source, .. } => matches!(
+                source,
+                P::BadReference { .. }
+                    | P::Unauthorized { .. }
+                    | P::NotFound { .. }
+                    | P::NoMatchingPlatform { .. }
+                    | P::DigestMismatch { .. }
+                    | P::BadCaBundle(_)
+            ),
+            WarmError::Extract { source, .. } => !matches!(source, ExtractError::Io { .. }),
+            WarmError::Convert { source, .. } => matches!(
+                source,
+                ConvertError::BackingFile { .. }
+                    | ConvertError::DataFile { .. }
+                    | ConvertError::ForeignExtent { .. }
+                    | ConvertError::Encrypted
+                    | ConvertError::UnsupportedFormat { .. }
+            ),
+            WarmError::Store(_) | WarmError::Io { .. } | WarmError::Task(_) => false,
+        }
+    }
 }
 
 /// What to warm.
@@ -164,15 +191,24 @@ impl Warmer {
             digest: image.digest.clone(),
             format: request.format,
         };
-        if let Some(entry) = self.store.get(&key) {
-            self.store.touch(&key);
-            return Ok(WarmOutcome {
+        let hit = |entry: CacheEntry| {
+            self.store.touch(&entry.key);
+            WarmOutcome {
                 entry,
                 pulled: false,
                 bytes_pulled: 0,
                 pull_seconds: 0.0,
                 convert_seconds: 0.0,
-            });
+            }
+        };
+        if let Some(entry) = self.store.get_or_adopt(&key) {
+            return Ok(hit(entry));
+        }
+        // One warm of an entry at a time across every process sharing the cache; whoever
+        // waited finds it committed.
+        let _warming = self.store.warm_lock(&key).await?;
+        if let Some(entry) = self.store.get_or_adopt(&key) {
+            return Ok(hit(entry));
         }
         // The disk is at least as large as its compressed layers; the budget is enforced again
         // once the real size is known.

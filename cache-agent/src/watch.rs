@@ -1,6 +1,7 @@
 //! Notices cache entries deleted or altered behind the agent's back (an operator's `rm`, a
 //! disk filling up and truncating, a stray writer) so they leave the index and the agent can
-//! report the loss and warm the image again.
+//! report the loss and warm the image again; and entries committed by other processes sharing
+//! the cache (populator pods warming a cold image), so the agent indexes and reports them.
 //!
 //! A recursive inotify watch (notify) on `<root>/entries`. Every event names an entry
 //! directory; the entry is then checked against what the store recorded at commit
@@ -42,6 +43,9 @@ pub enum WatchError {
 pub enum EntryChange {
     /// The entry was dropped from the index (and what was left of it deleted).
     Lost { key: EntryKey, reason: LossReason },
+    /// Another process sharing the cache (a populator pod) committed the entry; it is indexed
+    /// now, counted against the budget and reported.
+    Adopted { key: EntryKey },
 }
 
 /// Keeps the watch alive; dropping it stops watching.
@@ -113,21 +117,28 @@ pub fn watch_entries(
                 vec![Check::Everything]
             }
         };
-        let mut lost = Vec::new();
+        let mut changes = Vec::new();
         for check in checks {
             match check {
                 Check::Nothing => {}
                 Check::Entry { key, disk_written } => {
                     if let Some(reason) = store.revalidate(&key, disk_written) {
-                        lost.push((key, reason));
+                        changes.push(EntryChange::Lost { key, reason });
+                    } else if store.get(&key).is_none() && store.get_or_adopt(&key).is_some() {
+                        changes.push(EntryChange::Adopted { key });
                     }
                 }
-                Check::Everything => lost.extend(store.revalidate_all()),
+                Check::Everything => changes.extend(
+                    store
+                        .revalidate_all()
+                        .into_iter()
+                        .map(|(key, reason)| EntryChange::Lost { key, reason }),
+                ),
             }
         }
-        for (key, reason) in lost {
+        for change in changes {
             // A closed receiver means the agent is shutting down.
-            let _ = tx.blocking_send(EntryChange::Lost { key, reason });
+            let _ = tx.blocking_send(change);
         }
     };
     let watch_error = |source| WatchError::Watch {

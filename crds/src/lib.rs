@@ -13,7 +13,7 @@ pub mod vm_disk_image;
 pub use access::{permissions, AccessScope, ApiAccess, Permission};
 pub use names::*;
 pub use node_disk_cache::*;
-pub use quantity::{format_bytes_quantity, parse_quantity, QuantityError};
+pub use quantity::{format_bytes_human, format_bytes_quantity, parse_quantity, QuantityError};
 pub use reference::{ImageReference, ReferenceError};
 pub use vm_disk_image::*;
 

@@ -22,6 +22,9 @@ pub const NODE_CACHE_LABEL_VALUE: &str = "ready";
 /// Finalizer the populator puts on PVCs it is filling.
 pub const POPULATOR_FINALIZER: &str = "vmdisk.io/populate-target-protection";
 
+/// Annotation on a PVC being populated: how far the populator got (`42%`).
+pub const PROGRESS_ANNOTATION: &str = "vmdisk.io/progress";
+
 /// vmdisk's own namespace: the webhook Deployment, the agents, the controllers' Lease.
 pub const INSTALL_NAMESPACE: &str = "vmdisk-system";
 /// Namespace of the per-image pull credentials the image controller copies for the agents.

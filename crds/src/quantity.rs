@@ -106,6 +106,21 @@ pub fn format_bytes_quantity(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Bytes for people: `2.0 GiB`, `512.0 MiB`, `12 B` (binary units, one decimal).
+pub fn format_bytes_human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,5 +168,15 @@ mod tests {
         }
         assert_eq!(format_bytes_quantity(10 << 30), "10Gi");
         assert_eq!(format_bytes_quantity(1536 << 20), "1536Mi");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::format_bytes_human(0), "0 B");
+        assert_eq!(super::format_bytes_human(1023), "1023 B");
+        assert_eq!(super::format_bytes_human(1536), "1.5 KiB");
+        assert_eq!(super::format_bytes_human(2 << 30), "2.0 GiB");
+        assert_eq!(super::format_bytes_human(600 << 20), "600.0 MiB");
+        assert_eq!(super::format_bytes_human(u64::MAX), "16.0 EiB");
     }
 }

@@ -19,7 +19,7 @@ use futures::StreamExt;
 use oci_client::client::{
     BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
 };
-use oci_client::errors::OciDistributionError;
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
@@ -169,8 +169,13 @@ pub struct Puller {
     inner: Arc<Inner>,
 }
 
+fn has_code(envelope: &OciEnvelope, codes: &[OciErrorCode]) -> bool {
+    envelope.errors.iter().any(|e| codes.contains(&e.code))
+}
+
 fn classify(registry: &str, reference: &str, e: OciDistributionError) -> PullError {
     use OciDistributionError as E;
+    use OciErrorCode as C;
     let message = e.to_string();
     match e {
         E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => PullError::Unauthorized {
@@ -194,12 +199,25 @@ fn classify(registry: &str, reference: &str, e: OciDistributionError) -> PullErr
             attempts: 1,
             message,
         },
-        E::RegistryError { .. } if message.contains("UNKNOWN") => PullError::NotFound {
-            reference: reference.to_string(),
-            message,
-        },
-        E::RegistryError { .. }
-            if message.contains("UNAUTHORIZED") || message.contains("DENIED") =>
+        E::RegistryError { ref envelope, .. }
+            if has_code(
+                envelope,
+                &[
+                    C::ManifestUnknown,
+                    C::BlobUnknown,
+                    C::NameUnknown,
+                    C::NotFound,
+                    C::ManifestBlobUnknown,
+                ],
+            ) =>
+        {
+            PullError::NotFound {
+                reference: reference.to_string(),
+                message,
+            }
+        }
+        E::RegistryError { ref envelope, .. }
+            if has_code(envelope, &[C::Unauthorized, C::Denied]) =>
         {
             PullError::Unauthorized {
                 registry: registry.to_string(),

@@ -94,10 +94,10 @@ async fn main() -> anyhow::Result<()> {
 async fn cache_demo() -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::time::Instant;
-    use vmdisk_cache_agent::clone::clone_disk;
     use vmdisk_cache_agent::extract::ExtractLimits;
+    use vmdisk_cache_agent::populate::{populate, PopulateRequest};
     use vmdisk_cache_agent::store::{Budget, CacheStore};
-    use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
+    use vmdisk_cache_agent::warm::Warmer;
     use vmdisk_crds::DiskFormat;
     use vmdisk_registry::pull::{Puller, PullerConfig};
     use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
@@ -121,30 +121,35 @@ async fn cache_demo() -> anyhow::Result<()> {
     let options = vmdisk_tests::push::options_for(&registry);
     for attempt in ["cold", "warm"] {
         let started = Instant::now();
-        let outcome = warmer
-            .warm(
-                WarmRequest {
-                    reference: reference.clone(),
-                    format: DiskFormat::Raw,
-                    registry: options.clone(),
-                },
-                Arc::new(|_| {}),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!(vmdisk_cache_agent::error_chain(e.as_ref())))?;
-        let entry = &outcome.entry;
         let target = work.path().join(format!("pvc-{attempt}.img"));
-        let report = clone_disk(&entry.disk_path, &target, Some(512 << 20))?;
+        let report = populate(
+            &warmer,
+            PopulateRequest {
+                reference: format!("{reference}@{digest}"),
+                format: DiskFormat::Raw,
+                registry: options.clone(),
+                target: target.clone(),
+                size: Some(512 << 20),
+                owner: None,
+            },
+            Arc::new(|_| {}),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(vmdisk_cache_agent::error_chain(&e)))?;
+        let entry = warmer
+            .store()
+            .get(&report.key)
+            .expect("the populated entry");
         println!(
             "{attempt}: {} in {:.2}s; cache entry {} ({} MiB virtual, {} MiB allocated); PVC filled by {:?}, {} MiB written, volume {} MiB",
-            if outcome.pulled { "pulled, extracted and converted" } else { "cache hit" },
+            if report.cache_hit { "cache hit" } else { "pulled, extracted and converted" },
             started.elapsed().as_secs_f64(),
             entry.disk_path.display(),
-            entry.meta.virtual_size >> 20,
+            report.virtual_size >> 20,
             allocated(&entry.disk_path) >> 20,
             report.method,
             report.bytes_written >> 20,
-            std::fs::metadata(&target)?.len() >> 20,
+            report.target_size >> 20,
         );
         let head = work.path().join("head.raw");
         std::fs::write(&head, &std::fs::read(&target)?[..256 << 20])?;
