@@ -22,6 +22,12 @@ pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
     vmdisk_crds::permissions(&[agent::API_ACCESS, report::API_ACCESS])
 }
 
+/// Everything `vmdisk-cache-agent populate` asks of the API server in a populator pod (as the
+/// `vmdisk-populator` ServiceAccount).
+pub fn populator_api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
+    vmdisk_crds::permissions(&[cli::POPULATOR_API_ACCESS])
+}
+
 /// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,

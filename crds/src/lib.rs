@@ -8,6 +8,7 @@ pub mod names;
 pub mod node_disk_cache;
 pub mod quantity;
 pub mod reference;
+pub mod sizing;
 pub mod vm_disk_image;
 
 pub use access::{permissions, AccessScope, ApiAccess, Permission};
@@ -15,6 +16,7 @@ pub use names::*;
 pub use node_disk_cache::*;
 pub use quantity::{format_bytes_human, format_bytes_quantity, parse_quantity, QuantityError};
 pub use reference::{ImageReference, ReferenceError};
+pub use sizing::{usable_disk_bytes, volume_bytes_for_disk, DEFAULT_FILESYSTEM_OVERHEAD};
 pub use vm_disk_image::*;
 
 use kube::CustomResourceExt;

@@ -24,6 +24,82 @@ pub const POPULATOR_FINALIZER: &str = "vmdisk.io/populate-target-protection";
 
 /// Annotation on a PVC being populated: how far the populator got (`42%`).
 pub const PROGRESS_ANNOTATION: &str = "vmdisk.io/progress";
+/// Annotation on a VMDiskImage-backed PVC: where its population stands ([`PopulatePhase`]).
+pub const PHASE_ANNOTATION: &str = "vmdisk.io/phase";
+/// Annotation on a VMDiskImage-backed PVC: why it is in its phase, for a person.
+pub const MESSAGE_ANNOTATION: &str = "vmdisk.io/message";
+/// Annotation the populator puts on the PV it filled: `<namespace>/<image>`.
+pub const POPULATED_FROM_ANNOTATION: &str = "vmdisk.io/populated-from";
+/// Annotation on a prime PVC and a populator pod: the user's PVC, `<namespace>/<name>`.
+pub const CLAIM_ANNOTATION: &str = "vmdisk.io/claim";
+/// Label on a prime PVC and a populator pod: the user PVC's UID.
+pub const CLAIM_UID_LABEL: &str = "vmdisk.io/claim-uid";
+/// Annotation on a populator pod: which attempt it is (1, 2, ...).
+pub const ATTEMPT_ANNOTATION: &str = "vmdisk.io/attempt";
+/// Annotation on a prime PVC: how many populator pods failed so far.
+pub const FAILED_ATTEMPTS_ANNOTATION: &str = "vmdisk.io/failed-attempts";
+/// `app.kubernetes.io/component` of prime PVCs and populator pods.
+pub const POPULATOR_COMPONENT: &str = "populator";
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Where the scheduler records the node of a WaitForFirstConsumer claim.
+pub const SELECTED_NODE_ANNOTATION: &str = "volume.kubernetes.io/selected-node";
+/// ServiceAccount of populator pods (reads credentials copies, reports progress).
+pub const POPULATOR_SERVICE_ACCOUNT: &str = "vmdisk-populator";
+/// KubeVirt's qemu user and group: `disk.img` belongs to them.
+pub const QEMU_UID: u32 = 107;
+
+/// Name of the prime PVC (in vmdisk's namespace) that the populator fills for a user PVC.
+pub fn prime_pvc_name(claim_uid: &str) -> String {
+    format!("prime-{claim_uid}")
+}
+
+/// Name of the populator pod for a user PVC.
+pub fn populator_pod_name(claim_uid: &str) -> String {
+    format!("populate-{claim_uid}")
+}
+
+/// Where a VMDiskImage-backed PVC's population stands (`vmdisk.io/phase`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PopulatePhase {
+    /// Waiting for something outside vmdisk: the image, its resolution, a node, a class.
+    Pending,
+    /// A populator pod is filling the volume.
+    Populating,
+    /// The last pod failed; another runs after a backoff.
+    Retrying,
+    /// Filled; the volume is being handed to the PVC.
+    Rebinding,
+    Succeeded,
+    /// Given up (see `vmdisk.io/message` and the PVC's Events). Remove the annotation to try
+    /// again.
+    Failed,
+}
+
+impl PopulatePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PopulatePhase::Pending => "Pending",
+            PopulatePhase::Populating => "Populating",
+            PopulatePhase::Retrying => "Retrying",
+            PopulatePhase::Rebinding => "Rebinding",
+            PopulatePhase::Succeeded => "Succeeded",
+            PopulatePhase::Failed => "Failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            PopulatePhase::Pending,
+            PopulatePhase::Populating,
+            PopulatePhase::Retrying,
+            PopulatePhase::Rebinding,
+            PopulatePhase::Succeeded,
+            PopulatePhase::Failed,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
 
 /// vmdisk's own namespace: the webhook Deployment, the agents, the controllers' Lease.
 pub const INSTALL_NAMESPACE: &str = "vmdisk-system";
@@ -58,6 +134,16 @@ pub mod reasons {
     pub const WARM_FAILED: &str = "WarmFailed";
     /// Agent, on its NodeDiskCache: an entry was deleted or altered behind its back.
     pub const CACHE_ENTRY_LOST: &str = "CacheEntryLost";
+    /// Populator, on a user PVC: a populator pod was created.
+    pub const POPULATOR_CREATED: &str = "PopulatorCreated";
+    /// Populator, on a user PVC: a populator pod failed (retried, or given up).
+    pub const POPULATOR_FAILED: &str = "PopulatorFailed";
+    /// Populator, on a user PVC: the volume is filled and bound to the PVC.
+    pub const POPULATOR_FINISHED: &str = "PopulatorFinished";
+    /// Populator, on a user PVC: the VMDiskImage it names does not exist (yet).
+    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+    /// Populator, on a user PVC: its dataSourceRef names an image in another namespace.
+    pub const CROSS_NAMESPACE_REFUSED: &str = "CrossNamespaceRefused";
 }
 
 /// Node label key saying "this node's cache holds the image with this digest, ready".

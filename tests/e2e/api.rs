@@ -201,6 +201,7 @@ pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>,
     for (account, used) in [
         ("vmdisk-webhook", vmdisk_webhook::api_access()),
         ("vmdisk-cache-agent", vmdisk_cache_agent::api_access()),
+        ("vmdisk-populator", vmdisk_cache_agent::populator_api_access()),
     ] {
         for p in &used {
             let namespace = namespace_of(p, &ns);

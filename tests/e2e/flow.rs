@@ -202,7 +202,7 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
     let storage = &spec.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0;
     assert_eq!(
         parse_quantity(storage).unwrap(),
-        volume_bytes_for_disk(32 << 20, true, 0.055)
+        volume_bytes_for_disk(32 << 20, true, vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD)
     );
     assert_eq!(created.annotations().get("vmdisk.io/digest"), Some(&digest));
     assert_eq!(

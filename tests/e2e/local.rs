@@ -240,6 +240,9 @@ impl LocalInstall {
     }
 
     pub async fn teardown(&self) {
+        // The cases' namespaces go first, while the populator still runs to release its
+        // finalizers; then the components stop and the installation goes.
+        delete_case_namespaces(&self.env, &self.admin).await;
         self.webhook.lock().unwrap().kill();
         for agent in self.agents.lock().unwrap().values_mut() {
             if let Some(p) = &mut agent.process {
@@ -301,14 +304,6 @@ async fn point_webhooks_at(admin: &Client, base: &str, ca_pem: &str) {
 /// Removes everything an installation and its cases left: the `deploy/` objects (CRDs, and with
 /// them every VMDiskImage and NodeDiskCache), the cases' namespaces, the agents' node labels.
 pub async fn uninstall(env: &Env, admin: &Client) {
-    use k8s_openapi::api::core::v1::Namespace;
-    let _ = env.kubectl_status(&[
-        "delete",
-        "namespace",
-        "-l",
-        &format!("{NAMESPACE_LABEL}=true"),
-        "--wait=false",
-    ]);
     let _ = env.kubectl_status(&[
         "delete",
         "-k",
@@ -316,35 +311,10 @@ pub async fn uninstall(env: &Env, admin: &Client) {
         "--ignore-not-found",
         "--wait=false",
     ]);
-    // Pods on fake nodes never finish terminating by themselves.
-    let namespaces: Api<Namespace> = Api::all(admin.clone());
-    let _ = wait_for(
-        "the suite's namespaces to go",
-        Duration::from_secs(180),
-        || {
-            let namespaces = namespaces.clone();
-            let admin = admin.clone();
-            async move {
-                let left: Vec<String> = namespaces
-                    .list(&ListParams::default())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .items
-                    .into_iter()
-                    .filter(|n| {
-                        n.labels().contains_key(NAMESPACE_LABEL)
-                            || [INSTALL_NAMESPACE, CREDENTIALS_NAMESPACE]
-                                .contains(&n.name_any().as_str())
-                    })
-                    .map(|n| n.name_any())
-                    .collect();
-                for ns in &left {
-                    crate::support::force_delete_pods(&admin, ns).await;
-                }
-                left.is_empty().then_some(()).ok_or(format!("{left:?}"))
-            }
-        },
-    )
+    wait_for_namespaces_gone(admin, |n| {
+        n.labels().contains_key(NAMESPACE_LABEL)
+            || [INSTALL_NAMESPACE, CREDENTIALS_NAMESPACE].contains(&n.name_any().as_str())
+    })
     .await;
     let nodes: Api<Node> = Api::all(admin.clone());
     for node in nodes.list(&ListParams::default()).await.unwrap().items {
@@ -364,4 +334,48 @@ pub async fn uninstall(env: &Env, admin: &Client) {
                 .await;
         }
     }
+}
+
+/// Deletes the namespaces the cases made (a failed case may leave its own).
+pub async fn delete_case_namespaces(env: &Env, admin: &Client) {
+    let _ = env.kubectl_status(&[
+        "delete",
+        "namespace",
+        "-l",
+        &format!("{NAMESPACE_LABEL}=true"),
+        "--wait=false",
+    ]);
+    wait_for_namespaces_gone(admin, |n| n.labels().contains_key(NAMESPACE_LABEL)).await;
+}
+
+/// Waits until no namespace `doomed` selects is left, deleting their pods (and vmdisk's
+/// populator pods) with grace period 0 meanwhile: pods on fake nodes never finish terminating
+/// by themselves.
+async fn wait_for_namespaces_gone(
+    admin: &Client,
+    doomed: impl Fn(&k8s_openapi::api::core::v1::Namespace) -> bool,
+) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let doomed = &doomed;
+    wait_for("the suite's namespaces to go", Duration::from_secs(180), || {
+        let namespaces = namespaces.clone();
+        let admin = admin.clone();
+        async move {
+            let left: Vec<String> = namespaces
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .filter(doomed)
+                .map(|n| n.name_any())
+                .collect();
+            for ns in left.iter().map(String::as_str).chain([INSTALL_NAMESPACE]) {
+                crate::support::force_delete_pods_terminating(&admin, ns).await;
+            }
+            left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+        }
+    })
+    .await;
 }

@@ -234,6 +234,21 @@ pub async fn force_delete_pods(admin: &Client, namespace: &str) {
         .await;
 }
 
+/// Removes pods of `namespace` that are already being deleted (grace period 0): a fake node
+/// never confirms their end.
+pub async fn force_delete_pods_terminating(admin: &Client, namespace: &str) {
+    use kube::ResourceExt as _;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), namespace);
+    let Ok(list) = pods.list(&Default::default()).await else {
+        return;
+    };
+    for pod in list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+        let _ = pods
+            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+            .await;
+    }
+}
+
 /// The API error code of a result, for asserting refusals.
 pub fn api_error<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> kube::core::Status {
     match result {

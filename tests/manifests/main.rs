@@ -214,6 +214,11 @@ fn cache_agent_rbac_is_exactly_what_the_code_uses() {
 }
 
 #[test]
+fn populator_pod_rbac_is_exactly_what_populate_uses() {
+    assert_same_permissions("vmdisk-populator", vmdisk_cache_agent::populator_api_access());
+}
+
+#[test]
 fn agents_read_secrets_only_in_the_credentials_namespace() {
     let secrets: Vec<_> = granted("vmdisk-cache-agent")
         .into_iter()

@@ -36,9 +36,9 @@ pub struct WebhookArgs {
     #[arg(long, env = "VMDISK_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub controllers: bool,
 
-    /// Fraction of a Filesystem-mode volume taken by the filesystem; PVC sizes for a disk of
-    /// virtual size V become V / (1 - overhead).
-    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = 0.055, value_parser = parse_overhead)]
+    /// Share of a Filesystem-mode volume taken by the filesystem: PVCs for a disk of virtual
+    /// size V get V × (1 + overhead), and the populator's disk.img is volume / (1 + overhead).
+    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = parse_overhead)]
     pub filesystem_overhead: f64,
 
     /// Weight (1-100) of the preferred node affinity toward nodes whose cache is warm.
@@ -60,6 +60,27 @@ pub struct WebhookArgs {
     /// Namespace where the image controller keeps the agents' copies of pull credentials.
     #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
     pub credentials_namespace: String,
+
+    /// The cache agent DaemonSet (in --namespace): populator pods run its image on its cache
+    /// directory, read when each pod is made, so they always match the agents.
+    #[arg(long, env = "VMDISK_AGENT_DAEMONSET", default_value = "vmdisk-cache-agent")]
+    pub agent_daemonset: String,
+
+    /// Image of populator pods, instead of the agent DaemonSet's.
+    #[arg(long, env = "VMDISK_POPULATOR_IMAGE")]
+    pub populator_image: Option<String>,
+
+    /// The node cache's hostPath, instead of the agent DaemonSet's `cache` volume.
+    #[arg(long, env = "VMDISK_NODE_CACHE_DIR")]
+    pub node_cache_dir: Option<String>,
+
+    /// Populator pods per PVC before giving up (failures that retrying cannot fix stop at once).
+    #[arg(long, env = "VMDISK_POPULATOR_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub populator_max_attempts: u32,
+
+    /// Seconds before the first retry of a failed populator pod (doubling, at most 300).
+    #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
+    pub populator_retry_seconds: u64,
 
     /// This replica's name in leader election.
     #[arg(long, env = "POD_NAME")]
@@ -88,12 +109,26 @@ impl WebhookArgs {
         }
     }
 
-    pub fn controller_config(&self) -> crate::controller::ControllerConfig {
+    pub fn controller_config(
+        &self,
+        metrics: &crate::metrics::WebhookMetrics,
+    ) -> crate::controller::ControllerConfig {
         let defaults = crate::controller::ControllerConfig::default();
         crate::controller::ControllerConfig {
             install_namespace: self.namespace.clone(),
             credentials_namespace: self.credentials_namespace.clone(),
             identity: self.pod_name.clone().unwrap_or(defaults.identity),
+            populator: crate::controller::populator::PopulatorSettings {
+                namespace: self.namespace.clone(),
+                credentials_namespace: self.credentials_namespace.clone(),
+                agent_daemonset: self.agent_daemonset.clone(),
+                image: self.populator_image.clone(),
+                node_cache_dir: self.node_cache_dir.clone(),
+                filesystem_overhead: self.filesystem_overhead,
+                max_attempts: self.populator_max_attempts,
+                retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
+            },
+            populator_metrics: metrics.populator.clone(),
         }
     }
 
@@ -110,7 +145,7 @@ mod tests {
     fn defaults_and_validation() {
         let a = WebhookArgs::try_parse_from(["vmdisk-webhook"]).unwrap();
         assert_eq!(a.listen.port(), 8443);
-        assert_eq!(a.filesystem_overhead, 0.055);
+        assert_eq!(a.filesystem_overhead, 0.06);
         assert!(WebhookArgs::try_parse_from(["x", "--filesystem-overhead", "0.9"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--affinity-weight", "0"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--listen", "nope"]).is_err());

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use vmdisk_webhook::catalog::{file::FileCatalog, kube::KubeCatalog, ImageCatalog};
 use vmdisk_webhook::config::WebhookArgs;
+use vmdisk_webhook::metrics::WebhookMetrics;
 use vmdisk_webhook::routes::{router, Webhook};
 use vmdisk_webhook::server::{bind, serve_tls, termination_signal};
 use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
@@ -51,6 +52,8 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         .watch()
         .context("watching the certificate directory")?;
 
+    // One registry for admission and the controllers, served on /metrics.
+    let metrics = Arc::new(WebhookMetrics::new());
     let mut background = Vec::new();
     let mut _catalog_watch = None;
     let catalog: Arc<dyn ImageCatalog> = match &args.catalog_dir {
@@ -68,7 +71,7 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             if args.controllers {
                 background.push(vmdisk_webhook::controller::spawn(
                     client,
-                    args.controller_config(),
+                    args.controller_config(&metrics),
                 ));
             }
             catalog
@@ -76,6 +79,7 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
     };
 
     let mut webhook = Webhook::new(catalog, args.mutation_config());
+    webhook.metrics = metrics;
     webhook.max_body_bytes = args.max_body_bytes;
     webhook.tls_ready.store(true, Ordering::Release);
     let webhook = Arc::new(webhook);

@@ -1,9 +1,10 @@
 //! Controllers that run in the webhook's Deployment under leader election: the image
-//! controller ([`image`], with [`credentials`]).
+//! controller ([`image`], with [`credentials`]) and the volume populator ([`populator`]).
 
 pub mod credentials;
 pub mod image;
 pub mod leader;
+pub mod populator;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub const API_ACCESS: &[&[ApiAccess]] = &[
     image::API_ACCESS,
     credentials::API_ACCESS,
     leader::API_ACCESS,
+    populator::API_ACCESS,
 ];
 
 /// Where the controllers run and keep their objects.
@@ -41,6 +43,8 @@ pub struct ControllerConfig {
     pub credentials_namespace: String,
     /// This replica's name in the Lease.
     pub identity: String,
+    pub populator: populator::PopulatorSettings,
+    pub populator_metrics: crate::metrics::PopulatorMetrics,
 }
 
 impl Default for ControllerConfig {
@@ -49,6 +53,8 @@ impl Default for ControllerConfig {
             install_namespace: INSTALL_NAMESPACE.into(),
             credentials_namespace: CREDENTIALS_NAMESPACE.into(),
             identity: format!("vmdisk-webhook-{}", std::process::id()),
+            populator: populator::PopulatorSettings::default(),
+            populator_metrics: crate::metrics::WebhookMetrics::new().populator,
         }
     }
 }
@@ -86,7 +92,7 @@ impl DigestResolver for RegistryResolver {
 }
 
 /// Spawns a reflector that runs (with kube's default backoff) until the runtime stops.
-fn reflect<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> Store<K>
 where
     K: kube::Resource
         + Clone
@@ -219,10 +225,13 @@ pub fn spawn(client: Client, config: ControllerConfig) -> tokio::task::JoinHandl
             match (leading, running.is_some()) {
                 (true, false) => {
                     tracing::info!(%identity, "became leader; starting the controllers");
-                    running = Some(tokio::spawn(run_image_controller(
-                        client.clone(),
-                        config.clone(),
-                    )));
+                    let (client, config) = (client.clone(), config.clone());
+                    running = Some(tokio::spawn(async move {
+                        tokio::join!(
+                            run_image_controller(client.clone(), config.clone()),
+                            populator::run(client, config.populator, config.populator_metrics),
+                        );
+                    }));
                 }
                 (false, true) => {
                     tracing::warn!(%identity, "lost leadership; stopping the controllers");

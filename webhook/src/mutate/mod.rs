@@ -22,9 +22,9 @@ pub trait ImageLookup {
 /// Knobs of the mutations, from the command line.
 #[derive(Debug, Clone)]
 pub struct MutationConfig {
-    /// Fraction of a Filesystem-mode volume the filesystem itself takes (0.0–0.5): a disk of
-    /// virtual size V needs a volume of V / (1 - overhead). Same meaning as CDI's
-    /// `filesystemOverhead` (default 5.5%).
+    /// Share of a Filesystem-mode volume the filesystem itself takes (0.0–0.5): a disk of
+    /// virtual size V needs a volume of V × (1 + overhead), as in CDI (default 6%, CDI's).
+    /// The populator sizes `disk.img` with the same rule (`vmdisk_crds::sizing`).
     pub filesystem_overhead: f64,
     /// Weight (1–100) of the preferred node affinity term toward warm nodes.
     pub affinity_weight: i32,
@@ -35,7 +35,7 @@ pub struct MutationConfig {
 impl Default for MutationConfig {
     fn default() -> Self {
         Self {
-            filesystem_overhead: 0.055,
+            filesystem_overhead: vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD,
             affinity_weight: 80,
             default_access_modes: vec!["ReadWriteOnce".to_string()],
         }

@@ -11,7 +11,6 @@ use super::patch::PatchBuilder;
 use super::view::PvcView;
 use super::{ImageLookup, Mutation, MutationConfig};
 
-const MIB: u64 = 1 << 20;
 
 /// How a PVC asks for a VMDiskImage, if it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,16 +69,7 @@ pub fn image_claim(
     }
 }
 
-/// Bytes a volume needs to hold a disk of `disk_bytes`, rounded up to whole MiB. Filesystem
-/// volumes also need room for the filesystem (`overhead` fraction of the volume).
-pub fn volume_bytes_for_disk(disk_bytes: u64, filesystem_mode: bool, overhead: f64) -> u64 {
-    let needed = if filesystem_mode && overhead > 0.0 {
-        (disk_bytes as f64 / (1.0 - overhead.clamp(0.0, 0.5))).ceil() as u64
-    } else {
-        disk_bytes
-    };
-    needed.div_ceil(MIB).saturating_mul(MIB)
-}
+pub use vmdisk_crds::volume_bytes_for_disk;
 
 /// What a VMDiskImage-backed PVC gains at CREATE. Each field is a change to make; `None`
 /// leaves that part of the PVC alone.
@@ -376,15 +366,6 @@ mod tests {
     }
 
     #[test]
-    fn volume_bytes_adds_filesystem_overhead_and_rounds_to_mib() {
-        assert_eq!(volume_bytes_for_disk(10 << 30, false, 0.055), 10 << 30);
-        let fs = volume_bytes_for_disk(10 << 30, true, 0.055);
-        assert!(fs > 10 << 30 && fs.is_multiple_of(MIB));
-        assert!((fs as f64 * (1.0 - 0.055)) >= (10u64 << 30) as f64);
-        assert_eq!(volume_bytes_for_disk(1, false, 0.0), MIB);
-    }
-
-    #[test]
     fn plain_pvc_is_untouched() {
         let (p, w) = run(
             &Images::default(),
@@ -451,7 +432,7 @@ mod tests {
             ),
         );
         let bytes = parse_quantity(&storage(&out.unwrap()).unwrap()).unwrap();
-        assert_eq!(bytes, volume_bytes_for_disk(1 << 30, true, 0.055));
+        assert_eq!(bytes, volume_bytes_for_disk(1 << 30, true, vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD));
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("raised from 1Mi"), "{}", w[0]);
     }

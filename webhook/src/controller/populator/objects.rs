@@ -1,0 +1,218 @@
+//! The objects the populator makes, built from plain values: the prime PVC, the populator pod
+//! and the PV patch that hands the filled volume to the user's PVC.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod};
+use kube::api::ObjectMeta;
+use kube::ResourceExt;
+use serde_json::json;
+use vmdisk_crds::{
+    credentials_secret_name, node_cache_label_key, populator_pod_name, prime_pvc_name,
+    usable_disk_bytes, ImageReference, VMDiskImage, ATTEMPT_ANNOTATION, CLAIM_ANNOTATION,
+    CLAIM_UID_LABEL, COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, POPULATED_FROM_ANNOTATION,
+    POPULATOR_COMPONENT, POPULATOR_SERVICE_ACCOUNT, QEMU_UID, SELECTED_NODE_ANNOTATION,
+};
+
+use super::PopulatorConfig;
+
+/// Where the populator pod sees the volume.
+pub const FILESYSTEM_MOUNT: &str = "/target";
+pub const DISK_FILE: &str = "disk.img";
+pub const BLOCK_DEVICE: &str = "/dev/vmdisk-target";
+
+fn labels(claim_uid: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        (COMPONENT_LABEL.to_string(), POPULATOR_COMPONENT.to_string()),
+        (CLAIM_UID_LABEL.to_string(), claim_uid.to_string()),
+    ])
+}
+
+fn claim_key(pvc: &PersistentVolumeClaim) -> String {
+    format!("{}/{}", pvc.namespace().unwrap_or_default(), pvc.name_any())
+}
+
+/// True for a Block-mode claim.
+pub fn is_block(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block")
+}
+
+/// The requested size of a claim, in bytes.
+pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
+    let text = &pvc
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")?
+        .0;
+    vmdisk_crds::parse_quantity(text).ok()
+}
+
+/// The prime PVC: the user's claim without its data source, in vmdisk's namespace, so the
+/// storage class provisions an empty volume (on the selected node, for WaitForFirstConsumer).
+pub fn prime_pvc(
+    pvc: &PersistentVolumeClaim,
+    config: &PopulatorConfig,
+    selected_node: Option<&str>,
+) -> PersistentVolumeClaim {
+    let uid = pvc.uid().unwrap_or_default();
+    let spec = pvc.spec.clone().unwrap_or_default();
+    let mut annotations = BTreeMap::from([(CLAIM_ANNOTATION.to_string(), claim_key(pvc))]);
+    if let Some(node) = selected_node {
+        annotations.insert(SELECTED_NODE_ANNOTATION.to_string(), node.to_string());
+    }
+    PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some(prime_pvc_name(&uid)),
+            namespace: Some(config.namespace.clone()),
+            labels: Some(labels(&uid)),
+            annotations: Some(annotations),
+            ..Default::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: spec.access_modes,
+            resources: spec.resources,
+            storage_class_name: spec.storage_class_name,
+            volume_mode: spec.volume_mode,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The populator pod: `vmdisk-cache-agent populate` from the agent's image, the prime PVC as a
+/// block device or a mount, the node cache mounted. On the selected node for
+/// WaitForFirstConsumer, otherwise preferring nodes whose cache holds the image.
+pub fn populator_pod(
+    pvc: &PersistentVolumeClaim,
+    image: &VMDiskImage,
+    digest: &str,
+    config: &PopulatorConfig,
+    attempt: u32,
+    node: Option<&str>,
+) -> Result<Pod, String> {
+    let uid = pvc.uid().unwrap_or_default();
+    let source = &image.spec.source.registry;
+    let reference = ImageReference::parse(&source.url)
+        .map_err(|e| e.to_string())?
+        .with_digest(digest)
+        .to_string();
+    let prime = prime_pvc_name(&uid);
+    let block = is_block(pvc);
+    let target = if block {
+        BLOCK_DEVICE.to_string()
+    } else {
+        format!("{FILESYSTEM_MOUNT}/{DISK_FILE}")
+    };
+    let mut args = vec![
+        "populate".to_string(),
+        reference,
+        "--format".into(),
+        image.spec.format.to_string(),
+        "--cache-dir".into(),
+        config.node_cache_dir.clone(),
+        "--target".into(),
+        target,
+        "--termination-log".into(),
+        "/dev/termination-log".into(),
+        "--progress-pvc".into(),
+        format!("{}/{prime}", config.namespace),
+    ];
+    if !block {
+        let volume = requested_bytes(pvc).ok_or("the claim requests no storage size")?;
+        args.extend([
+            "--size".into(),
+            usable_disk_bytes(volume, config.filesystem_overhead).to_string(),
+            "--owner".into(),
+            format!("{QEMU_UID}:{QEMU_UID}"),
+        ]);
+    }
+    if source.insecure == Some(true) {
+        args.push("--insecure".into());
+    }
+    if source.pull_secret_ref.is_some() {
+        let copy = credentials_secret_name(&image.uid().unwrap_or_default());
+        args.extend([
+            "--credentials-secret".into(),
+            format!("{}/{copy}", config.credentials_namespace),
+        ]);
+    }
+    let mut env = vec![json!({"name": "RUST_LOG", "value": "info"})];
+    if let Some(pem) = &source.ca_bundle {
+        env.push(json!({"name": "VMDISK_CA_BUNDLE", "value": pem}));
+    }
+    let device = if block {
+        json!({"volumeDevices": [{"name": "target", "devicePath": BLOCK_DEVICE}],
+               "volumeMounts": [{"name": "cache", "mountPath": config.node_cache_dir}]})
+    } else {
+        json!({"volumeMounts": [{"name": "target", "mountPath": FILESYSTEM_MOUNT},
+                                {"name": "cache", "mountPath": config.node_cache_dir}]})
+    };
+    let mut container = json!({
+        "name": "populate",
+        "image": config.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["vmdisk-cache-agent"],
+        "args": args,
+        "env": env,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        // Root writes the root-owned node cache and gives disk.img to qemu's user; nothing else.
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0, "allowPrivilegeEscalation": false,
+                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+    });
+    for (k, v) in device.as_object().expect("an object") {
+        container[k] = v.clone();
+    }
+    let mut spec = json!({
+        "restartPolicy": "Never",
+        "serviceAccountName": POPULATOR_SERVICE_ACCOUNT,
+        "containers": [container],
+        "volumes": [
+            {"name": "target", "persistentVolumeClaim": {"claimName": prime}},
+            {"name": "cache", "hostPath": {"path": config.node_cache_dir, "type": "DirectoryOrCreate"}},
+        ],
+    });
+    match node {
+        Some(node) => spec["nodeName"] = node.into(),
+        None => {
+            if let Some(key) = node_cache_label_key(digest) {
+                spec["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "preference": {"matchExpressions": [{"key": key, "operator": "Exists"}]}}]}});
+            }
+        }
+    }
+    let pod = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": populator_pod_name(&uid),
+            "namespace": config.namespace,
+            "labels": labels(&uid),
+            "annotations": {CLAIM_ANNOTATION: claim_key(pvc), ATTEMPT_ANNOTATION: attempt.to_string()},
+        },
+        "spec": spec,
+    });
+    serde_json::from_value(pod).map_err(|e| format!("building the populator pod: {e}"))
+}
+
+/// The merge patch handing the prime's PV to the user's claim: the PV controller then binds
+/// the claim and marks the prime Lost.
+pub fn pv_rebind_patch(pvc: &PersistentVolumeClaim, image_name: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"annotations": {
+            POPULATED_FROM_ANNOTATION: format!("{}/{image_name}", pvc.namespace().unwrap_or_default())
+        }},
+        "spec": {"claimRef": {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "namespace": pvc.namespace(),
+            "name": pvc.name_any(),
+            "uid": pvc.uid(),
+            "resourceVersion": pvc.resource_version(),
+        }},
+    })
+}
