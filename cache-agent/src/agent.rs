@@ -249,6 +249,16 @@ impl Agent {
             .unwrap_or_default();
         let wanted = wanted_images(&images.state(), &node_labels);
         let store = self.warmer.store();
+        match store.clean_abandoned_staging() {
+            Ok(r) if r.removed_staging > 0 => {
+                tracing::info!(
+                    removed = r.removed_staging,
+                    "removed staging left by processes that died (populator pods)"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot clean the staging area"),
+        }
         let cached: HashSet<EntryKey> = store.entries().into_iter().map(|e| e.key).collect();
         let plan = {
             let st = state.lock().expect("agent state poisoned");

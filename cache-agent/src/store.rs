@@ -594,6 +594,15 @@ impl CacheStore {
         ))
     }
 
+    /// Removes what writers that died since left in staging (a populator pod killed with its
+    /// PVC). Owners only; guests never clean.
+    pub fn clean_abandoned_staging(&self) -> Result<OpenReport, StoreError> {
+        match self.role {
+            StoreRole::Owner => Self::clean_staging(&self.staging_root()),
+            StoreRole::Guest => Ok(OpenReport::default()),
+        }
+    }
+
     /// Removes what crashed writers left in staging: directories whose lock is free. A
     /// directory whose writer still runs (a populator pod warming) keeps its lock and stays.
     fn clean_staging(staging: &Path) -> Result<OpenReport, StoreError> {
@@ -798,17 +807,20 @@ impl CacheStore {
         fsync_path(&meta_path).map_err(io("fsyncing meta.json"))?;
         fsync_path(&build).map_err(io("fsyncing the entry directory"))?;
         crash_point("before-rename");
+        // Renamed and indexed under the lock: the cache watcher, which adopts entries other
+        // processes commit, must never take this one for a stranger's.
+        let mut inner = lock_inner(&self.inner);
         match std::fs::rename(&build, &target_dir) {
             Ok(()) => {}
             // Another process or thread committed the same entry first: keep theirs.
             Err(e) if target_dir.is_dir() => {
+                drop(inner);
                 tracing::debug!(entry = %key, error = %e, "entry appeared concurrently; keeping the existing one");
                 return self.adopt(&key, &target_dir);
             }
             Err(e) => return Err(io(format!("renaming into {}", target_dir.display()))(e)),
         }
         fsync_path(&self.entries_dir()).map_err(io("fsyncing entries/"))?;
-        drop(staging);
         let size = allocated_bytes(&target_dir).map_err(io("measuring the entry"))?;
         let disk = std::fs::metadata(target_dir.join(&disk_name))
             .map(|m| DiskStamp::of(&m))
@@ -818,7 +830,6 @@ impl CacheStore {
             meta: file.meta.clone(),
             disk_path: target_dir.join(disk_name),
         };
-        let mut inner = lock_inner(&self.inner);
         inner.recency.put(key.clone(), ());
         inner.entries.insert(
             key,
@@ -828,6 +839,8 @@ impl CacheStore {
                 disk,
             },
         );
+        drop(inner);
+        drop(staging);
         Ok(entry)
     }
 
@@ -1766,6 +1779,10 @@ mod tests {
             "a guest's warm in progress survives"
         );
         let path = busy.path().to_path_buf();
+        // Its own warms in progress survive the owner's periodic cleanup too.
+        let own = _owner.staging().unwrap();
+        assert_eq!(_owner.clean_abandoned_staging().unwrap().busy_staging, 2);
+        assert!(own.path().exists() && path.exists());
         drop(busy);
         assert!(!path.exists() && !path.with_extension("lock").exists());
     }

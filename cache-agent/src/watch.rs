@@ -272,6 +272,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn entries_committed_by_other_processes_are_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, _) = CacheStore::open(dir.path(), Budget::Bytes(1 << 30)).unwrap();
+        let owner = Arc::new(owner);
+        let (_handle, mut rx) = watch_entries(Arc::clone(&owner)).unwrap();
+        let guest = CacheStore::open_guest(dir.path()).unwrap();
+        let k = commit(&guest, 7, 8192);
+        assert_eq!(next(&mut rx).await, EntryChange::Adopted { key: k.clone() });
+        assert!(owner.get(&k).is_some(), "indexed without reopening");
+        assert!(owner.used_bytes() >= 8192, "and counted against the budget");
+    }
+
+    #[tokio::test]
     async fn external_changes_are_lost_entries_and_the_stores_own_writes_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = CacheStore::open(dir.path(), Budget::Bytes(1 << 30)).unwrap();

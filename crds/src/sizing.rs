@@ -45,11 +45,21 @@ mod tests {
 
     #[test]
     fn the_disk_always_fits_the_volume_sized_for_it() {
-        for disk in [512u64, 1 << 20, (32 << 20) + 512, 10 << 30, (2 << 40) - 512, 3_000_000_000 / 512 * 512] {
+        for disk in [
+            512u64,
+            1 << 20,
+            (32 << 20) + 512,
+            10 << 30,
+            (2 << 40) - 512,
+            3_000_000_000 / 512 * 512,
+        ] {
             for overhead in [0.0, 0.055, 0.06, 0.1, 0.5] {
                 let volume = volume_bytes_for_disk(disk, true, overhead);
                 let usable = usable_disk_bytes(volume, overhead);
-                assert!(usable >= disk, "disk {disk} overhead {overhead}: volume {volume} holds {usable}");
+                assert!(
+                    usable >= disk,
+                    "disk {disk} overhead {overhead}: volume {volume} holds {usable}"
+                );
                 assert!(usable <= volume);
                 assert_eq!(usable % 512, 0);
             }

@@ -39,7 +39,7 @@ fn image(name: &str, spec: serde_json::Value) -> DynamicObject {
 /// and refuses what it should, with the message a user sees.
 pub async fn crds_refuse_invalid_images_with_their_messages(_fx: Arc<LocalInstall>, case: Case) {
     let ns = case.namespace("e2e-crd").await;
-    let api = image_api(&case.admin, &ns);
+    let api = image_api(&case.admin(), &ns);
     let url = |u: &str| json!({"registry": {"url": u}});
     let long_url = format!("quay.io/{}/disk:1", "a".repeat(600));
     let invalid = [
@@ -201,13 +201,16 @@ pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>,
     for (account, used) in [
         ("vmdisk-webhook", vmdisk_webhook::api_access()),
         ("vmdisk-cache-agent", vmdisk_cache_agent::api_access()),
-        ("vmdisk-populator", vmdisk_cache_agent::populator_api_access()),
+        (
+            "vmdisk-populator",
+            vmdisk_cache_agent::populator_api_access(),
+        ),
     ] {
         for p in &used {
             let namespace = namespace_of(p, &ns);
             let (group, resource, verb, _) = p;
             assert!(
-                allowed(&case.admin, account, (group, resource, verb, namespace.as_deref())).await,
+                allowed(&case.admin(), account, (group, resource, verb, namespace.as_deref())).await,
                 "{account} is not allowed {verb} {group}/{resource} in {namespace:?}, which its code uses"
             );
         }
@@ -260,7 +263,7 @@ pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>,
     ];
     for (account, attributes) in refused {
         assert!(
-            !allowed(&case.admin, account, attributes).await,
+            !allowed(&case.admin(), account, attributes).await,
             "{account} may {attributes:?}, which vmdisk must not be able to do"
         );
     }
@@ -299,7 +302,7 @@ pub async fn agents_cannot_read_secrets_outside_the_credentials_namespace(
         "metadata": {"name": "database-password"}, "stringData": {"password": "hunter2"}
     }))
     .unwrap();
-    Api::<Secret>::namespaced(case.admin.clone(), &ns)
+    Api::<Secret>::namespaced(case.admin().clone(), &ns)
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
@@ -329,7 +332,7 @@ pub async fn an_agent_cannot_write_another_nodes_objects(fx: Arc<LocalInstall>, 
     let agent = agent_client(&fx, &own, "policy-probe").await;
     let caches: Api<NodeDiskCache> = Api::all(agent.clone());
     // The other node's agent creates its NodeDiskCache when it starts.
-    let admin_caches: Api<NodeDiskCache> = Api::all(case.admin.clone());
+    let admin_caches: Api<NodeDiskCache> = Api::all(case.admin().clone());
     wait_for(
         "the other node's NodeDiskCache",
         std::time::Duration::from_secs(60),

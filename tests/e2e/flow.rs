@@ -130,9 +130,9 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
     let raw = make_ext4_raw(work.path(), "private", 32, 4, 1001);
     let qcow2 = to_format(&raw, "qcow2", false);
     let (reference, digest) = push_container_disk(&registry, "disks/private", "v1", &qcow2).await;
-    pull_secret(&case.admin, &ns, &registry.addr, "e2e", "pa55word").await;
+    pull_secret(&case.admin(), &ns, &registry.addr, "e2e", "pa55word").await;
     create_image(
-        &case.admin,
+        &case.admin(),
         &ns,
         "private",
         json!({"source": {"registry": {"url": reference, "pullSecretRef": {"name": "registry-credentials"},
@@ -155,7 +155,7 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
     );
 
     // The agents got credentials for this registry only, in the credentials namespace.
-    let copy = Api::<Secret>::namespaced(case.admin.clone(), CREDENTIALS_NAMESPACE)
+    let copy = Api::<Secret>::namespaced(case.admin().clone(), CREDENTIALS_NAMESPACE)
         .get(&credentials_secret_name(&image.uid().unwrap()))
         .await
         .expect("the credentials copy");
@@ -171,19 +171,19 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
     );
 
     // Warm on the selected node only; only it is labelled.
-    let rows = cache_rows(&case.admin, &digest).await;
+    let rows = cache_rows(&case.admin(), &digest).await;
     assert_eq!(
         rows,
         [(node.clone(), CacheEntryState::Ready, false)],
         "{rows:?}"
     );
     assert_eq!(
-        nodes_labelled(&case.admin, &digest).await,
+        nodes_labelled(&case.admin(), &digest).await,
         std::slice::from_ref(&node)
     );
 
     // PVCs, as the API server admits them through the webhook.
-    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(case.admin.clone(), &ns);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(case.admin().clone(), &ns);
     let annotated: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": "by-annotation", "annotations": {"vmdisk.io/image": "private"}},
         "spec": {}
@@ -238,13 +238,13 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
         "volumeBindingMode": "WaitForFirstConsumer",
     }))
     .unwrap();
-    let classes: Api<StorageClass> = Api::all(case.admin.clone());
+    let classes: Api<StorageClass> = Api::all(case.admin().clone());
     classes
         .create(&PostParams::default(), &class)
         .await
         .unwrap();
     let doomed = class_name.clone();
-    let admin = case.admin.clone();
+    let admin = case.admin().clone();
     case.defer(async move {
         let _ = Api::<StorageClass>::all(admin)
             .delete(&doomed, &DeleteParams::default())
@@ -262,7 +262,7 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
                  "volumes": [{"name": "root", "persistentVolumeClaim": {"claimName": "vm-root"}}]}
     }))
     .unwrap();
-    let pods: Api<Pod> = Api::namespaced(case.admin.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(case.admin().clone(), &ns);
     let created = pods.create(&PostParams::default(), &pod).await.unwrap();
     let terms = created
         .spec
@@ -308,7 +308,7 @@ pub async fn an_agent_killed_mid_warm_finishes_after_restart(fx: Arc<LocalInstal
     // ~3 s of pulling: long enough to be killed in the middle of it.
     let proxy = ThrottledProxy::start("127.0.0.1", &registry.addr, 4 << 20).await;
     create_image(
-        &case.admin,
+        &case.admin(),
         &ns,
         "restart",
         json!({"source": {"registry": {"url": format!("{}/disks/restart:v1", proxy.addr), "insecure": true}},
@@ -335,7 +335,7 @@ pub async fn an_agent_killed_mid_warm_finishes_after_restart(fx: Arc<LocalInstal
     proxy.set_rate(1 << 30);
     fx.start_agent(&node);
     wait_ready(&fx, &ns, "restart", &node).await;
-    let rows = cache_rows(&case.admin, &digest).await;
+    let rows = cache_rows(&case.admin(), &digest).await;
     assert_eq!(rows, [(node.clone(), CacheEntryState::Ready, false)]);
     let leftovers: Vec<_> = std::fs::read_dir(&staging)
         .unwrap()
@@ -366,9 +366,9 @@ pub async fn deleting_an_image_clears_its_label_and_credentials(fx: Arc<LocalIns
     let work = tempfile::tempdir().unwrap();
     let raw = make_ext4_raw(work.path(), "delete", 16, 2, 3003);
     let (reference, digest) = push_container_disk(&registry, "disks/delete", "v1", &raw).await;
-    pull_secret(&case.admin, &ns, &registry.addr, "del", "ete").await;
+    pull_secret(&case.admin(), &ns, &registry.addr, "del", "ete").await;
     create_image(
-        &case.admin,
+        &case.admin(),
         &ns,
         "doomed",
         json!({"source": {"registry": {"url": reference, "pullSecretRef": {"name": "registry-credentials"},
@@ -378,23 +378,23 @@ pub async fn deleting_an_image_clears_its_label_and_credentials(fx: Arc<LocalIns
     .await;
     let image = wait_ready(&fx, &ns, "doomed", &node).await;
     assert_eq!(
-        nodes_labelled(&case.admin, &digest).await,
+        nodes_labelled(&case.admin(), &digest).await,
         std::slice::from_ref(&node)
     );
     assert_eq!(
-        cache_rows(&case.admin, &digest).await,
+        cache_rows(&case.admin(), &digest).await,
         [(node.clone(), CacheEntryState::Ready, true)]
     );
-    let copies: Api<Secret> = Api::namespaced(case.admin.clone(), CREDENTIALS_NAMESPACE);
+    let copies: Api<Secret> = Api::namespaced(case.admin().clone(), CREDENTIALS_NAMESPACE);
     let copy_name = credentials_secret_name(&image.uid().unwrap());
     copies.get(&copy_name).await.expect("the credentials copy");
 
-    Api::<VMDiskImage>::namespaced(case.admin.clone(), &ns)
+    Api::<VMDiskImage>::namespaced(case.admin().clone(), &ns)
         .delete("doomed", &DeleteParams::default())
         .await
         .unwrap();
     wait_for("the node label to go", WAIT, || {
-        let admin = case.admin.clone();
+        let admin = case.admin().clone();
         let digest = digest.clone();
         async move {
             let labelled = nodes_labelled(&admin, &digest).await;
@@ -421,7 +421,7 @@ pub async fn deleting_an_image_clears_its_label_and_credentials(fx: Arc<LocalIns
     })
     .await;
     wait_for("the entry to be unpinned", WAIT, || {
-        let admin = case.admin.clone();
+        let admin = case.admin().clone();
         let digest = digest.clone();
         let node = node.clone();
         async move {

@@ -27,9 +27,17 @@ use vmdisk_tests::certs::TestCa;
 use vmdisk_tests::https::{client_config, Connection};
 
 use crate::support::{service_account_token, wait_for, Env, Process, NAMESPACE_LABEL};
-use crate::{cases, CaseDef};
+use crate::{cases, CaseDef, Phase};
 
-pub fn cases() -> Vec<CaseDef<LocalInstall>> {
+pub fn phase() -> Phase<LocalInstall> {
+    Phase {
+        name: "local",
+        cases: cases(),
+        exclusive: vec![],
+    }
+}
+
+fn cases() -> Vec<CaseDef<LocalInstall>> {
     cases![
         crate::api::crds_refuse_invalid_images_with_their_messages,
         crate::api::rbac_grants_exactly_what_the_components_use,
@@ -358,24 +366,28 @@ async fn wait_for_namespaces_gone(
     use k8s_openapi::api::core::v1::Namespace;
     let namespaces: Api<Namespace> = Api::all(admin.clone());
     let doomed = &doomed;
-    wait_for("the suite's namespaces to go", Duration::from_secs(180), || {
-        let namespaces = namespaces.clone();
-        let admin = admin.clone();
-        async move {
-            let left: Vec<String> = namespaces
-                .list(&ListParams::default())
-                .await
-                .map_err(|e| e.to_string())?
-                .items
-                .into_iter()
-                .filter(doomed)
-                .map(|n| n.name_any())
-                .collect();
-            for ns in left.iter().map(String::as_str).chain([INSTALL_NAMESPACE]) {
-                crate::support::force_delete_pods_terminating(&admin, ns).await;
+    wait_for(
+        "the suite's namespaces to go",
+        Duration::from_secs(180),
+        || {
+            let namespaces = namespaces.clone();
+            let admin = admin.clone();
+            async move {
+                let left: Vec<String> = namespaces
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .into_iter()
+                    .filter(doomed)
+                    .map(|n| n.name_any())
+                    .collect();
+                for ns in left.iter().map(String::as_str).chain([INSTALL_NAMESPACE]) {
+                    crate::support::force_delete_pods_terminating(&admin, ns).await;
+                }
+                left.is_empty().then_some(()).ok_or(format!("{left:?}"))
             }
-            left.is_empty().then_some(()).ok_or(format!("{left:?}"))
-        }
-    })
+        },
+    )
     .await;
 }

@@ -40,15 +40,7 @@ impl Env {
         let kubeconfig = std::env::var_os(KUBECONFIG_ENV).ok_or_else(|| {
             format!("{KUBECONFIG_ENV} is not set (point it at the kubeconfig of a disposable cluster; see README)")
         })?;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        // target/<profile>/deps/e2e-<hash> → target/<profile>
-        let bin_dir = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
-            .ok_or("cannot find the build directory")?;
+        let (root, bin_dir) = workspace();
         Ok(Self {
             kubeconfig: kubeconfig.into(),
             prereq_crds: std::env::var_os(PREREQ_CRDS_ENV).map(PathBuf::from),
@@ -143,6 +135,32 @@ impl Env {
         std::fs::write(&path, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
         path
     }
+}
+
+/// The workspace root (where `deploy/` is) and `target/<profile>` (the built binaries).
+pub fn workspace() -> (PathBuf, PathBuf) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    // target/<profile>/deps/e2e-<hash> → target/<profile>
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
+        .expect("the test binary lives in target/<profile>/deps");
+    (root, bin_dir)
+}
+
+/// The tag of this run's images: new every run, so nodes that cache images by tag
+/// (`imagePullPolicy: IfNotPresent`) never run an earlier build.
+pub fn image_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("e2e-{}-{}", now.as_secs(), std::process::id())
+    })
 }
 
 /// A client from a kubeconfig file.
@@ -242,7 +260,11 @@ pub async fn force_delete_pods_terminating(admin: &Client, namespace: &str) {
     let Ok(list) = pods.list(&Default::default()).await else {
         return;
     };
-    for pod in list.items.iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+    for pod in list
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+    {
         let _ = pods
             .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
             .await;

@@ -215,7 +215,10 @@ fn cache_agent_rbac_is_exactly_what_the_code_uses() {
 
 #[test]
 fn populator_pod_rbac_is_exactly_what_populate_uses() {
-    assert_same_permissions("vmdisk-populator", vmdisk_cache_agent::populator_api_access());
+    assert_same_permissions(
+        "vmdisk-populator",
+        vmdisk_cache_agent::populator_api_access(),
+    );
 }
 
 #[test]

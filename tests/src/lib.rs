@@ -4,6 +4,7 @@
 pub mod certs;
 pub mod disks;
 pub mod https;
+pub mod images;
 pub mod push;
 pub mod registry;
 pub mod throttle;

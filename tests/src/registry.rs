@@ -21,8 +21,8 @@ pub struct TestRegistry {
     pub credentials: Option<(String, String)>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+fn free_port(host: &str) -> u16 {
+    TcpListener::bind((host, 0))
         .unwrap()
         .local_addr()
         .unwrap()
@@ -34,12 +34,34 @@ impl TestRegistry {
         Self::start(false, None)
     }
 
+    /// A plain-HTTP registry that is already running at `addr` (host:port), e.g. one the
+    /// cluster's nodes can pull from.
+    pub fn running_at(addr: &str) -> Self {
+        Self {
+            addr: addr.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            tls: None,
+            credentials: None,
+        }
+    }
+
+    /// A plain-HTTP registry listening on `host` (an address of this machine that pods reach,
+    /// such as a bridge's gateway).
+    pub fn start_plain_on(host: &str) -> Self {
+        Self::start_on(host, false, None)
+    }
+
     /// TLS (a fresh CA; see [`TestRegistry::ca_pem`]) and htpasswd basic auth.
     pub fn start_tls_htpasswd(user: &str, password: &str) -> Self {
         Self::start(true, Some((user.to_string(), password.to_string())))
     }
 
     fn start(tls: bool, credentials: Option<(String, String)>) -> Self {
+        Self::start_on("127.0.0.1", tls, credentials)
+    }
+
+    fn start_on(host: &str, tls: bool, credentials: Option<(String, String)>) -> Self {
         assert!(
             Path::new(BINARY).exists(),
             "{BINARY} missing: install docker-registry (apt-get install docker-registry; .ci/setup does it)"
@@ -54,7 +76,7 @@ impl TestRegistry {
             credentials,
         };
         for _ in 0..5 {
-            registry.addr = format!("127.0.0.1:{}", free_port());
+            registry.addr = format!("{host}:{}", free_port(host));
             registry.write_config();
             if registry.spawn_and_wait() {
                 return registry;

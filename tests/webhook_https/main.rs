@@ -14,7 +14,11 @@ use vmdisk_webhook::mutate::pvc::volume_bytes_for_disk;
 const FIVE_GIB: u64 = 5 << 30;
 
 fn fs_size() -> String {
-    format_bytes_quantity(volume_bytes_for_disk(FIVE_GIB, true, vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD))
+    format_bytes_quantity(volume_bytes_for_disk(
+        FIVE_GIB,
+        true,
+        vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD,
+    ))
 }
 
 /// Sets `pointer` in `doc`, creating objects on the way.

@@ -63,7 +63,11 @@ pub struct WebhookArgs {
 
     /// The cache agent DaemonSet (in --namespace): populator pods run its image on its cache
     /// directory, read when each pod is made, so they always match the agents.
-    #[arg(long, env = "VMDISK_AGENT_DAEMONSET", default_value = "vmdisk-cache-agent")]
+    #[arg(
+        long,
+        env = "VMDISK_AGENT_DAEMONSET",
+        default_value = "vmdisk-cache-agent"
+    )]
     pub agent_daemonset: String,
 
     /// Image of populator pods, instead of the agent DaemonSet's.

@@ -11,7 +11,6 @@ use super::patch::PatchBuilder;
 use super::view::PvcView;
 use super::{ImageLookup, Mutation, MutationConfig};
 
-
 /// How a PVC asks for a VMDiskImage, if it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageClaim {
@@ -432,7 +431,10 @@ mod tests {
             ),
         );
         let bytes = parse_quantity(&storage(&out.unwrap()).unwrap()).unwrap();
-        assert_eq!(bytes, volume_bytes_for_disk(1 << 30, true, vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD));
+        assert_eq!(
+            bytes,
+            volume_bytes_for_disk(1 << 30, true, vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD)
+        );
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("raised from 1Mi"), "{}", w[0]);
     }

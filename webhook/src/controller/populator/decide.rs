@@ -60,6 +60,8 @@ pub struct PvcStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Note {
     pub reason: &'static str,
+    /// The Event's action: with the reason, what tells repeated Events (a series) apart.
+    pub action: &'static str,
     pub warning: bool,
     pub message: String,
 }
@@ -96,20 +98,33 @@ pub enum Step {
         outcome: Option<Outcome>,
     },
     /// Nothing to do until something changes (or the time passes).
-    Wait { requeue: Option<Duration> },
+    Wait {
+        requeue: Option<Duration>,
+    },
     AddFinalizer,
     CreatePrime(Box<PersistentVolumeClaim>),
-    CreatePod { pod: Box<Pod>, attempt: u32 },
+    CreatePod {
+        pod: Box<Pod>,
+        attempt: u32,
+    },
     /// Count a failed pod on the prime before it is deleted, so retries survive restarts.
-    RecordFailure { attempt: u32, note: Note },
-    DeletePod { retry: bool },
-    /// Hand the prime's PV to the user's claim.
+    RecordFailure {
+        attempt: u32,
+        note: Note,
+    },
+    DeletePod {
+        retry: bool,
+    },
+    /// Hand the prime's PV to the user's claim; the population itself is finished.
     BindPv {
         pv: String,
         patch: serde_json::Value,
+        note: Note,
     },
-    DeletePrime { outcome: Option<Outcome> },
-    RemoveFinalizer { note: Option<Note> },
+    DeletePrime {
+        outcome: Option<Outcome>,
+    },
+    RemoveFinalizer,
 }
 
 fn annotation<'a>(o: &'a impl ResourceExt, key: &str) -> Option<&'a str> {
@@ -158,7 +173,12 @@ fn status(phase: PopulatePhase, message: impl Into<String>, progress: Option<&st
 }
 
 /// The step that brings `status` about, or `then` when the claim already shows it.
-fn with_status(pvc: &PersistentVolumeClaim, wanted: PvcStatus, note: Option<Note>, then: Step) -> Step {
+fn with_status(
+    pvc: &PersistentVolumeClaim,
+    wanted: PvcStatus,
+    note: Option<Note>,
+    then: Step,
+) -> Step {
     if current_status(pvc).as_ref() == Some(&wanted) {
         then
     } else {
@@ -199,7 +219,9 @@ fn pod_end(pod: &Pod) -> PodEnd {
                 .filter(|m| !m.trim().is_empty())
                 .map(|m| m.trim().to_string())
                 .unwrap_or_else(|| format!("exit code {}", t.exit_code)),
-            finished: t.finished_at.map(|t| super::super::image::from_timestamp(&t.0)),
+            finished: t
+                .finished_at
+                .map(|t| super::super::image::from_timestamp(&t.0)),
         },
         None => PodEnd {
             permanent: false,
@@ -255,7 +277,7 @@ fn terminating(pod: &Pod) -> bool {
 /// Cleanup once the claim is bound, deleted, or given up: pod, then prime, then finalizer. A
 /// pod already terminating counts as gone: the prime's own protection keeps it until the pod
 /// has let go, and a node that never confirms the pod's end must not pin the user's claim.
-fn clean_up(o: &Observed, prime_outcome: Option<Outcome>, finished: Option<Note>) -> Step {
+fn clean_up(o: &Observed, prime_outcome: Option<Outcome>) -> Step {
     if o.pod.is_some_and(|p| !terminating(p)) {
         Step::DeletePod { retry: false }
     } else if o.prime.is_some() {
@@ -263,7 +285,7 @@ fn clean_up(o: &Observed, prime_outcome: Option<Outcome>, finished: Option<Note>
             outcome: prime_outcome,
         }
     } else if has_finalizer(o.pvc) {
-        Step::RemoveFinalizer { note: finished }
+        Step::RemoveFinalizer
     } else {
         Step::Ignore
     }
@@ -281,6 +303,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
         Err(message) => {
             let note = Note {
                 reason: reasons::CROSS_NAMESPACE_REFUSED,
+                action: "Validate",
                 warning: true,
                 message: message.clone(),
             };
@@ -295,7 +318,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
 
     // The claim is going away: undo everything, nothing else.
     if pvc.metadata.deletion_timestamp.is_some() {
-        return clean_up(o, Some(Outcome::Aborted), None);
+        return clean_up(o, Some(Outcome::Aborted));
     }
 
     // Bound: ours (the PV we filled) or not, only cleanup is left.
@@ -309,29 +332,25 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
             .prime
             .and_then(|p| p.spec.as_ref()?.volume_name.as_deref())
             .is_some_and(|v| v == volume);
-        let prime_lost = o
-            .prime
-            .and_then(|p| p.status.as_ref()?.phase.as_deref())
-            == Some("Lost");
+        let prime_lost = o.prime.and_then(|p| p.status.as_ref()?.phase.as_deref()) == Some("Lost");
         if ours && !prime_lost && o.pod.is_none_or(terminating) {
             // The PV controller has not marked the prime Lost yet: deleting it now could make
             // it reclaim the volume.
             return Step::Wait { requeue: None };
         }
-        let finished = Note {
-            reason: reasons::POPULATOR_FINISHED,
-            warning: false,
-            message: format!("filled from VMDiskImage {image_name}; bound to {volume}"),
-        };
         let outcome = if ours {
             Outcome::Succeeded
         } else {
             Outcome::Aborted
         };
-        return match clean_up(o, Some(outcome), Some(finished)) {
+        return match clean_up(o, Some(outcome)) {
             Step::Ignore => with_status(
                 pvc,
-                status(PopulatePhase::Succeeded, format!("bound to {volume}"), Some("100%")),
+                status(
+                    PopulatePhase::Succeeded,
+                    format!("bound to {volume}"),
+                    Some("100%"),
+                ),
                 None,
                 Step::Ignore,
             ),
@@ -341,7 +360,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
 
     // Given up: clean up and stay put until someone removes the phase annotation.
     if current_status(pvc).is_some_and(|s| s.phase == PopulatePhase::Failed) {
-        return clean_up(o, None, None);
+        return clean_up(o, None);
     }
 
     // A pod that already runs needs nothing else to finish.
@@ -359,8 +378,11 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
             ),
             Some(Note {
                 reason: reasons::IMAGE_NOT_FOUND,
+                action: "WaitForImage",
                 warning: true,
-                message: format!("VMDiskImage {image_name} not found: the PVC is filled once it exists"),
+                message: format!(
+                    "VMDiskImage {image_name} not found: the PVC is filled once it exists"
+                ),
             }),
             Step::Wait { requeue: None },
         );
@@ -381,7 +403,11 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
         ClassLookup::Missing(name) => {
             return with_status(
                 pvc,
-                status(PopulatePhase::Pending, format!("StorageClass {name} not found"), None),
+                status(
+                    PopulatePhase::Pending,
+                    format!("StorageClass {name} not found"),
+                    None,
+                ),
                 None,
                 Step::Wait {
                     requeue: Some(Duration::from_secs(30)),
@@ -436,6 +462,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
             status: status(PopulatePhase::Failed, message.clone(), None),
             note: Some(Note {
                 reason: reasons::POPULATOR_FAILED,
+                action: "GiveUp",
                 warning: true,
                 message,
             }),
@@ -502,6 +529,12 @@ fn decide_pod(
                     Step::BindPv {
                         pv: pv_name,
                         patch: super::objects::pv_rebind_patch(pvc, image_name),
+                        note: Note {
+                            reason: reasons::POPULATOR_FINISHED,
+                            action: "Populate",
+                            warning: false,
+                            message: pod_end(pod).message,
+                        },
                     },
                 );
             }
@@ -538,6 +571,7 @@ fn decide_pod(
                     status: status(PopulatePhase::Failed, message.clone(), None),
                     note: Some(Note {
                         reason: reasons::POPULATOR_FAILED,
+                        action: "GiveUp",
                         warning: true,
                         message,
                     }),
@@ -549,6 +583,7 @@ fn decide_pod(
                     attempt,
                     note: Note {
                         reason: reasons::POPULATOR_FAILED,
+                        action: "Retry",
                         warning: true,
                         message: format!(
                             "attempt {attempt} of {} failed, retrying in {:?}: {}",
@@ -559,9 +594,7 @@ fn decide_pod(
                     },
                 };
             }
-            let retry_at = end
-                .finished
-                .unwrap_or(now)
+            let retry_at = end.finished.unwrap_or(now)
                 + chrono::Duration::from_std(retry_delay(config.retry_base, attempt))
                     .unwrap_or_default();
             let retrying = status(
@@ -617,7 +650,9 @@ mod tests {
     }
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z").unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn claim(spec: serde_json::Value) -> PersistentVolumeClaim {
@@ -670,15 +705,24 @@ mod tests {
         if bound {
             p.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
         }
-        p.metadata.annotations.as_mut().unwrap().insert(FAILED_ATTEMPTS_ANNOTATION.into(), failed.to_string());
-        p.metadata.annotations.as_mut().unwrap().insert(PROGRESS_ANNOTATION.into(), "42%".into());
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(FAILED_ATTEMPTS_ANNOTATION.into(), failed.to_string());
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(PROGRESS_ANNOTATION.into(), "42%".into());
         p.status = Some(serde_json::from_value(json!({"phase": phase})).unwrap());
         p
     }
 
     fn pv(claim_ns: &str, claim_name: &str, uid: &str) -> PersistentVolume {
         serde_json::from_value(json!({"metadata": {"name": "pv-1"},
-            "spec": {"claimRef": {"namespace": claim_ns, "name": claim_name, "uid": uid}}})).unwrap()
+            "spec": {"claimRef": {"namespace": claim_ns, "name": claim_name, "uid": uid}}}))
+        .unwrap()
     }
 
     fn with_finalizer(mut c: PersistentVolumeClaim) -> PersistentVolumeClaim {
@@ -686,7 +730,12 @@ mod tests {
         c
     }
 
-    fn with_status(mut c: PersistentVolumeClaim, phase: PopulatePhase, message: &str, progress: Option<&str>) -> PersistentVolumeClaim {
+    fn with_status(
+        mut c: PersistentVolumeClaim,
+        phase: PopulatePhase,
+        message: &str,
+        progress: Option<&str>,
+    ) -> PersistentVolumeClaim {
         let a = c.metadata.annotations.get_or_insert_with(Default::default);
         a.insert(PHASE_ANNOTATION.into(), phase.as_str().into());
         a.insert(MESSAGE_ANNOTATION.into(), message.into());
@@ -707,10 +756,25 @@ mod tests {
 
     impl World {
         fn new(pvc: PersistentVolumeClaim) -> Self {
-            Self { pvc, image: Some(image(true)), class: Some(class("Immediate")), prime: None, pod: None, pv: None }
+            Self {
+                pvc,
+                image: Some(image(true)),
+                class: Some(class("Immediate")),
+                prime: None,
+                pod: None,
+                pv: None,
+            }
         }
         fn step(&self) -> Step {
-            let class = match (&self.class, self.pvc.spec.as_ref().unwrap().storage_class_name.as_deref()) {
+            let class = match (
+                &self.class,
+                self.pvc
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .storage_class_name
+                    .as_deref(),
+            ) {
                 (_, None) => ClassLookup::Unnamed,
                 (None, Some(n)) => ClassLookup::Missing(n),
                 (Some(c), Some(_)) => ClassLookup::Found(c),
@@ -742,7 +806,9 @@ mod tests {
         let mut plain = claim(json!({}));
         plain.spec.as_mut().unwrap().data_source_ref = None;
         assert_eq!(World::new(plain).step(), Step::Ignore);
-        let other = claim(json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}));
+        let other = claim(
+            json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}),
+        );
         assert_eq!(World::new(other).step(), Step::Ignore);
         let mut prime_itself = claim(json!({}));
         prime_itself.metadata.namespace = Some("vmdisk-system".into());
@@ -751,13 +817,26 @@ mod tests {
 
     #[test]
     fn a_cross_namespace_reference_is_refused_once_with_an_event() {
-        let pvc = claim(json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora", "namespace": "other"}}));
+        let pvc = claim(
+            json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora", "namespace": "other"}}),
+        );
         let step = World::new(pvc.clone()).step();
-        let Step::Annotate { status, note: Some(note), .. } = &step else { panic!("{step:?}") };
+        let Step::Annotate {
+            status,
+            note: Some(note),
+            ..
+        } = &step
+        else {
+            panic!("{step:?}")
+        };
         assert_eq!(status.phase, PopulatePhase::Failed);
         assert_eq!(note.reason, "CrossNamespaceRefused");
         let done = with_status(pvc, PopulatePhase::Failed, &status.message, None);
-        assert_eq!(World::new(done).step(), Step::Ignore, "no action, no repeated Event");
+        assert_eq!(
+            World::new(done).step(),
+            Step::Ignore,
+            "no action, no repeated Event"
+        );
     }
 
     #[test]
@@ -765,10 +844,24 @@ mod tests {
         let mut w = World::new(claim(json!({})));
         w.image = None;
         let step = w.step();
-        let Step::Annotate { status, note: Some(note), .. } = &step else { panic!("{step:?}") };
-        assert_eq!((status.phase, note.reason), (PopulatePhase::Pending, "ImageNotFound"));
+        let Step::Annotate {
+            status,
+            note: Some(note),
+            ..
+        } = &step
+        else {
+            panic!("{step:?}")
+        };
+        assert_eq!(
+            (status.phase, note.reason),
+            (PopulatePhase::Pending, "ImageNotFound")
+        );
         w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, None);
-        assert_eq!(w.step(), Step::Wait { requeue: None }, "an image appearing wakes the claim");
+        assert_eq!(
+            w.step(),
+            Step::Wait { requeue: None },
+            "an image appearing wakes the claim"
+        );
 
         let mut w = World::new(claim(json!({})));
         w.pvc.metadata.annotations = None; // no digest recorded at admission
@@ -777,11 +870,15 @@ mod tests {
 
         let mut w = World::new(claim(json!({})));
         w.class = None;
-        assert!(status_of(&w.step()).message.contains("StorageClass standard not found"));
+        assert!(status_of(&w.step())
+            .message
+            .contains("StorageClass standard not found"));
 
         let mut w = World::new(claim(json!({})));
         w.class = Some(class("WaitForFirstConsumer"));
-        assert!(status_of(&w.step()).message.contains("WaitForFirstConsumer"));
+        assert!(status_of(&w.step())
+            .message
+            .contains("WaitForFirstConsumer"));
     }
 
     #[test]
@@ -790,14 +887,24 @@ mod tests {
         assert_eq!(w.step(), Step::AddFinalizer);
         let mut w = World::new(with_finalizer(claim(json!({"volumeMode": "Block"}))));
         w.class = Some(class("WaitForFirstConsumer"));
-        w.pvc.metadata.annotations.as_mut().unwrap().insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
-        let Step::CreatePrime(prime) = w.step() else { panic!() };
+        w.pvc
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
+        let Step::CreatePrime(prime) = w.step() else {
+            panic!()
+        };
         assert_eq!(prime.metadata.name.as_deref(), Some("prime-u-1"));
         assert_eq!(prime.metadata.namespace.as_deref(), Some("vmdisk-system"));
         let spec = prime.spec.unwrap();
         assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
         assert_eq!(spec.storage_class_name.as_deref(), Some("standard"));
-        assert_eq!(spec.resources.unwrap().requests.unwrap()["storage"].0, "1060Mi");
+        assert_eq!(
+            spec.resources.unwrap().requests.unwrap()["storage"].0,
+            "1060Mi"
+        );
         assert!(spec.data_source_ref.is_none() && spec.data_source.is_none());
         let a = prime.metadata.annotations.unwrap();
         assert_eq!(a[SELECTED_NODE_ANNOTATION], "node-real");
@@ -810,46 +917,116 @@ mod tests {
         w.prime = Some(prime(false, 0, "Pending"));
         let step = w.step();
         assert_eq!(status_of(&step).phase, PopulatePhase::Populating);
-        w.pvc = with_status(w.pvc.clone(), PopulatePhase::Populating, &status_of(&step).message, Some("0%"));
-        let Step::CreatePod { pod, attempt: 1 } = w.step() else { panic!() };
+        w.pvc = with_status(
+            w.pvc.clone(),
+            PopulatePhase::Populating,
+            &status_of(&step).message,
+            Some("0%"),
+        );
+        let Step::CreatePod { pod, attempt: 1 } = w.step() else {
+            panic!()
+        };
         let spec = pod.spec.unwrap();
         let c = &spec.containers[0];
-        assert_eq!(c.image.as_deref(), Some("registry.example/vmdisk/cache-agent:1"));
+        assert_eq!(
+            c.image.as_deref(),
+            Some("registry.example/vmdisk/cache-agent:1")
+        );
         let args = c.args.clone().unwrap().join(" ");
-        assert!(args.starts_with(&format!("populate quay.io/containerdisks/fedora:40@{DIGEST} --format raw")), "{args}");
+        assert!(
+            args.starts_with(&format!(
+                "populate quay.io/containerdisks/fedora:40@{DIGEST} --format raw"
+            )),
+            "{args}"
+        );
         // 1060 MiB / 1.06 = 1000 MiB exactly: what KubeVirt may use after the filesystem.
-        assert!(args.contains(&format!("--size {}", 1000u64 << 20)), "{args}");
-        assert!(args.contains("--owner 107:107") && args.contains("--target /target/disk.img"), "{args}");
-        assert!(args.contains("--credentials-secret vmdisk-credentials/pull-img-1"), "{args}");
-        assert!(args.contains("--progress-pvc vmdisk-system/prime-u-1"), "{args}");
+        assert!(
+            args.contains(&format!("--size {}", 1000u64 << 20)),
+            "{args}"
+        );
+        assert!(
+            args.contains("--owner 107:107") && args.contains("--target /target/disk.img"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--credentials-secret vmdisk-credentials/pull-img-1"),
+            "{args}"
+        );
+        assert!(
+            args.contains("--progress-pvc vmdisk-system/prime-u-1"),
+            "{args}"
+        );
         assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
-        assert_eq!(spec.service_account_name.as_deref(), Some("vmdisk-populator"));
-        assert!(spec.node_name.is_none(), "Immediate: the scheduler picks, preferring warm nodes");
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some("vmdisk-populator")
+        );
+        assert!(
+            spec.node_name.is_none(),
+            "Immediate: the scheduler picks, preferring warm nodes"
+        );
         assert!(spec.affinity.is_some());
         let volumes = spec.volumes.unwrap();
-        assert_eq!(volumes[0].persistent_volume_claim.as_ref().unwrap().claim_name, "prime-u-1");
-        assert_eq!(volumes[1].host_path.as_ref().unwrap().path, "/var/lib/vmdisk/cache");
+        assert_eq!(
+            volumes[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "prime-u-1"
+        );
+        assert_eq!(
+            volumes[1].host_path.as_ref().unwrap().path,
+            "/var/lib/vmdisk/cache"
+        );
 
         // Block on a chosen node: the device, no size, no owner.
         let mut w = World::new(with_finalizer(claim(json!({"volumeMode": "Block"}))));
         w.class = Some(class("WaitForFirstConsumer"));
-        w.pvc.metadata.annotations.as_mut().unwrap().insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
-        w.pvc = with_status(w.pvc.clone(), PopulatePhase::Populating, "populating from VMDiskImage fedora (attempt 1)", Some("0%"));
+        w.pvc
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
+        w.pvc = with_status(
+            w.pvc.clone(),
+            PopulatePhase::Populating,
+            "populating from VMDiskImage fedora (attempt 1)",
+            Some("0%"),
+        );
         w.prime = Some(prime(false, 0, "Pending"));
-        let Step::CreatePod { pod, .. } = w.step() else { panic!("{:?}", w.step()) };
+        let Step::CreatePod { pod, .. } = w.step() else {
+            panic!("{:?}", w.step())
+        };
         let spec = pod.spec.unwrap();
         assert_eq!(spec.node_name.as_deref(), Some("node-real"));
         let c = &spec.containers[0];
         let args = c.args.clone().unwrap().join(" ");
-        assert!(args.contains("--target /dev/vmdisk-target") && !args.contains("--size") && !args.contains("--owner"), "{args}");
-        assert_eq!(c.volume_devices.as_ref().unwrap()[0].device_path, "/dev/vmdisk-target");
+        assert!(
+            args.contains("--target /dev/vmdisk-target")
+                && !args.contains("--size")
+                && !args.contains("--owner"),
+            "{args}"
+        );
+        assert_eq!(
+            c.volume_devices.as_ref().unwrap()[0].device_path,
+            "/dev/vmdisk-target"
+        );
     }
 
     #[test]
     fn a_filesystem_claim_without_a_size_fails_with_a_reason() {
         let mut w = World::new(with_finalizer(claim(json!({"resources": {}}))));
         w.prime = Some(prime(false, 0, "Pending"));
-        let Step::Annotate { status, outcome: Some(Outcome::Failed), .. } = w.step() else { panic!() };
+        let Step::Annotate {
+            status,
+            outcome: Some(Outcome::Failed),
+            ..
+        } = w.step()
+        else {
+            panic!()
+        };
         assert!(status.message.contains("no storage size"));
     }
 
@@ -864,7 +1041,9 @@ mod tests {
         stuck.status = Some(serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{"name": "populate", "ready": false,
             "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]})).unwrap());
         w.pod = Some(stuck);
-        assert!(status_of(&w.step()).message.contains("ImagePullBackOff: not found"));
+        assert!(status_of(&w.step())
+            .message
+            .contains("ImagePullBackOff: not found"));
         let s = status_of(&w.step()).clone();
         w.pvc = with_status(w.pvc.clone(), s.phase, &s.message, s.progress.as_deref());
         assert_eq!(w.step(), Step::Wait { requeue: None });
@@ -875,76 +1054,177 @@ mod tests {
         let finished = "2026-11-24T09:59:55Z";
         let mut w = World::new(with_finalizer(claim(json!({}))));
         w.prime = Some(prime(true, 0, "Bound"));
-        w.pod = Some(pod("Failed", 1, Some((1, "registry 10.0.0.1 failed after 6 attempts", finished))));
-        let Step::RecordFailure { attempt: 1, note } = w.step() else { panic!("{:?}", w.step()) };
+        w.pod = Some(pod(
+            "Failed",
+            1,
+            Some((1, "registry 10.0.0.1 failed after 6 attempts", finished)),
+        ));
+        let Step::RecordFailure { attempt: 1, note } = w.step() else {
+            panic!("{:?}", w.step())
+        };
         assert_eq!(note.reason, "PopulatorFailed");
-        assert!(note.message.contains("attempt 1 of 4 failed, retrying in 10s"), "{}", note.message);
+        assert!(
+            note.message
+                .contains("attempt 1 of 4 failed, retrying in 10s"),
+            "{}",
+            note.message
+        );
         // Counted: wait for the backoff (10 s after the pod finished, 5 s ago).
         w.prime = Some(prime(true, 1, "Bound"));
         let step = w.step();
         assert_eq!(status_of(&step).phase, PopulatePhase::Retrying);
         let s = status_of(&step).clone();
         w.pvc = with_status(w.pvc.clone(), s.phase, &s.message, None);
-        assert_eq!(w.step(), Step::Wait { requeue: Some(Duration::from_secs(5)) });
+        assert_eq!(
+            w.step(),
+            Step::Wait {
+                requeue: Some(Duration::from_secs(5))
+            }
+        );
         // Due: delete, then the next attempt.
         w.pod = Some(pod("Failed", 1, Some((1, "x", "2026-11-24T09:59:00Z"))));
         assert_eq!(w.step(), Step::DeletePod { retry: true });
         w.pod = None;
-        w.pvc = with_status(w.pvc.clone(), PopulatePhase::Populating, "populating from VMDiskImage fedora (attempt 2)", Some("0%"));
-        assert!(matches!(w.step(), Step::CreatePod { attempt: 2, .. }), "{:?}", w.step());
+        w.pvc = with_status(
+            w.pvc.clone(),
+            PopulatePhase::Populating,
+            "populating from VMDiskImage fedora (attempt 2)",
+            Some("0%"),
+        );
+        assert!(
+            matches!(w.step(), Step::CreatePod { attempt: 2, .. }),
+            "{:?}",
+            w.step()
+        );
         // The last attempt fails: given up, with the reason.
         w.pod = Some(pod("Failed", 4, Some((1, "disk full", finished))));
         w.prime = Some(prime(true, 3, "Bound"));
-        let Step::Annotate { status, note: Some(note), outcome: Some(Outcome::Failed) } = w.step() else { panic!() };
+        let Step::Annotate {
+            status,
+            note: Some(note),
+            outcome: Some(Outcome::Failed),
+        } = w.step()
+        else {
+            panic!()
+        };
         assert_eq!(status.phase, PopulatePhase::Failed);
-        assert!(note.message.contains("failed after 4 attempt(s), no attempts left: disk full"), "{}", note.message);
+        assert!(
+            note.message
+                .contains("failed after 4 attempt(s), no attempts left: disk full"),
+            "{}",
+            note.message
+        );
     }
 
     #[test]
     fn a_permanent_failure_stops_at_once_and_cleans_up() {
         let mut w = World::new(with_finalizer(claim(json!({}))));
         w.prime = Some(prime(true, 0, "Bound"));
-        w.pod = Some(pod("Failed", 1, Some((PERMANENT_EXIT_CODE, "the disk needs 2 GiB but the volume offers 1 GiB", "2026-11-24T09:59:55Z"))));
-        let Step::Annotate { status, .. } = w.step() else { panic!() };
-        assert!(status.message.contains("retrying cannot help: the disk needs"), "{}", status.message);
+        w.pod = Some(pod(
+            "Failed",
+            1,
+            Some((
+                PERMANENT_EXIT_CODE,
+                "the disk needs 2 GiB but the volume offers 1 GiB",
+                "2026-11-24T09:59:55Z",
+            )),
+        ));
+        let Step::Annotate { status, .. } = w.step() else {
+            panic!()
+        };
+        assert!(
+            status
+                .message
+                .contains("retrying cannot help: the disk needs"),
+            "{}",
+            status.message
+        );
         w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, None);
         assert_eq!(w.step(), Step::DeletePod { retry: false });
         w.pod = None;
         assert_eq!(w.step(), Step::DeletePrime { outcome: None });
         w.prime = None;
-        assert_eq!(w.step(), Step::RemoveFinalizer { note: None });
+        assert_eq!(w.step(), Step::RemoveFinalizer);
         w.pvc.metadata.finalizers = None;
-        assert_eq!(w.step(), Step::Ignore, "stays failed until the annotation is removed");
+        assert_eq!(
+            w.step(),
+            Step::Ignore,
+            "stays failed until the annotation is removed"
+        );
     }
 
     #[test]
     fn success_hands_the_pv_over_and_waits_for_lost_before_cleaning_up() {
-        let mut w = World::new(with_finalizer(with_status(claim(json!({})), PopulatePhase::Rebinding,
-            "filled from VMDiskImage fedora; handing the volume to the claim", Some("100%"))));
+        let mut w = World::new(with_finalizer(with_status(
+            claim(json!({})),
+            PopulatePhase::Rebinding,
+            "filled from VMDiskImage fedora; handing the volume to the claim",
+            Some("100%"),
+        )));
         w.prime = Some(prime(true, 0, "Bound"));
         w.pod = Some(pod("Succeeded", 1, None));
-        assert_eq!(w.step(), Step::Wait { requeue: Some(Duration::from_secs(2)) }, "PV not read yet");
+        assert_eq!(
+            w.step(),
+            Step::Wait {
+                requeue: Some(Duration::from_secs(2))
+            },
+            "PV not read yet"
+        );
         w.pv = Some(pv("vmdisk-system", "prime-u-1", "p-1"));
-        let Step::BindPv { pv: name, patch } = w.step() else { panic!() };
+        w.pod = Some(pod(
+            "Succeeded",
+            1,
+            Some((
+                0,
+                "populated /target/disk.img (warm: cache hit)",
+                "2026-11-24T09:59:55Z",
+            )),
+        ));
+        let Step::BindPv {
+            pv: name,
+            patch,
+            note,
+        } = w.step()
+        else {
+            panic!()
+        };
+        assert_eq!(note.reason, "PopulatorFinished");
+        assert!(note.message.contains("warm: cache hit"), "{}", note.message);
         assert_eq!(name, "pv-1");
         assert_eq!(patch["spec"]["claimRef"]["uid"], "u-1");
         assert_eq!(patch["spec"]["claimRef"]["name"], "root");
-        assert_eq!(patch["metadata"]["annotations"]["vmdisk.io/populated-from"], "vms/fedora");
+        assert_eq!(
+            patch["metadata"]["annotations"]["vmdisk.io/populated-from"],
+            "vms/fedora"
+        );
         w.pv = Some(pv("vms", "root", "u-1"));
-        assert_eq!(w.step(), Step::Wait { requeue: None }, "the prime is not Lost yet");
+        assert_eq!(
+            w.step(),
+            Step::Wait { requeue: None },
+            "the prime is not Lost yet"
+        );
         w.prime = Some(prime(true, 0, "Lost"));
         assert_eq!(w.step(), Step::DeletePod { retry: false });
         // The PV controller bound the claim.
         w.pod = None;
         w.pvc.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
-        assert_eq!(w.step(), Step::DeletePrime { outcome: Some(Outcome::Succeeded) });
+        assert_eq!(
+            w.step(),
+            Step::DeletePrime {
+                outcome: Some(Outcome::Succeeded)
+            }
+        );
         w.prime = None;
-        let Step::RemoveFinalizer { note: Some(note) } = w.step() else { panic!() };
-        assert_eq!(note.reason, "PopulatorFinished");
+        assert_eq!(w.step(), Step::RemoveFinalizer);
         w.pvc.metadata.finalizers = Some(vec![]);
         let step = w.step();
         assert_eq!(status_of(&step).phase, PopulatePhase::Succeeded);
-        w.pvc = with_status(w.pvc.clone(), PopulatePhase::Succeeded, &status_of(&step).message, Some("100%"));
+        w.pvc = with_status(
+            w.pvc.clone(),
+            PopulatePhase::Succeeded,
+            &status_of(&step).message,
+            Some("100%"),
+        );
         assert_eq!(w.step(), Step::Ignore);
     }
 
@@ -958,8 +1238,10 @@ mod tests {
     #[test]
     fn a_claim_deleted_mid_way_undoes_everything() {
         let mut w = World::new(with_finalizer(claim(json!({}))));
-        w.pvc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            crate::controller::image::to_timestamp(now())));
+        w.pvc.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                crate::controller::image::to_timestamp(now()),
+            ));
         w.prime = Some(prime(true, 0, "Bound"));
         w.pod = Some(pod("Running", 1, None));
         assert_eq!(w.step(), Step::DeletePod { retry: false });
@@ -967,11 +1249,21 @@ mod tests {
         let mut stuck = pod("Running", 1, None);
         stuck.metadata.deletion_timestamp = w.pvc.metadata.deletion_timestamp.clone();
         w.pod = Some(stuck);
-        assert_eq!(w.step(), Step::DeletePrime { outcome: Some(Outcome::Aborted) });
+        assert_eq!(
+            w.step(),
+            Step::DeletePrime {
+                outcome: Some(Outcome::Aborted)
+            }
+        );
         w.pod = None;
-        assert_eq!(w.step(), Step::DeletePrime { outcome: Some(Outcome::Aborted) });
+        assert_eq!(
+            w.step(),
+            Step::DeletePrime {
+                outcome: Some(Outcome::Aborted)
+            }
+        );
         w.prime = None;
-        assert_eq!(w.step(), Step::RemoveFinalizer { note: None });
+        assert_eq!(w.step(), Step::RemoveFinalizer);
         w.pvc.metadata.finalizers = None;
         assert_eq!(w.step(), Step::Ignore);
     }
@@ -982,7 +1274,12 @@ mod tests {
         match step.clone() {
             Step::Ignore | Step::Wait { .. } => return false,
             Step::Annotate { status, .. } => {
-                w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, status.progress.as_deref());
+                w.pvc = with_status(
+                    w.pvc.clone(),
+                    status.phase,
+                    &status.message,
+                    status.progress.as_deref(),
+                );
             }
             Step::AddFinalizer => w.pvc = with_finalizer(w.pvc.clone()),
             Step::CreatePrime(mut p) => {
@@ -994,23 +1291,38 @@ mod tests {
             Step::CreatePod { attempt, .. } => {
                 let code = pod_exit.remove(0);
                 w.pod = Some(if code == 0 {
-                    pod("Succeeded", attempt, Some((0, "populated", "2026-11-24T09:00:00Z")))
+                    pod(
+                        "Succeeded",
+                        attempt,
+                        Some((0, "populated", "2026-11-24T09:00:00Z")),
+                    )
                 } else {
-                    pod("Failed", attempt, Some((code, "boom", "2026-11-24T09:00:00Z")))
+                    pod(
+                        "Failed",
+                        attempt,
+                        Some((code, "boom", "2026-11-24T09:00:00Z")),
+                    )
                 });
             }
             Step::RecordFailure { attempt, .. } => {
-                w.prime.as_mut().unwrap().metadata.annotations.as_mut().unwrap()
+                w.prime
+                    .as_mut()
+                    .unwrap()
+                    .metadata
+                    .annotations
+                    .as_mut()
+                    .unwrap()
                     .insert(FAILED_ATTEMPTS_ANNOTATION.into(), attempt.to_string());
             }
             Step::DeletePod { .. } => w.pod = None,
             Step::BindPv { .. } => {
                 w.pv = Some(pv("vms", "root", "u-1"));
-                w.prime.as_mut().unwrap().status = Some(serde_json::from_value(json!({"phase": "Lost"})).unwrap());
+                w.prime.as_mut().unwrap().status =
+                    Some(serde_json::from_value(json!({"phase": "Lost"})).unwrap());
                 w.pvc.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
             }
             Step::DeletePrime { .. } => w.prime = None,
-            Step::RemoveFinalizer { .. } => w.pvc.metadata.finalizers = Some(vec![]),
+            Step::RemoveFinalizer => w.pvc.metadata.finalizers = Some(vec![]),
         }
         true
     }
@@ -1034,12 +1346,32 @@ mod tests {
         let mut w = start();
         let mut exits = vec![1, 0];
         let trace = run_to_rest(&mut w, &mut exits);
-        assert_eq!(trace, ["add-finalizer", "create-prime", "annotate", "create-pod", "record-failure",
-            "delete-pod", "annotate", "create-pod", "annotate", "bind-pv", "delete-pod", "delete-prime",
-            "remove-finalizer", "annotate", "ignore"]);
+        assert_eq!(
+            trace,
+            [
+                "add-finalizer",
+                "create-prime",
+                "annotate",
+                "create-pod",
+                "record-failure",
+                "delete-pod",
+                "annotate",
+                "create-pod",
+                "annotate",
+                "bind-pv",
+                "delete-pod",
+                "delete-prime",
+                "remove-finalizer",
+                "annotate",
+                "ignore"
+            ]
+        );
         assert!(w.prime.is_none() && w.pod.is_none());
         assert_eq!(w.pvc.finalizers().len(), 0);
-        assert_eq!(current_status(&w.pvc).unwrap().phase, PopulatePhase::Succeeded);
+        assert_eq!(
+            current_status(&w.pvc).unwrap().phase,
+            PopulatePhase::Succeeded
+        );
         // Stop after every step (the controller restarts: it has nothing but the cluster),
         // then carry on: the same end every time.
         for stop in 0..trace.len() {
@@ -1050,8 +1382,15 @@ mod tests {
                 apply(&mut w, &step, &mut exits);
             }
             run_to_rest(&mut w, &mut exits);
-            assert!(w.prime.is_none() && w.pod.is_none() && w.pvc.finalizers().is_empty(), "stop {stop}");
-            assert_eq!(current_status(&w.pvc).unwrap().phase, PopulatePhase::Succeeded, "stop {stop}");
+            assert!(
+                w.prime.is_none() && w.pod.is_none() && w.pvc.finalizers().is_empty(),
+                "stop {stop}"
+            );
+            assert_eq!(
+                current_status(&w.pvc).unwrap().phase,
+                PopulatePhase::Succeeded,
+                "stop {stop}"
+            );
         }
     }
 }

@@ -223,7 +223,7 @@ impl Context {
             },
             reason: note.reason.into(),
             note: Some(note.message.chars().take(1000).collect()),
-            action: "Populate".into(),
+            action: note.action.into(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &pvc.object_ref(&())).await {
@@ -255,50 +255,6 @@ impl Context {
             })
             .count();
         self.metrics.set_in_flight(primes as i64);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn primes_and_pods_of_vanished_claims_are_orphans() {
-        let object = |name: &str, uid: Option<&str>| -> Pod {
-            let mut p: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
-            if let Some(uid) = uid {
-                p.metadata.labels = Some([(vmdisk_crds::CLAIM_UID_LABEL.to_string(), uid.to_string())].into());
-            }
-            p
-        };
-        let objects = [object("populate-a", Some("a")), object("populate-b", Some("b")), object("stray", None)];
-        let live: std::collections::HashSet<String> = ["a".to_string()].into();
-        assert_eq!(
-            orphaned(objects.iter().map(|o| &o.metadata), &live),
-            ["populate-b", "stray"]
-        );
-    }
-
-    #[test]
-    fn populator_pods_follow_the_agent_daemonset_unless_overridden() {
-        let ds: DaemonSet = serde_yaml::from_str(include_str!("../../../../deploy/cache-agent.yaml")).unwrap();
-        let settings = PopulatorSettings {
-            image: None,
-            node_cache_dir: None,
-            ..PopulatorSettings::default()
-        };
-        let config = settings.resolve(Some(&ds)).unwrap();
-        assert_eq!(config.image, "ghcr.io/vmdisk/cache-agent:0.1.0");
-        assert_eq!(config.node_cache_dir, "/var/lib/vmdisk/cache");
-        let err = settings.resolve(None).unwrap_err();
-        assert!(err.contains("vmdisk-system/vmdisk-cache-agent was not found"), "{err}");
-        let overridden = PopulatorSettings {
-            image: Some("mine:1".into()),
-            node_cache_dir: Some("/mnt/cache".into()),
-            ..PopulatorSettings::default()
-        };
-        let config = overridden.resolve(None).unwrap();
-        assert_eq!((config.image.as_str(), config.node_cache_dir.as_str()), ("mine:1", "/mnt/cache"));
     }
 }
 
@@ -462,6 +418,7 @@ pub async fn reconcile(
                 &pvc,
                 &Note {
                     reason: vmdisk_crds::reasons::POPULATOR_CREATED,
+                    action: "CreatePod",
                     warning: false,
                     message: format!(
                         "populator pod {}/{} started (attempt {attempt}){}",
@@ -494,11 +451,12 @@ pub async fn reconcile(
                 ctx.metrics.retried();
             }
         }
-        Step::BindPv { pv, patch } => {
+        Step::BindPv { pv, patch, note } => {
             Api::<PersistentVolume>::all(ctx.client.clone())
                 .patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(api_error("handing the PV to the claim"))?;
+            ctx.note(&pvc, &note).await;
         }
         Step::DeletePrime { outcome } => {
             delete(&primes, &prime_pvc_name(&uid))
@@ -508,7 +466,7 @@ pub async fn reconcile(
                 ctx.metrics.observe(outcome.as_str(), seconds_since(prime));
             }
         }
-        Step::RemoveFinalizer { note } => {
+        Step::RemoveFinalizer => {
             let patch = finalizers_patch(&pvc, false);
             match claims
                 .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
@@ -517,9 +475,6 @@ pub async fn reconcile(
                 Ok(_) => {}
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => return Err(api_error("removing the finalizer")(e)),
-            }
-            if let Some(note) = note {
-                ctx.note(&pvc, &note).await;
             }
         }
     }
@@ -541,7 +496,7 @@ fn step_name(step: &Step) -> &'static str {
         Step::DeletePod { .. } => "delete-pod",
         Step::BindPv { .. } => "bind-pv",
         Step::DeletePrime { .. } => "delete-prime",
-        Step::RemoveFinalizer { .. } => "remove-finalizer",
+        Step::RemoveFinalizer => "remove-finalizer",
     }
 }
 
@@ -630,21 +585,26 @@ const ORPHAN_SWEEP: Duration = Duration::from_secs(30);
 async fn sweep_orphans(ctx: Arc<Context>) {
     loop {
         tokio::time::sleep(ORPHAN_SWEEP).await;
-        if ctx.claims.wait_until_ready().await.is_err() || ctx.pods.wait_until_ready().await.is_err() {
+        if ctx.claims.wait_until_ready().await.is_err()
+            || ctx.pods.wait_until_ready().await.is_err()
+        {
             continue;
         }
         let claims = ctx.claims.state();
-        let live: std::collections::HashSet<String> = claims.iter().filter_map(|c| c.uid()).collect();
+        let live: std::collections::HashSet<String> =
+            claims.iter().filter_map(|c| c.uid()).collect();
         let primes: Vec<&PersistentVolumeClaim> = claims
             .iter()
             .map(|c| &**c)
             .filter(|c| {
                 c.namespace().as_deref() == Some(ctx.settings.namespace.as_str())
-                    && c.labels().get(COMPONENT_LABEL).map(String::as_str) == Some(POPULATOR_COMPONENT)
+                    && c.labels().get(COMPONENT_LABEL).map(String::as_str)
+                        == Some(POPULATOR_COMPONENT)
             })
             .collect();
         let pods = ctx.pods.state();
-        let prime_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+        let prime_api: Api<PersistentVolumeClaim> =
+            Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
         let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
         for name in orphaned(pods.iter().map(|p| &p.metadata), &live) {
             tracing::info!(pod = %name, "deleting a populator pod whose claim is gone");
@@ -659,17 +619,29 @@ async fn sweep_orphans(ctx: Arc<Context>) {
 
 /// The user PVC a prime PVC or populator pod works for (`vmdisk.io/claim: <ns>/<name>`).
 fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim>> {
-    let (namespace, name) = object.annotations().get(CLAIM_ANNOTATION)?.split_once('/')?;
+    let (namespace, name) = object
+        .annotations()
+        .get(CLAIM_ANNOTATION)?
+        .split_once('/')?;
     Some(ObjectRef::new(name).within(namespace))
 }
 
 /// Runs the populator until the future is dropped.
 pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMetrics) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
-    let images = super::reflect(Api::<VMDiskImage>::all(client.clone()), watcher::Config::default());
-    let classes = super::reflect(Api::<StorageClass>::all(client.clone()), watcher::Config::default());
+    let images = super::reflect(
+        Api::<VMDiskImage>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let classes = super::reflect(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
-    let pods = super::reflect(pods_api.clone(), watcher::Config::default().labels(&selector));
+    let pods = super::reflect(
+        pods_api.clone(),
+        watcher::Config::default().labels(&selector),
+    );
     let agents = super::reflect(
         Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
@@ -699,7 +671,11 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
     let sweeper = tokio::spawn(sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
     controller
-        .watches(pods_api, watcher::Config::default().labels(&selector), |pod| claim_of(&pod))
+        .watches(
+            pods_api,
+            watcher::Config::default().labels(&selector),
+            |pod| claim_of(&pod),
+        )
         .watches(
             Api::<PersistentVolumeClaim>::namespaced(client.clone(), &config.namespace),
             watcher::Config::default().labels(&selector),
@@ -732,4 +708,61 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
         })
         .await;
     sweeper.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primes_and_pods_of_vanished_claims_are_orphans() {
+        let object = |name: &str, uid: Option<&str>| -> Pod {
+            let mut p: Pod =
+                serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap();
+            if let Some(uid) = uid {
+                p.metadata.labels =
+                    Some([(vmdisk_crds::CLAIM_UID_LABEL.to_string(), uid.to_string())].into());
+            }
+            p
+        };
+        let objects = [
+            object("populate-a", Some("a")),
+            object("populate-b", Some("b")),
+            object("stray", None),
+        ];
+        let live: std::collections::HashSet<String> = ["a".to_string()].into();
+        assert_eq!(
+            orphaned(objects.iter().map(|o| &o.metadata), &live),
+            ["populate-b", "stray"]
+        );
+    }
+
+    #[test]
+    fn populator_pods_follow_the_agent_daemonset_unless_overridden() {
+        let ds: DaemonSet =
+            serde_yaml::from_str(include_str!("../../../../deploy/cache-agent.yaml")).unwrap();
+        let settings = PopulatorSettings {
+            image: None,
+            node_cache_dir: None,
+            ..PopulatorSettings::default()
+        };
+        let config = settings.resolve(Some(&ds)).unwrap();
+        assert_eq!(config.image, "ghcr.io/vmdisk/cache-agent:0.1.0");
+        assert_eq!(config.node_cache_dir, "/var/lib/vmdisk/cache");
+        let err = settings.resolve(None).unwrap_err();
+        assert!(
+            err.contains("vmdisk-system/vmdisk-cache-agent was not found"),
+            "{err}"
+        );
+        let overridden = PopulatorSettings {
+            image: Some("mine:1".into()),
+            node_cache_dir: Some("/mnt/cache".into()),
+            ..PopulatorSettings::default()
+        };
+        let config = overridden.resolve(None).unwrap();
+        assert_eq!(
+            (config.image.as_str(), config.node_cache_dir.as_str()),
+            ("mine:1", "/mnt/cache")
+        );
+    }
 }
