@@ -1,5 +1,8 @@
-//! The manifests a user applies agree with the code: flags parse, paths exist, examples are
-//! valid VMDiskImages, CRDs are the generated ones.
+//! The manifests a user applies agree with the code and with each other: every object is a
+//! typed object without unknown fields, flags parse, ports, Secrets, certificates and paths
+//! line up, examples are valid, CRDs are the generated ones, RBAC is what the code uses.
+
+mod typed;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -30,50 +33,334 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("{kind}/{name} missing"))
 }
 
-#[test]
-fn webhook_deployment_args_parse_and_paths_match_routes() {
-    let deploy = docs("deploy/webhook.yaml");
-    let container =
-        &find(&deploy, "Deployment", "vmdisk-webhook")["spec"]["template"]["spec"]["containers"][0];
-    let mut argv = vec![container["command"][0].as_str().unwrap().to_string()];
-    argv.extend(
-        container["args"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_string()),
-    );
-    let args = WebhookArgs::try_parse_from(&argv).unwrap();
-    assert_eq!(args.listen.port(), 8443);
-    assert_eq!(args.cert_dir, Path::new("/etc/vmdisk/tls"));
-    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+/// Every object `kubectl apply -k deploy/` installs: the kustomize output when kubectl is here
+/// (it is what a user applies), the files it names otherwise.
+fn installed_objects() -> Vec<serde_json::Value> {
+    let rendered = std::process::Command::new("kubectl")
+        .args(["kustomize", "deploy/"])
+        .current_dir(root())
+        .output();
+    let text = match rendered {
+        Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
+        other => {
+            println!("kubectl kustomize unavailable ({other:?}): checking the files instead");
+            let mut text = String::new();
+            for file in kustomization_files() {
+                text.push_str(&std::fs::read_to_string(file).unwrap());
+                text.push_str("\n---\n");
+            }
+            text
+        }
+    };
+    yaml_documents(&text)
+}
 
-    let hooks = docs("deploy/mutating-webhook.yaml");
-    let config = find(&hooks, "MutatingWebhookConfiguration", "vmdisk");
-    let paths: Vec<&str> = config["webhooks"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|w| w["clientConfig"]["service"]["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(paths, ["/mutate-pvc", "/mutate-pod"]);
-    for hook in config["webhooks"].as_sequence().unwrap() {
-        assert_eq!(
-            hook["sideEffects"], "None",
-            "dryRun requests need sideEffects None"
-        );
-        assert_eq!(hook["admissionReviewVersions"][0], "v1");
+fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+/// The files deploy/kustomization.yaml names, following ../certs.
+fn kustomization_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let k: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap())
+                .unwrap();
+        for r in k["resources"].as_sequence().unwrap() {
+            let path = dir.join(r.as_str().unwrap());
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
     }
-    let certs = docs("certs/cert-manager.yaml");
-    let cert = find(&certs, "Certificate", "vmdisk-webhook");
+    let mut out = Vec::new();
+    walk(&root().join("deploy"), &mut out);
+    out
+}
+
+#[test]
+fn every_manifest_is_a_typed_object_without_unknown_fields() {
+    let mut files: Vec<PathBuf> = kustomization_files();
+    files.push(root().join("deploy/examples/vmdiskimage.yaml"));
+    files.push(root().join("deploy/examples/pvcs.yaml"));
+    let mut problems = Vec::new();
+    let mut count = 0;
+    for file in &files {
+        for doc in yaml_documents(&std::fs::read_to_string(file).unwrap()) {
+            count += 1;
+            let result = match doc["kind"].as_str() {
+                Some("VMDiskImage") => typed::strict_value::<VMDiskImage>(&doc).map(|_| ()),
+                Some("PersistentVolumeClaim") => typed::strict_value::<
+                    k8s_openapi::api::core::v1::PersistentVolumeClaim,
+                >(&doc)
+                .map(|_| ()),
+                _ => typed::parse(&doc).map(|_| ()),
+            };
+            if let Err(e) = result {
+                problems.push(format!("{}: {e}", file.display()));
+            }
+        }
+    }
+    for doc in installed_objects() {
+        if let Err(e) = typed::parse(&doc) {
+            problems.push(format!("kustomize output: {e}"));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(count > 30, "only {count} documents found");
+}
+
+#[test]
+fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
+    use typed::Object;
+    let objects: Vec<Object> = installed_objects()
+        .iter()
+        .map(|d| typed::parse(d).unwrap())
+        .collect();
+    let deployment = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Deployment(d) => Some(d),
+            _ => None,
+        })
+        .expect("the webhook Deployment");
+    let daemonset = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::DaemonSet(d) => Some(d),
+            _ => None,
+        })
+        .expect("the agent DaemonSet");
+    let service = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Service(s) => Some(s),
+            _ => None,
+        })
+        .expect("the webhook Service");
+    let hooks = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::MutatingWebhookConfiguration(m) => Some(m),
+            _ => None,
+        })
+        .expect("the MutatingWebhookConfiguration");
+    let certificate = objects
+        .iter()
+        .find_map(|o| match o {
+            Object::Certificate(c) if c.metadata.name == "vmdisk-webhook" => Some(c),
+            _ => None,
+        })
+        .expect("the serving Certificate");
+    let namespaces: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Namespace(n) => n.metadata.name.clone(),
+            _ => None,
+        })
+        .collect();
+    let accounts: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::ServiceAccount(a) => a.metadata.name.clone(),
+            _ => None,
+        })
+        .collect();
+
+    // The webhook's container: its flags parse, its port is the Service's target, its
+    // certificate is the Certificate's Secret, its account exists, it runs as non-root.
+    let pod = deployment.spec.template.spec.as_ref().unwrap();
+    let webhook = &pod.containers[0];
+    let argv: Vec<String> = webhook
+        .command
+        .iter()
+        .flatten()
+        .chain(webhook.args.iter().flatten())
+        .cloned()
+        .collect();
+    let args = WebhookArgs::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let port = webhook
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.container_port == i32::from(args.listen.port()))
+        .expect("a container port for --listen");
+    let svc_spec = service.spec.as_ref().unwrap();
+    let target = svc_spec.ports.as_ref().unwrap()[0].target_port.as_ref().unwrap();
+    match target {
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+            assert_eq!(port.name.as_deref(), Some(name.as_str()), "Service → container port")
+        }
+        k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => {
+            assert_eq!(*n, port.container_port)
+        }
+    }
     assert_eq!(
-        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
-        "vmdisk-system/vmdisk-webhook"
+        svc_spec.selector.as_ref().unwrap(),
+        deployment.spec.selector.match_labels.as_ref().unwrap(),
+        "the Service selects the webhook pods"
     );
-    let secret = cert["spec"]["secretName"].as_str().unwrap();
-    let volumes =
-        &find(&deploy, "Deployment", "vmdisk-webhook")["spec"]["template"]["spec"]["volumes"];
-    assert_eq!(volumes[0]["secret"]["secretName"].as_str(), Some(secret));
+    let tls_mount = webhook
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| Path::new(&m.mount_path) == args.cert_dir)
+        .expect("--cert-dir is mounted");
+    let tls_volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == tls_mount.name)
+        .unwrap();
+    assert_eq!(
+        tls_volume.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some(certificate.spec.secret_name.as_str()),
+        "the Deployment mounts the Certificate's Secret"
+    );
+    let svc_name = service.metadata.name.clone().unwrap();
+    let svc_ns = service.metadata.namespace.clone().unwrap();
+    assert!(
+        certificate
+            .spec
+            .dns_names
+            .iter()
+            .flatten()
+            .any(|n| *n == format!("{svc_name}.{svc_ns}.svc")),
+        "the certificate names the Service"
+    );
+    assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    assert!(
+        pod.security_context.as_ref().unwrap().run_as_user.is_some_and(|u| u != 0),
+        "the user is set in the manifest, not only in the image"
+    );
+    for spec in [pod, daemonset.spec.template.spec.as_ref().unwrap()] {
+        let account = spec.service_account_name.clone().unwrap();
+        assert!(accounts.contains(&account), "ServiceAccount {account} is installed");
+    }
+    for ns in [&svc_ns, &vmdisk_crds::CREDENTIALS_NAMESPACE.to_string()] {
+        assert!(namespaces.contains(ns), "namespace {ns} is installed");
+    }
+
+    // The agent's flags parse, with what the downward API puts in its environment.
+    let agent = &daemonset.spec.template.spec.as_ref().unwrap().containers[0];
+    let mut argv: Vec<String> = agent
+        .command
+        .iter()
+        .flatten()
+        .chain(agent.args.iter().flatten())
+        .cloned()
+        .collect();
+    let command = <vmdisk_cache_agent::cli::Cli as clap::CommandFactory>::command();
+    let run = command.find_subcommand("run").unwrap();
+    for var in agent.env.iter().flatten() {
+        if let Some(arg) = run
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()))
+        {
+            argv.push(format!("--{}=from-the-environment", arg.get_long().unwrap()));
+        }
+    }
+    vmdisk_cache_agent::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+
+    // The webhook configuration: the CA comes from that Certificate, each webhook calls the
+    // Service on a port it has and a path the server serves.
+    let annotation = hooks
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("cert-manager.io/inject-ca-from"))
+        .expect("inject-ca-from");
+    assert_eq!(
+        annotation,
+        &format!(
+            "{}/{}",
+            certificate.metadata.namespace.as_deref().unwrap(),
+            certificate.metadata.name
+        )
+    );
+    struct NoImages;
+    impl vmdisk_webhook::mutate::ImageLookup for NoImages {
+        fn image(&self, _: &str, _: &str) -> Option<std::sync::Arc<VMDiskImage>> {
+            None
+        }
+        fn claim_image(&self, _: &str, _: &str) -> Option<String> {
+            None
+        }
+    }
+    impl vmdisk_webhook::catalog::ImageCatalog for NoImages {
+        fn is_synced(&self) -> bool {
+            true
+        }
+    }
+    let router = vmdisk_webhook::routes::router(std::sync::Arc::new(
+        vmdisk_webhook::routes::Webhook::new(std::sync::Arc::new(NoImages), Default::default()),
+    ));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for hook in hooks.webhooks.as_ref().unwrap() {
+        let svc = hook.client_config.service.as_ref().unwrap();
+        assert_eq!((svc.name.as_str(), svc.namespace.as_str()), (svc_name.as_str(), svc_ns.as_str()));
+        assert!(svc_spec.ports.as_ref().unwrap().iter().any(|p| Some(p.port) == svc.port));
+        assert_eq!(hook.side_effects, "None", "dry runs need sideEffects None");
+        assert_eq!(hook.admission_review_versions, ["v1"]);
+        let path = svc.path.clone().unwrap();
+        let status = runtime.block_on(async {
+            use tower::ServiceExt as _;
+            router
+                .clone()
+                .oneshot(
+                    http::Request::post(&path)
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from("{}"))
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_eq!(status, 400, "{path} is served (a bad review is a 400, a missing route a 404)");
+    }
+    let pvc_hook = &hooks.webhooks.as_ref().unwrap()[0];
+    assert_eq!(pvc_hook.failure_policy.as_deref(), Some("Fail"));
+    assert!(pvc_hook.match_conditions.as_ref().is_some_and(|c| !c.is_empty()));
+    let pod_hook = &hooks.webhooks.as_ref().unwrap()[1];
+    assert_eq!(pod_hook.failure_policy.as_deref(), Some("Ignore"));
+}
+
+#[test]
+fn images_pinned_by_an_overlay_reach_both_workloads() {
+    let dir = root().join(format!("target/manifest-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "resources: [../../deploy]\nimages:\n  - {name: ghcr.io/vmdisk/webhook, newName: registry.example.com/vmdisk/webhook, newTag: v9}\n  - {name: ghcr.io/vmdisk/cache-agent, newName: registry.example.com/vmdisk/cache-agent, newTag: v9}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(&dir)
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let Some(out) = out.ok().filter(|o| o.status.success()) else {
+        println!("skipped: kubectl kustomize is not available");
+        return;
+    };
+    let text = String::from_utf8(out.stdout).unwrap();
+    let images: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert_eq!(
+        images,
+        BTreeSet::from([
+            "registry.example.com/vmdisk/cache-agent:v9",
+            "registry.example.com/vmdisk/webhook:v9"
+        ])
+    );
 }
 
 #[test]
