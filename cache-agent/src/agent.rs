@@ -347,7 +347,7 @@ impl Agent {
                     } else {
                         metrics.cache_hit();
                     }
-                    tracing::info!(pulled = outcome.pulled, "cache entry ready");
+                    tracing::info!(pulled = outcome.pulled, conversion = ?outcome.conversion, "cache entry ready");
                     let mut st = state.lock().expect("agent state poisoned");
                     st.running.remove(&key);
                     st.retries.remove(&key);

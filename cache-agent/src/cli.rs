@@ -111,6 +111,7 @@ pub enum Mode {
         image: String,
         #[command(flatten)]
         cache: CacheArgs,
+        /// Format of the cache entry to copy (and of the disk the target receives).
         #[arg(long, default_value = "raw")]
         format: DiskFormat,
         /// Target: a file path (Filesystem mode) or a block device (Block mode).

@@ -1,7 +1,10 @@
 //! containerDisk extraction: image layers in, one sparse disk file out.
 //!
-//! Layers are applied in order (gzip, zstd or uncompressed tar, streamed: nothing is unpacked
-//! wholesale), OCI whiteouts honoured. Exactly one regular file must remain under `disk/`
+//! Layers are readers (a download in progress, or a file) applied in order (gzip, zstd or
+//! uncompressed tar, streamed: nothing is unpacked wholesale), OCI whiteouts honoured. When the
+//! cache wants raw and the disk is qcow2 or VMDK, it is decoded to raw on the way
+//! ([`crate::decode`]), unless it uses a feature only qemu-img handles; then it is kept as it
+//! is for conversion. Exactly one regular file must remain under `disk/`
 //! (or `./disk/`). Only that file is ever written, and only inside the staging directory;
 //! every other entry is validated and skipped. Hostile entries fail the whole extraction:
 //! absolute paths, `..`, links that escape or that sit in `disk/`, device nodes and fifos,
@@ -11,18 +14,24 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
 use thiserror::Error;
 
-/// Zero runs are detected per block of this size; smaller holes are not worth a seek.
-const HOLE_BLOCK: usize = 64 << 10;
+use crate::sparse::SparseFile;
+
 const READ_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Error)]
 pub enum ExtractError {
+    #[error("layer {layer}: {source}")]
+    Disk {
+        layer: usize,
+        #[source]
+        source: crate::decode::DecodeError,
+    },
     #[error(
         "unsupported layer media type {0:?} (expected a tar layer: uncompressed, gzip or zstd)"
     )]
@@ -106,6 +115,21 @@ pub struct LayerFile {
     pub compression: LayerCompression,
 }
 
+/// A layer as a stream of its (compressed) bytes.
+pub struct LayerSource {
+    pub reader: Box<dyn Read + Send>,
+    pub compression: LayerCompression,
+}
+
+/// What the cache will keep: decoding on the way is worth it only for raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskTarget {
+    /// Decode qcow2 and VMDK to raw while extracting.
+    Raw,
+    /// Keep the disk as it is in the image.
+    AsIs,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtractLimits {
     /// Largest disk accepted (its apparent size).
@@ -126,6 +150,8 @@ pub struct ExtractedDisk {
     pub name: String,
     pub apparent_size: u64,
     pub allocated_bytes: u64,
+    /// The disk's format in the image when `path` holds it decoded to raw.
+    pub decoded_from: Option<&'static str>,
 }
 
 /// Counts compressed bytes read, for progress.
@@ -207,14 +233,6 @@ fn link_stays_inside(parts: &[String], target: &[u8], hard: bool) -> bool {
     true
 }
 
-fn is_zero(block: &[u8]) -> bool {
-    let (chunks, rest) = block.split_at(block.len() - block.len() % 16);
-    chunks
-        .chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
-        && rest.iter().all(|&b| b == 0)
-}
-
 /// Reads until `buf` is full or the reader ends.
 fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
@@ -229,50 +247,141 @@ fn fill(reader: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Copies `reader` into `out`, leaving holes where whole blocks are zero.
-fn write_sparse(reader: &mut impl Read, out: &mut File, buf: &mut [u8]) -> std::io::Result<u64> {
-    let mut offset: u64 = 0;
-    let mut file_pos: u64 = 0;
-    loop {
-        let n = fill(reader, buf)?;
-        if n == 0 {
-            break;
+/// Writes one disk entry: raw as it is (zero blocks as holes), or decoded to raw when
+/// `target` asks for it and a decoder handles the image; returns the format decoded from.
+fn write_disk(
+    entry: &mut impl Read,
+    size: u64,
+    out_path: &Path,
+    target: DiskTarget,
+    max_disk_bytes: u64,
+    buf: &mut [u8],
+) -> Result<Option<&'static str>, WriteFailure> {
+    let first = (size as usize).min(buf.len());
+    let mut filled = fill(entry, &mut buf[..first]).map_err(WriteFailure::Read)?;
+    if target == DiskTarget::Raw {
+        if let Some(need) = crate::decode::header_bytes_needed(&buf[..filled]) {
+            let need = need.min(size as usize).min(buf.len());
+            if filled < need {
+                filled += fill(entry, &mut buf[filled..need]).map_err(WriteFailure::Read)?;
+            }
+            if let Some(format) = decode(entry, size, out_path, max_disk_bytes, buf, filled)? {
+                return Ok(Some(format));
+            }
         }
-        let data = &buf[..n];
-        let mut start = 0;
-        while start < n {
-            // Find a run of non-zero blocks and write it in one call.
-            let mut end = start;
-            while end < n && !is_zero(&data[end..(end + HOLE_BLOCK).min(n)]) {
-                end = (end + HOLE_BLOCK).min(n);
-            }
-            if end > start {
-                let at = offset + start as u64;
-                if at != file_pos {
-                    out.seek(SeekFrom::Start(at))?;
-                }
-                out.write_all(&data[start..end])?;
-                file_pos = at + (end - start) as u64;
-            }
-            // Skip a run of zero blocks.
-            let mut skip = end;
-            while skip < n && is_zero(&data[skip..(skip + HOLE_BLOCK).min(n)]) {
-                skip = (skip + HOLE_BLOCK).min(n);
-            }
-            start = skip;
-        }
-        offset += n as u64;
     }
-    out.set_len(offset)?;
-    Ok(offset)
+    let mut out = SparseFile::create(out_path).map_err(WriteFailure::Write)?;
+    let mut offset = 0u64;
+    loop {
+        if filled == 0 {
+            filled = fill(entry, buf).map_err(WriteFailure::Read)?;
+            if filled == 0 {
+                break;
+            }
+        }
+        out.write_at(offset, &buf[..filled])
+            .map_err(WriteFailure::Write)?;
+        offset += filled as u64;
+        filled = 0;
+    }
+    out.finish(offset).map_err(WriteFailure::Write)?;
+    Ok(None)
 }
 
-/// Applies `layers` in order and writes the single disk they hold into `staging_dir`.
-/// `progress` receives the compressed bytes consumed so far.
+/// Decodes the disk whose first `filled` bytes are in `buf`; `Ok(None)` (nothing read past
+/// them) when no decoder takes it. Only the header decides that: once bytes are consumed,
+/// every failure is the extraction's.
+fn decode(
+    entry: &mut impl Read,
+    size: u64,
+    out_path: &Path,
+    max_disk_bytes: u64,
+    buf: &mut [u8],
+    mut filled: usize,
+) -> Result<Option<&'static str>, WriteFailure> {
+    let out = SparseFile::create(out_path).map_err(WriteFailure::Write)?;
+    let spool_path = out_path.with_extension("spool");
+    let spool = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&spool_path)
+        .map_err(WriteFailure::Write)?;
+    let result = (|| {
+        let opened = crate::decode::open(&buf[..filled], size, max_disk_bytes, out, spool);
+        let mut decoder = match opened {
+            Ok(Some(decoder)) => decoder,
+            Ok(None) => return Ok(None),
+            Err(crate::decode::DecodeError::Unsupported(why)) => {
+                tracing::info!(%why, "disk kept as it is for qemu-img");
+                return Ok(None);
+            }
+            Err(crate::decode::DecodeError::TooLarge { size, .. }) => {
+                return Err(WriteFailure::TooLarge(size))
+            }
+            Err(e) => return Err(WriteFailure::Disk(e)),
+        };
+        let format = decoder.source_format();
+        loop {
+            if filled == 0 {
+                filled = fill(entry, buf).map_err(WriteFailure::Read)?;
+                if filled == 0 {
+                    break;
+                }
+            }
+            decoder.feed(&buf[..filled]).map_err(WriteFailure::Disk)?;
+            filled = 0;
+        }
+        let (out, virtual_size) = decoder.finish().map_err(WriteFailure::Disk)?;
+        out.finish(virtual_size).map_err(WriteFailure::Write)?;
+        Ok(Some(format))
+    })();
+    let _ = std::fs::remove_file(&spool_path);
+    result
+}
+
+enum WriteFailure {
+    Read(std::io::Error),
+    Write(std::io::Error),
+    Disk(crate::decode::DecodeError),
+    TooLarge(u64),
+}
+
+/// Applies `layers` (files) in order and writes the single disk they hold into
+/// `staging_dir`, as it is in the image. `progress` receives the compressed bytes consumed.
 pub fn extract_disk(
     layers: &[LayerFile],
     staging_dir: &Path,
     limits: &ExtractLimits,
+    progress: &mut dyn FnMut(u64),
+) -> Result<ExtractedDisk, ExtractError> {
+    let sources = layers
+        .iter()
+        .enumerate()
+        .map(|(layer, file)| {
+            let raw = File::open(&file.path).map_err(|source| ExtractError::Io {
+                context: format!("opening layer {layer} ({})", file.path.display()),
+                source,
+            })?;
+            Ok(LayerSource {
+                reader: Box::new(raw),
+                compression: file.compression,
+            })
+        })
+        .collect::<Result<Vec<_>, ExtractError>>()?;
+    extract_disk_from(sources, staging_dir, limits, DiskTarget::AsIs, progress)
+}
+
+/// Applies `layers` (streams) in order and writes the single disk they hold into
+/// `staging_dir`, decoded to raw on the way when `target` is raw and the disk qcow2 or VMDK. Each
+/// layer is read to its end, so a verifying stream has checked its digest when this returns.
+/// `progress` receives the compressed bytes consumed so far.
+pub fn extract_disk_from(
+    layers: Vec<LayerSource>,
+    staging_dir: &Path,
+    limits: &ExtractLimits,
+    target: DiskTarget,
     progress: &mut dyn FnMut(u64),
 ) -> Result<ExtractedDisk, ExtractError> {
     let disk_dir = staging_dir.join("disk");
@@ -281,25 +390,23 @@ pub fn extract_disk(
         source,
     })?;
     // Disk files present after the layers applied so far.
-    let mut disks: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut buf = vec![0u8; READ_CHUNK];
+    let mut disks: BTreeMap<String, (PathBuf, Option<&'static str>)> = BTreeMap::new();
+    // Big enough for a qcow2 header cluster (2 MiB at most).
+    let mut buf = vec![0u8; READ_CHUNK.max(2 << 20)];
     let mut consumed_before: u64 = 0;
-    for (layer, file) in layers.iter().enumerate() {
+    for (layer, file) in layers.into_iter().enumerate() {
         let count = Rc::new(Cell::new(0u64));
-        let raw = File::open(&file.path).map_err(|source| ExtractError::Io {
-            context: format!("opening layer {layer} ({})", file.path.display()),
-            source,
-        })?;
+        let compression = file.compression;
         let counted = Counting {
-            inner: BufReader::with_capacity(READ_CHUNK, raw),
+            inner: BufReader::with_capacity(READ_CHUNK, file.reader),
             count: Rc::clone(&count),
         };
         let corrupt = |source| ExtractError::Corrupt {
             layer,
-            compression: file.compression.name(),
+            compression: compression.name(),
             source,
         };
-        let reader: Box<dyn Read> = match file.compression {
+        let reader: Box<dyn Read> = match compression {
             LayerCompression::None => Box::new(counted),
             LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
             LayerCompression::Zstd => {
@@ -321,14 +428,14 @@ pub fn extract_disk(
                 let dir = &parts[..parts.len() - 1];
                 if dir.len() == 1 && dir[0] == "disk" {
                     if hidden == ".wh..opq" {
-                        for (_, p) in std::mem::take(&mut disks) {
+                        for (_, (p, _)) in std::mem::take(&mut disks) {
                             let _ = std::fs::remove_file(p);
                         }
-                    } else if let Some(p) = disks.remove(hidden) {
+                    } else if let Some((p, _)) = disks.remove(hidden) {
                         let _ = std::fs::remove_file(p);
                     }
                 } else if dir.is_empty() && hidden == "disk" {
-                    for (_, p) in std::mem::take(&mut disks) {
+                    for (_, (p, _)) in std::mem::take(&mut disks) {
                         let _ = std::fs::remove_file(p);
                     }
                 }
@@ -390,43 +497,52 @@ pub fn extract_disk(
                     // Names are a single normal component (checked above), so this stays
                     // inside disk_dir.
                     let out_path = disk_dir.join(&name);
-                    let mut out = File::create(&out_path).map_err(|source| ExtractError::Io {
-                        context: format!("creating {}", out_path.display()),
-                        source,
-                    })?;
-                    let mut limited = (&mut entry).take(limits.max_disk_bytes + 1);
-                    let written = write_sparse(&mut limited, &mut out, &mut buf).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::InvalidData
-                            || e.kind() == std::io::ErrorKind::UnexpectedEof
+                    let decoded = write_disk(
+                        &mut entry,
+                        size,
+                        &out_path,
+                        target,
+                        limits.max_disk_bytes,
+                        &mut buf,
+                    )
+                    .map_err(|failure| match failure {
+                        WriteFailure::Read(e)
+                            if e.kind() == std::io::ErrorKind::InvalidData
+                                || e.kind() == std::io::ErrorKind::UnexpectedEof =>
                         {
                             corrupt(e)
-                        } else {
-                            ExtractError::Io {
-                                context: format!("writing {}", out_path.display()),
-                                source: e,
-                            }
                         }
-                    })?;
-                    if written > limits.max_disk_bytes {
-                        return Err(ExtractError::DiskTooLarge {
+                        WriteFailure::Read(e) => ExtractError::Io {
+                            context: format!("reading layer {layer}"),
+                            source: e,
+                        },
+                        WriteFailure::Write(e) => ExtractError::Io {
+                            context: format!("writing {}", out_path.display()),
+                            source: e,
+                        },
+                        WriteFailure::Disk(source) => ExtractError::Disk { layer, source },
+                        WriteFailure::TooLarge(size) => ExtractError::DiskTooLarge {
                             layer,
-                            entry: entry_name,
-                            size: written,
+                            entry: entry_name.clone(),
+                            size,
                             limit: limits.max_disk_bytes,
-                        });
-                    }
-                    disks.insert(name, out_path);
+                        },
+                    })?;
+                    disks.insert(name, (out_path, decoded));
                     progress(consumed_before + count.get());
                 }
             }
         }
+        // Read the layer to its end (tar padding, the compressed stream's trailer): a
+        // verifying download ends, and checks its digest, only there.
+        std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(corrupt)?;
         consumed_before += count.get();
         progress(consumed_before);
     }
     match disks.len() {
         0 => Err(ExtractError::NoDisk),
         1 => {
-            let (name, path) = disks.into_iter().next().expect("one disk");
+            let (name, (path, decoded_from)) = disks.into_iter().next().expect("one disk");
             let meta = std::fs::metadata(&path).map_err(|source| ExtractError::Io {
                 context: format!("reading {}", path.display()),
                 source,
@@ -437,6 +553,7 @@ pub fn extract_disk(
                 name,
                 apparent_size: meta.len(),
                 allocated_bytes: meta.blocks() * 512,
+                decoded_from,
             })
         }
         _ => Err(ExtractError::MultipleDisks {
@@ -448,6 +565,7 @@ pub fn extract_disk(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::MetadataExt;
 
     /// A raw header with any path bytes (the tar builder refuses `..` and absolute paths).

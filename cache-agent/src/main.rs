@@ -13,6 +13,7 @@ fn init_logging() {
 }
 
 fn main() -> std::process::ExitCode {
+    vmdisk_cache_agent::tune_allocator();
     let cli = Cli::parse();
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();

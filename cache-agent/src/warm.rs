@@ -1,11 +1,13 @@
 //! `Warmer`: one image reference in, one verified cache entry out.
 //!
-//! resolve (index → this node's platform) → cache hit? → make room → download layers into a
-//! staging directory (digests verified) → extract the disk (sparse) → inspect with qemu-img and
-//! refuse unsafe images → convert to the target format if needed → check → commit by rename.
-//! Everything before the commit lives in staging, which is deleted on failure and on the next
-//! start after a crash, so no partial entry is ever visible. Two warms of the same entry share
-//! one run.
+//! resolve (index → this node's platform) → cache hit? → make room → stream each layer from
+//! the registry straight into the extraction (digest checked on the way, resumed after an
+//! interruption; nothing waits for a whole blob) → the disk lands sparse in staging, a qcow2
+//! one decoded to raw on the way when raw is wanted → otherwise inspect with qemu-img, refuse
+//! unsafe images, convert if needed → check → commit by rename, only after every digest
+//! checked out. Everything before the commit lives in staging, which is deleted on failure and
+//! by the owner after a crash, so no partial entry is ever visible. Two warms of the same entry
+//! share one run, in one process (a shared future) and across processes (a lock).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,9 @@ use thiserror::Error;
 use vmdisk_crds::DiskFormat;
 
 use crate::convert::{self, ConvertError};
-use crate::extract::{self, ExtractError, ExtractLimits, LayerCompression, LayerFile};
+use crate::extract::{
+    self, DiskTarget, ExtractError, ExtractLimits, LayerCompression, LayerSource,
+};
 use crate::store::{allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StoreError};
 use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
 
@@ -68,7 +72,14 @@ impl WarmError {
                     | P::DigestMismatch { .. }
                     | P::BadCaBundle(_)
             ),
-            WarmError::Extract { source, .. } => !matches!(source, ExtractError::Io { .. }),
+            WarmError::Extract { source, .. } => !matches!(
+                source,
+                ExtractError::Io { .. }
+                    | ExtractError::Disk {
+                        source: crate::decode::DecodeError::Io { .. },
+                        ..
+                    }
+            ),
             WarmError::Convert { source, .. } => matches!(
                 source,
                 ConvertError::BackingFile { .. }
@@ -80,6 +91,13 @@ impl WarmError {
             WarmError::Store(_) | WarmError::Io { .. } | WarmError::Task(_) => false,
         }
     }
+}
+
+/// The digest a reference is pinned to (`repo@sha256:<64 hex>`), if it is.
+fn pinned_digest(reference: &str) -> Option<&str> {
+    let (_, digest) = reference.rsplit_once('@')?;
+    let hex = digest.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
 }
 
 /// What to warm.
@@ -110,8 +128,24 @@ pub struct WarmOutcome {
     /// False when the entry was already cached.
     pub pulled: bool,
     pub bytes_pulled: u64,
+    /// Download, digest, inflation and extraction, which overlap (and qcow2 decoding to raw).
     pub pull_seconds: f64,
+    /// qemu-img inspection, conversion and check, where still needed.
     pub convert_seconds: f64,
+    /// Seconds per stage, in order: resolve, stream, convert, commit.
+    pub stages: [(&'static str, f64); 4],
+    pub conversion: Conversion,
+}
+
+/// How the disk became the cached format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversion {
+    /// It already was (or the entry was cached).
+    Unneeded,
+    /// Decoded to raw as the layer streamed in.
+    Streamed,
+    /// Written as it is, then converted by `qemu-img convert`.
+    QemuImg,
 }
 
 type SharedWarm = Shared<BoxFuture<'static, Result<WarmOutcome, Arc<WarmError>>>>;
@@ -181,16 +215,6 @@ impl Warmer {
             reference: reference.clone(),
             source,
         };
-        progress(WarmProgress::Resolving);
-        let image = self
-            .puller
-            .resolve(&request.reference, &request.registry)
-            .await
-            .map_err(pull_error)?;
-        let key = EntryKey {
-            digest: image.digest.clone(),
-            format: request.format,
-        };
         let hit = |entry: CacheEntry| {
             self.store.touch(&entry.key);
             WarmOutcome {
@@ -199,7 +223,36 @@ impl Warmer {
                 bytes_pulled: 0,
                 pull_seconds: 0.0,
                 convert_seconds: 0.0,
+                stages: [
+                    ("resolve", 0.0),
+                    ("stream", 0.0),
+                    ("convert", 0.0),
+                    ("commit", 0.0),
+                ],
+                conversion: Conversion::Unneeded,
             }
+        };
+        // A reference pinned to a digest names its cache entry: a warm entry is used without
+        // asking the registry (a populator keeps working while the registry is down).
+        if let Some(digest) = pinned_digest(&request.reference) {
+            let key = EntryKey {
+                digest: digest.to_string(),
+                format: request.format,
+            };
+            if let Some(entry) = self.store.get_or_adopt(&key) {
+                return Ok(hit(entry));
+            }
+        }
+        progress(WarmProgress::Resolving);
+        let resolving = Instant::now();
+        let image = self
+            .puller
+            .resolve(&request.reference, &request.registry)
+            .await
+            .map_err(pull_error)?;
+        let key = EntryKey {
+            digest: image.digest.clone(),
+            format: request.format,
         };
         if let Some(entry) = self.store.get_or_adopt(&key) {
             return Ok(hit(entry));
@@ -214,78 +267,113 @@ impl Warmer {
         // once the real size is known.
         self.store.make_room(image.total_layer_bytes)?;
 
+        let resolve_seconds = resolving.elapsed().as_secs_f64();
         let staging = self.store.staging()?;
-        let layers_dir = staging.path().join("layers");
-        std::fs::create_dir_all(&layers_dir).map_err(|source| WarmError::Io {
-            context: format!("creating {}", layers_dir.display()),
-            source,
-        })?;
+        let _slot = self.puller.pull_slot().await;
         let total = image.total_layer_bytes;
-        let pull_started = Instant::now();
-        let layer_progress = {
-            let progress = Arc::clone(&progress);
-            Arc::new(move |done: u64| progress(WarmProgress::Pulling { done, total }))
-        };
-        let layers = self
-            .puller
-            .fetch_layers(&image, &request.registry, &layers_dir, layer_progress)
-            .await
-            .map_err(pull_error)?;
-        let pull_seconds = pull_started.elapsed().as_secs_f64();
-        let bytes_pulled: u64 = layers.iter().map(|l| l.size).sum();
-
-        progress(WarmProgress::Extracting);
-        let convert_started = Instant::now();
-        let layer_files = layers
-            .iter()
-            .map(|l| {
-                Ok(LayerFile {
-                    path: l.path.clone(),
-                    compression: LayerCompression::from_media_type(&l.media_type)?,
+        let started = Instant::now();
+        // One pass from the wire to the disk: each layer streams to the extraction as it
+        // downloads (digest checked on the way, resumed after interruptions), and a qcow2 disk
+        // cached as raw is decoded on the way too.
+        let mut sources = Vec::new();
+        let mut downloads = Vec::new();
+        let mut before = 0u64;
+        for layer in &image.layers {
+            let compression =
+                LayerCompression::from_media_type(&layer.media_type).map_err(|source| {
+                    WarmError::Extract {
+                        reference: reference.clone(),
+                        source,
+                    }
+                })?;
+            let layer_progress = {
+                let progress = Arc::clone(&progress);
+                let base = before;
+                Arc::new(move |n: u64| {
+                    progress(WarmProgress::Pulling {
+                        done: base + n,
+                        total,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, ExtractError>>()
-            .map_err(|source| WarmError::Extract {
-                reference: reference.clone(),
-                source,
-            })?;
+            };
+            let (reader, task) =
+                self.puller
+                    .stream_layer(&image, layer, &request.registry, layer_progress);
+            sources.push(LayerSource {
+                reader: Box::new(reader),
+                compression,
+            });
+            downloads.push(task);
+            before += layer.size;
+        }
         let extract_dir = staging.path().join("extract");
         let limits = self.limits.clone();
+        let target = match request.format {
+            DiskFormat::Raw => DiskTarget::Raw,
+            DiskFormat::Qcow2 => DiskTarget::AsIs,
+        };
         let extracted = tokio::task::spawn_blocking(move || {
-            extract::extract_disk(&layer_files, &extract_dir, &limits, &mut |_| {})
+            extract::extract_disk_from(sources, &extract_dir, &limits, target, &mut |_| {})
         })
         .await
-        .map_err(|e| WarmError::Task(e.to_string()))?
-        .map_err(|source| WarmError::Extract {
+        .map_err(|e| WarmError::Task(e.to_string()))?;
+        // A failed download is the cause of whatever the extraction saw; a finished extraction
+        // read every layer to its end, so each download has checked its digest.
+        let mut bytes_pulled = 0;
+        for task in downloads {
+            match task.await.map_err(|e| WarmError::Task(e.to_string()))? {
+                Ok(n) => bytes_pulled += n,
+                Err(source) if extracted.is_ok() || !matches!(source, PullError::Io { .. }) => {
+                    return Err(pull_error(source))
+                }
+                Err(_) => {} // the extraction stopped reading: its own error says why
+            }
+        }
+        let extracted = extracted.map_err(|source| WarmError::Extract {
             reference: reference.clone(),
             source,
         })?;
-        // Layers are no longer needed; free the space before converting.
-        let _ = std::fs::remove_dir_all(&layers_dir);
-
+        let pull_seconds = started.elapsed().as_secs_f64();
         progress(WarmProgress::Converting);
+        let convert_started = Instant::now();
         let convert_error = |source| WarmError::Convert {
             reference: reference.clone(),
             source,
         };
-        let info = convert::inspect(&extracted.path)
-            .await
-            .map_err(convert_error)?;
-        convert::check_safe(&info).map_err(convert_error)?;
         let target = staging
             .path()
             .join(format!("disk.{}", request.format.as_str()));
-        if convert::needs_conversion(&info.format, request.format) {
-            convert::convert(&extracted.path, &info.format, &target, request.format)
-                .await
-                .map_err(convert_error)?;
-            let _ = std::fs::remove_file(&extracted.path);
-        } else {
-            std::fs::rename(&extracted.path, &target).map_err(|source| WarmError::Io {
-                context: format!("moving {} into place", extracted.path.display()),
-                source,
-            })?;
-        }
+        let mut conversion = Conversion::Unneeded;
+        let (source_format, virtual_size) = match extracted.decoded_from {
+            // Already raw, its qcow2 header checked like qemu-img info's would be.
+            Some(from) => {
+                conversion = Conversion::Streamed;
+                std::fs::rename(&extracted.path, &target).map_err(|source| WarmError::Io {
+                    context: format!("moving {} into place", extracted.path.display()),
+                    source,
+                })?;
+                (from.to_string(), extracted.apparent_size)
+            }
+            None => {
+                let info = convert::inspect(&extracted.path)
+                    .await
+                    .map_err(convert_error)?;
+                convert::check_safe(&info).map_err(convert_error)?;
+                if convert::needs_conversion(&info.format, request.format) {
+                    conversion = Conversion::QemuImg;
+                    convert::convert(&extracted.path, &info.format, &target, request.format)
+                        .await
+                        .map_err(convert_error)?;
+                    let _ = std::fs::remove_file(&extracted.path);
+                } else {
+                    std::fs::rename(&extracted.path, &target).map_err(|source| WarmError::Io {
+                        context: format!("moving {} into place", extracted.path.display()),
+                        source,
+                    })?;
+                }
+                (info.format.clone(), info.virtual_size)
+            }
+        };
         convert::check(&target, request.format)
             .await
             .map_err(convert_error)?;
@@ -300,14 +388,16 @@ impl Warmer {
         let meta = EntryMeta {
             digest: key.digest.clone(),
             format: request.format,
-            source_format: info.format.clone(),
-            virtual_size: info.virtual_size,
+            source_format,
+            virtual_size,
             allocated_size,
             created: now,
             last_used: now,
             reference: Some(request.reference.clone()),
         };
+        let committing = Instant::now();
         let entry = self.store.commit(staging, key, &target, meta)?;
+        let commit_seconds = committing.elapsed().as_secs_f64();
         self.store.make_room(0)?;
         Ok(WarmOutcome {
             entry,
@@ -315,6 +405,13 @@ impl Warmer {
             bytes_pulled,
             pull_seconds,
             convert_seconds,
+            stages: [
+                ("resolve", resolve_seconds),
+                ("stream", pull_seconds),
+                ("convert", convert_seconds),
+                ("commit", commit_seconds),
+            ],
+            conversion,
         })
     }
 }

@@ -1,20 +1,20 @@
-//! `Puller`: registry access with oci-client, streaming every blob to disk.
+//! `Puller`: registry access with oci-client, each blob streamed to its consumer as it
+//! arrives.
 //!
-//! Blobs are never held in memory: each is streamed into `<digest>.partial`, hashed while
-//! written, and renamed to its final name only once the SHA-256 matches. An interrupted
-//! download resumes with an HTTP Range request (the existing prefix is re-hashed first), or
-//! starts over when the registry answers with the whole blob. Transient failures (connection
-//! errors, 5xx) are retried with exponential backoff and full jitter; 401/403, 404 and digest
-//! mismatches are not. A per-node semaphore bounds parallel pulls, and concurrent fetches of
-//! the same blob into the same place share one download.
+//! Blobs are neither held in memory nor written to disk: [`Puller::stream_layer`] hands the
+//! bytes over a small bounded channel to a reader on a blocking thread (the extraction), hashing
+//! them on the way; the reader ends only when the SHA-256 matched, so whatever read it to the
+//! end saw exactly the published bytes, and a consumer commits nothing before that. An
+//! interrupted download resumes with an HTTP Range request from where it stopped, feeding the
+//! same hash and the same reader. Transient failures (connection errors, 5xx) are retried with
+//! exponential backoff and full jitter; 401/403, 404 and digest mismatches are not. A per-node
+//! semaphore bounds parallel pulls.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, FutureExt, Shared};
+use bytes::Bytes;
 use futures::StreamExt;
 use oci_client::client::{
     BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
@@ -24,7 +24,6 @@ use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, Oci
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
 
 pub use crate::options::RegistryOptions;
 
@@ -147,20 +146,9 @@ pub struct ResolvedImage {
     pub total_layer_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DownloadedLayer {
-    pub digest: String,
-    pub media_type: String,
-    pub path: PathBuf,
-    pub size: u64,
-}
-
-type SharedDownload = Shared<BoxFuture<'static, Result<u64, PullError>>>;
-
 struct Inner {
     config: PullerConfig,
-    permits: tokio::sync::Semaphore,
-    downloads: Mutex<HashMap<PathBuf, SharedDownload>>,
+    permits: Arc<tokio::sync::Semaphore>,
     downloads_started: AtomicU64,
 }
 
@@ -249,8 +237,9 @@ impl Puller {
         Self {
             inner: Arc::new(Inner {
                 config,
-                permits: tokio::sync::Semaphore::new(config.max_parallel_pulls.max(1)),
-                downloads: Mutex::new(HashMap::new()),
+                permits: Arc::new(tokio::sync::Semaphore::new(
+                    config.max_parallel_pulls.max(1),
+                )),
                 downloads_started: AtomicU64::new(0),
             }),
         }
@@ -420,112 +409,76 @@ impl Puller {
         Ok(resolved(reference, digest, manifest_digest, &image))
     }
 
-    /// Downloads every layer of `image` into `dest_dir` (named by digest), verified.
-    /// `progress` receives the bytes downloaded so far across layers.
-    pub async fn fetch_layers(
-        &self,
-        image: &ResolvedImage,
-        options: &RegistryOptions,
-        dest_dir: &Path,
-        progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> Result<Vec<DownloadedLayer>, PullError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
+    /// Holds one of this node's parallel-pull slots until dropped (`--max-parallel-pulls`).
+    pub async fn pull_slot(&self) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.inner.permits)
+            .acquire_owned()
             .await
-            .expect("semaphore never closed");
-        let r = Self::parse(&image.reference)?.clone_with_digest(image.manifest_digest.clone());
-        let client = self.client(&r, options)?;
-        client
-            .store_auth_if_needed(r.resolve_registry(), &options.auth)
-            .await;
-        let done_before = Arc::new(AtomicU64::new(0));
-        let mut out = Vec::new();
-        for layer in &image.layers {
-            let hex = layer
-                .digest
-                .split_once(':')
-                .map(|(_, h)| h)
-                .unwrap_or(&layer.digest);
-            if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(PullError::Registry {
-                    registry: r.registry().to_string(),
-                    message: format!("layer digest {:?} is malformed", layer.digest),
-                });
-            }
-            let path = dest_dir.join(hex);
-            let base = done_before.load(Ordering::Relaxed);
-            let layer_progress = {
-                let progress = Arc::clone(&progress);
-                Arc::new(move |n: u64| progress(base + n)) as Arc<dyn Fn(u64) + Send + Sync>
-            };
-            let size = self
-                .download_shared(
-                    client.clone(),
-                    r.clone(),
-                    layer.clone(),
-                    path.clone(),
-                    layer_progress,
-                )
-                .await?;
-            done_before.fetch_add(size, Ordering::Relaxed);
-            out.push(DownloadedLayer {
-                digest: layer.digest.clone(),
-                media_type: layer.media_type.clone(),
-                path,
-                size,
-            });
-        }
-        progress(done_before.load(Ordering::Relaxed));
-        Ok(out)
+            .expect("semaphore never closed")
     }
 
-    async fn download_shared(
+    /// Streams one layer of `image` to the returned reader as it downloads: nothing waits for
+    /// the whole blob. The SHA-256 is computed on the way and checked at the end; the reader
+    /// fails instead of ending when it does not match, so a consumer that read to the end has
+    /// read exactly the published bytes. An interrupted download resumes with an HTTP Range
+    /// request (transient errors retried with backoff and full jitter). The task's result is
+    /// the typed outcome; the reader only carries messages.
+    pub fn stream_layer(
         &self,
-        client: Client,
-        reference: Reference,
-        layer: LayerDescriptor,
-        path: PathBuf,
+        image: &ResolvedImage,
+        layer: &LayerDescriptor,
+        options: &RegistryOptions,
         progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> Result<u64, PullError> {
-        let shared = {
-            let mut downloads = self.inner.downloads.lock().expect("downloads lock");
-            if let Some(existing) = downloads.get(&path) {
-                existing.clone()
-            } else {
-                self.inner.downloads_started.fetch_add(1, Ordering::Relaxed);
-                let me = self.clone();
-                let p = path.clone();
-                let fut =
-                    async move { me.download(&client, &reference, &layer, &p, progress).await }
-                        .boxed()
-                        .shared();
-                downloads.insert(path.clone(), fut.clone());
-                fut
+    ) -> (LayerReader, tokio::task::JoinHandle<Result<u64, PullError>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        self.inner.downloads_started.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        let image = image.clone();
+        let layer = layer.clone();
+        let options = options.clone();
+        let task = tokio::spawn(async move {
+            let result = me.download(&image, &layer, &options, &tx, progress).await;
+            if let Err(e) = &result {
+                // The consumer sees the failure where the data would have ended.
+                let _ = tx.send(Err(e.to_string())).await;
             }
-        };
-        let result = shared.await;
-        self.inner
-            .downloads
-            .lock()
-            .expect("downloads lock")
-            .remove(&path);
-        result
+            result
+        });
+        (
+            LayerReader {
+                rx,
+                current: Bytes::new(),
+                failed: None,
+            },
+            task,
+        )
     }
 
     async fn download(
         &self,
-        client: &Client,
-        reference: &Reference,
+        image: &ResolvedImage,
         layer: &LayerDescriptor,
-        path: &Path,
+        options: &RegistryOptions,
+        tx: &tokio::sync::mpsc::Sender<Result<Bytes, String>>,
         progress: Arc<dyn Fn(u64) + Send + Sync>,
     ) -> Result<u64, PullError> {
-        if let Ok(meta) = tokio::fs::metadata(path).await {
-            return Ok(meta.len()); // verified by an earlier download
+        let reference =
+            Self::parse(&image.reference)?.clone_with_digest(image.manifest_digest.clone());
+        let hex = layer
+            .digest
+            .split_once(':')
+            .map(|(_, h)| h)
+            .unwrap_or_default();
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(PullError::Registry {
+                registry: reference.registry().to_string(),
+                message: format!("layer digest {:?} is malformed", layer.digest),
+            });
         }
-        let partial = path.with_extension("partial");
+        let client = self.client(&reference, options)?;
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &options.auth)
+            .await;
         let registry = reference.registry().to_string();
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
@@ -533,114 +486,79 @@ impl Puller {
             size: layer.size as i64,
             ..OciDescriptor::default()
         };
-        let io = |context: &str, e: std::io::Error| PullError::Io {
-            context: format!("{context} {}", partial.display()),
-            message: e.to_string(),
+        let closed = || PullError::Io {
+            context: format!("streaming blob {}", layer.digest),
+            message: "the consumer stopped reading".into(),
         };
         let policy = self.inner.config.retry;
+        let mut hasher = Sha256::new();
+        let mut offset: u64 = 0;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result: Result<Sha256, PullError> = async {
-                let mut offset = match tokio::fs::metadata(&partial).await {
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                };
-                let mut hasher = Sha256::new();
-                if offset > 0 {
-                    // Verify ourselves later: re-hash what is already on disk.
-                    let existing = tokio::fs::read(&partial).await.map_err(|e| io("reading", e))?;
-                    hasher.update(&existing);
-                }
-                let stream = if offset > 0 && offset < layer.size {
-                    match client
-                        .pull_blob_stream_partial(reference, &descriptor, offset, None)
-                        .await
-                        .map_err(|e| classify(&registry, &reference.to_string(), e))?
-                    {
-                        BlobResponse::Partial(s) => {
-                            tracing::info!(digest = %layer.digest, offset, "resuming blob download");
-                            s
-                        }
-                        BlobResponse::Full(s) => {
-                            offset = 0;
-                            hasher = Sha256::new();
-                            s
-                        }
-                    }
-                } else {
-                    if offset >= layer.size {
-                        offset = 0;
-                        hasher = Sha256::new();
-                    }
-                    client
-                        .pull_blob_stream(reference, &descriptor)
-                        .await
-                        .map_err(|e| classify(&registry, &reference.to_string(), e))?
-                };
-                let mut file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .write(true)
-                    .truncate(offset == 0)
-                    .append(offset > 0)
-                    .open(&partial)
+            // Always a Range request: the registry then skips its own digest check of a full
+            // response, and a resume is the same request from further on.
+            let result: Result<(), PullError> = async {
+                let (mut stream, mut skip) = match client
+                    .pull_blob_stream_partial(&reference, &descriptor, offset, None)
                     .await
-                    .map_err(|e| io("opening", e))?;
-                let mut written = offset;
-                let mut stream = stream.stream;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        if e.to_string().contains("Invalid digest") {
-                            PullError::DigestMismatch {
-                                digest: layer.digest.clone(),
-                                actual: e.to_string(),
-                            }
-                        } else {
-                            PullError::Transient {
-                                registry: registry.clone(),
-                                attempts: 1,
-                                message: format!("reading blob {}: {e}", layer.digest),
-                            }
-                        }
-                    })?;
-                    hasher.update(&chunk);
-                    file.write_all(&chunk).await.map_err(|e| io("writing", e))?;
-                    written += chunk.len() as u64;
-                    progress(written);
-                    if written > layer.size {
-                        break;
-                    }
+                    .map_err(|e| classify(&registry, &image.reference, e))?
+                {
+                    BlobResponse::Partial(s) => (s.stream, 0),
+                    // The registry ignored the Range: drop what was already passed on.
+                    BlobResponse::Full(s) => (s.stream, offset),
+                };
+                if offset > 0 {
+                    tracing::info!(digest = %layer.digest, offset, "resuming blob download");
                 }
-                file.flush().await.map_err(|e| io("flushing", e))?;
-                file.sync_all().await.map_err(|e| io("syncing", e))?;
-                if written < layer.size {
+                while let Some(chunk) = stream.next().await {
+                    let mut chunk = chunk.map_err(|e| PullError::Transient {
+                        registry: registry.clone(),
+                        attempts: 1,
+                        message: format!("reading blob {}: {e}", layer.digest),
+                    })?;
+                    if skip > 0 {
+                        let n = skip.min(chunk.len() as u64) as usize;
+                        chunk = chunk.slice(n..);
+                        skip -= n as u64;
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                    }
+                    if offset + chunk.len() as u64 > layer.size {
+                        return Err(PullError::DigestMismatch {
+                            digest: layer.digest.clone(),
+                            actual: format!("a blob longer than its {} bytes", layer.size),
+                        });
+                    }
+                    hasher.update(&chunk);
+                    offset += chunk.len() as u64;
+                    tx.send(Ok(chunk)).await.map_err(|_| closed())?;
+                    progress(offset);
+                }
+                if offset < layer.size {
                     return Err(PullError::Transient {
                         registry: registry.clone(),
                         attempts: 1,
-                        message: format!("blob {} ended after {written} of {} bytes", layer.digest, layer.size),
+                        message: format!(
+                            "blob {} ended after {offset} of {} bytes",
+                            layer.digest, layer.size
+                        ),
                     });
                 }
-                Ok(hasher)
+                Ok(())
             }
             .await;
             match result {
-                Ok(hasher) => {
+                Ok(()) => {
                     let actual = hex_sha256(&hasher);
                     if actual != layer.digest {
-                        let _ = tokio::fs::remove_file(&partial).await;
                         return Err(PullError::DigestMismatch {
                             digest: layer.digest.clone(),
                             actual,
                         });
                     }
-                    tokio::fs::rename(&partial, path)
-                        .await
-                        .map_err(|e| io("renaming", e))?;
-                    return Ok(layer.size);
-                }
-                Err(e @ PullError::DigestMismatch { .. }) => {
-                    let _ = tokio::fs::remove_file(&partial).await;
-                    return Err(e);
+                    return Ok(offset);
                 }
                 Err(e) if is_transient(&e) && attempt < policy.max_attempts => {
                     let delay = backoff_delay(&policy, attempt, rand::random::<f64>());
@@ -657,6 +575,47 @@ impl Puller {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// Chunks in flight between a download and its consumer. hyper hands out chunks of up to
+/// ~400 KiB from a fast connection, so this keeps a few MiB in flight at most.
+const STREAM_CHUNKS: usize = 8;
+
+/// A layer's bytes for a consumer on a blocking thread (`std::io::Read`). Ends only once the
+/// digest checked out; a failed download is an error where the data stops.
+pub struct LayerReader {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    current: Bytes,
+    failed: Option<String>,
+}
+
+impl std::io::Read for LayerReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if let Some(message) = &self.failed {
+                return Err(std::io::Error::other(message.clone()));
+            }
+            if !self.current.is_empty() {
+                let n = buf.len().min(self.current.len());
+                buf[..n].copy_from_slice(&self.current[..n]);
+                self.current = self.current.slice(n..);
+                return Ok(n);
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(message)) => self.failed = Some(message),
+                None => return Ok(0),
+            }
+        }
+    }
+}
+
+impl LayerReader {
+    /// Reads what is left (a consumer may stop before the compressed stream's trailer), so the
+    /// download can finish and its digest be checked.
+    pub fn drain(&mut self) -> std::io::Result<u64> {
+        std::io::copy(self, &mut std::io::sink())
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -49,6 +49,7 @@ pub fn phase() -> Phase<Installed> {
             a_failing_populator_is_retried_then_given_up,
             a_refused_image_fails_at_once,
             the_controller_killed_mid_way_still_finishes,
+            the_walkthrough_examples_apply_as_they_are,
         ],
         exclusive: cases![an_outage_refuses_only_vmdisk_pvcs_and_says_what_to_do],
     }
@@ -171,14 +172,7 @@ impl Installed {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        env.kubectl(&[
-            "-n",
-            INSTALL_NAMESPACE,
-            "rollout",
-            "status",
-            "deployment/vmdisk-webhook",
-            "--timeout=240s",
-        ]);
+        env.rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
         let fixture = Self {
             env,
             admin,
@@ -992,14 +986,73 @@ async fn the_controller_killed_mid_way_still_finishes(fx: Arc<Installed>, case: 
     )
     .await;
     assert!(log.contains("Images are identical"), "{log}");
-    fx.env.kubectl(&[
-        "-n",
-        INSTALL_NAMESPACE,
-        "rollout",
-        "status",
-        "deployment/vmdisk-webhook",
-        "--timeout=240s",
+    fx.env
+        .rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
+}
+
+/// The README's walkthrough: `deploy/examples/` applied as they are, through the installed
+/// webhook. The image names a public registry the cluster may not reach, so the pod is only
+/// dry-run (its image would be pulled) and nothing waits for a fill.
+async fn the_walkthrough_examples_apply_as_they_are(fx: Arc<Installed>, case: Case) {
+    const NAMESPACE: &str = "vms";
+    let admin = case.admin();
+    let namespaces: Api<Namespace> = Api::all(admin.clone());
+    let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
+    wait_for("an earlier vms namespace to go", WAIT, || {
+        let namespaces = namespaces.clone();
+        async move {
+            match namespaces.get_opt(NAMESPACE).await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("still there".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    fx.env
+        .kubectl(&["apply", "-f", "deploy/examples/1-image.yaml"]);
+    let out = fx
+        .env
+        .kubectl(&["apply", "-f", "deploy/examples/2-pvcs.yaml"]);
+    assert!(out.contains("fedora-root created"), "{out}");
+    let dry = fx.env.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        "deploy/examples/3-pod.yaml",
     ]);
+    assert!(dry.contains("disk-check created (server dry run)"), "{dry}");
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), NAMESPACE);
+    let root = claims.get("fedora-root").await.unwrap();
+    let source = root
+        .spec
+        .as_ref()
+        .and_then(|s| s.data_source_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (source.kind.as_str(), source.name.as_str()),
+        ("VMDiskImage", "fedora")
+    );
+    assert_eq!(
+        root.labels().get("vmdisk.io/image").map(String::as_str),
+        Some("fedora")
+    );
+    let size = &root
+        .spec
+        .as_ref()
+        .unwrap()
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap()["storage"];
+    // spec.size 8Gi plus the filesystem overhead: the image is not resolved here.
+    assert!(
+        vmdisk_crds::parse_quantity(&size.0).unwrap() > 8 << 30,
+        "{size:?}"
+    );
+    let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
 }
 
 /// With the webhook stopped: PVCs and pods that do not concern vmdisk are created at once;
@@ -1072,14 +1125,8 @@ async fn an_outage_refuses_only_vmdisk_pvcs_and_says_what_to_do(fx: Arc<Installe
         refused.message
     );
     scale(2).await;
-    fx.env.kubectl(&[
-        "-n",
-        INSTALL_NAMESPACE,
-        "rollout",
-        "status",
-        "deployment/vmdisk-webhook",
-        "--timeout=240s",
-    ]);
+    fx.env
+        .rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
     // Back: the same PVC is admitted.
     let again = create_pvc(&admin, &ns, json!({"metadata": {"name": "vm", "annotations": {"vmdisk.io/image": "fedora"}}, "spec": {"resources": {"requests": {"storage": "1Mi"}}}})).await;
     assert!(again.spec.unwrap().data_source_ref.is_some());

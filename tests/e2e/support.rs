@@ -80,6 +80,30 @@ impl Env {
         }
     }
 
+    /// Waits for a workload's rollout; on failure panics with what a user would look at next
+    /// (pod descriptions, container logs, recent events), so a CI log says why.
+    pub fn rollout(&self, namespace: &str, workload: &str) {
+        let waited = self.kubectl_status(&[
+            "-n",
+            namespace,
+            "rollout",
+            "status",
+            workload,
+            "--timeout=240s",
+        ]);
+        if let Err(message) = waited {
+            let look = |args: &[&str]| match self.kubectl_status(args) {
+                Ok(out) | Err(out) => out,
+            };
+            panic!(
+                "{workload} never became available: {message}\n--- pods\n{}\n--- logs\n{}\n--- events\n{}",
+                look(&["-n", namespace, "describe", "pods"]),
+                look(&["-n", namespace, "logs", "--all-containers", "--prefix", "--tail=40", "-l", "app.kubernetes.io/part-of=vmdisk"]),
+                look(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]),
+            );
+        }
+    }
+
     /// `kubectl`, returning stdout or stderr.
     pub fn kubectl_status(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new("kubectl")

@@ -27,12 +27,6 @@ fn docs(path: &str) -> Vec<Value> {
         .collect()
 }
 
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("{kind}/{name} missing"))
-}
-
 /// Every object `kubectl apply -k deploy/` installs: the kustomize output when kubectl is here
 /// (it is what a user applies), the files it names otherwise.
 fn installed_objects() -> Vec<serde_json::Value> {
@@ -85,8 +79,7 @@ fn kustomization_files() -> Vec<PathBuf> {
 #[test]
 fn every_manifest_is_a_typed_object_without_unknown_fields() {
     let mut files: Vec<PathBuf> = kustomization_files();
-    files.push(root().join("deploy/examples/vmdiskimage.yaml"));
-    files.push(root().join("deploy/examples/pvcs.yaml"));
+    files.extend(example_files());
     let mut problems = Vec::new();
     let mut count = 0;
     for file in &files {
@@ -94,10 +87,13 @@ fn every_manifest_is_a_typed_object_without_unknown_fields() {
             count += 1;
             let result = match doc["kind"].as_str() {
                 Some("VMDiskImage") => typed::strict_value::<VMDiskImage>(&doc).map(|_| ()),
-                Some("PersistentVolumeClaim") => typed::strict_value::<
-                    k8s_openapi::api::core::v1::PersistentVolumeClaim,
-                >(&doc)
-                .map(|_| ()),
+                Some("Pod") => {
+                    typed::strict_value::<k8s_openapi::api::core::v1::Pod>(&doc).map(|_| ())
+                }
+                Some("PersistentVolumeClaim") => {
+                    typed::strict_value::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(&doc)
+                        .map(|_| ())
+                }
                 _ => typed::parse(&doc).map(|_| ()),
             };
             if let Err(e) = result {
@@ -190,10 +186,17 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
         .find(|p| p.container_port == i32::from(args.listen.port()))
         .expect("a container port for --listen");
     let svc_spec = service.spec.as_ref().unwrap();
-    let target = svc_spec.ports.as_ref().unwrap()[0].target_port.as_ref().unwrap();
+    let target = svc_spec.ports.as_ref().unwrap()[0]
+        .target_port
+        .as_ref()
+        .unwrap();
     match target {
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
-            assert_eq!(port.name.as_deref(), Some(name.as_str()), "Service → container port")
+            assert_eq!(
+                port.name.as_deref(),
+                Some(name.as_str()),
+                "Service → container port"
+            )
         }
         k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => {
             assert_eq!(*n, port.container_port)
@@ -232,14 +235,24 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
             .any(|n| *n == format!("{svc_name}.{svc_ns}.svc")),
         "the certificate names the Service"
     );
-    assert_eq!(pod.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+    assert_eq!(
+        pod.security_context.as_ref().unwrap().run_as_non_root,
+        Some(true)
+    );
     assert!(
-        pod.security_context.as_ref().unwrap().run_as_user.is_some_and(|u| u != 0),
+        pod.security_context
+            .as_ref()
+            .unwrap()
+            .run_as_user
+            .is_some_and(|u| u != 0),
         "the user is set in the manifest, not only in the image"
     );
     for spec in [pod, daemonset.spec.template.spec.as_ref().unwrap()] {
         let account = spec.service_account_name.clone().unwrap();
-        assert!(accounts.contains(&account), "ServiceAccount {account} is installed");
+        assert!(
+            accounts.contains(&account),
+            "ServiceAccount {account} is installed"
+        );
     }
     for ns in [&svc_ns, &vmdisk_crds::CREDENTIALS_NAMESPACE.to_string()] {
         assert!(namespaces.contains(ns), "namespace {ns} is installed");
@@ -261,11 +274,13 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
             .get_arguments()
             .find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()))
         {
-            argv.push(format!("--{}=from-the-environment", arg.get_long().unwrap()));
+            argv.push(format!(
+                "--{}=from-the-environment",
+                arg.get_long().unwrap()
+            ));
         }
     }
-    vmdisk_cache_agent::cli::Cli::try_parse_from(&argv)
-        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    vmdisk_cache_agent::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
 
     // The webhook configuration: the CA comes from that Certificate, each webhook calls the
     // Service on a port it has and a path the server serves.
@@ -303,8 +318,16 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for hook in hooks.webhooks.as_ref().unwrap() {
         let svc = hook.client_config.service.as_ref().unwrap();
-        assert_eq!((svc.name.as_str(), svc.namespace.as_str()), (svc_name.as_str(), svc_ns.as_str()));
-        assert!(svc_spec.ports.as_ref().unwrap().iter().any(|p| Some(p.port) == svc.port));
+        assert_eq!(
+            (svc.name.as_str(), svc.namespace.as_str()),
+            (svc_name.as_str(), svc_ns.as_str())
+        );
+        assert!(svc_spec
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|p| Some(p.port) == svc.port));
         assert_eq!(hook.side_effects, "None", "dry runs need sideEffects None");
         assert_eq!(hook.admission_review_versions, ["v1"]);
         let path = svc.path.clone().unwrap();
@@ -322,11 +345,17 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
                 .unwrap()
                 .status()
         });
-        assert_eq!(status, 400, "{path} is served (a bad review is a 400, a missing route a 404)");
+        assert_eq!(
+            status, 400,
+            "{path} is served (a bad review is a 400, a missing route a 404)"
+        );
     }
     let pvc_hook = &hooks.webhooks.as_ref().unwrap()[0];
     assert_eq!(pvc_hook.failure_policy.as_deref(), Some("Fail"));
-    assert!(pvc_hook.match_conditions.as_ref().is_some_and(|c| !c.is_empty()));
+    assert!(pvc_hook
+        .match_conditions
+        .as_ref()
+        .is_some_and(|c| !c.is_empty()));
     let pod_hook = &hooks.webhooks.as_ref().unwrap()[1];
     assert_eq!(pod_hook.failure_policy.as_deref(), Some("Ignore"));
 }
@@ -363,11 +392,44 @@ fn images_pinned_by_an_overlay_reach_both_workloads() {
     );
 }
 
+/// The walkthrough's files, in the order a user applies them.
+fn example_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
-fn examples_are_valid_images() {
-    let examples = docs("deploy/examples/vmdiskimage.yaml");
-    assert!(!examples.is_empty());
-    for doc in examples {
+fn examples_are_valid_images_in_their_own_namespace() {
+    let examples: Vec<serde_yaml::Value> = example_files()
+        .iter()
+        .flat_map(|f| docs(&f.strip_prefix(root()).unwrap().display().to_string()))
+        .collect();
+    let namespaces: Vec<&str> = examples
+        .iter()
+        .filter(|d| d["kind"] == "Namespace")
+        .map(|d| d["metadata"]["name"].as_str().unwrap())
+        .collect();
+    for doc in &examples {
+        if doc["kind"] != "Namespace" {
+            let ns = doc["metadata"]["namespace"].as_str();
+            assert!(
+                ns.is_some_and(|ns| namespaces.contains(&ns)),
+                "{:?} names a namespace the examples create",
+                doc["metadata"]["name"]
+            );
+        }
+    }
+    let images: Vec<_> = examples
+        .into_iter()
+        .filter(|d| d["kind"] == "VMDiskImage")
+        .collect();
+    assert!(!images.is_empty());
+    for doc in images {
         let image: VMDiskImage = serde_yaml::from_value(doc).unwrap();
         ImageReference::parse(&image.spec.source.registry.url).unwrap();
         if let Some(size) = &image.spec.size {

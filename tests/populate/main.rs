@@ -13,6 +13,7 @@ use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig};
 use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
+use vmdisk_tests::loopfs::{is_root, LoopDevice, XfsMount};
 use vmdisk_tests::push::{options_for, push_container_disk};
 use vmdisk_tests::registry::TestRegistry;
 use vmdisk_tests::throttle::ThrottledProxy;
@@ -30,11 +31,6 @@ fn agent_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 struct Run {
@@ -143,36 +139,8 @@ async fn into_a_file_sparse_sized_to_the_volume_and_owned_by_qemu() {
     assert_eq!(run.code, 1, "{}", run.stderr);
 }
 
-/// A loop device over a file: the Block volume mode.
-struct LoopDevice {
-    device: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(backing: &Path) -> Option<Self> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .ok()?;
-        out.status.success().then(|| Self {
-            device: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
-    }
-}
-
 #[tokio::test]
 async fn into_a_loop_block_device_with_stale_data_overwritten() {
-    if !is_root() {
-        println!("skipped: loop devices need root");
-        return;
-    }
     let registry = TestRegistry::start_plain();
     let work = tempfile::tempdir().unwrap();
     let raw = make_ext4_raw(work.path(), "block", 24, 3, 12);
@@ -181,9 +149,9 @@ async fn into_a_loop_block_device_with_stale_data_overwritten() {
     // The device starts full of garbage: holes of the disk must read back as zeros.
     let backing = work.path().join("device.img");
     std::fs::write(&backing, vec![0xa5u8; 32 << 20]).unwrap();
-    let Some(device) = LoopDevice::attach(&backing) else {
-        println!("skipped: losetup cannot attach a loop device here");
-        return;
+    let device = match LoopDevice::attach(&backing) {
+        Ok(device) => device,
+        Err(why) => return println!("skipped: {why}"),
     };
     let run = populate(&work.path().join("cache"), &pinned, &device.device, &[]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -316,4 +284,44 @@ async fn the_owner_cleanup_and_eviction_spare_a_populate_in_progress() {
         format: DiskFormat::Raw,
     };
     assert!(owner.get_or_adopt(&key).is_some());
+}
+
+#[tokio::test]
+async fn on_xfs_a_warm_populate_is_a_reflink_the_target_can_write_over() {
+    let work = tempfile::tempdir().unwrap();
+    let xfs = match XfsMount::new(work.path(), 512) {
+        Ok(xfs) => xfs,
+        Err(why) => return println!("skipped: {why}"),
+    };
+    let registry = TestRegistry::start_plain();
+    let raw = make_ext4_raw(work.path(), "reflink", 64, 8, 21);
+    let (reference, digest) = push_container_disk(&registry, "disks/reflink", "1", &raw).await;
+    let pinned = format!("{reference}@{digest}");
+    let cache = xfs.path.join("cache");
+    let first = xfs.path.join("first.img");
+    let run = populate(&cache, &pinned, &first, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let second = xfs.path.join("second.img");
+    let run = populate(&cache, &pinned, &second, &[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.termination.contains("(Reflink, 0 bytes written") && run.termination.contains("warm"),
+        "{}",
+        run.termination
+    );
+    assert!(same_content(&raw, &second));
+    // The VM writes to its disk: the shared blocks are copied, the cache entry is untouched.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&second)
+        .and_then(|f| std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 1 << 20], 0))
+        .unwrap();
+    assert!(!same_content(&raw, &second));
+    let store = CacheStore::open_guest(&cache).unwrap();
+    let key = EntryKey {
+        digest,
+        format: DiskFormat::Raw,
+    };
+    let entry = store.get(&key).expect("the entry is cached");
+    assert!(same_content(&raw, &entry.disk_path), "the entry changed");
 }

@@ -67,15 +67,18 @@ pub fn make_ext4_raw(dir: &Path, name: &str, size_mib: u64, data_mib: u64, seed:
     raw
 }
 
-/// Converts a raw disk to `format` (`qcow2`, `vmdk`); `compressed` makes a compressed qcow2.
+/// Converts a raw disk to `format` (`qcow2`, `vmdk`); `compressed` makes a compressed qcow2
+/// or a streamOptimized (compressed) VMDK.
 pub fn to_format(raw: &Path, format: &str, compressed: bool) -> PathBuf {
     let suffix = if compressed { "c" } else { "" };
     let out = raw.with_extension(format!("{suffix}{format}"));
     let mut cmd = Command::new("qemu-img");
     cmd.arg("convert");
-    if compressed {
-        cmd.arg("-c");
-    }
+    match (compressed, format) {
+        (true, "vmdk") => cmd.args(["-o", "subformat=streamOptimized"]),
+        (true, _) => cmd.arg("-c"),
+        _ => &mut cmd,
+    };
     cmd.args(["-O", format]).arg(raw).arg(&out);
     run(&mut cmd);
     out

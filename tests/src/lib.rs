@@ -5,6 +5,7 @@ pub mod certs;
 pub mod disks;
 pub mod https;
 pub mod images;
+pub mod loopfs;
 pub mod push;
 pub mod registry;
 pub mod throttle;

@@ -196,6 +196,20 @@ impl TestRegistry {
             .count()
     }
 
+    /// (HTTP status, bytes sent) of every completed GET of `digest`'s blob, from the access
+    /// log.
+    pub fn blob_responses(&self, digest: &str) -> Vec<(u16, u64)> {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest}")))
+            .filter_map(|l| {
+                let after = l.split("HTTP/1.1\" ").nth(1)?;
+                let mut fields = after.split_whitespace();
+                Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// The file holding a blob in the registry's storage (to corrupt it in tests).
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");

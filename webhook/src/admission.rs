@@ -7,9 +7,11 @@
 
 use std::time::Instant;
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::de::Visitor;
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use thiserror::Error;
 
@@ -32,44 +34,65 @@ pub enum ReviewError {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct GroupVersionKind {
-    #[serde(default)]
-    pub group: String,
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub kind: String,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct GroupVersionResource {
-    #[serde(default)]
-    pub group: String,
-    #[serde(default)]
-    pub version: String,
-    #[serde(default)]
-    pub resource: String,
+pub struct GroupVersionResource<'a> {
+    #[serde(default, borrow)]
+    pub group: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub version: Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub resource: Cow<'a, str>,
 }
 
 /// The parts of an admission request this webhook reads, with the object decoded as `O`: the
-/// endpoint's lean view on the fast path, or [`RawObject`] when the view did not fit.
+/// endpoint's lean view on the fast path, or [`RawObject`] when the view did not fit. Strings
+/// borrow from the body (copied only when they hold escapes).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AdmissionRequest<O> {
-    pub uid: String,
-    pub kind: GroupVersionKind,
-    pub resource: GroupVersionResource,
-    #[serde(default)]
-    pub sub_resource: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub namespace: Option<String>,
-    pub operation: String,
+pub struct AdmissionRequest<'a, O> {
+    #[serde(borrow)]
+    pub uid: Cow<'a, str>,
+    #[serde(borrow)]
+    pub resource: GroupVersionResource<'a>,
+    #[serde(default, borrow, deserialize_with = "optional_str")]
+    pub sub_resource: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "optional_str")]
+    pub name: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "optional_str")]
+    pub namespace: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub operation: Cow<'a, str>,
     #[serde(default)]
     pub dry_run: Option<bool>,
     #[serde(default = "Option::default")]
     pub object: Option<O>,
+}
+
+/// A string or null, borrowed from the body when it has no escapes (serde borrows a bare
+/// `Cow` field, not one inside an `Option`).
+fn optional_str<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    struct OptionalStr;
+    impl<'de> Visitor<'de> for OptionalStr {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_string())))
+        }
+    }
+    d.deserialize_option(OptionalStr)
 }
 
 /// An object left undecoded.
@@ -77,18 +100,20 @@ pub type RawObject = Box<RawValue>;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewEnvelope<O> {
-    #[serde(default)]
-    api_version: String,
-    #[serde(default)]
-    kind: String,
-    #[serde(default = "Option::default")]
-    request: Option<AdmissionRequest<O>>,
+struct ReviewEnvelope<'a, O> {
+    #[serde(default, borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(default, borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default = "Option::default", borrow)]
+    request: Option<AdmissionRequest<'a, O>>,
 }
 
 /// Decodes the envelope, the request metadata and the object (as `O`) in one pass.
-pub fn decode_review<O: DeserializeOwned>(body: &[u8]) -> Result<AdmissionRequest<O>, ReviewError> {
-    let envelope: ReviewEnvelope<O> =
+pub fn decode_review<'a, O: Deserialize<'a>>(
+    body: &'a [u8],
+) -> Result<AdmissionRequest<'a, O>, ReviewError> {
+    let envelope: ReviewEnvelope<'a, O> =
         serde_json::from_slice(body).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string()))
@@ -97,8 +122,8 @@ pub fn decode_review<O: DeserializeOwned>(body: &[u8]) -> Result<AdmissionReques
         })?;
     if envelope.api_version != API_VERSION || envelope.kind != KIND {
         return Err(ReviewError::WrongType {
-            api_version: envelope.api_version,
-            kind: envelope.kind,
+            api_version: envelope.api_version.into_owned(),
+            kind: envelope.kind.into_owned(),
         });
     }
     let request = envelope.request.ok_or(ReviewError::MissingRequest)?;
@@ -134,28 +159,6 @@ pub struct AdmissionAnswer {
     pub warnings: Vec<String>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ResponseOut<'a> {
-    uid: &'a str,
-    allowed: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch_type: Option<&'static str>,
-    /// Base64 of the JSON Patch: the wire form of a Go `[]byte`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    patch: Option<String>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    warnings: &'a [String],
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewOut<'a> {
-    api_version: &'static str,
-    kind: &'static str,
-    response: ResponseOut<'a>,
-}
-
 /// Warnings longer than this are truncated by the apiserver anyway.
 const MAX_WARNING_CHARS: usize = 256;
 
@@ -167,37 +170,56 @@ impl AdmissionAnswer {
         }
     }
 
+    /// The AdmissionReview answer, written directly: the patch is base64 (which needs no
+    /// escaping) straight into the output, the only strings escaped are the uid and warnings.
     pub fn to_json(&self) -> Vec<u8> {
-        let patch = self.patch.as_ref().filter(|p| !p.0.is_empty()).map(|p| {
-            base64::engine::general_purpose::STANDARD
-                .encode(serde_json::to_vec(p).expect("a JSON patch always serializes"))
-        });
-        let warnings: Vec<String> = self
-            .warnings
-            .iter()
-            .map(|w| {
-                if w.chars().count() > MAX_WARNING_CHARS {
-                    let mut s: String = w.chars().take(MAX_WARNING_CHARS - 1).collect();
-                    s.push('…');
-                    s
-                } else {
-                    w.clone()
+        let patch = self
+            .patch
+            .as_ref()
+            .filter(|p| !p.0.is_empty())
+            .map(|p| serde_json::to_vec(p).expect("a JSON patch always serializes"));
+        let base64_len = patch.as_ref().map_or(0, |p| p.len().div_ceil(3) * 4);
+        let mut out = Vec::with_capacity(160 + self.uid.len() + base64_len);
+        out.extend_from_slice(br#"{"apiVersion":""#);
+        out.extend_from_slice(API_VERSION.as_bytes());
+        out.extend_from_slice(br#"","kind":""#);
+        out.extend_from_slice(KIND.as_bytes());
+        out.extend_from_slice(br#"","response":{"uid":"#);
+        write_json_str(&mut out, &self.uid);
+        out.extend_from_slice(br#","allowed":true"#);
+        if let Some(patch) = patch {
+            out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
+            let start = out.len();
+            out.resize(start + base64_len, 0);
+            let written = base64::engine::general_purpose::STANDARD
+                .encode_slice(&patch, &mut out[start..])
+                .expect("sized for the encoding");
+            out.truncate(start + written);
+            out.push(b'"');
+        }
+        if !self.warnings.is_empty() {
+            out.extend_from_slice(br#","warnings":["#);
+            for (i, w) in self.warnings.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
                 }
-            })
-            .collect();
-        serde_json::to_vec(&ReviewOut {
-            api_version: API_VERSION,
-            kind: KIND,
-            response: ResponseOut {
-                uid: &self.uid,
-                allowed: true,
-                patch_type: patch.as_ref().map(|_| "JSONPatch"),
-                patch,
-                warnings: &warnings,
-            },
-        })
-        .expect("an admission answer always serializes")
+                if w.chars().count() > MAX_WARNING_CHARS {
+                    let mut short: String = w.chars().take(MAX_WARNING_CHARS - 1).collect();
+                    short.push('…');
+                    write_json_str(&mut out, &short);
+                } else {
+                    write_json_str(&mut out, w);
+                }
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"}}");
+        out
     }
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
 /// Decodes the `patch` of a response, accepting base64 (the documented wire form) and a JSON

@@ -161,7 +161,7 @@ impl Webhook {
                 tracing::warn!(uid = %request.uid, %namespace, %warning, "object not decodable");
                 return (
                     AdmissionAnswer {
-                        uid: request.uid.clone(),
+                        uid: request.uid.to_string(),
                         patch: None,
                         warnings: vec![warning],
                     },
@@ -199,7 +199,7 @@ impl Webhook {
         }
         (
             AdmissionAnswer {
-                uid: request.uid.clone(),
+                uid: request.uid.to_string(),
                 patch,
                 warnings,
             },

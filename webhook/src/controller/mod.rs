@@ -145,6 +145,11 @@ pub async fn run_image_controller(client: Client, config: ControllerConfig) {
             },
         ),
     });
+    // Status aggregates the node caches: an empty store would report no warm nodes.
+    if ctx.caches.wait_until_ready().await.is_err() {
+        tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
+        return;
+    }
     let controller = Controller::new(images, watcher::Config::default());
     let image_store = controller.store();
 

@@ -272,6 +272,9 @@ fn seconds_since(object: &impl Resource) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// When a claim is looked at again without any watched change.
+const SAFETY_NET: Duration = Duration::from_secs(60);
+
 /// Performs the next step for one user PVC.
 pub async fn reconcile(
     pvc: Arc<PersistentVolumeClaim>,
@@ -372,9 +375,9 @@ pub async fn reconcile(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     match step {
         Step::Ignore => return Ok(Action::await_change()),
-        Step::Wait { requeue } => {
-            return Ok(requeue.map_or_else(Action::await_change, Action::requeue))
-        }
+        // Waits end on a change to a watched object; the requeue is a safety net for a change
+        // seen by the trigger before the store it is read from.
+        Step::Wait { requeue } => return Ok(Action::requeue(requeue.unwrap_or(SAFETY_NET))),
         Step::Annotate {
             status,
             note,
@@ -479,9 +482,8 @@ pub async fn reconcile(
         }
     }
     ctx.update_in_flight();
-    // Each step changes an object the controller watches, which brings the next call; the
-    // requeue is a safety net.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    // Each step changes an object the controller watches, which brings the next call.
+    Ok(Action::requeue(SAFETY_NET))
 }
 
 fn step_name(step: &Step) -> &'static str {
@@ -668,6 +670,21 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
         pods,
         metrics,
     });
+    // Decisions read these stores: deciding before they are filled takes an image still being
+    // listed for a missing one (a new leader did, and the claim then waited for the safety net).
+    let (images_ready, classes_ready, pods_ready, agents_ready) = tokio::join!(
+        ctx.images.wait_until_ready(),
+        ctx.classes.wait_until_ready(),
+        ctx.pods.wait_until_ready(),
+        ctx.agents.wait_until_ready(),
+    );
+    if [images_ready, classes_ready, pods_ready, agents_ready]
+        .iter()
+        .any(Result::is_err)
+    {
+        tracing::error!("a watch stopped before its first list; the populator is not started");
+        return;
+    }
     let sweeper = tokio::spawn(sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
     controller
