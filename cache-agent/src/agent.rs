@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
+use tracing::Instrument as _;
 use vmdisk_crds::{
     credentials_secret_name, reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference,
     RegistrySource, VMDiskImage,
@@ -321,7 +322,7 @@ impl Agent {
                         done as f64 / total as f64
                     }),
                 ),
-                WarmProgress::Extracting | WarmProgress::Converting | WarmProgress::Committing => {
+                WarmProgress::Converting | WarmProgress::Committing => {
                     (CacheEntryState::Converting, None)
                 }
             };
@@ -335,9 +336,8 @@ impl Agent {
                 r.progress = fraction;
             }
         });
-        tokio::spawn(async move {
-            let span = tracing::info_span!("warm", image = %format!("{}/{}", wanted.namespace, wanted.name), digest = %key.digest, format = %key.format);
-            let _enter = span.enter();
+        let span = tracing::info_span!("warm", image = %format!("{}/{}", wanted.namespace, wanted.name), digest = %key.digest, format = %key.format);
+        let warm = async move {
             match warmer.warm(request, progress).await {
                 Ok(outcome) => {
                     if outcome.pulled {
@@ -373,7 +373,8 @@ impl Agent {
                 }
             }
             wake.notify_one();
-        });
+        };
+        tokio::spawn(warm.instrument(span));
     }
 
     /// Registry options for a wanted image, with the credentials copy the image controller

@@ -190,10 +190,22 @@ fn warmer(args: &CacheArgs, store: Arc<CacheStore>) -> anyhow::Result<Warmer> {
         max_parallel_pulls: args.max_parallel_pulls.max(1),
         ..PullerConfig::default()
     });
-    Ok(Warmer::new(store, puller, ExtractLimits { max_disk_bytes }))
+    Ok(Warmer::new(
+        store,
+        puller,
+        ExtractLimits {
+            max_disk_bytes,
+            ..ExtractLimits::default()
+        },
+    ))
 }
 
-async fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<RegistryOptions> {
+/// Registry options from the flags; credentials are read only when `with_credentials`.
+async fn registry_options(
+    image: &str,
+    args: &RegistryArgs,
+    with_credentials: bool,
+) -> anyhow::Result<RegistryOptions> {
     let reference = ImageReference::parse(image)?;
     let ca_bundle = match (&args.ca_bundle, &args.ca_bundle_pem) {
         (Some(path), _) => {
@@ -202,7 +214,9 @@ async fn registry_options(image: &str, args: &RegistryArgs) -> anyhow::Result<Re
         (None, Some(pem)) => Some(pem.clone().into_bytes()),
         (None, None) => None,
     };
-    let credentials = if let Some(secret) = &args.credentials_secret {
+    let credentials = if !with_credentials {
+        None
+    } else if let Some(secret) = &args.credentials_secret {
         Some(read_credentials_secret(secret).await?)
     } else {
         let config_path = args.docker_config.clone().or_else(|| {
@@ -314,7 +328,6 @@ fn progress_reporter() -> Arc<dyn Fn(WarmProgress) + Send + Sync> {
                 bar.set_length(total);
                 bar.set_position(done);
             }
-            WarmProgress::Extracting => bar.set_message("extracting"),
             WarmProgress::Converting => bar.set_message("converting"),
             WarmProgress::Committing => {
                 bar.set_message("committing");
@@ -356,7 +369,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             registry,
         } => {
-            let options = registry_options(&image, &registry).await?;
+            let options = registry_options(&image, &registry, true).await?;
             let store = open_store(&cache, OpenAs::OwnerIfFree)?;
             let warmer = warmer(&cache, store)?;
             let outcome = warmer
@@ -481,8 +494,18 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
         .size
         .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
         .transpose()?;
-    let options = registry_options(&args.image, &args.registry).await?;
     let store = open_store(&args.cache, OpenAs::Guest)?;
+    // A warm entry needs no registry, so no credentials either: a warm populate works while
+    // the API server (where the credentials are) is unreachable.
+    let cached = crate::warm::pinned_digest(&args.image).is_some_and(|digest| {
+        store
+            .get_or_adopt(&crate::store::EntryKey {
+                digest: digest.to_string(),
+                format: args.format,
+            })
+            .is_some()
+    });
+    let options = registry_options(&args.image, &args.registry, !cached).await?;
     let warmer = warmer(&args.cache, store)?;
     let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let reporter = args

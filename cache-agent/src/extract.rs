@@ -134,12 +134,25 @@ pub enum DiskTarget {
 pub struct ExtractLimits {
     /// Largest disk accepted (its apparent size).
     pub max_disk_bytes: u64,
+    /// How far a streaming decode may run ahead of the tables it waits for
+    /// ([`crate::decode::DecodeLimits::max_pending_reads`]).
+    pub max_pending_reads: usize,
 }
 
 impl Default for ExtractLimits {
     fn default() -> Self {
         Self {
             max_disk_bytes: 2 << 40,
+            max_pending_reads: crate::decode::DEFAULT_MAX_PENDING_READS,
+        }
+    }
+}
+
+impl ExtractLimits {
+    fn decode(&self) -> crate::decode::DecodeLimits {
+        crate::decode::DecodeLimits {
+            max_disk_bytes: self.max_disk_bytes,
+            max_pending_reads: self.max_pending_reads,
         }
     }
 }
@@ -254,7 +267,7 @@ fn write_disk(
     size: u64,
     out_path: &Path,
     target: DiskTarget,
-    max_disk_bytes: u64,
+    limits: &ExtractLimits,
     buf: &mut [u8],
 ) -> Result<Option<&'static str>, WriteFailure> {
     let first = (size as usize).min(buf.len());
@@ -265,7 +278,7 @@ fn write_disk(
             if filled < need {
                 filled += fill(entry, &mut buf[filled..need]).map_err(WriteFailure::Read)?;
             }
-            if let Some(format) = decode(entry, size, out_path, max_disk_bytes, buf, filled)? {
+            if let Some(format) = decode(entry, size, out_path, limits, buf, filled)? {
                 return Ok(Some(format));
             }
         }
@@ -295,7 +308,7 @@ fn decode(
     entry: &mut impl Read,
     size: u64,
     out_path: &Path,
-    max_disk_bytes: u64,
+    limits: &ExtractLimits,
     buf: &mut [u8],
     mut filled: usize,
 ) -> Result<Option<&'static str>, WriteFailure> {
@@ -309,7 +322,7 @@ fn decode(
         .open(&spool_path)
         .map_err(WriteFailure::Write)?;
     let result = (|| {
-        let opened = crate::decode::open(&buf[..filled], size, max_disk_bytes, out, spool);
+        let opened = crate::decode::open(&buf[..filled], size, &limits.decode(), out, spool);
         let mut decoder = match opened {
             Ok(Some(decoder)) => decoder,
             Ok(None) => return Ok(None),
@@ -497,37 +510,30 @@ pub fn extract_disk_from(
                     // Names are a single normal component (checked above), so this stays
                     // inside disk_dir.
                     let out_path = disk_dir.join(&name);
-                    let decoded = write_disk(
-                        &mut entry,
-                        size,
-                        &out_path,
-                        target,
-                        limits.max_disk_bytes,
-                        &mut buf,
-                    )
-                    .map_err(|failure| match failure {
-                        WriteFailure::Read(e)
-                            if e.kind() == std::io::ErrorKind::InvalidData
-                                || e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                        {
-                            corrupt(e)
-                        }
-                        WriteFailure::Read(e) => ExtractError::Io {
-                            context: format!("reading layer {layer}"),
-                            source: e,
-                        },
-                        WriteFailure::Write(e) => ExtractError::Io {
-                            context: format!("writing {}", out_path.display()),
-                            source: e,
-                        },
-                        WriteFailure::Disk(source) => ExtractError::Disk { layer, source },
-                        WriteFailure::TooLarge(size) => ExtractError::DiskTooLarge {
-                            layer,
-                            entry: entry_name.clone(),
-                            size,
-                            limit: limits.max_disk_bytes,
-                        },
-                    })?;
+                    let decoded = write_disk(&mut entry, size, &out_path, target, limits, &mut buf)
+                        .map_err(|failure| match failure {
+                            WriteFailure::Read(e)
+                                if e.kind() == std::io::ErrorKind::InvalidData
+                                    || e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                            {
+                                corrupt(e)
+                            }
+                            WriteFailure::Read(e) => ExtractError::Io {
+                                context: format!("reading layer {layer}"),
+                                source: e,
+                            },
+                            WriteFailure::Write(e) => ExtractError::Io {
+                                context: format!("writing {}", out_path.display()),
+                                source: e,
+                            },
+                            WriteFailure::Disk(source) => ExtractError::Disk { layer, source },
+                            WriteFailure::TooLarge(size) => ExtractError::DiskTooLarge {
+                                layer,
+                                entry: entry_name.clone(),
+                                size,
+                                limit: limits.max_disk_bytes,
+                            },
+                        })?;
                     disks.insert(name, (out_path, decoded));
                     progress(consumed_before + count.get());
                 }
@@ -629,6 +635,7 @@ mod tests {
                 &self.staging(),
                 &ExtractLimits {
                     max_disk_bytes: 64 << 20,
+                    ..ExtractLimits::default()
                 },
                 &mut |_| {},
             )
@@ -903,6 +910,7 @@ mod tests {
             &s.staging(),
             &ExtractLimits {
                 max_disk_bytes: 1 << 20,
+                ..ExtractLimits::default()
             },
             &mut |_| {},
         );

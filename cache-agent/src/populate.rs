@@ -106,7 +106,6 @@ impl PopulateProgress {
             PopulateProgress::Warming(WarmProgress::Pulling { done, total }) => {
                 (done.saturating_mul(70) / total.max(1)).min(70) as u8
             }
-            PopulateProgress::Warming(WarmProgress::Extracting) => 75,
             PopulateProgress::Warming(WarmProgress::Converting) => 80,
             PopulateProgress::Warming(WarmProgress::Committing) => 85,
             PopulateProgress::Copying => 90,
@@ -264,7 +263,6 @@ mod tests {
             PopulateProgress::Warming(WarmProgress::Resolving),
             PopulateProgress::Warming(WarmProgress::Pulling { done: 1, total: 2 }),
             PopulateProgress::Warming(WarmProgress::Pulling { done: 2, total: 2 }),
-            PopulateProgress::Warming(WarmProgress::Extracting),
             PopulateProgress::Warming(WarmProgress::Converting),
             PopulateProgress::Warming(WarmProgress::Committing),
             PopulateProgress::Copying,

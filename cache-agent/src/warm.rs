@@ -3,7 +3,7 @@
 //! resolve (index → this node's platform) → cache hit? → make room → stream each layer from
 //! the registry straight into the extraction (digest checked on the way, resumed after an
 //! interruption; nothing waits for a whole blob) → the disk lands sparse in staging, a qcow2
-//! one decoded to raw on the way when raw is wanted → otherwise inspect with qemu-img, refuse
+//! or VMDK one decoded to raw on the way when raw is wanted → otherwise inspect with qemu-img, refuse
 //! unsafe images, convert if needed → check → commit by rename, only after every digest
 //! checked out. Everything before the commit lives in staging, which is deleted on failure and
 //! by the owner after a crash, so no partial entry is ever visible. Two warms of the same entry
@@ -19,10 +19,12 @@ use vmdisk_crds::DiskFormat;
 
 use crate::convert::{self, ConvertError};
 use crate::extract::{
-    self, DiskTarget, ExtractError, ExtractLimits, LayerCompression, LayerSource,
+    self, DiskTarget, ExtractError, ExtractLimits, ExtractedDisk, LayerCompression, LayerSource,
 };
-use crate::store::{allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StoreError};
-use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
+use crate::store::{
+    allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StagingDir, StoreError,
+};
+use vmdisk_registry::pull::{PullError, Puller, RegistryOptions, ResolvedImage};
 
 #[derive(Debug, Error)]
 pub enum WarmError {
@@ -94,7 +96,7 @@ impl WarmError {
 }
 
 /// The digest a reference is pinned to (`repo@sha256:<64 hex>`), if it is.
-fn pinned_digest(reference: &str) -> Option<&str> {
+pub fn pinned_digest(reference: &str) -> Option<&str> {
     let (_, digest) = reference.rsplit_once('@')?;
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
@@ -113,8 +115,11 @@ pub struct WarmRequest {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WarmProgress {
     Resolving,
-    Pulling { done: u64, total: u64 },
-    Extracting,
+    /// Downloading, which extraction (and decoding) follows as the bytes arrive.
+    Pulling {
+        done: u64,
+        total: u64,
+    },
     Converting,
     Committing,
 }
@@ -128,7 +133,7 @@ pub struct WarmOutcome {
     /// False when the entry was already cached.
     pub pulled: bool,
     pub bytes_pulled: u64,
-    /// Download, digest, inflation and extraction, which overlap (and qcow2 decoding to raw).
+    /// Download, digest, inflation and extraction, which overlap (and qcow2 or VMDK decoding to raw).
     pub pull_seconds: f64,
     /// qemu-img inspection, conversion and check, where still needed.
     pub convert_seconds: f64,
@@ -205,6 +210,79 @@ impl Warmer {
         result
     }
 
+    /// Streams every layer of `image` into the extraction, writing the disk for `target` in
+    /// `staging`. The extraction's own failure is returned for the caller to judge; a download
+    /// failure that caused it is returned as the error instead, since it is the cause. Also
+    /// returns the bytes downloaded.
+    async fn stream_disk(
+        &self,
+        image: &ResolvedImage,
+        request: &WarmRequest,
+        staging: &StagingDir,
+        target: DiskTarget,
+        progress: &ProgressFn,
+    ) -> Result<(Result<ExtractedDisk, ExtractError>, u64), WarmError> {
+        let reference = &request.reference;
+        let total = image.total_layer_bytes;
+        let mut sources = Vec::new();
+        let mut downloads = Vec::new();
+        let mut before = 0u64;
+        for layer in &image.layers {
+            let compression =
+                LayerCompression::from_media_type(&layer.media_type).map_err(|source| {
+                    WarmError::Extract {
+                        reference: reference.clone(),
+                        source,
+                    }
+                })?;
+            let layer_progress = {
+                let progress = Arc::clone(progress);
+                let base = before;
+                Arc::new(move |n: u64| {
+                    progress(WarmProgress::Pulling {
+                        done: base + n,
+                        total,
+                    })
+                })
+            };
+            let (reader, task) =
+                self.puller
+                    .stream_layer(image, layer, &request.registry, layer_progress);
+            sources.push(LayerSource {
+                reader: Box::new(reader),
+                compression,
+            });
+            downloads.push(task);
+            before += layer.size;
+        }
+        let extract_dir = staging.path().join(match target {
+            DiskTarget::Raw => "extract",
+            DiskTarget::AsIs => "extract-as-is",
+        });
+        let limits = self.limits.clone();
+        let extracted = tokio::task::spawn_blocking(move || {
+            extract::extract_disk_from(sources, &extract_dir, &limits, target, &mut |_| {})
+        })
+        .await
+        .map_err(|e| WarmError::Task(e.to_string()))?;
+        // A failed download is the cause of whatever the extraction saw; a finished extraction
+        // read every layer to its end, so each download has checked its digest.
+        let mut bytes_pulled = 0;
+        for task in downloads {
+            match task.await.map_err(|e| WarmError::Task(e.to_string()))? {
+                Ok(n) => bytes_pulled += n,
+                Err(source) if extracted.is_ok() || !matches!(source, PullError::Io { .. }) => {
+                    return Err(WarmError::Pull {
+                        reference: reference.clone(),
+                        source,
+                    })
+                }
+                Err(_) => {} // the extraction stopped reading: its own error says why
+            }
+        }
+        Ok((extracted, bytes_pulled))
+    }
+
     async fn warm_once(
         &self,
         request: WarmRequest,
@@ -270,69 +348,40 @@ impl Warmer {
         let resolve_seconds = resolving.elapsed().as_secs_f64();
         let staging = self.store.staging()?;
         let _slot = self.puller.pull_slot().await;
-        let total = image.total_layer_bytes;
         let started = Instant::now();
         // One pass from the wire to the disk: each layer streams to the extraction as it
-        // downloads (digest checked on the way, resumed after interruptions), and a qcow2 disk
-        // cached as raw is decoded on the way too.
-        let mut sources = Vec::new();
-        let mut downloads = Vec::new();
-        let mut before = 0u64;
-        for layer in &image.layers {
-            let compression =
-                LayerCompression::from_media_type(&layer.media_type).map_err(|source| {
-                    WarmError::Extract {
-                        reference: reference.clone(),
-                        source,
-                    }
-                })?;
-            let layer_progress = {
-                let progress = Arc::clone(&progress);
-                let base = before;
-                Arc::new(move |n: u64| {
-                    progress(WarmProgress::Pulling {
-                        done: base + n,
-                        total,
-                    })
-                })
-            };
-            let (reader, task) =
-                self.puller
-                    .stream_layer(&image, layer, &request.registry, layer_progress);
-            sources.push(LayerSource {
-                reader: Box::new(reader),
-                compression,
-            });
-            downloads.push(task);
-            before += layer.size;
-        }
-        let extract_dir = staging.path().join("extract");
-        let limits = self.limits.clone();
-        let target = match request.format {
+        // downloads (digest checked on the way, resumed after interruptions), and a qcow2 or
+        // VMDK disk cached as raw is decoded on the way too. A decode that gives up half-way
+        // (an image laid out beyond what it may buffer) leaves the disk to qemu-img: the layers
+        // are streamed again and the disk kept as it is.
+        let mut target = match request.format {
             DiskFormat::Raw => DiskTarget::Raw,
             DiskFormat::Qcow2 => DiskTarget::AsIs,
         };
-        let extracted = tokio::task::spawn_blocking(move || {
-            extract::extract_disk_from(sources, &extract_dir, &limits, target, &mut |_| {})
-        })
-        .await
-        .map_err(|e| WarmError::Task(e.to_string()))?;
-        // A failed download is the cause of whatever the extraction saw; a finished extraction
-        // read every layer to its end, so each download has checked its digest.
-        let mut bytes_pulled = 0;
-        for task in downloads {
-            match task.await.map_err(|e| WarmError::Task(e.to_string()))? {
-                Ok(n) => bytes_pulled += n,
-                Err(source) if extracted.is_ok() || !matches!(source, PullError::Io { .. }) => {
-                    return Err(pull_error(source))
+        let (extracted, bytes_pulled) = loop {
+            let attempt = self
+                .stream_disk(&image, &request, &staging, target, &progress)
+                .await?;
+            match attempt {
+                (
+                    Err(ExtractError::Disk {
+                        source: crate::decode::DecodeError::Unsupported(why),
+                        ..
+                    }),
+                    _,
+                ) if target == DiskTarget::Raw => {
+                    tracing::warn!(%why, "streaming decode gave up; pulling again for qemu-img");
+                    target = DiskTarget::AsIs;
                 }
-                Err(_) => {} // the extraction stopped reading: its own error says why
+                (extracted, bytes_pulled) => {
+                    let extracted = extracted.map_err(|source| WarmError::Extract {
+                        reference: reference.clone(),
+                        source,
+                    })?;
+                    break (extracted, bytes_pulled);
+                }
             }
-        }
-        let extracted = extracted.map_err(|source| WarmError::Extract {
-            reference: reference.clone(),
-            source,
-        })?;
+        };
         let pull_seconds = started.elapsed().as_secs_f64();
         progress(WarmProgress::Converting);
         let convert_started = Instant::now();

@@ -94,6 +94,41 @@ async fn warm_ls_and_populate_through_the_command_line() {
         "populated volume is not sparse"
     );
 
+    // A warm entry needs no credentials: they are not even read (a populator pod works
+    // while the API server holding them is unreachable). A cold one does.
+    let unreadable = work
+        .path()
+        .join("missing/config.json")
+        .display()
+        .to_string();
+    let target3 = work.path().join("pvc3.img");
+    run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cache_s,
+        "--target",
+        &target3.display().to_string(),
+        "--docker-config",
+        &unreadable,
+    ]))
+    .await
+    .unwrap();
+    assert!(same_content(&raw, &target3));
+    let err = run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &work.path().join("cold-too").display().to_string(),
+        "--target",
+        &work.path().join("pvc4.img").display().to_string(),
+        "--docker-config",
+        &unreadable,
+    ]))
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("docker config"), "{err:#}");
+
     // Populate with a cold cache pulls first.
     let cold = work.path().join("cold-cache");
     let target2 = work.path().join("pvc2.img");

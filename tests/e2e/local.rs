@@ -19,10 +19,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tempfile::TempDir;
-use vmdisk_crds::{CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE, NODE_CACHE_LABEL_PREFIX};
+use vmdisk_crds::{
+    NodeDiskCache, VMDiskImage, CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE, NODE_CACHE_LABEL_PREFIX,
+};
 use vmdisk_tests::certs::TestCa;
 use vmdisk_tests::https::{client_config, Connection};
 
@@ -322,6 +325,35 @@ pub async fn uninstall(env: &Env, admin: &Client) {
     wait_for_namespaces_gone(admin, |n| {
         n.labels().contains_key(NAMESPACE_LABEL)
             || [INSTALL_NAMESPACE, CREDENTIALS_NAMESPACE].contains(&n.name_any().as_str())
+    })
+    .await;
+    // A CRD being deleted waits for its objects to go; one still Terminating when the next
+    // installation applies it disappears under that installation (its webhook then never
+    // syncs its catalog and never becomes ready).
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    wait_for("vmdisk's CRDs to go", Duration::from_secs(180), || {
+        let crds = crds.clone();
+        async move {
+            let mut left = Vec::new();
+            for name in [
+                format!("{}.{}", VMDiskImage::plural(&()), VMDiskImage::group(&())),
+                format!(
+                    "{}.{}",
+                    NodeDiskCache::plural(&()),
+                    NodeDiskCache::group(&())
+                ),
+            ] {
+                if crds
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .is_some()
+                {
+                    left.push(name);
+                }
+            }
+            left.is_empty().then_some(()).ok_or(format!("{left:?}"))
+        }
     })
     .await;
     let nodes: Api<Node> = Api::all(admin.clone());

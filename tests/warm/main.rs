@@ -22,6 +22,17 @@ fn init() {
 }
 
 fn warmer(root: &Path, budget: Budget) -> Warmer {
+    warmer_with(
+        root,
+        budget,
+        ExtractLimits {
+            max_disk_bytes: 1 << 30,
+            ..ExtractLimits::default()
+        },
+    )
+}
+
+fn warmer_with(root: &Path, budget: Budget, limits: ExtractLimits) -> Warmer {
     let (store, _) = CacheStore::open(root, budget).unwrap();
     Warmer::new(
         Arc::new(store),
@@ -33,9 +44,7 @@ fn warmer(root: &Path, budget: Budget) -> Warmer {
                 max_backoff: Duration::from_secs(2),
             },
         }),
-        ExtractLimits {
-            max_disk_bytes: 1 << 30,
-        },
+        limits,
     )
 }
 
@@ -116,6 +125,39 @@ async fn every_source_format_warms_equal_and_sparse() {
         assert!(!again.pulled, "second warm must be a cache hit");
     }
     assert_eq!(w.store().entries().len(), cases.len());
+    assert_clean(cache.path());
+}
+
+/// A streaming decode that may not run far enough ahead of its tables gives up half-way; the
+/// warm streams the layer again, keeps the disk as it is and converts it with qemu-img.
+#[tokio::test]
+async fn a_decode_that_gives_up_half_way_is_done_by_qemu_img() {
+    init();
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "ahead", 32, 8, 4);
+    let qcow2 = to_format(&raw, "qcow2", false);
+    let (reference, _) = push_container_disk(&registry, "disks/ahead", "1", &qcow2).await;
+    let cache = tempfile::tempdir().unwrap();
+    // The header's tables fit; the data clusters the L2 table names do not.
+    let w = warmer_with(
+        cache.path(),
+        Budget::Bytes(1 << 30),
+        ExtractLimits {
+            max_disk_bytes: 1 << 30,
+            max_pending_reads: 4,
+        },
+    );
+    let outcome = warm(&w, &registry, &reference, DiskFormat::Raw)
+        .await
+        .unwrap();
+    assert_eq!(outcome.conversion, Conversion::QemuImg);
+    assert_eq!(
+        w.puller().downloads_started(),
+        2,
+        "the layer is streamed again after the decode gave up"
+    );
+    assert!(same_content(&raw, &outcome.entry.disk_path));
     assert_clean(cache.path());
 }
 

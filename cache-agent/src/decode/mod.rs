@@ -24,8 +24,9 @@ use thiserror::Error;
 
 use crate::sparse::SparseFile;
 
-/// Outstanding ranges before the decoder gives up and lets qemu-img do it (memory bound).
-const MAX_WANTS: usize = 8 << 20;
+/// Outstanding ranges before the decoder gives up and lets qemu-img do it (a memory bound:
+/// about 512 GiB of 64 KiB clusters stored after the tables that name them).
+pub const DEFAULT_MAX_PENDING_READS: usize = 8 << 20;
 /// The most a header (with what it points to: qcow2's first cluster, VMDK's descriptor) may
 /// need before deciding.
 pub const MAX_HEADER_BYTES: usize = 2 << 20;
@@ -108,6 +109,7 @@ pub struct Io<K> {
     seq: u64,
     /// Ranges that went by before they were wanted, read back from the spool.
     ready: Vec<(K, u64, Vec<u8>)>,
+    max_wants: usize,
 }
 
 impl<K: Copy + std::fmt::Debug> Io<K> {
@@ -136,7 +138,7 @@ impl<K: Copy + std::fmt::Debug> Io<K> {
             return Err(self.corrupt(format!("a range at {at} ({len} bytes) outside the file")));
         }
         if at >= self.pos {
-            if self.wants.len() >= MAX_WANTS {
+            if self.wants.len() >= self.max_wants {
                 return Err(DecodeError::Unsupported(format!(
                     "{} this large with its tables first",
                     self.format
@@ -222,6 +224,7 @@ impl<L: Layout> Decoder<L> {
         file_len: u64,
         out: SparseFile,
         spool: File,
+        max_pending_reads: usize,
     ) -> Result<Self, DecodeError> {
         let mut io = Io {
             format: L::FORMAT,
@@ -234,6 +237,7 @@ impl<L: Layout> Decoder<L> {
             wants: BTreeMap::new(),
             seq: 0,
             ready: Vec::new(),
+            max_wants: max_pending_reads,
         };
         layout.start(&mut io)?;
         io.spooling = !layout.mapping_complete();
@@ -367,22 +371,37 @@ pub fn header_bytes_needed(first: &[u8]) -> Option<usize> {
 pub fn open(
     prefix: &[u8],
     file_len: u64,
-    max_disk_bytes: u64,
+    limits: &DecodeLimits,
     out: SparseFile,
     spool: File,
 ) -> Result<Option<Box<dyn StreamingDisk>>, DecodeError> {
+    let pending = limits.max_pending_reads;
     if qcow2::header_bytes_needed(prefix).is_some() {
         let header = qcow2::parse_header(prefix, file_len)?;
-        check_size(header.virtual_size, max_disk_bytes)?;
+        check_size(header.virtual_size, limits.max_disk_bytes)?;
         let layout = qcow2::Qcow2Layout::new(header);
-        return Ok(Some(Box::new(Decoder::new(layout, file_len, out, spool)?)));
+        return Ok(Some(Box::new(Decoder::new(
+            layout, file_len, out, spool, pending,
+        )?)));
     }
     if vmdk::header_bytes_needed(prefix).is_some() {
         let layout = vmdk::VmdkLayout::parse(prefix, file_len)?;
-        check_size(layout.virtual_size(), max_disk_bytes)?;
-        return Ok(Some(Box::new(Decoder::new(layout, file_len, out, spool)?)));
+        check_size(layout.virtual_size(), limits.max_disk_bytes)?;
+        return Ok(Some(Box::new(Decoder::new(
+            layout, file_len, out, spool, pending,
+        )?)));
     }
     Ok(None)
+}
+
+/// Bounds on one decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest virtual size accepted.
+    pub max_disk_bytes: u64,
+    /// Ranges the stream has not reached yet that may be outstanding at once; past it the
+    /// decode stops with [`DecodeError::Unsupported`].
+    pub max_pending_reads: usize,
 }
 
 fn check_size(size: u64, limit: u64) -> Result<(), DecodeError> {
@@ -446,7 +465,11 @@ pub(crate) mod tests {
             .write(true)
             .open(dir.join("spool"))
             .unwrap();
-        let Some(mut d) = open(prefix, bytes.len() as u64, 1 << 40, out, spool)? else {
+        let limits = DecodeLimits {
+            max_disk_bytes: 1 << 40,
+            max_pending_reads: DEFAULT_MAX_PENDING_READS,
+        };
+        let Some(mut d) = open(prefix, bytes.len() as u64, &limits, out, spool)? else {
             return Ok(None);
         };
         let sizes = [1usize, 7, 4096, 65536, 100_000, 17, 1 << 20];

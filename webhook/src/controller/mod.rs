@@ -91,8 +91,24 @@ impl DigestResolver for RegistryResolver {
     }
 }
 
-/// Spawns a reflector that runs (with kube's default backoff) until the runtime stops.
-pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> Store<K>
+/// A spawned helper of a controller (a reflector, a sweeper), stopped when dropped: helpers
+/// must not outlive the controller, which stops when this replica loses the leadership.
+pub(crate) struct TaskGuard(tokio::task::JoinHandle<()>);
+
+impl TaskGuard {
+    pub(crate) fn spawn(task: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(task))
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Spawns a reflector that runs (with kube's default backoff) until the guard is dropped.
+pub(crate) fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, TaskGuard)
 where
     K: kube::Resource
         + Clone
@@ -104,7 +120,7 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
     let (store, writer) = reflector::store::<K>();
-    tokio::spawn(
+    let task = TaskGuard::spawn(
         reflector::reflector(writer, watcher(api, config))
             .default_backoff()
             .touched_objects()
@@ -115,7 +131,7 @@ where
                 futures::future::ready(())
             }),
     );
-    store
+    (store, task)
 }
 
 /// How often orphaned credentials copies are looked for.
@@ -125,8 +141,8 @@ const COPY_SWEEP: Duration = Duration::from_secs(10);
 pub async fn run_image_controller(client: Client, config: ControllerConfig) {
     let images: Api<VMDiskImage> = Api::all(client.clone());
     let caches_api: Api<NodeDiskCache> = Api::all(client.clone());
-    let caches = reflect(caches_api.clone(), watcher::Config::default());
-    let copies = reflect(
+    let (caches, _caches_task) = reflect(caches_api.clone(), watcher::Config::default());
+    let (copies, _copies_task) = reflect(
         Api::<Secret>::namespaced(client.clone(), &config.credentials_namespace),
         watcher::Config::default().labels(IMAGE_UID_LABEL),
     );
@@ -155,7 +171,7 @@ pub async fn run_image_controller(client: Client, config: ControllerConfig) {
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
     let sweep_images = image_store.clone();
-    let sweeper = tokio::spawn(async move {
+    let _sweeper = TaskGuard::spawn(async move {
         loop {
             tokio::time::sleep(COPY_SWEEP).await;
             if copies.wait_until_ready().await.is_err()
@@ -203,7 +219,6 @@ pub async fn run_image_controller(client: Client, config: ControllerConfig) {
             futures::future::ready(())
         })
         .await;
-    sweeper.abort();
 }
 
 /// Spawns leader election; the controllers run only while this replica leads.
@@ -227,6 +242,11 @@ pub fn spawn(client: Client, config: ControllerConfig) -> tokio::task::JoinHandl
                     false
                 }
             };
+            // Controllers that stopped by themselves are started again while leading.
+            if running.as_ref().is_some_and(|t| t.is_finished()) {
+                tracing::warn!(%identity, "the controllers stopped; starting them again");
+                running = None;
+            }
             match (leading, running.is_some()) {
                 (true, false) => {
                     tracing::info!(%identity, "became leader; starting the controllers");

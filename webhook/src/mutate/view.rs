@@ -1,6 +1,7 @@
-//! Lean views of the admitted objects: only the fields the mutations read, borrowed from the
-//! request body, everything else skipped unparsed. Parsing whole typed objects was most of the
-//! webhook's per-request cost.
+//! Lean views of the admitted objects: only the fields the mutations read, decoded in the same
+//! pass as the review, everything else skipped unparsed (only `vmdisk.io/` labels and
+//! annotations are kept). Parsing whole typed objects was most of the webhook's per-request
+//! cost.
 //!
 //! `Option` presence in a view mirrors presence in the raw JSON (absent or `null` both read as
 //! `None`), which is what the patch builders rely on to address existing parents only.

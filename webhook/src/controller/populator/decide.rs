@@ -961,6 +961,21 @@ mod tests {
             spec.service_account_name.as_deref(),
             Some("vmdisk-populator")
         );
+        // As locked down as the agent: read-only root, no privilege escalation, only CHOWN.
+        let security = c.security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().add,
+            Some(vec!["CHOWN".to_string()])
+        );
+        assert_eq!(
+            spec.security_context
+                .as_ref()
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .map(|p| p.type_.as_str()),
+            Some("RuntimeDefault")
+        );
         assert!(
             spec.node_name.is_none(),
             "Immediate: the scheduler picks, preferring warm nodes"

@@ -11,7 +11,9 @@ pub mod decide;
 pub mod objects;
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use chrono::Utc;
 use futures::StreamExt;
@@ -280,6 +282,18 @@ pub async fn reconcile(
     pvc: Arc<PersistentVolumeClaim>,
     ctx: Arc<Context>,
 ) -> Result<Action, PopulatorError> {
+    let span = tracing::info_span!(
+        "populate",
+        namespace = %pvc.namespace().unwrap_or_default(),
+        name = %pvc.name_any()
+    );
+    reconcile_claim(pvc, ctx).instrument(span).await
+}
+
+async fn reconcile_claim(
+    pvc: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, PopulatorError> {
     ctx.update_in_flight();
     let namespace = pvc.namespace().unwrap_or_default();
     let name = pvc.name_any();
@@ -355,8 +369,6 @@ pub async fn reconcile(
             outcome: None,
         };
     }
-    let span = tracing::info_span!("populate", %namespace, %name);
-    let _enter = span.enter();
     if !matches!(step, Step::Ignore | Step::Wait { .. }) {
         tracing::info!(step = step_name(&step), "populator step");
     }
@@ -631,20 +643,20 @@ fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim
 /// Runs the populator until the future is dropped.
 pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMetrics) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
-    let images = super::reflect(
+    let (images, _images_task) = super::reflect(
         Api::<VMDiskImage>::all(client.clone()),
         watcher::Config::default(),
     );
-    let classes = super::reflect(
+    let (classes, _classes_task) = super::reflect(
         Api::<StorageClass>::all(client.clone()),
         watcher::Config::default(),
     );
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
-    let pods = super::reflect(
+    let (pods, _pods_task) = super::reflect(
         pods_api.clone(),
         watcher::Config::default().labels(&selector),
     );
-    let agents = super::reflect(
+    let (agents, _agents_task) = super::reflect(
         Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
     );
@@ -685,7 +697,7 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
         tracing::error!("a watch stopped before its first list; the populator is not started");
         return;
     }
-    let sweeper = tokio::spawn(sweep_orphans(Arc::clone(&ctx)));
+    let _sweeper = super::TaskGuard::spawn(sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
     controller
         .watches(
@@ -724,7 +736,6 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
             futures::future::ready(())
         })
         .await;
-    sweeper.abort();
 }
 
 #[cfg(test)]

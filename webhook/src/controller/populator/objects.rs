@@ -147,10 +147,12 @@ pub fn populator_pod(
     }
     let device = if block {
         json!({"volumeDevices": [{"name": "target", "devicePath": BLOCK_DEVICE}],
-               "volumeMounts": [{"name": "cache", "mountPath": config.node_cache_dir}]})
+               "volumeMounts": [{"name": "cache", "mountPath": config.node_cache_dir},
+                                {"name": "tmp", "mountPath": "/tmp"}]})
     } else {
         json!({"volumeMounts": [{"name": "target", "mountPath": FILESYSTEM_MOUNT},
-                                {"name": "cache", "mountPath": config.node_cache_dir}]})
+                                {"name": "cache", "mountPath": config.node_cache_dir},
+                                {"name": "tmp", "mountPath": "/tmp"}]})
     };
     let mut container = json!({
         "name": "populate",
@@ -163,6 +165,7 @@ pub fn populator_pod(
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
         // Root writes the root-owned node cache and gives disk.img to qemu's user; nothing else.
         "securityContext": {"runAsUser": 0, "runAsGroup": 0, "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
     });
     for (k, v) in device.as_object().expect("an object") {
@@ -171,10 +174,13 @@ pub fn populator_pod(
     let mut spec = json!({
         "restartPolicy": "Never",
         "serviceAccountName": POPULATOR_SERVICE_ACCOUNT,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [
             {"name": "target", "persistentVolumeClaim": {"claimName": prime}},
             {"name": "cache", "hostPath": {"path": config.node_cache_dir, "type": "DirectoryOrCreate"}},
+            // The root filesystem is read-only; qemu-img may want scratch space.
+            {"name": "tmp", "emptyDir": {}},
         ],
     });
     match node {
