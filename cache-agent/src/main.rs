@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", vmdisk_cache_agent::error_chain(e.as_ref()));
             // 2: running again cannot help (the populator stops retrying).
             let permanent = e
                 .downcast_ref::<vmdisk_cache_agent::populate::PopulateError>()

@@ -12,17 +12,11 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
+use vmdisk_tests::bench::env_or;
 use vmdisk_tests::https::{client_config, Connection};
 use vmdisk_tests::webhook::{fixtures, sample_catalog_yaml, TestWebhook};
 use vmdisk_webhook::server::serve_tls;
 use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct RoundResult {
     requests: u64,

@@ -12,20 +12,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use vmdisk_cache_agent::clone::{clone_disk, CloneMethod};
+use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content};
 use vmdisk_tests::loopfs::XfsMount;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() {
     let disk_mib = env_or("VMDISK_BENCH_DISK_MIB", 2048);

@@ -25,24 +25,13 @@ use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::Warmer;
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
+use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content, to_format};
 use vmdisk_tests::loopfs::XfsMount;
 use vmdisk_tests::push::push_container_disk;
 use vmdisk_tests::registry::TestRegistry;
 
 const CHILD: &str = "VMDISK_BENCH_POPULATE_CHILD";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// The child: one populate, as a populator pod runs it; prints how it went.
 fn child(spec: &str) {

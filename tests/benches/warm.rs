@@ -23,19 +23,13 @@ use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
+use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, run, same_content, to_format};
 use vmdisk_tests::push::{push_blobs, TAR_GZIP};
 use vmdisk_tests::registry::TestRegistry;
 
 const CHILD: &str = "VMDISK_BENCH_WARM_CHILD";
 const FLOOR: &str = "VMDISK_BENCH_WARM_FLOOR";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The child: one cold warm, then exit.
 fn child(spec: &str) {
@@ -218,11 +212,6 @@ fn baseline(
     let secs = start.elapsed().as_secs_f64();
     let _ = registry;
     (secs, out)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 struct Variant {

@@ -1,6 +1,7 @@
 //! Shared harness of vmdisk's cross-component tests, benchmarks and demo: real TLS, real
 //! registries, real disks.
 
+pub mod bench;
 pub mod certs;
 pub mod disks;
 pub mod https;
