@@ -1,10 +1,11 @@
 //! `cargo bench --bench admission`: the webhook over TLS with keep-alive at fixed concurrency,
 //! against a baseline server on the identical stack (same accept loop, rustls config and
-//! client) whose handler returns a fixed AdmissionReview. Rounds alternate between the two so
-//! drift on a shared machine hits both alike.
+//! client) whose handler returns a fixed AdmissionReview. Each round runs the two back to back
+//! (which one goes first alternates), and the ratio is the median of the rounds' ratios, so
+//! drift on a shared machine hits both alike and one disturbed round does not decide.
 //!
 //! Env: VMDISK_BENCH_CONCURRENCY (default 16), VMDISK_BENCH_ROUND_SECS (default 2),
-//! VMDISK_BENCH_ROUNDS (default 3).
+//! VMDISK_BENCH_ROUNDS (default 9).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
-use vmdisk_tests::bench::env_or;
+use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::https::{client_config, Connection};
 use vmdisk_tests::webhook::{fixtures, sample_catalog_yaml, TestWebhook};
 use vmdisk_webhook::server::serve_tls;
@@ -94,7 +95,7 @@ fn main() {
 async fn async_main() {
     let concurrency = env_or("VMDISK_BENCH_CONCURRENCY", 16) as usize;
     let round = Duration::from_secs(env_or("VMDISK_BENCH_ROUND_SECS", 2));
-    let rounds = env_or("VMDISK_BENCH_ROUNDS", 3);
+    let rounds = env_or("VMDISK_BENCH_ROUNDS", 9);
 
     let webhook = TestWebhook::start(&sample_catalog_yaml(), None).await;
     let body: bytes::Bytes = fixtures()
@@ -138,31 +139,42 @@ async fn async_main() {
     let ca = webhook.ca.cert_pem();
     let (mut web, mut base) = (Vec::new(), Vec::new());
     let (mut web_req, mut base_req, mut web_secs, mut base_secs) = (0u64, 0u64, 0f64, 0f64);
+    let mut ratios = Vec::new();
     for i in 0..rounds {
-        let b = drive(
-            baseline_addr,
-            &ca,
-            "/mutate-pvc",
-            body.clone(),
-            concurrency,
-            round,
-        )
-        .await;
-        let w = drive(
-            webhook.addr,
-            &ca,
-            "/mutate-pvc?timeout=10s",
-            body.clone(),
-            concurrency,
-            round,
-        )
-        .await;
+        let run_baseline = || {
+            drive(
+                baseline_addr,
+                &ca,
+                "/mutate-pvc",
+                body.clone(),
+                concurrency,
+                round,
+            )
+        };
+        let run_webhook = || {
+            drive(
+                webhook.addr,
+                &ca,
+                "/mutate-pvc?timeout=10s",
+                body.clone(),
+                concurrency,
+                round,
+            )
+        };
+        let (b, w) = if i % 2 == 0 {
+            let b = run_baseline().await;
+            (b, run_webhook().await)
+        } else {
+            let w = run_webhook().await;
+            (run_baseline().await, w)
+        };
+        let (w_rps, b_rps) = (w.requests as f64 / w.secs, b.requests as f64 / b.secs);
         println!(
-            "round {}: webhook {:.0} req/s, baseline {:.0} req/s",
+            "round {}: webhook {w_rps:.0} req/s, baseline {b_rps:.0} req/s, ratio {:.3}",
             i + 1,
-            w.requests as f64 / w.secs,
-            b.requests as f64 / b.secs
+            w_rps / b_rps
         );
+        ratios.push(w_rps / b_rps);
         web_req += w.requests;
         web_secs += w.secs;
         web.extend(w.latencies_us);
@@ -186,6 +198,6 @@ async fn async_main() {
         percentile(&web, 0.5),
         percentile(&web, 0.99),
         baseline_rps,
-        rps / baseline_rps
+        median(&mut ratios)
     );
 }

@@ -113,8 +113,11 @@ struct ReviewEnvelope<'a, O> {
 pub fn decode_review<'a, O: Deserialize<'a>>(
     body: &'a [u8],
 ) -> Result<AdmissionRequest<'a, O>, ReviewError> {
+    // Valid UTF-8 checked once, in bulk, so the parser need not check every string it borrows.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ReviewError::NotJson(format!("invalid UTF-8: {e}")))?;
     let envelope: ReviewEnvelope<'a, O> =
-        serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::from_str(text).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string()))
             }
@@ -155,7 +158,7 @@ fn wrong_type(body: &[u8]) -> Option<ReviewError> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AdmissionAnswer {
     pub uid: String,
-    pub patch: Option<json_patch::Patch>,
+    pub patch: Option<crate::mutate::patch::JsonPatch>,
     pub warnings: Vec<String>,
 }
 
@@ -173,11 +176,7 @@ impl AdmissionAnswer {
     /// The AdmissionReview answer, written directly: the patch is base64 (which needs no
     /// escaping) straight into the output, the only strings escaped are the uid and warnings.
     pub fn to_json(&self) -> Vec<u8> {
-        let patch = self
-            .patch
-            .as_ref()
-            .filter(|p| !p.0.is_empty())
-            .map(|p| serde_json::to_vec(p).expect("a JSON patch always serializes"));
+        let patch = self.patch.as_ref().map(|p| p.as_bytes());
         let base64_len = patch.as_ref().map_or(0, |p| p.len().div_ceil(3) * 4);
         let mut out = Vec::with_capacity(160 + self.uid.len() + base64_len);
         out.extend_from_slice(br#"{"apiVersion":""#);
@@ -192,7 +191,7 @@ impl AdmissionAnswer {
             let start = out.len();
             out.resize(start + base64_len, 0);
             let written = base64::engine::general_purpose::STANDARD
-                .encode_slice(&patch, &mut out[start..])
+                .encode_slice(patch, &mut out[start..])
                 .expect("sized for the encoding");
             out.truncate(start + written);
             out.push(b'"');
@@ -305,13 +304,22 @@ mod tests {
     }
 
     #[test]
+    fn a_body_that_is_not_utf8_is_not_json() {
+        let body = b"{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\xff\"}";
+        match decode_review::<RawObject>(body) {
+            Err(ReviewError::NotJson(why)) => assert!(why.contains("UTF-8"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn answer_round_trips_its_patch() {
         let patch: json_patch::Patch =
             serde_json::from_value(serde_json::json!([{"op": "add", "path": "/a", "value": 1}]))
                 .unwrap();
         let answer = AdmissionAnswer {
             uid: "u".into(),
-            patch: Some(patch.clone()),
+            patch: Some((&patch).into()),
             warnings: vec!["w".repeat(300)],
         };
         let v: serde_json::Value = serde_json::from_slice(&answer.to_json()).unwrap();

@@ -46,7 +46,7 @@ impl Default for MutationConfig {
 /// the user (AdmissionResponse `warnings`: vmdisk never denies).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mutation {
-    pub patch: Option<json_patch::Patch>,
+    pub patch: Option<patch::JsonPatch>,
     pub warnings: Vec<String>,
 }
 

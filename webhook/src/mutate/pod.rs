@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 use serde_json::json;
 use vmdisk_crds::{node_cache_label_key, IMAGE_ANNOTATION};
 
-use super::patch::PatchBuilder;
+use super::patch::{JsonPatch, PatchBuilder};
 use super::pvc::image_claim;
 use super::view::PodView;
 use super::{ImageLookup, Mutation, MutationConfig};
@@ -113,7 +113,7 @@ impl PodAffinityMutation {
     }
 
     /// The JSON patch appending the terms, addressing only parents that exist in `pod`.
-    pub fn patch(&self, pod: &PodView) -> Option<json_patch::Patch> {
+    pub fn patch(&self, pod: &PodView) -> Option<JsonPatch> {
         if self.terms.is_empty() {
             return None;
         }
@@ -124,28 +124,28 @@ impl PodAffinityMutation {
         match affinity {
             None => b.add(
                 &["spec"],
-                json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}}),
+                &json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}}),
             ),
             Some(None) => b.add(
                 &["spec", "affinity"],
-                json!({"nodeAffinity": {PREFERRED: terms}}),
+                &json!({"nodeAffinity": {PREFERRED: terms}}),
             ),
             Some(Some(a)) => match &a.node_affinity {
                 None => b.add(
                     &["spec", "affinity", "nodeAffinity"],
-                    json!({PREFERRED: terms}),
+                    &json!({PREFERRED: terms}),
                 ),
                 Some(n)
                     if n.preferred_during_scheduling_ignored_during_execution
                         .is_none() =>
                 {
-                    b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], terms)
+                    b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], &terms)
                 }
                 Some(_) => {
                     for term in &self.terms {
                         b.add(
                             &["spec", "affinity", "nodeAffinity", PREFERRED, "-"],
-                            serde_json::to_value(term).expect("term serializes"),
+                            &serde_json::to_value(term).expect("term serializes"),
                         );
                     }
                 }
@@ -187,7 +187,7 @@ mod tests {
         let m = mutate_pod(&view, "vms", images, &MutationConfig::default());
         let patched = m.patch.map(|p| {
             let mut doc = doc;
-            json_patch::patch(&mut doc, &p).unwrap();
+            json_patch::patch(&mut doc, &p.operations()).unwrap();
             serde_json::from_value(doc).unwrap()
         });
         (patched, m.warnings)

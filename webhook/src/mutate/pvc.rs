@@ -1,14 +1,14 @@
 //! [`PvcMutation`]: how a VMDiskImage-backed PVC is completed at CREATE.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaimSpec, TypedObjectReference};
-use serde_json::{json, Value};
+use k8s_openapi::api::core::v1::TypedObjectReference;
+use serde::Serialize;
 use vmdisk_crds::{
     format_bytes_quantity, parse_quantity, DIGEST_ANNOTATION, GROUP, IMAGE_ANNOTATION, IMAGE_KIND,
     IMAGE_LABEL,
 };
 
-use super::patch::PatchBuilder;
-use super::view::PvcView;
+use super::patch::{JsonPatch, PatchBuilder};
+use super::view::{DataSources, PvcSpecView, PvcView};
 use super::{ImageLookup, Mutation, MutationConfig};
 
 /// How a PVC asks for a VMDiskImage, if it does.
@@ -40,11 +40,11 @@ fn names_image(api_group: Option<&str>, kind: &str) -> bool {
 /// Finds which image (if any) a PVC spec asks for, and whether an annotation conflicts with a
 /// data source of another kind (returned as a warning).
 pub fn image_claim(
-    spec: Option<&PersistentVolumeClaimSpec>,
+    spec: Option<&impl DataSources>,
     annotation: Option<&str>,
 ) -> (Option<ImageClaim>, Option<String>) {
-    let source_ref = spec.and_then(|s| s.data_source_ref.as_ref());
-    let source = spec.and_then(|s| s.data_source.as_ref());
+    let source_ref = spec.and_then(|s| s.data_source_ref());
+    let source = spec.and_then(|s| s.data_source());
     if let Some(r) = source_ref {
         if names_image(r.api_group.as_deref(), &r.kind) {
             return (Some(ImageClaim::DataSourceRef(r.name.clone())), None);
@@ -106,7 +106,7 @@ impl PvcMutation {
             return Self::only_warnings(warnings);
         };
         let image_name = claim.image_name().to_string();
-        let empty_spec = PersistentVolumeClaimSpec::default();
+        let empty_spec = PvcSpecView::default();
         let spec = pvc.spec.as_ref().unwrap_or(&empty_spec);
 
         if let Some(ns) = spec
@@ -162,8 +162,8 @@ impl PvcMutation {
             .resources
             .as_ref()
             .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.get("storage"))
-            .map(|q| (q.0.as_str(), parse_quantity(&q.0)));
+            .and_then(|r| r.storage.as_deref())
+            .map(|q| (q, parse_quantity(q)));
         let required = match image.as_ref().map(|i| i.required_disk_bytes()) {
             Some(Ok(Some(disk))) => Some(volume_bytes_for_disk(
                 disk,
@@ -221,76 +221,78 @@ impl PvcMutation {
         out
     }
 
-    /// The JSON patch making these changes to `pvc`, addressing only parents that exist in it
-    /// (a missing parent is added whole).
-    pub fn patch(&self, pvc: &PvcView) -> Option<json_patch::Patch> {
+    /// The JSON patch, addressing only parents that exist in `pvc` (a missing parent is
+    /// added whole). Values are written from the plan as they are, without an intermediate
+    /// JSON tree.
+    pub fn patch(&self, pvc: &PvcView) -> Option<JsonPatch> {
         let mut b = PatchBuilder::default();
-        let mut labels = serde_json::Map::new();
-        if let Some(v) = &self.image_label {
-            labels.insert(IMAGE_LABEL.to_string(), v.clone().into());
-        }
-        let mut annotations = serde_json::Map::new();
-        if let Some(v) = &self.digest_annotation {
-            annotations.insert(DIGEST_ANNOTATION.to_string(), v.clone().into());
-        }
+        let labels = self.image_label.as_deref().map(|v| Entry(IMAGE_LABEL, v));
+        let annotations = self
+            .digest_annotation
+            .as_deref()
+            .map(|v| Entry(DIGEST_ANNOTATION, v));
         match &pvc.metadata {
             None => {
-                let mut meta = serde_json::Map::new();
-                if !labels.is_empty() {
-                    meta.insert("labels".into(), labels.into());
-                }
-                if !annotations.is_empty() {
-                    meta.insert("annotations".into(), annotations.into());
-                }
-                if !meta.is_empty() {
-                    b.add(&["metadata"], meta.into());
+                if labels.is_some() || annotations.is_some() {
+                    b.add(
+                        &["metadata"],
+                        &MetadataPatch {
+                            labels,
+                            annotations,
+                        },
+                    );
                 }
             }
             Some(m) => {
-                add_map_entries(&mut b, "labels", m.labels.is_some(), labels);
-                add_map_entries(&mut b, "annotations", m.annotations.is_some(), annotations);
+                for (field, entry, exists) in [
+                    ("labels", labels, m.labels.is_some()),
+                    ("annotations", annotations, m.annotations.is_some()),
+                ] {
+                    match entry {
+                        Some(Entry(key, value)) if exists => {
+                            b.add(&["metadata", field, key], &value)
+                        }
+                        Some(entry) => b.add(&["metadata", field], &entry),
+                        None => {}
+                    }
+                }
             }
         }
-
-        let mut spec_changes: Vec<(&str, Value)> = Vec::new();
-        if let Some(r) = &self.data_source_ref {
-            spec_changes.push((
-                "dataSourceRef",
-                serde_json::to_value(r).expect("reference serializes"),
-            ));
-        }
-        if let Some(m) = &self.access_modes {
-            spec_changes.push(("accessModes", json!(m)));
-        }
-        if let Some(c) = &self.storage_class_name {
-            spec_changes.push(("storageClassName", json!(c)));
-        }
+        let storage = self.storage.as_deref().map(|storage| Requests {
+            requests: Storage { storage },
+        });
         match &pvc.spec {
             None => {
-                let mut spec: serde_json::Map<String, Value> = spec_changes
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect();
-                if let Some(s) = &self.storage {
-                    spec.insert("resources".into(), json!({"requests": {"storage": s}}));
-                }
+                let spec = SpecPatch {
+                    data_source_ref: self.data_source_ref.as_ref(),
+                    access_modes: self.access_modes.as_deref(),
+                    storage_class_name: self.storage_class_name.as_deref(),
+                    resources: storage,
+                };
                 if !spec.is_empty() {
-                    b.add(&["spec"], spec.into());
+                    b.add(&["spec"], &spec);
                 }
             }
             Some(spec) => {
-                for (k, v) in spec_changes {
-                    b.add(&["spec", k], v);
+                if let Some(r) = &self.data_source_ref {
+                    b.add(&["spec", "dataSourceRef"], r);
                 }
-                if let Some(s) = &self.storage {
+                if let Some(m) = &self.access_modes {
+                    b.add(&["spec", "accessModes"], m);
+                }
+                if let Some(c) = &self.storage_class_name {
+                    b.add(&["spec", "storageClassName"], c);
+                }
+                if let Some(resources) = storage {
                     match spec.resources.as_ref().map(|r| r.requests.is_some()) {
-                        None => b.add(&["spec", "resources"], json!({"requests": {"storage": s}})),
+                        None => b.add(&["spec", "resources"], &resources),
                         Some(false) => {
-                            b.add(&["spec", "resources", "requests"], json!({"storage": s}))
+                            b.add(&["spec", "resources", "requests"], &resources.requests)
                         }
-                        Some(true) => {
-                            b.add(&["spec", "resources", "requests", "storage"], json!(s))
-                        }
+                        Some(true) => b.add(
+                            &["spec", "resources", "requests", "storage"],
+                            &resources.requests.storage,
+                        ),
                     }
                 }
             }
@@ -299,21 +301,56 @@ impl PvcMutation {
     }
 }
 
-fn add_map_entries(
-    b: &mut PatchBuilder,
-    field: &str,
-    exists: bool,
-    entries: serde_json::Map<String, Value>,
-) {
-    if entries.is_empty() {
-        return;
+/// One label or annotation, written as a one-member object.
+#[derive(Clone, Copy)]
+struct Entry<'a>(&'static str, &'a str);
+
+impl Serialize for Entry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(self.0, self.1)?;
+        map.end()
     }
-    if exists {
-        for (k, v) in entries {
-            b.add(&["metadata", field, &k], v);
-        }
-    } else {
-        b.add(&["metadata", field], entries.into());
+}
+
+#[derive(Serialize)]
+struct MetadataPatch<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<Entry<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    annotations: Option<Entry<'a>>,
+}
+
+#[derive(Serialize)]
+struct Storage<'a> {
+    storage: &'a str,
+}
+
+#[derive(Serialize)]
+struct Requests<'a> {
+    requests: Storage<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SpecPatch<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_source_ref: Option<&'a TypedObjectReference>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_modes: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage_class_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resources: Option<Requests<'a>>,
+}
+
+impl SpecPatch<'_> {
+    fn is_empty(&self) -> bool {
+        self.data_source_ref.is_none()
+            && self.access_modes.is_none()
+            && self.storage_class_name.is_none()
+            && self.resources.is_none()
     }
 }
 
@@ -336,6 +373,7 @@ mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    use serde_json::{json, Value};
 
     /// Runs the mutation on a PVC given as JSON and returns the patched PVC and the warnings.
     fn run(images: &Images, pvc: Value) -> (Option<PersistentVolumeClaim>, Vec<String>) {
@@ -343,7 +381,7 @@ mod tests {
         let m = mutate_pvc(&view, "vms", images, &MutationConfig::default());
         let patched = m.patch.map(|p| {
             let mut doc = pvc;
-            json_patch::patch(&mut doc, &p).unwrap();
+            json_patch::patch(&mut doc, &p.operations()).unwrap();
             serde_json::from_value(doc).unwrap()
         });
         (patched, m.warnings)
@@ -579,7 +617,7 @@ mod tests {
         .unwrap();
         let m = mutate_pvc(&view, "vms", &imgs, &MutationConfig::default());
         let mut doc = json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}});
-        json_patch::patch(&mut doc, &m.patch.unwrap()).unwrap();
+        json_patch::patch(&mut doc, &m.patch.unwrap().operations()).unwrap();
         assert_eq!(doc["spec"]["dataSourceRef"]["name"], "fedora");
     }
 }

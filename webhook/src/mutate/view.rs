@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, PersistentVolumeClaimSpec, Volume};
+use k8s_openapi::api::core::v1::{
+    Affinity, PersistentVolumeClaimSpec, TypedLocalObjectReference, TypedObjectReference, Volume,
+};
 use std::marker::PhantomData;
 
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
@@ -121,8 +123,64 @@ impl MetaView {
 pub struct PvcView {
     #[serde(default, deserialize_with = "object_or_null")]
     pub metadata: Option<MetaView>,
+    #[serde(default, deserialize_with = "object_or_null")]
+    pub spec: Option<PvcSpecView>,
+}
+
+/// The parts of a PVC spec the mutation reads or patches.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSpecView {
     #[serde(default)]
-    pub spec: Option<PersistentVolumeClaimSpec>,
+    pub access_modes: Option<Vec<String>>,
+    #[serde(default)]
+    pub data_source: Option<TypedLocalObjectReference>,
+    #[serde(default)]
+    pub data_source_ref: Option<TypedObjectReference>,
+    #[serde(default, deserialize_with = "object_or_null")]
+    pub resources: Option<ResourcesView>,
+    #[serde(default)]
+    pub storage_class_name: Option<String>,
+    #[serde(default)]
+    pub volume_mode: Option<String>,
+}
+
+/// `spec.resources`: only whether `requests` is there, and its `storage`.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+pub struct ResourcesView {
+    #[serde(default, deserialize_with = "object_or_null")]
+    pub requests: Option<RequestsView>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+pub struct RequestsView {
+    #[serde(default)]
+    pub storage: Option<String>,
+}
+
+/// Where a PVC spec names its data sources: the admitted view, or a typed spec (a claim
+/// template, a PVC in the catalog).
+pub trait DataSources {
+    fn data_source_ref(&self) -> Option<&TypedObjectReference>;
+    fn data_source(&self) -> Option<&TypedLocalObjectReference>;
+}
+
+impl DataSources for PvcSpecView {
+    fn data_source_ref(&self) -> Option<&TypedObjectReference> {
+        self.data_source_ref.as_ref()
+    }
+    fn data_source(&self) -> Option<&TypedLocalObjectReference> {
+        self.data_source.as_ref()
+    }
+}
+
+impl DataSources for PersistentVolumeClaimSpec {
+    fn data_source_ref(&self) -> Option<&TypedObjectReference> {
+        self.data_source_ref.as_ref()
+    }
+    fn data_source(&self) -> Option<&TypedLocalObjectReference> {
+        self.data_source.as_ref()
+    }
 }
 
 /// The part of a pod spec the affinity mutation reads.
