@@ -21,8 +21,8 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use vmdisk_crds::{
-    node_cache_label_key, CacheEntryState, NodeDiskCache, VMDiskImage, INSTALL_NAMESPACE,
-    POPULATOR_FINALIZER,
+    node_cache_label_key, CacheEntryState, ImagePhase, NodeDiskCache, VMDiskImage,
+    INSTALL_NAMESPACE, POPULATOR_FINALIZER,
 };
 use vmdisk_tests::disks::{make_ext4_raw, same_content, to_format};
 use vmdisk_tests::images::{build_and_push, cannot_build, BuiltImages};
@@ -534,8 +534,43 @@ async fn installed_as_a_user_does_and_running_on_the_real_node(fx: Arc<Installed
             .map(String::as_str),
         Some("ready")
     );
+    // The image controller reports the warm node and the disk's size; the webhook sizes PVCs
+    // from that once its own watch has it (a user waits for `kubectl get vmdi` to say Ready).
+    let images: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
+    let image = wait_for("the image Ready with its size", WAIT, || {
+        let images = images.clone();
+        async move {
+            let i = images.get("warmed").await.map_err(|e| e.to_string())?;
+            let status = i.status.clone().unwrap_or_default();
+            (status.phase == Some(ImagePhase::Ready) && status.virtual_size.is_some())
+                .then_some(status)
+                .ok_or(format!("{:?}", i.status))
+        }
+    })
+    .await;
+    assert_eq!(image.warm_nodes, 1);
+    let template = json!({"metadata": {"name": "mutated", "annotations": {"vmdisk.io/image": "warmed"}}, "spec": {}});
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &ns);
+    wait_for("the webhook to size PVCs from the image", WAIT, || {
+        let claims = claims.clone();
+        let pvc: PersistentVolumeClaim = serde_json::from_value(template.clone()).unwrap();
+        async move {
+            claims
+                .create(
+                    &PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &pvc,
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await;
     // Admission through the Service.
-    let pvc = create_pvc(&admin, &ns, json!({"metadata": {"name": "mutated", "annotations": {"vmdisk.io/image": "warmed"}}, "spec": {}})).await;
+    let pvc = create_pvc(&admin, &ns, template).await;
     assert_eq!(pvc.annotations().get("vmdisk.io/digest"), Some(&digest));
     assert!(pvc.spec.unwrap().data_source_ref.is_some());
 }
