@@ -211,7 +211,7 @@ impl Warmer {
     }
 
     /// Streams every layer of `image` into the extraction, writing the disk for `target` in
-    /// `staging`. The extraction's own failure is returned for the caller to judge; a download
+    /// `dir` of `staging`. The extraction's own failure is returned for the caller to judge; a download
     /// failure that caused it is returned as the error instead, since it is the cause. Also
     /// returns the bytes downloaded.
     async fn stream_disk(
@@ -219,6 +219,7 @@ impl Warmer {
         image: &ResolvedImage,
         request: &WarmRequest,
         staging: &StagingDir,
+        dir: &str,
         target: DiskTarget,
         progress: &ProgressFn,
     ) -> Result<(Result<ExtractedDisk, ExtractError>, u64), WarmError> {
@@ -255,10 +256,7 @@ impl Warmer {
             downloads.push(task);
             before += layer.size;
         }
-        let extract_dir = staging.path().join(match target {
-            DiskTarget::Raw => "extract",
-            DiskTarget::AsIs => "extract-as-is",
-        });
+        let extract_dir = staging.path().join(dir);
         let limits = self.limits.clone();
         let extracted = tokio::task::spawn_blocking(move || {
             extract::extract_disk_from(sources, &extract_dir, &limits, target, &mut |_| {})
@@ -358,9 +356,10 @@ impl Warmer {
             DiskFormat::Raw => DiskTarget::Raw,
             DiskFormat::Qcow2 => DiskTarget::AsIs,
         };
+        let mut dir = "extract";
         let (extracted, bytes_pulled) = loop {
             let attempt = self
-                .stream_disk(&image, &request, &staging, target, &progress)
+                .stream_disk(&image, &request, &staging, dir, target, &progress)
                 .await?;
             match attempt {
                 (
@@ -372,6 +371,7 @@ impl Warmer {
                 ) if target == DiskTarget::Raw => {
                     tracing::warn!(%why, "streaming decode gave up; pulling again for qemu-img");
                     target = DiskTarget::AsIs;
+                    dir = "extract-as-is";
                 }
                 (extracted, bytes_pulled) => {
                     let extracted = extracted.map_err(|source| WarmError::Extract {

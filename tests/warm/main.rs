@@ -16,6 +16,7 @@ use vmdisk_tests::push::{
     options_for, push_container_disk, push_index, push_layers, LayerSpec, TAR, TAR_GZIP, TAR_ZSTD,
 };
 use vmdisk_tests::registry::TestRegistry;
+use vmdisk_tests::throttle::ThrottledProxy;
 
 fn init() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -677,6 +678,9 @@ async fn crash_child() {
     std::process::exit(0);
 }
 
+/// Where a warm in `cache` stands, from what its staging directory holds: `stream` (the layers
+/// downloading, extracting and decoding in one pass), `convert` (qemu-img writing the cached
+/// format) or `commit`.
 fn staging_phase(cache: &Path) -> Option<&'static str> {
     let staging = cache.join("staging");
     for e in std::fs::read_dir(&staging).ok()?.flatten() {
@@ -688,27 +692,28 @@ fn staging_phase(cache: &Path) -> Option<&'static str> {
             return Some("convert");
         }
         if p.join("extract").exists() {
-            return Some("extract");
-        }
-        if p.join("layers").exists() {
-            return Some("pull");
+            return Some("stream");
         }
     }
     None
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_any_point_leaves_no_partial_entry() {
     init();
     let registry = TestRegistry::start_plain();
     let work = tempfile::tempdir().unwrap();
     let raw = make_ext4_raw(work.path(), "crash", 64, 16, 30);
     let (reference, digest) = push_container_disk(&registry, "disks/crash", "1", &raw).await;
+    // The child pulls through a slow link, so a kill lands mid-stream whatever the machine.
+    let proxy = ThrottledProxy::start("127.0.0.1", &registry.addr, 8 << 20).await;
+    let slow_reference = reference.replace(&registry.addr, &proxy.addr);
     let exe = std::env::current_exe().unwrap();
     let mut phases_killed = Vec::new();
-    for target_phase in ["pull", "extract", "convert"] {
+    for target_phase in ["stream", "convert"] {
         let cache = tempfile::tempdir().unwrap();
-        let spec = serde_json::json!({"cache": cache.path(), "reference": reference}).to_string();
+        let spec =
+            serde_json::json!({"cache": cache.path(), "reference": slow_reference}).to_string();
         let mut child = std::process::Command::new(&exe)
             .args(["--exact", "crash_child", "--nocapture"])
             .env(CRASH_CHILD, spec)
@@ -725,7 +730,7 @@ async fn sigkill_at_any_point_leaves_no_partial_entry() {
                 child.kill().unwrap(); // SIGKILL
                 killed_in = Some(target_phase.to_string());
             } else {
-                std::thread::sleep(Duration::from_micros(200));
+                tokio::time::sleep(Duration::from_micros(200)).await;
             }
         }
         let _ = child.kill();
@@ -760,7 +765,7 @@ async fn sigkill_at_any_point_leaves_no_partial_entry() {
             .iter()
             .filter(|p| !p.starts_with("finished"))
             .count()
-            >= 2,
+            == 2,
         "kills must land mid-warm: {phases_killed:?}"
     );
 }
