@@ -19,13 +19,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmdisk_cache_agent::extract::ExtractLimits;
 use vmdisk_cache_agent::populate::{populate, PopulateRequest};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
-use vmdisk_cache_agent::warm::Warmer;
 use vmdisk_crds::DiskFormat;
-use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
-use vmdisk_tests::bench::{env_or, median};
+use vmdisk_registry::pull::RegistryOptions;
+use vmdisk_tests::bench::{child_runtime, child_warmer, env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content, to_format};
 use vmdisk_tests::loopfs::XfsMount;
 use vmdisk_tests::push::push_container_disk;
@@ -35,24 +33,14 @@ const CHILD: &str = "VMDISK_BENCH_POPULATE_CHILD";
 
 /// The child: one populate, as a populator pod runs it; prints how it went.
 fn child(spec: &str) {
-    vmdisk_cache_agent::tune_allocator();
     let v: serde_json::Value = serde_json::from_str(spec).unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    child_runtime().block_on(async {
         let (store, _) = CacheStore::open_shared(
             Path::new(v["cache"].as_str().unwrap()),
             Budget::Bytes(1 << 40),
         )
         .unwrap();
-        let warmer = Warmer::new(
-            Arc::new(store),
-            Puller::new(PullerConfig::default()),
-            ExtractLimits::default(),
-        );
+        let warmer = child_warmer(store);
         let report = populate(
             &warmer,
             PopulateRequest {

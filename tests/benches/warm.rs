@@ -18,12 +18,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmdisk_cache_agent::extract::ExtractLimits;
 use vmdisk_cache_agent::store::{Budget, CacheStore};
-use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
+use vmdisk_cache_agent::warm::WarmRequest;
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig, RegistryOptions};
-use vmdisk_tests::bench::{env_or, median};
+use vmdisk_tests::bench::{child_runtime, child_warmer, env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, run, same_content, to_format};
 use vmdisk_tests::push::{push_blobs, TAR_GZIP};
 use vmdisk_tests::registry::TestRegistry;
@@ -33,24 +32,14 @@ const FLOOR: &str = "VMDISK_BENCH_WARM_FLOOR";
 
 /// The child: one cold warm, then exit.
 fn child(spec: &str) {
-    vmdisk_cache_agent::tune_allocator();
     let v: serde_json::Value = serde_json::from_str(spec).unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    child_runtime().block_on(async {
         let (store, _) = CacheStore::open(
             Path::new(v["cache"].as_str().unwrap()),
             Budget::Bytes(1 << 40),
         )
         .unwrap();
-        let warmer = Warmer::new(
-            Arc::new(store),
-            Puller::new(PullerConfig::default()),
-            ExtractLimits::default(),
-        );
+        let warmer = child_warmer(store);
         let format: DiskFormat = v["format"].as_str().unwrap().parse().unwrap();
         let outcome = warmer
             .warm(
@@ -107,13 +96,8 @@ fn cpu_seconds() -> f64 {
 /// The floor: the layer downloaded (and its digest checked) alone, in parallel with the same
 /// layer inflated alone from a local copy; nothing written.
 fn floor(spec: &str) {
-    vmdisk_cache_agent::tune_allocator();
     let v: serde_json::Value = serde_json::from_str(spec).unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = child_runtime();
     let layer_file = v["layer"].as_str().unwrap().to_string();
     let inflate = std::thread::spawn(move || {
         let file =

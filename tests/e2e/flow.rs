@@ -21,7 +21,7 @@ use vmdisk_tests::throttle::ThrottledProxy;
 use vmdisk_webhook::mutate::pvc::volume_bytes_for_disk;
 
 use crate::local::LocalInstall;
-use crate::support::wait_for;
+use crate::support::{create_image, wait_for};
 use crate::Case;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -41,23 +41,6 @@ async fn pull_secret(admin: &Client, namespace: &str, registry: &str, user: &str
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-}
-
-async fn create_image(
-    admin: &Client,
-    namespace: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> VMDiskImage {
-    let image: VMDiskImage = serde_json::from_value(json!({
-        "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
-        "metadata": {"name": name, "namespace": namespace}, "spec": spec,
-    }))
-    .unwrap();
-    Api::<VMDiskImage>::namespaced(admin.clone(), namespace)
-        .create(&PostParams::default(), &image)
-        .await
-        .unwrap()
 }
 
 /// Waits until the image is Ready on `warm` nodes; returns it.

@@ -30,7 +30,7 @@ use vmdisk_tests::push::push_container_disk;
 use vmdisk_tests::registry::TestRegistry;
 use vmdisk_tests::throttle::ThrottledProxy;
 
-use crate::support::{api_error, wait_for, Env};
+use crate::support::{api_error, create_image, wait_for, Env};
 use crate::{cases, Case, Phase};
 
 /// A plain-HTTP registry this machine and the cluster's nodes and pods reach (host:port).
@@ -258,21 +258,24 @@ impl Installed {
     }
 }
 
-async fn create_image(
-    admin: &Client,
-    namespace: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> VMDiskImage {
-    let image: VMDiskImage = serde_json::from_value(json!({
-        "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
-        "metadata": {"name": name, "namespace": namespace}, "spec": spec,
-    }))
-    .unwrap();
-    Api::<VMDiskImage>::namespaced(admin.clone(), namespace)
-        .create(&PostParams::default(), &image)
-        .await
-        .unwrap()
+/// Waits until the populator marks claim `namespace/name` Failed; returns its message.
+async fn wait_given_up(admin: &Client, namespace: &str, name: &str) -> String {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), namespace);
+    let failed = wait_for(&format!("claim {name} to be given up"), WAIT, || {
+        let claims = claims.clone();
+        async move {
+            let c = claims.get(name).await.map_err(|e| e.to_string())?;
+            (c.annotations().get("vmdisk.io/phase").map(String::as_str) == Some("Failed"))
+                .then(|| c.clone())
+                .ok_or(format!("{:?}", c.annotations()))
+        }
+    })
+    .await;
+    failed
+        .annotations()
+        .get("vmdisk.io/message")
+        .cloned()
+        .unwrap_or_default()
 }
 
 async fn wait_resolved(admin: &Client, namespace: &str, name: &str) -> VMDiskImage {
@@ -877,22 +880,7 @@ async fn a_failing_populator_is_retried_then_given_up(fx: Arc<Installed>, case: 
     wait_resolved(&admin, &ns, "flaky").await;
     flaky.stop();
     let pvc = create_pvc(&admin, &ns, json!({"metadata": {"name": "flaky", "annotations": {"vmdisk.io/image": "flaky"}}, "spec": {}})).await;
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &ns);
-    let failed = wait_for("the claim to be given up", WAIT, || {
-        let claims = claims.clone();
-        async move {
-            let c = claims.get("flaky").await.map_err(|e| e.to_string())?;
-            (c.annotations().get("vmdisk.io/phase").map(String::as_str) == Some("Failed"))
-                .then(|| c.clone())
-                .ok_or(format!("{:?}", c.annotations()))
-        }
-    })
-    .await;
-    let message = failed
-        .annotations()
-        .get("vmdisk.io/message")
-        .cloned()
-        .unwrap_or_default();
+    let message = wait_given_up(&admin, &ns, "flaky").await;
     assert!(
         message.contains("failed after 2 attempt(s), no attempts left"),
         "{message}"
@@ -949,22 +937,7 @@ async fn a_refused_image_fails_at_once(fx: Arc<Installed>, case: Case) {
         "spec": {"resources": {"requests": {"storage": "32Mi"}}}}),
     )
     .await;
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &ns);
-    let failed = wait_for("the claim to fail", WAIT, || {
-        let claims = claims.clone();
-        async move {
-            let c = claims.get("evil").await.map_err(|e| e.to_string())?;
-            (c.annotations().get("vmdisk.io/phase").map(String::as_str) == Some("Failed"))
-                .then(|| c.clone())
-                .ok_or(format!("{:?}", c.annotations()))
-        }
-    })
-    .await;
-    let message = failed
-        .annotations()
-        .get("vmdisk.io/message")
-        .cloned()
-        .unwrap_or_default();
+    let message = wait_given_up(&admin, &ns, "evil").await;
     assert!(
         message.contains("after 1 attempt(s), retrying cannot help")
             && message.contains("backing file"),

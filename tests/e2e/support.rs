@@ -344,3 +344,21 @@ impl Drop for Process {
         self.kill();
     }
 }
+
+/// Creates VMDiskImage `namespace/name` with `spec`.
+pub async fn create_image(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> vmdisk_crds::VMDiskImage {
+    let image: vmdisk_crds::VMDiskImage = serde_json::from_value(serde_json::json!({
+        "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
+        "metadata": {"name": name, "namespace": namespace}, "spec": spec,
+    }))
+    .unwrap();
+    Api::<vmdisk_crds::VMDiskImage>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &image)
+        .await
+        .unwrap()
+}
