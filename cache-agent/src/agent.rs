@@ -439,12 +439,7 @@ impl Agent {
             store.budget_bytes(),
             store.used_bytes(),
         );
-        if let Err(e) = self.reporter.publish(&status).await {
-            tracing::warn!(error = %e, "cannot publish NodeDiskCache status");
-        }
-        if let Err(e) = self.reporter.sync_labels(&ready).await {
-            tracing::warn!(error = %e, "cannot update this node's cache labels");
-        }
+        self.reporter.report(&status, &ready).await;
     }
 }
 

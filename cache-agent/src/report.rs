@@ -185,6 +185,19 @@ impl NodeReporter {
         Ok(())
     }
 
+    /// Brings the node's labels, then its NodeDiskCache status, in line with the cache. Labels
+    /// first: the image controller counts a node warm from the status, so by the time an image
+    /// is Ready on a node, pods created from then on are steered to it. Failures are logged and
+    /// retried by the next report.
+    pub async fn report(&self, status: &NodeDiskCacheStatus, ready: &BTreeSet<String>) {
+        if let Err(e) = self.sync_labels(ready).await {
+            tracing::warn!(error = %e, "cannot update this node's cache labels");
+        }
+        if let Err(e) = self.publish(status).await {
+            tracing::warn!(error = %e, "cannot publish NodeDiskCache status");
+        }
+    }
+
     /// Publishes the status; skipped when it equals the last one published.
     pub async fn publish(&self, status: &NodeDiskCacheStatus) -> Result<bool, kube::Error> {
         if self.last_status.lock().expect("status lock").as_ref() == Some(status) {
@@ -453,7 +466,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reporter_writes_only_its_own_objects_and_skips_unchanged_status() {
+    async fn reporter_labels_the_node_before_publishing_and_skips_unchanged_status() {
         let (service, mut handle) =
             tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
         let reporter = NodeReporter::new(Client::new(service, "default"), "node-a".into());
@@ -469,6 +482,15 @@ mod tests {
         );
         let cache_json = serde_json::json!({"apiVersion": "vmdisk.io/v1alpha1", "kind": "NodeDiskCache", "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-a"}});
         let server = tokio::spawn(async move {
+            // Labels before status: Ready in the status implies the label.
+            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"zone": "a"}}});
+            expect(&mut handle, "GET", "/api/v1/nodes/node-a", node.clone()).await;
+            let body = expect(&mut handle, "PATCH", "/api/v1/nodes/node-a", node).await;
+            assert_eq!(
+                body["metadata"]["labels"][node_cache_label_key(D1).unwrap()],
+                "ready"
+            );
+            assert!(body["metadata"]["labels"].get("zone").is_none());
             let body = expect(
                 &mut handle,
                 "PATCH",
@@ -478,25 +500,13 @@ mod tests {
             .await;
             assert_eq!(body["status"]["entries"][0]["digest"], D1);
             assert_eq!(body["status"]["entries"][0]["state"], "Ready");
-            let node = serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a", "labels": {"zone": "a"}}});
-            expect(&mut handle, "GET", "/api/v1/nodes/node-a", node.clone()).await;
-            let body = expect(&mut handle, "PATCH", "/api/v1/nodes/node-a", node).await;
-            assert_eq!(
-                body["metadata"]["labels"][node_cache_label_key(D1).unwrap()],
-                "ready"
-            );
-            assert!(body["metadata"]["labels"].get("zone").is_none());
             handle
         });
-        assert!(reporter.publish(&status).await.unwrap());
+        reporter.report(&status, &[D1.to_string()].into()).await;
         assert!(
             !reporter.publish(&status).await.unwrap(),
             "unchanged status must not be re-sent"
         );
-        assert!(reporter
-            .sync_labels(&[D1.to_string()].into())
-            .await
-            .unwrap());
         let mut handle = server.await.unwrap();
         // No further request (e.g. to a VMDiskImage) was made.
         drop(reporter);

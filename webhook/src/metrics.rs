@@ -8,6 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::catalog::ClaimFetch;
+
 /// Which admission endpoint a sample belongs to.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Resource {
@@ -91,6 +93,8 @@ const OUTCOMES: [Outcome; 4] = [
 pub struct WebhookMetrics {
     registry: Registry,
     handles: Handles,
+    /// Claims asked of the API server at admission, by result: found, absent, failed.
+    claim_fetches: [Counter; 3],
     /// The volume populator's metrics, exposed on the same endpoint.
     pub populator: PopulatorMetrics,
 }
@@ -219,10 +223,24 @@ impl WebhookMetrics {
             warnings: by_resource(&warnings),
             errors: by_resource(&errors),
         };
+        let claim_fetches = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "claim_fetches",
+            "Claims a pod named before the catalog's watch delivered them, asked of the API server, by result",
+            claim_fetches.clone(),
+        );
+        let claim_fetches = ["found", "absent", "failed"].map(|result| {
+            claim_fetches
+                .get_or_create(&ResultLabels {
+                    result: result.to_string(),
+                })
+                .clone()
+        });
         let populator = PopulatorMetrics::register(&mut registry);
         Self {
             registry,
             handles,
+            claim_fetches,
             populator,
         }
     }
@@ -244,6 +262,13 @@ impl WebhookMetrics {
         if warnings > 0 {
             h.warnings[r].inc_by(warnings as u64);
         }
+    }
+
+    pub fn claims_fetched(&self, fetched: ClaimFetch) {
+        let [found, absent, failed] = &self.claim_fetches;
+        found.inc_by(fetched.found as u64);
+        absent.inc_by(fetched.absent as u64);
+        failed.inc_by(fetched.failed as u64);
     }
 
     /// Prometheus text exposition.

@@ -19,7 +19,7 @@ use crate::metrics::{Outcome, Resource, WebhookMetrics};
 use crate::mutate::pod::mutate_pod;
 use crate::mutate::pvc::mutate_pvc;
 use crate::mutate::view::{PodView, PvcView};
-use crate::mutate::{ImageLookup, Mutation, MutationConfig};
+use crate::mutate::{ClaimMisses, ImageLookup, Mutation, MutationConfig};
 
 /// Default limit on an AdmissionReview body. Objects are capped at ~1.5 MiB by etcd and a review
 /// carries at most the object and its old version, so 4 MiB leaves room and refuses floods.
@@ -53,34 +53,64 @@ impl Webhook {
         }
     }
 
-    /// Answers one admission body for `resource`'s endpoint. Never panics on input.
+    /// Answers one admission body for `resource`'s endpoint from the catalog as it is. Never
+    /// panics on input.
     pub fn admit(&self, resource: Resource, body: &[u8]) -> Handled {
         let timer = Timer::start();
+        let handled = self.decide(resource, body, self.catalog.as_ref());
+        self.observe(resource, &handled, &timer);
+        handled
+    }
+
+    /// As [`Self::admit`], except that a pod naming claims the catalog has not seen yet (a pod
+    /// created right after its PVC) is decided again once the catalog asked its source.
+    pub async fn admit_fetching(&self, resource: Resource, body: &[u8]) -> Handled {
+        let timer = Timer::start();
+        let catalog = self.catalog.as_ref();
         let handled = match resource {
-            Resource::Pvc => self.admit_as::<PvcView>(resource, body, |pvc, ns| {
-                mutate_pvc(
-                    pvc,
-                    ns,
-                    self.catalog.as_ref() as &dyn ImageLookup,
-                    &self.config,
-                )
-            }),
-            Resource::Pod => self.admit_as::<PodView>(resource, body, |pod, ns| {
-                mutate_pod(
-                    pod,
-                    ns,
-                    self.catalog.as_ref() as &dyn ImageLookup,
-                    &self.config,
-                )
-            }),
+            Resource::Pvc => self.decide(resource, body, catalog),
+            Resource::Pod => {
+                // The recorder holds a non-Sync borrow: it must not live across the await.
+                let (first, missed) = {
+                    let lookup = ClaimMisses::new(catalog);
+                    let first = self.decide(resource, body, &lookup);
+                    (first, lookup.into_missed())
+                };
+                if missed.is_empty() {
+                    first
+                } else {
+                    let fetched = catalog.fetch_claims(&missed).await;
+                    self.metrics.claims_fetched(fetched);
+                    if fetched.found > 0 {
+                        self.decide(resource, body, catalog)
+                    } else {
+                        first
+                    }
+                }
+            }
         };
-        let (outcome, warnings) = match &handled {
+        self.observe(resource, &handled, &timer);
+        handled
+    }
+
+    fn observe(&self, resource: Resource, handled: &Handled, timer: &Timer) {
+        let (outcome, warnings) = match handled {
             Handled::Answer(a, o) => (*o, a.warnings.len()),
             Handled::BadRequest(_) => (Outcome::BadRequest, 0),
         };
         self.metrics
             .observe(resource, outcome, warnings, timer.seconds());
-        handled
+    }
+
+    fn decide(&self, resource: Resource, body: &[u8], images: &dyn ImageLookup) -> Handled {
+        match resource {
+            Resource::Pvc => self.admit_as::<PvcView>(resource, body, |pvc, ns| {
+                mutate_pvc(pvc, ns, images, &self.config)
+            }),
+            Resource::Pod => self.admit_as::<PodView>(resource, body, |pod, ns| {
+                mutate_pod(pod, ns, images, &self.config)
+            }),
+        }
     }
 
     /// Fast path: the review and the endpoint's view decoded in one pass. When that fails the
@@ -265,7 +295,7 @@ async fn admission_response(
             return too_large(limit, declared);
         }
     };
-    match webhook.admit(resource, &bytes) {
+    match webhook.admit_fetching(resource, &bytes).await {
         Handled::Answer(answer, _) => (
             [(header::CONTENT_TYPE, "application/json")],
             answer.to_json(),
@@ -326,4 +356,124 @@ pub fn router(webhook: Arc<Webhook>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(webhook)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::ClaimFetch;
+    use crate::mutate::tests_support::{image, Images};
+    use futures::future::BoxFuture;
+    use std::sync::Mutex;
+
+    const POD: &str =
+        include_str!("../../tests/fixtures/admission/pod-create-virt-launcher-with-pvc.json");
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    /// A catalog whose watch has not delivered `vms/fedora-root` yet; its source knows it as
+    /// `source_says`.
+    struct LateCatalog {
+        known: Images,
+        source_says: Option<&'static str>,
+        learned: Mutex<Option<String>>,
+        asked: Mutex<Vec<(String, String)>>,
+    }
+
+    impl LateCatalog {
+        fn new(source_says: Option<&'static str>) -> Arc<Self> {
+            Arc::new(Self {
+                known: Images::with(image("fedora-40", Some(DIGEST), None, None)),
+                source_says,
+                learned: Mutex::new(None),
+                asked: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl ImageLookup for LateCatalog {
+        fn image(&self, namespace: &str, name: &str) -> Option<Arc<vmdisk_crds::VMDiskImage>> {
+            self.known.image(namespace, name)
+        }
+        fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
+            let learned = self.learned.lock().unwrap();
+            (namespace == "vms" && claim == "fedora-root")
+                .then(|| learned.clone())
+                .flatten()
+        }
+    }
+
+    impl ImageCatalog for LateCatalog {
+        fn is_synced(&self) -> bool {
+            true
+        }
+        fn fetch_claims<'a>(&'a self, claims: &'a [(String, String)]) -> BoxFuture<'a, ClaimFetch> {
+            self.asked.lock().unwrap().extend_from_slice(claims);
+            *self.learned.lock().unwrap() = self.source_says.map(str::to_string);
+            let found = usize::from(self.source_says.is_some());
+            Box::pin(std::future::ready(ClaimFetch {
+                found,
+                absent: claims.len() - found,
+                failed: 0,
+            }))
+        }
+    }
+
+    fn answer(handled: Handled) -> AdmissionAnswer {
+        match handled {
+            Handled::Answer(answer, _) => answer,
+            Handled::BadRequest(e) => panic!("bad request: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pod_naming_a_claim_the_watch_has_not_delivered_is_decided_again_after_a_fetch() {
+        let catalog = LateCatalog::new(Some("fedora-40"));
+        let webhook = Webhook::new(catalog.clone(), MutationConfig::default());
+        let before = answer(webhook.admit(Resource::Pod, POD.as_bytes()));
+        assert!(
+            before.patch.is_none(),
+            "the catalog alone does not know the claim"
+        );
+        *catalog.learned.lock().unwrap() = None;
+
+        let after = answer(webhook.admit_fetching(Resource::Pod, POD.as_bytes()).await);
+        assert_eq!(
+            *catalog.asked.lock().unwrap(),
+            [("vms".to_string(), "fedora-root".to_string())]
+        );
+        let patch = after.patch.expect("a preference once the claim is known");
+        let key = vmdisk_crds::node_cache_label_key(DIGEST).unwrap();
+        assert!(
+            format!("{:?}", patch.operations()).contains(&key),
+            "{patch:?}"
+        );
+        let metrics = webhook.metrics.encode();
+        assert!(
+            metrics.contains("vmdisk_webhook_claim_fetches_total{result=\"found\"} 1"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_the_source_does_not_know_leaves_the_first_answer() {
+        let catalog = LateCatalog::new(None);
+        let webhook = Webhook::new(catalog.clone(), MutationConfig::default());
+        let answer = answer(webhook.admit_fetching(Resource::Pod, POD.as_bytes()).await);
+        assert!(answer.patch.is_none());
+        assert_eq!(catalog.asked.lock().unwrap().len(), 1);
+        let metrics = webhook.metrics.encode();
+        assert!(
+            metrics.contains("vmdisk_webhook_claim_fetches_total{result=\"absent\"} 1"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pvcs_never_ask_the_source() {
+        let catalog = LateCatalog::new(Some("fedora-40"));
+        let webhook = Webhook::new(catalog.clone(), MutationConfig::default());
+        let pvc = include_str!("../../tests/fixtures/admission/pvc-create-annotation-form.json");
+        answer(webhook.admit_fetching(Resource::Pvc, pvc.as_bytes()).await);
+        assert!(catalog.asked.lock().unwrap().is_empty());
+    }
 }

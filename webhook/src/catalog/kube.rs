@@ -1,18 +1,24 @@
 //! `KubeCatalog`: reflectors on VMDiskImages (all namespaces) and on the metadata of PVCs the
-//! webhook labelled `vmdisk.io/image`, so admission reads memory, never the API server.
+//! webhook labelled `vmdisk.io/image`, so admission reads memory. The one exception: a pod
+//! naming a claim the watch has not delivered yet (created right after its PVC) costs one GET
+//! of that claim's metadata, and only in namespaces that hold VMDiskImages.
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
+use lru::LruCache;
 use vmdisk_crds::{AccessScope, ApiAccess, VMDiskImage, IMAGE_LABEL};
 
-use super::ImageCatalog;
+use super::{ClaimFetch, ImageCatalog};
 use crate::mutate::ImageLookup;
 
 /// What the catalog asks of the API server: it watches, never writes.
@@ -27,14 +33,28 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess::new(
         "",
         "persistentvolumeclaims",
-        &["list", "watch"],
+        &["get", "list", "watch"],
         AccessScope::Cluster,
     ),
 ];
 
+/// A claim lookup must leave room in the pod webhook's 2 s timeout for the answer.
+pub const CLAIM_FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a fetched claim is trusted: by then the watch has delivered it, and a claim deleted
+/// and created again under the same name must not keep its old image.
+const FETCHED_CLAIM_TTL: Duration = Duration::from_secs(60);
+
+const FETCHED_CLAIMS_CAPACITY: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
+
+type ClaimKey = (String, String);
+
 pub struct KubeCatalog {
+    client: Client,
     images: Store<VMDiskImage>,
     claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    /// Claims fetched at admission time, ahead of the watch: image name and when fetched.
+    fetched: Mutex<LruCache<ClaimKey, (String, Instant)>>,
     synced: AtomicBool,
 }
 
@@ -46,8 +66,10 @@ impl KubeCatalog {
         let (claims, claims_writer) =
             reflector::store::<PartialObjectMeta<PersistentVolumeClaim>>();
         let catalog = Arc::new(Self {
+            client: client.clone(),
             images,
             claims,
+            fetched: Mutex::new(LruCache::new(FETCHED_CLAIMS_CAPACITY)),
             synced: AtomicBool::new(false),
         });
 
@@ -97,6 +119,35 @@ impl KubeCatalog {
         }));
         (catalog, tasks)
     }
+
+    fn namespace_has_images(&self, namespace: &str) -> bool {
+        self.images
+            .find(|image| image.metadata.namespace.as_deref() == Some(namespace))
+            .is_some()
+    }
+
+    fn fetched_claim(&self, namespace: &str, claim: &str) -> Option<String> {
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (namespace.to_string(), claim.to_string());
+        match fetched.get(&key) {
+            Some((image, at)) if at.elapsed() < FETCHED_CLAIM_TTL => Some(image.clone()),
+            Some(_) => {
+                fetched.pop(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// One claim's image label, read from the API server.
+    async fn fetch_claim(&self, namespace: &str, claim: &str) -> Result<Option<String>, String> {
+        let api = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(CLAIM_FETCH_TIMEOUT, api.get_metadata_opt(claim)).await {
+            Err(_) => Err(format!("no answer within {CLAIM_FETCH_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(meta)) => Ok(meta.and_then(|m| m.labels().get(IMAGE_LABEL).cloned())),
+        }
+    }
 }
 
 impl ImageLookup for KubeCatalog {
@@ -105,19 +156,48 @@ impl ImageLookup for KubeCatalog {
     }
 
     fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
-        self.claims
-            .get(&ObjectRef::new(claim).within(namespace))?
-            .metadata
-            .labels
-            .as_ref()?
-            .get(IMAGE_LABEL)
-            .cloned()
+        match self.claims.get(&ObjectRef::new(claim).within(namespace)) {
+            Some(meta) => meta.labels().get(IMAGE_LABEL).cloned(),
+            None => self.fetched_claim(namespace, claim),
+        }
     }
 }
 
 impl ImageCatalog for KubeCatalog {
     fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    fn fetch_claims<'a>(&'a self, claims: &'a [(String, String)]) -> BoxFuture<'a, ClaimFetch> {
+        Box::pin(async move {
+            // Without an image in the namespace no claim there can be VMDiskImage-backed: pods
+            // in namespaces that do not use vmdisk never wait on the API server.
+            let asked = claims
+                .iter()
+                .filter(|(namespace, _)| self.namespace_has_images(namespace))
+                .map(|(namespace, claim)| async move {
+                    (namespace, claim, self.fetch_claim(namespace, claim).await)
+                });
+            let mut out = ClaimFetch::default();
+            for (namespace, claim, answer) in futures::future::join_all(asked).await {
+                match answer {
+                    Ok(Some(image)) => {
+                        tracing::debug!(%namespace, %claim, %image, "claim fetched ahead of the watch");
+                        self.fetched
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .put((namespace.clone(), claim.clone()), (image, Instant::now()));
+                        out.found += 1;
+                    }
+                    Ok(None) => out.absent += 1,
+                    Err(error) => {
+                        tracing::warn!(%namespace, %claim, %error, "claim lookup failed; the pod gets no node preference for it");
+                        out.failed += 1;
+                    }
+                }
+            }
+            out
+        })
     }
 }
 
@@ -156,7 +236,37 @@ mod tests {
                 held.push(send);
                 continue;
             }
-            let response = if uri.starts_with("/apis/vmdisk.io/v1alpha1/vmdiskimages") {
+            let response = if let Some(claim) =
+                uri.strip_prefix("/api/v1/namespaces/vms/persistentvolumeclaims/")
+            {
+                let meta = |labels: serde_json::Value| {
+                    let body = json!({
+                        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                        "metadata": {"name": claim, "namespace": "vms", "resourceVersion": "7",
+                                     "labels": labels}
+                    });
+                    http::Response::builder()
+                        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                        .unwrap()
+                };
+                match claim {
+                    "late" => meta(json!({"vmdisk.io/image": "fedora"})),
+                    "plain" => meta(json!({"app": "db"})),
+                    "slow" => {
+                        held.push(send);
+                        continue;
+                    }
+                    _ => {
+                        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                            "message": format!("persistentvolumeclaims \"{claim}\" not found"),
+                                            "reason": "NotFound", "code": 404});
+                        http::Response::builder()
+                            .status(404)
+                            .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                            .unwrap()
+                    }
+                }
+            } else if uri.starts_with("/apis/vmdisk.io/v1alpha1/vmdiskimages") {
                 list(
                     "vmdisk.io/v1alpha1",
                     "VMDiskImageList",
@@ -186,10 +296,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn reflectors_fill_the_catalog_from_list_and_report_synced() {
+    type Seen = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+    async fn synced_catalog() -> (Arc<KubeCatalog>, Vec<tokio::task::JoinHandle<()>>, Seen) {
         let (service, handle) = tower_test::mock::pair::<Request, Response>();
-        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(apiserver(handle, seen_tx));
         let client = kube::Client::new(service, "default");
         let (catalog, tasks) = KubeCatalog::start(client);
@@ -201,6 +312,20 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        (catalog, tasks, seen)
+    }
+
+    fn drain(seen: &mut Seen) -> Vec<String> {
+        let mut uris = Vec::new();
+        while let Ok(u) = seen.try_recv() {
+            uris.push(u);
+        }
+        uris
+    }
+
+    #[tokio::test]
+    async fn reflectors_fill_the_catalog_from_list_and_report_synced() {
+        let (catalog, tasks, mut seen) = synced_catalog().await;
         assert_eq!(
             catalog.image("vms", "fedora").unwrap().digest(),
             Some("sha256:abc")
@@ -211,13 +336,52 @@ mod tests {
             Some("fedora")
         );
         assert_eq!(catalog.claim_image("vms", "nope"), None);
-        let mut uris = Vec::new();
-        while let Ok(u) = seen.try_recv() {
-            uris.push(u);
-        }
+        let uris = drain(&mut seen);
         assert!(
             uris.iter().all(|u| !u.contains("/namespaces/")),
             "cluster-wide lists expected: {uris:?}"
+        );
+        for t in tasks {
+            t.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn claims_the_watch_has_not_delivered_are_fetched_only_where_images_live() {
+        let (catalog, tasks, mut seen) = synced_catalog().await;
+        drain(&mut seen);
+        assert_eq!(catalog.claim_image("vms", "late"), None);
+        let asked: Vec<(String, String)> = [
+            ("vms", "late"),
+            ("vms", "plain"),
+            ("vms", "gone"),
+            ("vms", "slow"),
+            ("no-images-here", "late"),
+        ]
+        .iter()
+        .map(|(n, c)| (n.to_string(), c.to_string()))
+        .collect();
+        let fetched = catalog.fetch_claims(&asked).await;
+        assert_eq!(
+            fetched,
+            ClaimFetch {
+                found: 1,
+                absent: 2,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            catalog.claim_image("vms", "late").as_deref(),
+            Some("fedora")
+        );
+        assert_eq!(catalog.claim_image("vms", "plain"), None);
+        let mut uris = drain(&mut seen);
+        uris.sort();
+        assert_eq!(
+            uris,
+            ["gone", "late", "plain", "slow"]
+                .map(|c| format!("/api/v1/namespaces/vms/persistentvolumeclaims/{c}")),
+            "one GET per claim, none in a namespace without images"
         );
         for t in tasks {
             t.abort();

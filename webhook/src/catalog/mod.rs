@@ -10,17 +10,37 @@ pub mod kube;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::future::BoxFuture;
+
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use vmdisk_crds::{VMDiskImage, IMAGE_ANNOTATION, IMAGE_LABEL};
 
 use crate::mutate::pvc::image_claim;
 use crate::mutate::ImageLookup;
 
+/// What asking the source about claims the catalog did not know found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimFetch {
+    /// VMDiskImage-backed claims, now known to the catalog.
+    pub found: usize,
+    /// Claims that do not exist or are not VMDiskImage-backed.
+    pub absent: usize,
+    /// Lookups that failed or timed out.
+    pub failed: usize,
+}
+
 /// A catalog the server can ask at admission time.
 pub trait ImageCatalog: ImageLookup + Send + Sync + 'static {
     /// True once the initial contents are loaded: `/readyz` waits for it, because admitting
     /// with an empty catalog would warn about images that exist.
     fn is_synced(&self) -> bool;
+
+    /// Asks the source about `(namespace, claim)` pairs the catalog did not know, for the
+    /// claims a watch has not delivered yet. A catalog that is its own source asks nothing.
+    fn fetch_claims<'a>(&'a self, claims: &'a [(String, String)]) -> BoxFuture<'a, ClaimFetch> {
+        let _ = claims;
+        Box::pin(std::future::ready(ClaimFetch::default()))
+    }
 }
 
 /// The image a PVC is filled from: the webhook's label first, then its data source or

@@ -7,6 +7,7 @@ pub mod pod;
 pub mod pvc;
 pub mod view;
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use vmdisk_crds::VMDiskImage;
@@ -17,6 +18,46 @@ pub trait ImageLookup {
     fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>>;
     /// The image a VMDiskImage-backed PVC `namespace/claim` was filled from, if known.
     fn claim_image(&self, namespace: &str, claim: &str) -> Option<String>;
+}
+
+/// A lookup that remembers the claims it was asked about and did not know.
+///
+/// A pod is often created right after its PVC, before the catalog's watch has delivered the
+/// PVC: the caller asks the API server about the claims recorded here and decides again.
+pub struct ClaimMisses<'a> {
+    inner: &'a dyn ImageLookup,
+    missed: RefCell<Vec<(String, String)>>,
+}
+
+impl<'a> ClaimMisses<'a> {
+    pub fn new(inner: &'a dyn ImageLookup) -> Self {
+        Self {
+            inner,
+            missed: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The `(namespace, claim)` pairs asked about and not known, each once, in asking order.
+    pub fn into_missed(self) -> Vec<(String, String)> {
+        self.missed.into_inner()
+    }
+}
+
+impl ImageLookup for ClaimMisses<'_> {
+    fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>> {
+        self.inner.image(namespace, name)
+    }
+
+    fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
+        let found = self.inner.claim_image(namespace, claim);
+        if found.is_none() {
+            let mut missed = self.missed.borrow_mut();
+            if !missed.iter().any(|(n, c)| n == namespace && c == claim) {
+                missed.push((namespace.to_string(), claim.to_string()));
+            }
+        }
+        found
+    }
 }
 
 /// Knobs of the mutations, from the command line.
@@ -124,5 +165,33 @@ pub(crate) mod tests_support {
                 .get(&(namespace.to_string(), claim.to_string()))
                 .cloned()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::{image, Images};
+    use super::*;
+
+    #[test]
+    fn claim_misses_records_each_unknown_claim_once_and_passes_answers_through() {
+        let mut images = Images::with(image("fedora", Some("sha256:aa"), None, None));
+        images
+            .claims
+            .insert(("vms".into(), "root".into()), "fedora".into());
+        let lookup = ClaimMisses::new(&images);
+        assert_eq!(lookup.claim_image("vms", "root").as_deref(), Some("fedora"));
+        assert_eq!(lookup.claim_image("vms", "data"), None);
+        assert_eq!(lookup.claim_image("vms", "data"), None);
+        assert_eq!(lookup.claim_image("other", "root"), None);
+        assert!(lookup.image("vms", "fedora").is_some());
+        assert!(lookup.image("vms", "nope").is_none());
+        assert_eq!(
+            lookup.into_missed(),
+            [
+                ("vms".to_string(), "data".to_string()),
+                ("other".to_string(), "root".to_string())
+            ]
+        );
     }
 }
