@@ -980,8 +980,14 @@ async fn the_controller_killed_mid_way_still_finishes(fx: Arc<Installed>, case: 
     pods.delete(&leader, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
+    let killed = Instant::now();
     proxy.set_rate(1 << 30);
-    wait_bound(&admin, &ns, "survivor", started).await;
+    let (_, bound) = wait_bound(&admin, &ns, "survivor", started).await;
+    println!(
+        "failover: PVC Bound {:.1}s after create, {:.1}s after the leader was killed",
+        bound.as_secs_f64(),
+        killed.elapsed().as_secs_f64()
+    );
     assert_cleaned_up(&admin, &pvc).await;
     std::fs::copy(&raw, work.path().join("source.raw")).unwrap();
     let log = check_pod(
@@ -994,8 +1000,14 @@ async fn the_controller_killed_mid_way_still_finishes(fx: Arc<Installed>, case: 
     )
     .await;
     assert!(log.contains("Images are identical"), "{log}");
+    let checked = started.elapsed();
     fx.env
         .rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
+    println!(
+        "failover: disk checked {:.1}s after create, webhook rolled out again at {:.1}s",
+        checked.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// The README's walkthrough: `deploy/examples/` applied as they are, through the installed
