@@ -59,6 +59,15 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    pub fn corrupt(format: &'static str, message: impl Into<String>) -> Self {
+        Self::Corrupt {
+            format,
+            message: message.into(),
+        }
+    }
+}
+
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> DecodeError {
     move |source| DecodeError::Io { context, source }
 }
@@ -114,10 +123,7 @@ pub struct Io<K> {
 
 impl<K: Copy + std::fmt::Debug> Io<K> {
     pub fn corrupt(&self, message: impl Into<String>) -> DecodeError {
-        DecodeError::Corrupt {
-            format: self.format,
-            message: message.into(),
-        }
+        DecodeError::corrupt(self.format, message)
     }
 
     pub fn file_len(&self) -> u64 {

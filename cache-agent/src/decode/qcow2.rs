@@ -15,10 +15,7 @@ pub const MAGIC: &[u8; 4] = b"QFI\xfb";
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 fn corrupt(message: impl Into<String>) -> DecodeError {
-    DecodeError::Corrupt {
-        format: "qcow2",
-        message: message.into(),
-    }
+    DecodeError::corrupt("qcow2", message)
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {

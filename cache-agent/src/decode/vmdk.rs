@@ -28,10 +28,7 @@ const MAX_GT_ENTRIES: u64 = 1 << 16;
 const MARKER_EOS: u32 = 0;
 
 fn corrupt(message: impl Into<String>) -> DecodeError {
-    DecodeError::Corrupt {
-        format: "vmdk",
-        message: message.into(),
-    }
+    DecodeError::corrupt("vmdk", message)
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
