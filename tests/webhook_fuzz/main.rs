@@ -2,15 +2,17 @@
 //!
 //! Whatever the input, the handler answers (never panics), a sound envelope is answered with
 //! its own uid and `allowed: true`, and any patch it returns applies cleanly to the object it
-//! was computed for.
+//! was computed for. The handler's JSON reader accepts exactly the bodies serde_json accepts,
+//! and never calls JSON a body serde_json reads.
 
 use std::sync::Arc;
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use vmdisk_tests::webhook::{fixtures, sample_catalog_yaml};
-use vmdisk_webhook::admission::decode_patch_field;
+use vmdisk_tests::webhook::{as_sent, fixtures, sample_catalog_yaml};
+use vmdisk_webhook::admission::{decode_patch_field, ReviewError};
 use vmdisk_webhook::catalog::file::FileCatalog;
+use vmdisk_webhook::json_reader::JsonReader;
 use vmdisk_webhook::metrics::Resource;
 use vmdisk_webhook::mutate::MutationConfig;
 use vmdisk_webhook::routes::{Handled, Webhook};
@@ -147,6 +149,13 @@ fn check(webhook: &Webhook, body: &[u8], resource: Resource) -> Result<(), TestC
     match webhook.admit(resource, body) {
         Handled::BadRequest(e) => {
             prop_assert!(!e.to_string().is_empty());
+            if let ReviewError::NotJson(why) = &e {
+                prop_assert!(
+                    serde_json::from_slice::<Value>(body).is_err(),
+                    "called not JSON ({}) but serde_json reads it",
+                    why
+                );
+            }
         }
         Handled::Answer(answer, _) => {
             let encoded: Value = serde_json::from_slice(&answer.to_json()).unwrap();
@@ -172,6 +181,25 @@ fn check(webhook: &Webhook, body: &[u8], resource: Resource) -> Result<(), TestC
     Ok(())
 }
 
+/// The reader's skip is the validation of everything vmdisk does not read: it must accept what
+/// serde_json accepts and refuse what it refuses.
+fn skip_agrees_with_serde_json(body: &[u8]) -> Result<(), TestCaseError> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(());
+    };
+    let mut r = JsonReader::new(text);
+    let ours = r.skip_value().and_then(|_| r.finish());
+    let theirs = serde_json::from_str::<serde::de::IgnoredAny>(text);
+    prop_assert_eq!(
+        ours.is_ok(),
+        theirs.is_ok(),
+        "reader {:?}, serde_json {:?}",
+        ours,
+        theirs.map(|_| ())
+    );
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 10_000, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -191,6 +219,7 @@ proptest! {
             let (_, doc) = &all[index % all.len()];
             let body = apply_ops(doc.clone(), &ops);
             let resource = if to_pod_endpoint { Resource::Pod } else { Resource::Pvc };
+            skip_agrees_with_serde_json(&body)?;
             check(webhook, &body, resource)
         })?;
     }
@@ -200,8 +229,42 @@ proptest! {
 fn unmutated_fixtures_pass_the_same_checks() {
     let webhook = webhook();
     for (name, body) in fixtures() {
+        skip_agrees_with_serde_json(&body).unwrap_or_else(|e| panic!("{name}: {e}"));
         for resource in [Resource::Pvc, Resource::Pod] {
             check(&webhook, &body, resource).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
+    }
+}
+
+/// Bytes that matter to a JSON grammar, for edits that probe it.
+const SIGNIFICANT: &[u8] = b"{}[],:\"\\ \t\n0123456789.eE+-tfnrulsa/\x01\x1f\x7f";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20_000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Byte edits (replace, insert, delete with grammar bytes, a few at a time) of the compact
+    /// fixtures, checked against serde_json.
+    #[test]
+    fn the_reader_accepts_exactly_what_serde_json_accepts(
+        index in any::<usize>(),
+        edits in proptest::collection::vec((0u8..3, any::<usize>(), any::<usize>()), 1..4),
+    ) {
+        thread_local! {
+            static BODIES: Vec<Vec<u8>> = fixtures().iter().map(|(_, b)| as_sent(b)).collect();
+        }
+        let mut body = BODIES.with(|all| all[index % all.len()].clone());
+        for (kind, at, pick) in edits {
+            let at = at % (body.len() + 1);
+            let byte = SIGNIFICANT[pick % SIGNIFICANT.len()];
+            match kind {
+                0 if at < body.len() => body[at] = byte,
+                1 => body.insert(at, byte),
+                _ if at < body.len() => {
+                    body.remove(at);
+                }
+                _ => {}
+            }
+        }
+        skip_agrees_with_serde_json(&body)?;
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vmdisk_crds::{format_bytes_quantity, node_cache_label_key};
 use vmdisk_tests::webhook::{
-    endpoint_for, fixtures, sample_catalog_yaml, TestWebhook, SAMPLE_DIGEST,
+    as_sent, endpoint_for, fixtures, sample_catalog_yaml, TestWebhook, SAMPLE_DIGEST,
 };
 use vmdisk_webhook::admission::decode_patch_field;
 use vmdisk_webhook::mutate::pvc::volume_bytes_for_disk;
@@ -123,6 +123,19 @@ async fn every_fixture_over_https_patches_exactly_what_it_should() {
             .await
             .unwrap();
         assert_eq!(reply.status, 200, "{name}: {}", reply.text());
+        // The same review as the apiserver sends it (compact) gets the same answer.
+        let compact = as_sent(&body);
+        assert!(compact.len() < body.len(), "{name}: nothing stripped");
+        assert_eq!(
+            serde_json::from_slice::<Value>(&compact).unwrap(),
+            review,
+            "{name}: stripping changed the review"
+        );
+        let compact_reply = conn.post_json(endpoint_for(&name), compact).await.unwrap();
+        assert_eq!(
+            compact_reply.body, reply.body,
+            "{name}: compact form answered differently"
+        );
         let answer = reply.json();
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1", "{name}");
         assert_eq!(answer["kind"], "AdmissionReview", "{name}");

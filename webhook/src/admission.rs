@@ -1,19 +1,21 @@
 //! AdmissionReview decoding and encoding (admission.k8s.io/v1).
 //!
-//! Decoding happens in two steps so a review whose envelope is sound always gets an answer
-//! carrying its `uid`, even when the object inside is not what the endpoint expects: the
-//! envelope first (errors here are HTTP 400, there is no uid to answer), then the object
-//! (errors here are an allowed-without-patch answer with a warning, per the webhook contract).
+//! A review is read field by field with [`JsonReader`]: what vmdisk does not read is skipped in
+//! bulk (still checked to be JSON). A review whose envelope is sound always gets an answer
+//! carrying its `uid`, even when the object inside is not what the endpoint expects: envelope
+//! errors are HTTP 400 (there is no uid to answer), an object that does not fit its view is
+//! kept as the reason, and answered allowed-without-patch with a warning, per the webhook
+//! contract.
 
 use std::time::Instant;
 
 use std::borrow::Cow;
 
 use base64::Engine as _;
-use serde::de::Visitor;
-use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use thiserror::Error;
+
+use crate::json_reader::{set_once, JsonReader, ReadError};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -33,107 +35,172 @@ pub enum ReviewError {
     EmptyUid,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GroupVersionResource<'a> {
-    #[serde(default, borrow)]
     pub group: Cow<'a, str>,
-    #[serde(default, borrow)]
     pub version: Cow<'a, str>,
-    #[serde(default, borrow)]
     pub resource: Cow<'a, str>,
 }
 
-/// The parts of an admission request this webhook reads, with the object decoded as `O`: the
-/// endpoint's lean view on the fast path, or [`RawObject`] when the view did not fit. Strings
-/// borrow from the body (copied only when they hold escapes).
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The parts of an admission request this webhook reads. Strings borrow from the body (copied
+/// only when they hold escapes).
+#[derive(Debug)]
 pub struct AdmissionRequest<'a, O> {
-    #[serde(borrow)]
     pub uid: Cow<'a, str>,
-    #[serde(borrow)]
     pub resource: GroupVersionResource<'a>,
-    #[serde(default, borrow, deserialize_with = "optional_str")]
     pub sub_resource: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "optional_str")]
     pub name: Option<Cow<'a, str>>,
-    #[serde(default, borrow, deserialize_with = "optional_str")]
     pub namespace: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     pub operation: Cow<'a, str>,
-    #[serde(default)]
     pub dry_run: Option<bool>,
-    #[serde(default = "Option::default")]
-    pub object: Option<O>,
+    /// The object through the endpoint's view, or why it did not fit (`None`: absent or null).
+    pub object: Option<Result<O, String>>,
 }
 
-/// A string or null, borrowed from the body when it has no escapes (serde borrows a bare
-/// `Cow` field, not one inside an `Option`).
-fn optional_str<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
-    struct OptionalStr;
-    impl<'de> Visitor<'de> for OptionalStr {
-        type Value = Option<Cow<'de, str>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a string or null")
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_str(self)
-        }
-        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Borrowed(v)))
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-            Ok(Some(Cow::Owned(v.to_string())))
-        }
+/// How an endpoint reads the admitted object: only the fields its mutation needs.
+pub trait ObjectView<'a>: Sized {
+    /// Reads one value (the object). A [`ReadError::Type`] means the object does not fit.
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError>;
+}
+
+/// An object left unread: its JSON text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawObject<'a>(pub &'a str);
+
+impl<'a> ObjectView<'a> for RawObject<'a> {
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
+        r.raw().map(RawObject)
     }
-    d.deserialize_option(OptionalStr)
-}
-
-/// An object left undecoded.
-pub type RawObject = Box<RawValue>;
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ReviewEnvelope<'a, O> {
-    #[serde(default, borrow)]
-    api_version: Cow<'a, str>,
-    #[serde(default, borrow)]
-    kind: Cow<'a, str>,
-    #[serde(default = "Option::default", borrow)]
-    request: Option<AdmissionRequest<'a, O>>,
 }
 
 /// Decodes the envelope, the request metadata and the object (as `O`) in one pass.
-pub fn decode_review<'a, O: Deserialize<'a>>(
+pub fn decode_review<'a, O: ObjectView<'a>>(
     body: &'a [u8],
 ) -> Result<AdmissionRequest<'a, O>, ReviewError> {
-    // Valid UTF-8 checked once, in bulk, so the parser need not check every string it borrows.
+    // Valid UTF-8 checked once, in bulk, so the reader need not check every string it borrows.
     let text = std::str::from_utf8(body)
         .map_err(|e| ReviewError::NotJson(format!("invalid UTF-8: {e}")))?;
-    let envelope: ReviewEnvelope<'a, O> =
-        serde_json::from_str(text).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => {
-                wrong_type(body).unwrap_or(ReviewError::NotAReview(e.to_string()))
-            }
-            _ => ReviewError::NotJson(e.to_string()),
+    let mut r = JsonReader::new(text);
+    let (api_version, kind, request) = read_envelope::<O>(&mut r)
+        .and_then(|envelope| r.finish().map(|_| envelope))
+        .map_err(|e| match e {
+            ReadError::Syntax(why) => ReviewError::NotJson(why),
+            ReadError::Type(why) => wrong_type(body).unwrap_or(ReviewError::NotAReview(why)),
         })?;
-    if envelope.api_version != API_VERSION || envelope.kind != KIND {
+    if api_version != API_VERSION || kind != KIND {
         return Err(ReviewError::WrongType {
-            api_version: envelope.api_version.into_owned(),
-            kind: envelope.kind.into_owned(),
+            api_version: api_version.into_owned(),
+            kind: kind.into_owned(),
         });
     }
-    let request = envelope.request.ok_or(ReviewError::MissingRequest)?;
+    let request = request.ok_or(ReviewError::MissingRequest)?;
     if request.uid.is_empty() {
         return Err(ReviewError::EmptyUid);
     }
     Ok(request)
+}
+
+type Envelope<'a, O> = (Cow<'a, str>, Cow<'a, str>, Option<AdmissionRequest<'a, O>>);
+
+fn read_envelope<'a, O: ObjectView<'a>>(
+    r: &mut JsonReader<'a>,
+) -> Result<Envelope<'a, O>, ReadError> {
+    let (mut api_version, mut kind, mut request) = (None, None, None);
+    let mut cursor = r.object("an AdmissionReview object")?;
+    while let Some(key) = r.next_key(&mut cursor)? {
+        match &*key {
+            "apiVersion" => set_once(r, &mut api_version, "apiVersion", JsonReader::string)?,
+            "kind" => set_once(r, &mut kind, "kind", JsonReader::string)?,
+            "request" => set_once(r, &mut request, "request", |r| {
+                if r.null()? {
+                    Ok(None)
+                } else {
+                    read_request(r).map(Some)
+                }
+            })?,
+            _ => r.skip_value()?,
+        }
+    }
+    Ok((
+        api_version.unwrap_or_default(),
+        kind.unwrap_or_default(),
+        request.flatten(),
+    ))
+}
+
+fn read_request<'a, O: ObjectView<'a>>(
+    r: &mut JsonReader<'a>,
+) -> Result<AdmissionRequest<'a, O>, ReadError> {
+    let (mut uid, mut resource, mut operation) = (None, None, None);
+    let (mut sub_resource, mut name, mut namespace) = (None, None, None);
+    let (mut dry_run, mut object) = (None, None);
+    let mut cursor = r.object("a request object")?;
+    while let Some(key) = r.next_key(&mut cursor)? {
+        match &*key {
+            "uid" => set_once(r, &mut uid, "uid", JsonReader::string)?,
+            "resource" => set_once(r, &mut resource, "resource", read_resource)?,
+            "subResource" => set_once(
+                r,
+                &mut sub_resource,
+                "subResource",
+                JsonReader::optional_string,
+            )?,
+            "name" => set_once(r, &mut name, "name", JsonReader::optional_string)?,
+            "namespace" => set_once(r, &mut namespace, "namespace", JsonReader::optional_string)?,
+            "operation" => set_once(r, &mut operation, "operation", JsonReader::string)?,
+            "dryRun" => set_once(r, &mut dry_run, "dryRun", JsonReader::optional_bool)?,
+            "object" => set_once(r, &mut object, "object", read_object::<O>)?,
+            _ => r.skip_value()?,
+        }
+    }
+    let missing = |field: &str| r.wrong_type(&format!("missing field `{field}`"));
+    Ok(AdmissionRequest {
+        uid: uid.ok_or_else(|| missing("uid"))?,
+        resource: resource.ok_or_else(|| missing("resource"))?,
+        sub_resource: sub_resource.flatten(),
+        name: name.flatten(),
+        namespace: namespace.flatten(),
+        operation: operation.ok_or_else(|| missing("operation"))?,
+        dry_run: dry_run.flatten(),
+        object: object.flatten(),
+    })
+}
+
+/// The object through the view; a view that does not fit leaves the reader after the object.
+fn read_object<'a, O: ObjectView<'a>>(
+    r: &mut JsonReader<'a>,
+) -> Result<Option<Result<O, String>>, ReadError> {
+    if r.null()? {
+        return Ok(None);
+    }
+    let start = r.position();
+    match O::read(r) {
+        Ok(view) => Ok(Some(Ok(view))),
+        Err(ReadError::Type(why)) => {
+            r.rewind(start);
+            r.skip_value()?;
+            Ok(Some(Err(why)))
+        }
+        Err(syntax) => Err(syntax),
+    }
+}
+
+fn read_resource<'a>(r: &mut JsonReader<'a>) -> Result<GroupVersionResource<'a>, ReadError> {
+    let (mut group, mut version, mut resource) = (None, None, None);
+    let mut cursor = r.object("a GroupVersionResource object")?;
+    while let Some(key) = r.next_key(&mut cursor)? {
+        match &*key {
+            "group" => set_once(r, &mut group, "group", JsonReader::string)?,
+            "version" => set_once(r, &mut version, "version", JsonReader::string)?,
+            "resource" => set_once(r, &mut resource, "resource", JsonReader::string)?,
+            _ => r.skip_value()?,
+        }
+    }
+    Ok(GroupVersionResource {
+        group: group.unwrap_or_default(),
+        version: version.unwrap_or_default(),
+        resource: resource.unwrap_or_default(),
+    })
 }
 
 /// On a failed decode, a wrong apiVersion/kind is the clearer error to report.
@@ -256,7 +323,7 @@ mod tests {
         let r = decode_review::<RawObject>(body).unwrap();
         assert_eq!(r.uid, "u1");
         assert_eq!(r.resource.resource, "pods");
-        assert_eq!(r.object.unwrap().get(), r#"{"a":1}"#);
+        assert_eq!(r.object.unwrap().unwrap().0, r#"{"a":1}"#);
     }
 
     #[test]

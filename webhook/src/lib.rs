@@ -1,7 +1,7 @@
 //! vmdisk webhook: the mutating admission server for PVCs and Pods, and (in the same
 //! Deployment) the leader-elected image controller.
 //!
-//! Module map: [`admission`] decodes AdmissionReviews and encodes answers; [`mutate`] holds the
+//! Module map: [`admission`] decodes AdmissionReviews (with [`json_reader`]) and encodes answers; [`mutate`] holds the
 //! pure decisions (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled
 //! PVCs in memory (from the API server, or from a directory of YAML); [`tls`] loads and
 //! hot-reloads the serving certificate; [`server`] is the HTTPS accept loop; [`routes`] wires
@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod config;
 pub mod controller;
 pub mod dir_watch;
+pub mod json_reader;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;

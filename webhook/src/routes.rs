@@ -9,10 +9,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use serde::de::DeserializeOwned;
 
 use crate::admission::{
-    decode_review, AdmissionAnswer, AdmissionRequest, RawObject, ReviewError, Timer,
+    decode_review, AdmissionAnswer, AdmissionRequest, ObjectView, ReviewError, Timer,
 };
 use crate::catalog::ImageCatalog;
 use crate::metrics::{Outcome, Resource, WebhookMetrics};
@@ -113,13 +112,12 @@ impl Webhook {
         }
     }
 
-    /// Fast path: the review and the endpoint's view decoded in one pass. When that fails the
-    /// body is decoded again with the object left raw, so a sound review whose object does not
-    /// fit still gets an answer carrying its uid.
-    fn admit_as<V: DeserializeOwned>(
+    /// The review and the endpoint's view are read in one pass; an object that does not fit
+    /// the view still gets an answer carrying the review's uid, with a warning.
+    fn admit_as<'a, V: ObjectView<'a>>(
         &self,
         resource: Resource,
-        body: &[u8],
+        body: &'a [u8],
         mutate: impl FnOnce(&V, &str) -> Mutation,
     ) -> Handled {
         let kind = match resource {
@@ -129,20 +127,14 @@ impl Webhook {
         match decode_review::<V>(body) {
             Ok(request) => {
                 let (answer, outcome) =
-                    self.answer(resource, &request, |object, ns| Ok(mutate(object, ns)));
+                    self.answer(resource, &request, |object, ns| match object {
+                        Ok(view) => Ok(mutate(view, ns)),
+                        Err(why) => Err(format!(
+                            "vmdisk: object is not a valid {kind}, left unchanged: {why}"
+                        )),
+                    });
                 Handled::Answer(answer, outcome)
             }
-            Err(ReviewError::NotAReview(view_error)) => match decode_review::<RawObject>(body) {
-                Err(e) => Handled::BadRequest(e),
-                Ok(request) => {
-                    let (answer, outcome) = self.answer(resource, &request, |_, _| {
-                        Err(format!(
-                            "vmdisk: object is not a valid {kind}, left unchanged: {view_error}"
-                        ))
-                    });
-                    Handled::Answer(answer, outcome)
-                }
-            },
             Err(e) => Handled::BadRequest(e),
         }
     }
@@ -151,7 +143,7 @@ impl Webhook {
         &self,
         resource: Resource,
         request: &AdmissionRequest<O>,
-        mutate: impl FnOnce(&O, &str) -> Result<Mutation, String>,
+        mutate: impl FnOnce(&Result<O, String>, &str) -> Result<Mutation, String>,
     ) -> (AdmissionAnswer, Outcome) {
         let expected = match resource {
             Resource::Pvc => "persistentvolumeclaims",

@@ -173,6 +173,7 @@ pub fn mutate_pod(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
+    use crate::mutate::view::view_from_json;
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::Value;
 
@@ -183,7 +184,8 @@ mod tests {
     }
 
     fn run(images: &Images, doc: Value) -> (Option<Pod>, Vec<String>) {
-        let view: PodView = serde_json::from_value(doc.clone()).unwrap();
+        let text = doc.to_string();
+        let view: PodView = view_from_json(&text).unwrap();
         let m = mutate_pod(&view, "vms", images, &MutationConfig::default());
         let patched = m.patch.map(|p| {
             let mut doc = doc;

@@ -372,12 +372,14 @@ pub fn mutate_pvc(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
+    use crate::mutate::view::view_from_json;
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
     use serde_json::{json, Value};
 
     /// Runs the mutation on a PVC given as JSON and returns the patched PVC and the warnings.
     fn run(images: &Images, pvc: Value) -> (Option<PersistentVolumeClaim>, Vec<String>) {
-        let view: PvcView = serde_json::from_value(pvc.clone()).unwrap();
+        let text = pvc.to_string();
+        let view: PvcView = view_from_json(&text).unwrap();
         let m = mutate_pvc(&view, "vms", images, &MutationConfig::default());
         let patched = m.patch.map(|p| {
             let mut doc = pvc;
@@ -611,10 +613,9 @@ mod tests {
             "fedora"
         );
         assert!(storage(&out).is_some());
-        let view: PvcView = serde_json::from_value(
-            json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}}),
-        )
-        .unwrap();
+        let view: PvcView =
+            view_from_json(r#"{"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}}"#)
+                .unwrap();
         let m = mutate_pvc(&view, "vms", &imgs, &MutationConfig::default());
         let mut doc = json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}});
         json_patch::patch(&mut doc, &m.patch.unwrap().operations()).unwrap();
