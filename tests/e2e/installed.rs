@@ -75,6 +75,17 @@ fn is_real(node: &Node) -> bool {
         .is_some_and(|i| !i.kubelet_version.is_empty())
 }
 
+/// The node's pressure conditions that are true (`DiskPressure: <message>`).
+fn under_pressure(node: &Node) -> Vec<String> {
+    let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
+    conditions
+        .into_iter()
+        .flatten()
+        .filter(|c| c.type_.ends_with("Pressure") && c.status == "True")
+        .map(|c| format!("{}: {}", c.type_, c.message.as_deref().unwrap_or("")))
+        .collect()
+}
+
 impl Installed {
     pub async fn setup(env: Env) -> Result<Self, String> {
         let registry = std::env::var(REGISTRY_ENV).map_err(|_| {
@@ -91,6 +102,19 @@ impl Installed {
             .find(|n| is_real(n))
             .map(|n| n.name_any())
             .ok_or("no node of the cluster runs pods (a real kubelet)")?;
+        let pressure = all
+            .iter()
+            .filter(|n| n.name_any() == real_node)
+            .flat_map(under_pressure)
+            .collect::<Vec<_>>();
+        // Under pressure the kubelet evicts pods and garbage-collects images, the sandbox
+        // image among them: nothing would start and every wait below would only time out.
+        assert!(
+            pressure.is_empty(),
+            "node {real_node} reports {}: free what it lacks (disk: the filesystem holding the \
+             kubelet's and containerd's directories) and run again",
+            pressure.join(", ")
+        );
         let images = tokio::task::spawn_blocking({
             let (root, bin_dir, registry) =
                 (env.root.clone(), env.bin_dir.clone(), registry.clone());

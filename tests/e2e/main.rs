@@ -201,8 +201,20 @@ fn run_phase<F: Send + Sync + 'static>(
     conclusion
 }
 
+/// Removes the images the phases built when the suite ends, also when a setup panics.
+struct RemoveBuiltImages;
+
+impl Drop for RemoveBuiltImages {
+    fn drop(&mut self) {
+        if let Err(e) = vmdisk_tests::images::remove_built() {
+            eprintln!("e2e: the built images stay in buildah's storage: {e}");
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
+    let _remove_built = RemoveBuiltImages;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -95,11 +95,14 @@ impl Env {
             let look = |args: &[&str]| match self.kubectl_status(args) {
                 Ok(out) | Err(out) => out,
             };
+            // Shortest and most telling first: a CI log may keep only the start of this.
             panic!(
-                "{workload} never became available: {message}\n--- pods\n{}\n--- logs\n{}\n--- events\n{}",
-                look(&["-n", namespace, "describe", "pods"]),
-                look(&["-n", namespace, "logs", "--all-containers", "--prefix", "--tail=40", "-l", "app.kubernetes.io/part-of=vmdisk"]),
+                "{workload} never became available: {message}\n--- events\n{}\n--- pods\n{}\n--- nodes\n{}\n--- logs\n{}\n--- pod descriptions\n{}",
                 look(&["-n", namespace, "get", "events", "--sort-by=.lastTimestamp"]),
+                look(&["-n", namespace, "get", "pods", "-o", "wide"]),
+                look(&["get", "nodes", "-o", "custom-columns=NAME:.metadata.name,TAINTS:.spec.taints[*].key,TRUE_CONDITIONS:.status.conditions[?(@.status==\"True\")].type"]),
+                look(&["-n", namespace, "logs", "--all-containers", "--prefix", "--tail=40", "-l", "app.kubernetes.io/part-of=vmdisk"]),
+                look(&["-n", namespace, "describe", "pods"]),
             );
         }
     }

@@ -78,6 +78,21 @@ pub fn build_and_push(
     Ok(images)
 }
 
+/// Deletes the images [`build_and_push`] left in buildah's storage (hundreds of MiB each with
+/// the vfs driver): every run tags its own, so nothing else would ever delete them.
+pub fn remove_built() -> Result<(), String> {
+    let Some(local) = BUILT.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return Ok(());
+    };
+    run(Command::new(BUILDAH[0]).args(&BUILDAH[1..]).args([
+        "rmi",
+        "--force",
+        &local.webhook,
+        &local.cache_agent,
+    ]))
+    .map(|_| ())
+}
+
 /// Size of an image in buildah's storage, as buildah prints it.
 pub fn size_of(image: &str) -> Result<String, String> {
     run(Command::new(BUILDAH[0]).args(&BUILDAH[1..]).args([
