@@ -16,6 +16,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::json_reader::{set_once, JsonReader, ReadError};
+use crate::json_writer::{write_base64_str, write_str};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -241,17 +242,11 @@ impl AdmissionAnswer {
         out.extend_from_slice(br#"","kind":""#);
         out.extend_from_slice(KIND.as_bytes());
         out.extend_from_slice(br#"","response":{"uid":"#);
-        write_json_str(&mut out, &self.uid);
+        write_str(&mut out, &self.uid);
         out.extend_from_slice(br#","allowed":true"#);
         if let Some(patch) = patch {
-            out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
-            let start = out.len();
-            out.resize(start + base64_len, 0);
-            let written = base64::engine::general_purpose::STANDARD
-                .encode_slice(patch, &mut out[start..])
-                .expect("sized for the encoding");
-            out.truncate(start + written);
-            out.push(b'"');
+            out.extend_from_slice(br#","patchType":"JSONPatch","patch":"#);
+            write_base64_str(&mut out, patch);
         }
         if !self.warnings.is_empty() {
             out.extend_from_slice(br#","warnings":["#);
@@ -262,9 +257,9 @@ impl AdmissionAnswer {
                 if w.chars().count() > MAX_WARNING_CHARS {
                     let mut short: String = w.chars().take(MAX_WARNING_CHARS - 1).collect();
                     short.push('…');
-                    write_json_str(&mut out, &short);
+                    write_str(&mut out, &short);
                 } else {
-                    write_json_str(&mut out, w);
+                    write_str(&mut out, w);
                 }
             }
             out.push(b']');
@@ -272,10 +267,6 @@ impl AdmissionAnswer {
         out.extend_from_slice(b"}}");
         out
     }
-}
-
-fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
 }
 
 /// Decodes the `patch` of a response, accepting base64 (the documented wire form) and a JSON

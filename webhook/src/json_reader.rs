@@ -4,8 +4,8 @@
 //!
 //! serde_json spent most of an admission skipping those values token by token. Skipping here
 //! still validates: a value is accepted only if it is RFC 8259 JSON, as serde_json would accept
-//! it (the tests compare the two on mutated reviews). Parts read through serde types (a PVC or
-//! pod spec) are handed to serde_json in place, without a second scan.
+//! it (the tests compare the two on mutated reviews). Parts read through serde types (a pod spec,
+//! a PVC's data source references) are handed to serde_json in place, without a second scan.
 
 use std::borrow::Cow;
 
@@ -75,12 +75,8 @@ impl<'a> JsonReader<'a> {
                 .map_or(0, |i| i + 1);
         format!("line {line} column {column}")
     }
-
     fn skip_whitespace(&mut self) {
-        let bytes = self.bytes();
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = bytes.get(self.pos) {
-            self.pos += 1;
-        }
+        self.pos = skip_whitespace(self.bytes(), self.pos);
     }
 
     /// The next byte after whitespace, not consumed.
@@ -91,7 +87,6 @@ impl<'a> JsonReader<'a> {
             .copied()
             .ok_or_else(|| self.syntax("EOF while parsing a value"))
     }
-
     fn expect(&mut self, byte: u8, what: &str) -> Result<()> {
         if self.peek()? == byte {
             self.pos += 1;
@@ -134,23 +129,36 @@ impl<'a> JsonReader<'a> {
 
     /// The next key of the object, positioned at its value; `None` after the closing `}`.
     pub fn next_key(&mut self, cursor: &mut ObjectCursor) -> Result<Option<Cow<'a, str>>> {
-        match self.peek()? {
-            b'}' => {
-                self.pos += 1;
+        let bytes = self.bytes();
+        let mut pos = skip_whitespace(bytes, self.pos);
+        match bytes.get(pos) {
+            Some(b'}') => {
+                self.pos = pos + 1;
                 return Ok(None);
             }
-            b',' if !cursor.first => {
-                self.pos += 1;
-                self.peek()?;
+            Some(b',') if !cursor.first => pos = skip_whitespace(bytes, pos + 1),
+            Some(_) if cursor.first => {}
+            Some(_) => {
+                self.pos = pos;
+                return Err(self.syntax("expected `,` or `}`"));
             }
-            _ if cursor.first => {}
-            _ => return Err(self.syntax("expected `,` or `}`")),
+            None => {}
         }
         cursor.first = false;
-        if self.bytes()[self.pos] != b'"' {
-            return Err(self.syntax("key must be a string"));
+        self.pos = pos;
+        match bytes.get(pos) {
+            Some(b'"') => {}
+            Some(_) => return Err(self.syntax("key must be a string")),
+            None => return Err(self.syntax("EOF while parsing a value")),
         }
-        let key = self.string_at_quote()?;
+        // Keys are short and almost never escaped: borrow them without the general reader.
+        let end = find_string_special(bytes, pos + 1);
+        let key = if bytes.get(end) == Some(&b'"') {
+            self.pos = end + 1;
+            Cow::Borrowed(&self.text[pos + 1..end])
+        } else {
+            self.string_at_quote()?
+        };
         self.expect(b':', "expected `:`")?;
         Ok(Some(key))
     }
@@ -170,6 +178,33 @@ impl<'a> JsonReader<'a> {
             Ok(None)
         } else {
             self.string().map(Some)
+        }
+    }
+
+    /// An array of strings, or null.
+    pub fn optional_string_array(&mut self) -> Result<Option<Vec<Cow<'a, str>>>> {
+        match self.peek()? {
+            b'n' => self.literal(b"null").map(|_| None),
+            b'[' => {
+                self.pos += 1;
+                let mut items = Vec::new();
+                if self.peek()? == b']' {
+                    self.pos += 1;
+                    return Ok(Some(items));
+                }
+                loop {
+                    items.push(self.string()?);
+                    match self.peek()? {
+                        b',' => self.pos += 1,
+                        b']' => {
+                            self.pos += 1;
+                            return Ok(Some(items));
+                        }
+                        _ => return Err(self.syntax("expected `,` or `]`")),
+                    }
+                }
+            }
+            _ => Err(self.mismatch("a sequence")),
         }
     }
 
@@ -243,26 +278,91 @@ impl<'a> JsonReader<'a> {
     }
 
     /// Skips one value of any type, checking it is JSON. Iterative: nesting costs one bit.
+    ///
+    /// One loop over the bytes with the position in a local, strings scanned inline: skipping
+    /// is most of an admission's reading, and a call per token was most of skipping.
     pub fn skip_value(&mut self) -> Result<()> {
+        let bytes = self.bytes();
+        let mut pos = self.pos;
         // Bit i set: level i is an object (else an array).
         let mut objects: u128 = 0;
         let mut depth: u32 = 0;
+        macro_rules! fail {
+            ($at:expr, $what:expr) => {{
+                self.pos = $at;
+                return Err(self.syntax($what));
+            }};
+        }
+        // The next byte after whitespace; EOF is an error.
+        macro_rules! next_byte {
+            () => {{
+                pos = skip_whitespace(bytes, pos);
+                match bytes.get(pos) {
+                    Some(&b) => b,
+                    None => fail!(pos, "EOF while parsing a value"),
+                }
+            }};
+        }
+        // A string from its opening quote, escapes checked.
+        macro_rules! string {
+            () => {{
+                pos += 1;
+                loop {
+                    pos = find_string_special(bytes, pos);
+                    match bytes.get(pos) {
+                        Some(b'"') => {
+                            pos += 1;
+                            break;
+                        }
+                        Some(b'\\') => match bytes.get(pos + 1) {
+                            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => {
+                                pos += 2
+                            }
+                            _ => {
+                                self.pos = pos;
+                                self.escape()?;
+                                pos = self.pos;
+                            }
+                        },
+                        Some(_) => fail!(
+                            pos,
+                            "control character (\\u0000-\\u001F) found while parsing a string"
+                        ),
+                        None => fail!(pos, "EOF while parsing a string"),
+                    }
+                }
+            }};
+        }
+        // A key and its colon, inside a skipped object.
+        macro_rules! key {
+            () => {{
+                if next_byte!() != b'"' {
+                    fail!(pos, "key must be a string");
+                }
+                string!();
+                if next_byte!() != b':' {
+                    fail!(pos, "expected `:`");
+                }
+                pos += 1;
+            }};
+        }
         loop {
             // A value is expected here.
-            match self.peek()? {
+            match next_byte!() {
+                b'"' => string!(),
                 open @ (b'{' | b'[') => {
-                    self.pos += 1;
+                    pos += 1;
                     let close = if open == b'{' { b'}' } else { b']' };
-                    if self.peek()? == close {
-                        self.pos += 1;
+                    if next_byte!() == close {
+                        pos += 1;
                     } else {
                         if depth == MAX_DEPTH {
-                            return Err(self.syntax("recursion limit exceeded"));
+                            fail!(pos, "recursion limit exceeded");
                         }
                         if open == b'{' {
                             objects |= 1 << depth;
                             depth += 1;
-                            self.key_in_skipped_object()?;
+                            key!();
                         } else {
                             objects &= !(1 << depth);
                             depth += 1;
@@ -270,48 +370,46 @@ impl<'a> JsonReader<'a> {
                         continue;
                     }
                 }
-                b'"' => self.skip_string()?,
-                b't' => self.literal(b"true")?,
-                b'f' => self.literal(b"false")?,
-                b'n' => self.literal(b"null")?,
-                b'-' | b'0'..=b'9' => self.skip_number()?,
-                _ => return Err(self.syntax("expected value")),
+                b't' | b'f' | b'n' | b'-' | b'0'..=b'9' => {
+                    self.pos = pos;
+                    match bytes[pos] {
+                        b't' => self.literal(b"true")?,
+                        b'f' => self.literal(b"false")?,
+                        b'n' => self.literal(b"null")?,
+                        _ => self.skip_number()?,
+                    }
+                    pos = self.pos;
+                }
+                _ => fail!(pos, "expected value"),
             }
             // After a value: close levels until one continues with `,`.
             loop {
                 if depth == 0 {
+                    self.pos = pos;
                     return Ok(());
                 }
                 let in_object = objects & (1 << (depth - 1)) != 0;
-                match self.peek()? {
+                match next_byte!() {
                     b',' => {
-                        self.pos += 1;
+                        pos += 1;
                         if in_object {
-                            self.key_in_skipped_object()?;
+                            key!();
                         }
                         break;
                     }
                     b'}' if in_object => {
-                        self.pos += 1;
+                        pos += 1;
                         depth -= 1;
                     }
                     b']' if !in_object => {
-                        self.pos += 1;
+                        pos += 1;
                         depth -= 1;
                     }
-                    _ if in_object => return Err(self.syntax("expected `,` or `}`")),
-                    _ => return Err(self.syntax("expected `,` or `]`")),
+                    _ if in_object => fail!(pos, "expected `,` or `}`"),
+                    _ => fail!(pos, "expected `,` or `]`"),
                 }
             }
         }
-    }
-
-    fn key_in_skipped_object(&mut self) -> Result<()> {
-        if self.peek()? != b'"' {
-            return Err(self.syntax("key must be a string"));
-        }
-        self.skip_string()?;
-        self.expect(b':', "expected `:`")
     }
 
     fn skip_number(&mut self) -> Result<()> {
@@ -356,29 +454,6 @@ impl<'a> JsonReader<'a> {
         }
         self.pos = i;
         Ok(())
-    }
-
-    /// Skips a string starting at its opening quote, checking its escapes.
-    fn skip_string(&mut self) -> Result<()> {
-        self.pos += 1;
-        loop {
-            self.pos = find_string_special(self.bytes(), self.pos);
-            match self.bytes().get(self.pos) {
-                Some(b'"') => {
-                    self.pos += 1;
-                    return Ok(());
-                }
-                Some(b'\\') => {
-                    self.escape()?;
-                }
-                Some(_) => {
-                    return Err(self.syntax(
-                        "control character (\\u0000-\\u001F) found while parsing a string",
-                    ))
-                }
-                None => return Err(self.syntax("EOF while parsing a string")),
-            }
-        }
     }
 
     /// Reads a string starting at its opening quote; borrowed unless it has escapes.
@@ -490,8 +565,17 @@ enum Escape {
     LowSurrogate(u16),
 }
 
+/// Index of the first byte at or after `from` that is not JSON whitespace, or the length.
+#[inline]
+fn skip_whitespace(bytes: &[u8], mut pos: usize) -> usize {
+    while let Some(b' ' | b'\n' | b'\t' | b'\r') = bytes.get(pos) {
+        pos += 1;
+    }
+    pos
+}
+
 /// Index of the first `"`, `\` or control character at or after `from`, or the length.
-fn find_string_special(bytes: &[u8], from: usize) -> usize {
+pub(crate) fn find_string_special(bytes: &[u8], from: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{
@@ -532,22 +616,24 @@ fn find_string_special_scalar(bytes: &[u8], from: usize) -> usize {
         .map_or(bytes.len(), |i| from + i)
 }
 
-/// Labels or annotations (an object or null), keeping only keys with `prefix`; their values must
-/// be strings, the others are skipped whatever they are. Presence is kept: an object with no
-/// such key reads as `Some(empty)`.
-pub fn entries_with_prefix(
-    r: &mut JsonReader<'_>,
+/// Key-value string pairs of an object, in the order written, borrowed unless escaped.
+pub type Entries<'a> = Vec<(Cow<'a, str>, Cow<'a, str>)>;
+
+/// Labels or annotations (an object or null), keeping only keys with `prefix`, in order; their
+/// values must be strings, the others are skipped whatever they are. Presence is kept: an
+/// object with no such key reads as `Some(empty)`.
+pub fn entries_with_prefix<'a>(
+    r: &mut JsonReader<'a>,
     prefix: &str,
-) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+) -> Result<Option<Entries<'a>>> {
     if r.null()? {
         return Ok(None);
     }
-    let mut out = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
     let mut cursor = r.object("a map of strings or null")?;
     while let Some(key) = r.next_key(&mut cursor)? {
         if key.starts_with(prefix) {
-            let value = r.string()?.into_owned();
-            out.insert(key.into_owned(), value);
+            out.push((key, r.string()?));
         } else {
             r.skip_value()?;
         }

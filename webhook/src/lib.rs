@@ -1,7 +1,8 @@
 //! vmdisk webhook: the mutating admission server for PVCs and Pods, and (in the same
 //! Deployment) the leader-elected image controller.
 //!
-//! Module map: [`admission`] decodes AdmissionReviews (with [`json_reader`]) and encodes answers; [`mutate`] holds the
+//! Module map: [`admission`] decodes AdmissionReviews (with [`json_reader`]) and encodes answers (with
+//! [`json_writer`]); [`mutate`] holds the
 //! pure decisions (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled
 //! PVCs in memory (from the API server, or from a directory of YAML); [`tls`] loads and
 //! hot-reloads the serving certificate; [`server`] is the HTTPS accept loop; [`routes`] wires
@@ -13,6 +14,7 @@ pub mod config;
 pub mod controller;
 pub mod dir_watch;
 pub mod json_reader;
+pub mod json_writer;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;

@@ -65,20 +65,48 @@ pub fn claim_image_of(pvc: &PersistentVolumeClaim) -> Option<String> {
         .map(|c| c.image_name().to_string())
 }
 
-type Key = (String, String);
+/// Values by namespace, then name: looked up with borrowed names, so an admission's lookups
+/// allocate nothing.
+#[derive(Debug, Clone)]
+struct ByNamespace<V> {
+    namespaces: HashMap<String, HashMap<String, V>>,
+    len: usize,
+}
+
+impl<V> Default for ByNamespace<V> {
+    fn default() -> Self {
+        Self {
+            namespaces: HashMap::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<V> ByNamespace<V> {
+    fn insert(&mut self, namespace: String, name: String, value: V) {
+        let names = self.namespaces.entry(namespace).or_default();
+        if names.insert(name, value).is_none() {
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, namespace: &str, name: &str) -> Option<&V> {
+        self.namespaces.get(namespace)?.get(name)
+    }
+}
 
 /// An immutable view of the catalog, swapped whole on every change.
 #[derive(Debug, Default, Clone)]
 pub struct CatalogSnapshot {
-    images: HashMap<Key, Arc<VMDiskImage>>,
-    claims: HashMap<Key, String>,
+    images: ByNamespace<Arc<VMDiskImage>>,
+    claims: ByNamespace<String>,
 }
 
 impl CatalogSnapshot {
     pub fn insert_image(&mut self, image: VMDiskImage) {
         let namespace = image.metadata.namespace.clone().unwrap_or_default();
         let name = image.metadata.name.clone().unwrap_or_default();
-        self.images.insert((namespace, name), Arc::new(image));
+        self.images.insert(namespace, name, Arc::new(image));
     }
 
     /// Records a PVC if it is VMDiskImage-backed; returns whether it was.
@@ -88,29 +116,25 @@ impl CatalogSnapshot {
         };
         let namespace = pvc.metadata.namespace.clone().unwrap_or_default();
         let name = pvc.metadata.name.clone().unwrap_or_default();
-        self.claims.insert((namespace, name), image);
+        self.claims.insert(namespace, name, image);
         true
     }
 
     pub fn image_count(&self) -> usize {
-        self.images.len()
+        self.images.len
     }
 
     pub fn claim_count(&self) -> usize {
-        self.claims.len()
+        self.claims.len
     }
 }
 
 impl ImageLookup for CatalogSnapshot {
     fn image(&self, namespace: &str, name: &str) -> Option<Arc<VMDiskImage>> {
-        self.images
-            .get(&(namespace.to_string(), name.to_string()))
-            .cloned()
+        self.images.get(namespace, name).cloned()
     }
 
     fn claim_image(&self, namespace: &str, claim: &str) -> Option<String> {
-        self.claims
-            .get(&(namespace.to_string(), claim.to_string()))
-            .cloned()
+        self.claims.get(namespace, claim).cloned()
     }
 }

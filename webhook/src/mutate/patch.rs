@@ -4,7 +4,7 @@
 //! serializing those was a fifth of an admission's cost. [`JsonPatch::operations`] parses it
 //! back for tests and for anything that applies it.
 
-use serde::Serialize;
+use crate::json_writer::ToJson;
 
 /// A JSON Patch (RFC 6902) as its JSON text: an array of at least one operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,7 @@ impl Default for PatchBuilder {
 impl PatchBuilder {
     /// `add` of `value` at the path made of `segments` (escaped here: label keys contain `/`).
     /// `add` on an existing object member replaces it, which is what every caller wants.
-    pub fn add(&mut self, segments: &[&str], value: &impl Serialize) {
+    pub fn add(&mut self, segments: &[&str], value: &(impl ToJson + ?Sized)) {
         if self.operations > 0 {
             self.out.push(b',');
         }
@@ -80,7 +80,7 @@ impl PatchBuilder {
             self.out.extend_from_slice(&bytes[from..]);
         }
         self.out.extend_from_slice(br#"","value":"#);
-        serde_json::to_writer(&mut self.out, value).expect("patch values serialize");
+        value.write_json(&mut self.out);
         self.out.push(b'}');
     }
 
@@ -96,6 +96,7 @@ impl PatchBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json_writer::Serde;
     use serde_json::{json, Value};
 
     #[test]
@@ -104,7 +105,7 @@ mod tests {
         b.add(&["metadata", "labels", "vmdisk.io/image"], &"x");
         b.add(
             &["metadata", "annotations", "a~b\"c\\d\u{1}é"],
-            &json!({"k": [1, 2]}),
+            &Serde(&json!({"k": [1, 2]})),
         );
         let p = b.build().unwrap();
         let parsed: Value = serde_json::from_slice(p.as_bytes()).unwrap();
@@ -123,8 +124,8 @@ mod tests {
     #[test]
     fn built_patches_apply() {
         let mut b = PatchBuilder::default();
-        b.add(&["spec", "x"], &json!({"y": "z"}));
-        b.add(&["spec", "x", "w/v"], &3);
+        b.add(&["spec", "x"], &Serde(&json!({"y": "z"})));
+        b.add(&["spec", "x", "w/v"], &Serde(&3));
         let mut doc = json!({"spec": {}});
         json_patch::patch(&mut doc, &b.build().unwrap().operations()).unwrap();
         assert_eq!(doc, json!({"spec": {"x": {"y": "z", "w/v": 3}}}));

@@ -15,6 +15,7 @@ use super::patch::{JsonPatch, PatchBuilder};
 use super::pvc::image_claim;
 use super::view::PodView;
 use super::{ImageLookup, Mutation, MutationConfig};
+use crate::json_writer::Serde;
 
 /// The VMDiskImage a pod volume comes from, if the catalog knows it.
 fn image_of_volume(volume: &Volume, namespace: &str, images: &dyn ImageLookup) -> Option<String> {
@@ -124,28 +125,31 @@ impl PodAffinityMutation {
         match affinity {
             None => b.add(
                 &["spec"],
-                &json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}}),
+                &Serde(&json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}})),
             ),
             Some(None) => b.add(
                 &["spec", "affinity"],
-                &json!({"nodeAffinity": {PREFERRED: terms}}),
+                &Serde(&json!({"nodeAffinity": {PREFERRED: terms}})),
             ),
             Some(Some(a)) => match &a.node_affinity {
                 None => b.add(
                     &["spec", "affinity", "nodeAffinity"],
-                    &json!({PREFERRED: terms}),
+                    &Serde(&json!({PREFERRED: terms})),
                 ),
                 Some(n)
                     if n.preferred_during_scheduling_ignored_during_execution
                         .is_none() =>
                 {
-                    b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], &terms)
+                    b.add(
+                        &["spec", "affinity", "nodeAffinity", PREFERRED],
+                        &Serde(&terms),
+                    )
                 }
                 Some(_) => {
                     for term in &self.terms {
                         b.add(
                             &["spec", "affinity", "nodeAffinity", PREFERRED, "-"],
-                            &serde_json::to_value(term).expect("term serializes"),
+                            &Serde(term),
                         );
                     }
                 }

@@ -1,7 +1,5 @@
 //! [`PvcMutation`]: how a VMDiskImage-backed PVC is completed at CREATE.
 
-use k8s_openapi::api::core::v1::TypedObjectReference;
-use serde::Serialize;
 use vmdisk_crds::{
     format_bytes_quantity, parse_quantity, DIGEST_ANNOTATION, GROUP, IMAGE_ANNOTATION, IMAGE_KIND,
     IMAGE_LABEL,
@@ -10,21 +8,22 @@ use vmdisk_crds::{
 use super::patch::{JsonPatch, PatchBuilder};
 use super::view::{DataSources, PvcSpecView, PvcView};
 use super::{ImageLookup, Mutation, MutationConfig};
+use crate::json_writer::{ObjectWriter, ToJson};
 
 /// How a PVC asks for a VMDiskImage, if it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ImageClaim {
+pub enum ImageClaim<'a> {
     /// `spec.dataSourceRef` names the image.
-    DataSourceRef(String),
+    DataSourceRef(&'a str),
     /// Only the legacy `spec.dataSource` names the image (the apiserver does not fill
     /// `dataSourceRef` before admission).
-    LegacyDataSource(String),
+    LegacyDataSource(&'a str),
     /// A plain PVC annotated `vmdisk.io/image: <name>` (the transparent form).
-    Annotation(String),
+    Annotation(&'a str),
 }
 
-impl ImageClaim {
-    pub fn image_name(&self) -> &str {
+impl<'a> ImageClaim<'a> {
+    pub fn image_name(&self) -> &'a str {
         match self {
             ImageClaim::DataSourceRef(n)
             | ImageClaim::LegacyDataSource(n)
@@ -39,24 +38,24 @@ fn names_image(api_group: Option<&str>, kind: &str) -> bool {
 
 /// Finds which image (if any) a PVC spec asks for, and whether an annotation conflicts with a
 /// data source of another kind (returned as a warning).
-pub fn image_claim(
-    spec: Option<&impl DataSources>,
-    annotation: Option<&str>,
-) -> (Option<ImageClaim>, Option<String>) {
+pub fn image_claim<'a>(
+    spec: Option<&'a impl DataSources>,
+    annotation: Option<&'a str>,
+) -> (Option<ImageClaim<'a>>, Option<String>) {
     let source_ref = spec.and_then(|s| s.data_source_ref());
     let source = spec.and_then(|s| s.data_source());
     if let Some(r) = source_ref {
         if names_image(r.api_group.as_deref(), &r.kind) {
-            return (Some(ImageClaim::DataSourceRef(r.name.clone())), None);
+            return (Some(ImageClaim::DataSourceRef(&r.name)), None);
         }
     } else if let Some(s) = source {
         if names_image(s.api_group.as_deref(), &s.kind) {
-            return (Some(ImageClaim::LegacyDataSource(s.name.clone())), None);
+            return (Some(ImageClaim::LegacyDataSource(&s.name)), None);
         }
     }
     match annotation {
         Some(name) if source_ref.is_none() && source.is_none() => {
-            (Some(ImageClaim::Annotation(name.to_string())), None)
+            (Some(ImageClaim::Annotation(name)), None)
         }
         Some(name) => (
             None,
@@ -71,19 +70,20 @@ pub fn image_claim(
 pub use vmdisk_crds::volume_bytes_for_disk;
 
 /// What a VMDiskImage-backed PVC gains at CREATE. Each field is a change to make; `None`
-/// leaves that part of the PVC alone.
+/// leaves that part of the PVC alone. Names come from the admitted PVC, borrowed.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct PvcMutation {
-    pub data_source_ref: Option<TypedObjectReference>,
+pub struct PvcMutation<'a> {
+    /// The image a `dataSourceRef` to add names (group `vmdisk.io`, kind `VMDiskImage`).
+    pub data_source_ref: Option<&'a str>,
     pub storage: Option<String>,
     pub access_modes: Option<Vec<String>>,
     pub storage_class_name: Option<String>,
-    pub image_label: Option<String>,
+    pub image_label: Option<&'a str>,
     pub digest_annotation: Option<String>,
     pub warnings: Vec<String>,
 }
 
-impl PvcMutation {
+impl<'a> PvcMutation<'a> {
     fn only_warnings(warnings: Vec<String>) -> Self {
         Self {
             warnings,
@@ -93,7 +93,7 @@ impl PvcMutation {
 
     /// Decides the changes for a PVC at CREATE. `namespace` is the request's namespace.
     pub fn plan(
-        pvc: &PvcView,
+        pvc: &'a PvcView<'_>,
         namespace: &str,
         images: &dyn ImageLookup,
         config: &MutationConfig,
@@ -105,7 +105,7 @@ impl PvcMutation {
         let Some(claim) = claim else {
             return Self::only_warnings(warnings);
         };
-        let image_name = claim.image_name().to_string();
+        let image_name = claim.image_name();
         let empty_spec = PvcSpecView::default();
         let spec = pvc.spec.as_ref().unwrap_or(&empty_spec);
 
@@ -125,18 +125,13 @@ impl PvcMutation {
         if !matches!(claim, ImageClaim::DataSourceRef(_)) {
             // Annotation form, or legacy dataSource only: the populator contract is
             // dataSourceRef (equal to dataSource when both are set, as validation requires).
-            out.data_source_ref = Some(TypedObjectReference {
-                api_group: Some(GROUP.to_string()),
-                kind: IMAGE_KIND.to_string(),
-                name: image_name.clone(),
-                namespace: None,
-            });
+            out.data_source_ref = Some(image_name);
         }
-        if meta.and_then(|m| m.label(IMAGE_LABEL)) != Some(image_name.as_str()) {
-            out.image_label = Some(image_name.clone());
+        if meta.and_then(|m| m.label(IMAGE_LABEL)) != Some(image_name) {
+            out.image_label = Some(image_name);
         }
 
-        let image = images.image(namespace, &image_name);
+        let image = images.image(namespace, image_name);
         if spec.access_modes.as_ref().is_none_or(|m| m.is_empty()) {
             out.access_modes = Some(
                 image
@@ -226,7 +221,7 @@ impl PvcMutation {
     /// JSON tree.
     pub fn patch(&self, pvc: &PvcView) -> Option<JsonPatch> {
         let mut b = PatchBuilder::default();
-        let labels = self.image_label.as_deref().map(|v| Entry(IMAGE_LABEL, v));
+        let labels = self.image_label.map(|v| Entry(IMAGE_LABEL, v));
         let annotations = self
             .digest_annotation
             .as_deref()
@@ -264,7 +259,7 @@ impl PvcMutation {
         match &pvc.spec {
             None => {
                 let spec = SpecPatch {
-                    data_source_ref: self.data_source_ref.as_ref(),
+                    data_source_ref: self.data_source_ref.map(DataSourceRef),
                     access_modes: self.access_modes.as_deref(),
                     storage_class_name: self.storage_class_name.as_deref(),
                     resources: storage,
@@ -274,8 +269,8 @@ impl PvcMutation {
                 }
             }
             Some(spec) => {
-                if let Some(r) = &self.data_source_ref {
-                    b.add(&["spec", "dataSourceRef"], r);
+                if let Some(image) = self.data_source_ref {
+                    b.add(&["spec", "dataSourceRef"], &DataSourceRef(image));
                 }
                 if let Some(m) = &self.access_modes {
                     b.add(&["spec", "accessModes"], m);
@@ -305,44 +300,78 @@ impl PvcMutation {
 #[derive(Clone, Copy)]
 struct Entry<'a>(&'static str, &'a str);
 
-impl Serialize for Entry<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(1))?;
-        map.serialize_entry(self.0, self.1)?;
-        map.end()
+impl ToJson for Entry<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out).member(self.0, self.1).end();
     }
 }
 
-#[derive(Serialize)]
 struct MetadataPatch<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
     labels: Option<Entry<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     annotations: Option<Entry<'a>>,
 }
 
-#[derive(Serialize)]
+impl ToJson for MetadataPatch<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .optional("labels", self.labels.as_ref())
+            .optional("annotations", self.annotations.as_ref())
+            .end();
+    }
+}
+
 struct Storage<'a> {
     storage: &'a str,
 }
 
-#[derive(Serialize)]
+impl ToJson for Storage<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out).member("storage", self.storage).end();
+    }
+}
+
 struct Requests<'a> {
     requests: Storage<'a>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+impl ToJson for Requests<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .member("requests", &self.requests)
+            .end();
+    }
+}
+
+/// A `dataSourceRef` to the named VMDiskImage, members in k8s-openapi's order (the text is
+/// what serializing a `TypedObjectReference` would give).
+struct DataSourceRef<'a>(&'a str);
+
+impl ToJson for DataSourceRef<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .member("apiGroup", GROUP)
+            .member("kind", IMAGE_KIND)
+            .member("name", self.0)
+            .end();
+    }
+}
+
 struct SpecPatch<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_source_ref: Option<&'a TypedObjectReference>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    data_source_ref: Option<DataSourceRef<'a>>,
     access_modes: Option<&'a [String]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     storage_class_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     resources: Option<Requests<'a>>,
+}
+
+impl ToJson for SpecPatch<'_> {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        ObjectWriter::new(out)
+            .optional("dataSourceRef", self.data_source_ref.as_ref())
+            .optional("accessModes", self.access_modes)
+            .optional("storageClassName", self.storage_class_name)
+            .optional("resources", self.resources.as_ref())
+            .end();
+    }
 }
 
 impl SpecPatch<'_> {

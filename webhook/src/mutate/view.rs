@@ -1,55 +1,58 @@
 //! Lean views of the admitted objects: only the fields the mutations read, read in the same
-//! pass as the review ([`crate::json_reader`]), everything else skipped (only `vmdisk.io/`
-//! labels and annotations are kept; specs go through serde in place). Parsing whole typed
-//! objects was most of the webhook's per-request cost.
+//! pass as the review ([`crate::json_reader`]) and borrowed from the body, everything else
+//! skipped (only `vmdisk.io/` labels and annotations are kept; the PVC spec is read field by
+//! field, the pod spec and data source references go through serde in place). Parsing whole
+//! typed objects was most of the webhook's per-request cost.
 //!
 //! `Option` presence in a view mirrors presence in the raw JSON (absent or `null` both read as
 //! `None`), which is what the patch builders rely on to address existing parents only.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::{
     Affinity, PersistentVolumeClaimSpec, TypedLocalObjectReference, TypedObjectReference, Volume,
 };
-use std::marker::PhantomData;
 
-use serde::de::{DeserializeOwned, MapAccess, Visitor};
-use serde::{Deserialize, Deserializer};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 
 use crate::admission::ObjectView;
-use crate::json_reader::{entries_with_prefix, set_once, JsonReader, ReadError};
+use crate::json_reader::{entries_with_prefix, set_once, Entries, JsonReader, ReadError};
 
 /// Keys of labels and annotations the mutations read; others are skipped unparsed (a PVC's
 /// `last-applied-configuration` annotation alone can be most of the request).
 const RELEVANT_KEY_PREFIX: &str = "vmdisk.io/";
 
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct MetaView {
-    pub name: Option<String>,
-    pub namespace: Option<String>,
-    /// Only `vmdisk.io/` keys.
-    pub labels: Option<BTreeMap<String, String>>,
-    /// Only `vmdisk.io/` keys.
-    pub annotations: Option<BTreeMap<String, String>>,
+/// The value of `key` among `vmdisk.io/` entries (a repeated key: the last one counts, as in a
+/// map).
+fn entry<'e>(entries: Option<&'e Entries<'_>>, key: &str) -> Option<&'e str> {
+    let (_, value) = entries?.iter().rev().find(|(k, _)| k == key)?;
+    Some(value)
 }
 
-impl MetaView {
+/// The metadata the mutations read: `vmdisk.io/` labels and annotations, borrowed from the
+/// request body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct MetaView<'a> {
+    /// Only `vmdisk.io/` keys.
+    pub labels: Option<Entries<'a>>,
+    /// Only `vmdisk.io/` keys.
+    pub annotations: Option<Entries<'a>>,
+}
+
+impl<'a> MetaView<'a> {
     pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations.as_ref()?.get(key).map(String::as_str)
+        entry(self.annotations.as_ref(), key)
     }
     pub fn label(&self, key: &str) -> Option<&str> {
-        self.labels.as_ref()?.get(key).map(String::as_str)
+        entry(self.labels.as_ref(), key)
     }
 
-    fn read(r: &mut JsonReader<'_>) -> Result<Self, ReadError> {
-        let (mut name, mut namespace, mut labels, mut annotations) = (None, None, None, None);
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
+        let (mut labels, mut annotations) = (None, None);
         let mut cursor = r.object("an object or null")?;
         while let Some(key) = r.next_key(&mut cursor)? {
             match &*key {
-                "name" => set_once(r, &mut name, "name", JsonReader::optional_string)?,
-                "namespace" => {
-                    set_once(r, &mut namespace, "namespace", JsonReader::optional_string)?
-                }
                 "labels" => set_once(r, &mut labels, "labels", |r| {
                     entries_with_prefix(r, RELEVANT_KEY_PREFIX)
                 })?,
@@ -60,8 +63,6 @@ impl MetaView {
             }
         }
         Ok(MetaView {
-            name: name.flatten().map(Into::into),
-            namespace: namespace.flatten().map(Into::into),
             labels: labels.flatten(),
             annotations: annotations.flatten(),
         })
@@ -82,29 +83,6 @@ fn object_or_null<'a, T>(
             r.object("an object or null").map(|_| None)
         }
     }
-}
-
-/// [`object_or_null`] for fields serde decodes: its derived structs also accept sequences.
-fn deserialize_object_or_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<T>, D::Error> {
-    struct ObjectOrNull<T>(PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectOrNull<T> {
-        type Value = Option<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object or null")
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
-        }
-    }
-    d.deserialize_any(ObjectOrNull(PhantomData))
 }
 
 /// A value (object or null) serde decodes in place.
@@ -141,51 +119,137 @@ fn read_object<'a, M, S>(
 
 /// A PersistentVolumeClaim as the PVC mutation sees it.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct PvcView {
-    pub metadata: Option<MetaView>,
-    pub spec: Option<PvcSpecView>,
+pub struct PvcView<'a> {
+    pub metadata: Option<MetaView<'a>>,
+    pub spec: Option<PvcSpecView<'a>>,
 }
 
-impl ObjectView<'_> for PvcView {
-    fn read(r: &mut JsonReader<'_>) -> Result<Self, ReadError> {
+impl<'a> ObjectView<'a> for PvcView<'a> {
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
         let (metadata, spec) = read_object(
             r,
             |r| object_or_null(r, MetaView::read),
-            serde_object_or_null,
+            |r| object_or_null(r, PvcSpecView::read),
         )?;
         Ok(Self { metadata, spec })
     }
 }
 
-/// The parts of a PVC spec the mutation reads or patches.
-#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PvcSpecView {
-    #[serde(default)]
-    pub access_modes: Option<Vec<String>>,
-    #[serde(default)]
+/// The parts of a PVC spec the mutation reads or patches; strings borrow from the body.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PvcSpecView<'a> {
+    pub access_modes: Option<Vec<Cow<'a, str>>>,
     pub data_source: Option<TypedLocalObjectReference>,
-    #[serde(default)]
     pub data_source_ref: Option<TypedObjectReference>,
-    #[serde(default, deserialize_with = "deserialize_object_or_null")]
-    pub resources: Option<ResourcesView>,
-    #[serde(default)]
-    pub storage_class_name: Option<String>,
-    #[serde(default)]
-    pub volume_mode: Option<String>,
+    pub resources: Option<ResourcesView<'a>>,
+    pub storage_class_name: Option<Cow<'a, str>>,
+    pub volume_mode: Option<Cow<'a, str>>,
+}
+
+impl<'a> PvcSpecView<'a> {
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
+        let mut spec = PvcSpecView::default();
+        let (mut access_modes, mut data_source, mut data_source_ref) = (None, None, None);
+        let (mut resources, mut storage_class_name, mut volume_mode) = (None, None, None);
+        let mut cursor = r.object("an object or null")?;
+        while let Some(key) = r.next_key(&mut cursor)? {
+            match &*key {
+                "accessModes" => set_once(
+                    r,
+                    &mut access_modes,
+                    "accessModes",
+                    JsonReader::optional_string_array,
+                )?,
+                // Rare and typed: serde reads them in place.
+                "dataSource" => set_once(r, &mut data_source, "dataSource", |r| {
+                    optional(r, JsonReader::serde)
+                })?,
+                "dataSourceRef" => set_once(r, &mut data_source_ref, "dataSourceRef", |r| {
+                    optional(r, JsonReader::serde)
+                })?,
+                "resources" => set_once(r, &mut resources, "resources", |r| {
+                    object_or_null(r, ResourcesView::read)
+                })?,
+                "storageClassName" => set_once(
+                    r,
+                    &mut storage_class_name,
+                    "storageClassName",
+                    JsonReader::optional_string,
+                )?,
+                "volumeMode" => set_once(
+                    r,
+                    &mut volume_mode,
+                    "volumeMode",
+                    JsonReader::optional_string,
+                )?,
+                _ => r.skip_value()?,
+            }
+        }
+        spec.access_modes = access_modes.flatten();
+        spec.data_source = data_source.flatten();
+        spec.data_source_ref = data_source_ref.flatten();
+        spec.resources = resources.flatten();
+        spec.storage_class_name = storage_class_name.flatten();
+        spec.volume_mode = volume_mode.flatten();
+        Ok(spec)
+    }
 }
 
 /// `spec.resources`: only whether `requests` is there, and its `storage`.
-#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
-pub struct ResourcesView {
-    #[serde(default, deserialize_with = "deserialize_object_or_null")]
-    pub requests: Option<RequestsView>,
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ResourcesView<'a> {
+    pub requests: Option<RequestsView<'a>>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
-pub struct RequestsView {
-    #[serde(default)]
-    pub storage: Option<String>,
+impl<'a> ResourcesView<'a> {
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
+        let mut requests = None;
+        let mut cursor = r.object("an object or null")?;
+        while let Some(key) = r.next_key(&mut cursor)? {
+            match &*key {
+                "requests" => set_once(r, &mut requests, "requests", |r| {
+                    object_or_null(r, RequestsView::read)
+                })?,
+                _ => r.skip_value()?,
+            }
+        }
+        Ok(Self {
+            requests: requests.flatten(),
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RequestsView<'a> {
+    pub storage: Option<Cow<'a, str>>,
+}
+
+impl<'a> RequestsView<'a> {
+    fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
+        let mut storage = None;
+        let mut cursor = r.object("an object or null")?;
+        while let Some(key) = r.next_key(&mut cursor)? {
+            match &*key {
+                "storage" => set_once(r, &mut storage, "storage", JsonReader::optional_string)?,
+                _ => r.skip_value()?,
+            }
+        }
+        Ok(Self {
+            storage: storage.flatten(),
+        })
+    }
+}
+
+/// A value read by `read`, or null.
+fn optional<'a, T>(
+    r: &mut JsonReader<'a>,
+    read: impl FnOnce(&mut JsonReader<'a>) -> Result<T, ReadError>,
+) -> Result<Option<T>, ReadError> {
+    if r.null()? {
+        Ok(None)
+    } else {
+        read(r).map(Some)
+    }
 }
 
 /// Where a PVC spec names its data sources: the admitted view, or a typed spec (a claim
@@ -195,7 +259,7 @@ pub trait DataSources {
     fn data_source(&self) -> Option<&TypedLocalObjectReference>;
 }
 
-impl DataSources for PvcSpecView {
+impl DataSources for PvcSpecView<'_> {
     fn data_source_ref(&self) -> Option<&TypedObjectReference> {
         self.data_source_ref.as_ref()
     }
@@ -267,7 +331,7 @@ mod tests {
         )
         .unwrap();
         let m = v.metadata.unwrap();
-        assert_eq!(m.labels, Some(BTreeMap::new()));
+        assert_eq!(m.labels, Some(Vec::new()));
         assert_eq!(m.annotation("vmdisk.io/image"), Some("f"));
         assert_eq!(m.annotations.unwrap().len(), 1);
         let v: PvcView = view_from_json(r#"{"metadata": {"labels": null}}"#).unwrap();
@@ -278,12 +342,77 @@ mod tests {
         ));
     }
 
+    /// The spec reader against k8s-openapi's: the same values, the same refusals.
+    #[test]
+    fn pvc_specs_read_as_the_typed_spec_reads_them() {
+        for spec in [
+            r#"{}"#,
+            r#"{"accessModes": ["ReadWriteOnce", "Read\u0057riteMany"], "storageClassName": "fast", "volumeMode": "Block"}"#,
+            r#"{"accessModes": [], "storageClassName": null, "volumeMode": null, "resources": null}"#,
+            r#"{"resources": {"limits": {"cpu": "1"}, "requests": {"storage": "20Gi", "cpu": "2"}}}"#,
+            r#"{"resources": {"requests": null}, "selector": {"matchLabels": {"a": "b"}}}"#,
+            r#"{"dataSource": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "f"}, "dataSourceRef": {"kind": "PersistentVolumeClaim", "name": "p", "namespace": "other"}}"#,
+            r#"{"dataSource": null, "dataSourceRef": null, "volumeName": "pv-1"}"#,
+        ] {
+            let text = format!(r#"{{"spec": {spec}}}"#);
+            let view: PvcView = view_from_json(&text).unwrap_or_else(|e| panic!("{spec}: {e}"));
+            let view = view.spec.unwrap();
+            let typed: PersistentVolumeClaimSpec = serde_json::from_str(spec).unwrap();
+            let strings = |v: &Option<Vec<Cow<str>>>| {
+                v.as_ref()
+                    .map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            };
+            assert_eq!(strings(&view.access_modes), typed.access_modes, "{spec}");
+            assert_eq!(
+                view.storage_class_name.as_deref(),
+                typed.storage_class_name.as_deref()
+            );
+            assert_eq!(view.volume_mode.as_deref(), typed.volume_mode.as_deref());
+            assert_eq!(view.data_source, typed.data_source);
+            assert_eq!(view.data_source_ref, typed.data_source_ref);
+            let requests = typed.resources.as_ref().and_then(|r| r.requests.as_ref());
+            assert_eq!(
+                view.resources.as_ref().map(|r| r.requests.is_some()),
+                typed.resources.as_ref().map(|_| requests.is_some()),
+                "{spec}"
+            );
+            assert_eq!(
+                view.resources
+                    .and_then(|r| r.requests)
+                    .and_then(|r| r.storage)
+                    .as_deref(),
+                requests
+                    .and_then(|r| r.get("storage"))
+                    .map(|q| q.0.as_str())
+            );
+        }
+        for wrong in [
+            r#"{"accessModes": "ReadWriteOnce"}"#,
+            r#"{"accessModes": [1]}"#,
+            r#"{"storageClassName": 5}"#,
+            r#"{"resources": []}"#,
+            r#"{"dataSourceRef": ["PersistentVolumeClaim"]}"#,
+        ] {
+            let text = format!(r#"{{"spec": {wrong}}}"#);
+            assert!(
+                matches!(view_from_json::<PvcView>(&text), Err(ReadError::Type(_))),
+                "{wrong}"
+            );
+            assert!(
+                serde_json::from_str::<PersistentVolumeClaimSpec>(wrong).is_err(),
+                "{wrong}"
+            );
+        }
+    }
+
     #[test]
     fn repeated_fields_are_refused_and_unread_ones_skipped() {
         for twice in [
             r#"{"metadata": {}, "metadata": {}}"#,
             r#"{"spec": {}, "spec": {}}"#,
-            r#"{"metadata": {"name": "a", "name": "b"}}"#,
+            r#"{"metadata": {"labels": {}, "labels": null}}"#,
+            r#"{"spec": {"volumeMode": "Block", "volumeMode": "Filesystem"}}"#,
+            r#"{"spec": {"resources": {"requests": {"storage": "1Gi", "storage": "2Gi"}}}}"#,
             r#"{"metadata": {"annotations": {}, "annotations": {}}}"#,
         ] {
             match view_from_json::<PvcView>(twice) {
@@ -292,10 +421,13 @@ mod tests {
             }
         }
         let v: PvcView = view_from_json(
-            r#"{"kind": "PersistentVolumeClaim", "status": {"phase": "Pending"}, "metadata": {"name": "n\u0041", "managedFields": [{"f:spec": {}}]}, "spec": {"volumeMode": "Block"}}"#,
+            r#"{"kind": "PersistentVolumeClaim", "status": {"phase": "Pending"}, "metadata": {"name": "n", "annotations": {"vmdisk.io/image": "n\u0041"}, "managedFields": [{"f:spec": {}}]}, "spec": {"volumeMode": "Block"}}"#,
         )
         .unwrap();
-        assert_eq!(v.metadata.unwrap().name.as_deref(), Some("nA"));
+        assert_eq!(
+            v.metadata.unwrap().annotation("vmdisk.io/image"),
+            Some("nA")
+        );
         assert_eq!(v.spec.unwrap().volume_mode.as_deref(), Some("Block"));
         assert!(matches!(
             view_from_json::<PvcView>(r#"{"status": {"phase": }}"#),
