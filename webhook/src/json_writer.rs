@@ -2,8 +2,9 @@
 //! the counterpart of [`crate::json_reader`]. The output is byte for byte what serde_json
 //! writes for the same values (the tests compare), so nothing downstream can tell.
 //!
-//! serde_json's string writer looks at every byte through a table; answers are mostly names and
-//! base64, so strings here are copied 16 bytes at a time until one needs an escape.
+//! serde_json's string writer looks at every byte through a table and copies runs between
+//! escapes; answers are mostly short names and base64, so a string here is checked in one
+//! vector loop and copied whole when nothing in it needs an escape.
 
 use serde::Serialize;
 
@@ -99,11 +100,25 @@ impl<'o> ObjectWriter<'o> {
     }
 }
 
+/// Whether any byte of `bytes` is one of `special` or a control character. Written as a fold
+/// without early exit, so it compiles to a vector loop: most strings here are short names.
+#[inline]
+pub(crate) fn any_special(bytes: &[u8], special: &[u8]) -> bool {
+    bytes.iter().fold(false, |any, &b| {
+        any | (b < 0x20) | special.iter().fold(false, |hit, &s| hit | (b == s))
+    })
+}
+
 /// `s` as a JSON string, escaped as serde_json escapes it.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    if !any_special(bytes, b"\"\\") {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut from = 0;
     loop {
         let special = find_string_special(bytes, from);

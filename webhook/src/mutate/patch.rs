@@ -4,7 +4,7 @@
 //! serializing those was a fifth of an admission's cost. [`JsonPatch::operations`] parses it
 //! back for tests and for anything that applies it.
 
-use crate::json_writer::ToJson;
+use crate::json_writer::{any_special, ToJson};
 
 /// A JSON Patch (RFC 6902) as its JSON text: an array of at least one operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +36,8 @@ pub struct PatchBuilder {
 
 impl Default for PatchBuilder {
     fn default() -> Self {
-        let mut out = Vec::with_capacity(256);
+        // Room for a PVC's patch (about 420 bytes) without growing.
+        let mut out = Vec::with_capacity(512);
         out.push(b'[');
         Self { out, operations: 0 }
     }
@@ -53,8 +54,12 @@ impl PatchBuilder {
         self.out.extend_from_slice(br#"{"op":"add","path":""#);
         for segment in segments {
             self.out.push(b'/');
-            // Pointer escapes (RFC 6901), then JSON string escapes; UTF-8 passes as it is.
             let bytes = segment.as_bytes();
+            if !any_special(bytes, b"~/\"\\") {
+                self.out.extend_from_slice(bytes);
+                continue;
+            }
+            // Pointer escapes (RFC 6901), then JSON string escapes; UTF-8 passes as it is.
             let mut from = 0;
             for (i, &c) in bytes.iter().enumerate() {
                 let escaped: &[u8] = match c {

@@ -139,8 +139,9 @@ impl<'a> ObjectView<'a> for PvcView<'a> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PvcSpecView<'a> {
     pub access_modes: Option<Vec<Cow<'a, str>>>,
-    pub data_source: Option<TypedLocalObjectReference>,
-    pub data_source_ref: Option<TypedObjectReference>,
+    /// Boxed: rarely there, and a view is moved a few times while it is read.
+    pub data_source: Option<Box<TypedLocalObjectReference>>,
+    pub data_source_ref: Option<Box<TypedObjectReference>>,
     pub resources: Option<ResourcesView<'a>>,
     pub storage_class_name: Option<Cow<'a, str>>,
     pub volume_mode: Option<Cow<'a, str>>,
@@ -203,19 +204,8 @@ pub struct ResourcesView<'a> {
 
 impl<'a> ResourcesView<'a> {
     fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
-        let mut requests = None;
-        let mut cursor = r.object("an object or null")?;
-        while let Some(key) = r.next_key(&mut cursor)? {
-            match &*key {
-                "requests" => set_once(r, &mut requests, "requests", |r| {
-                    object_or_null(r, RequestsView::read)
-                })?,
-                _ => r.skip_value()?,
-            }
-        }
-        Ok(Self {
-            requests: requests.flatten(),
-        })
+        let requests = only_field(r, "requests", |r| object_or_null(r, RequestsView::read))?;
+        Ok(Self { requests })
     }
 }
 
@@ -226,18 +216,28 @@ pub struct RequestsView<'a> {
 
 impl<'a> RequestsView<'a> {
     fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
-        let mut storage = None;
-        let mut cursor = r.object("an object or null")?;
-        while let Some(key) = r.next_key(&mut cursor)? {
-            match &*key {
-                "storage" => set_once(r, &mut storage, "storage", JsonReader::optional_string)?,
-                _ => r.skip_value()?,
-            }
-        }
-        Ok(Self {
-            storage: storage.flatten(),
-        })
+        let storage = only_field(r, "storage", JsonReader::optional_string)?;
+        Ok(Self { storage })
     }
+}
+
+/// An object of which only the field `name` is read (`None` if absent or null); the others are
+/// skipped.
+fn only_field<'a, T>(
+    r: &mut JsonReader<'a>,
+    name: &str,
+    mut read: impl FnMut(&mut JsonReader<'a>) -> Result<Option<T>, ReadError>,
+) -> Result<Option<T>, ReadError> {
+    let mut value = None;
+    let mut cursor = r.object("an object or null")?;
+    while let Some(key) = r.next_key(&mut cursor)? {
+        if key == name {
+            set_once(r, &mut value, name, &mut read)?;
+        } else {
+            r.skip_value()?;
+        }
+    }
+    Ok(value.flatten())
 }
 
 /// A value read by `read`, or null.
@@ -261,10 +261,10 @@ pub trait DataSources {
 
 impl DataSources for PvcSpecView<'_> {
     fn data_source_ref(&self) -> Option<&TypedObjectReference> {
-        self.data_source_ref.as_ref()
+        self.data_source_ref.as_deref()
     }
     fn data_source(&self) -> Option<&TypedLocalObjectReference> {
-        self.data_source.as_ref()
+        self.data_source.as_deref()
     }
 }
 
@@ -368,8 +368,11 @@ mod tests {
                 typed.storage_class_name.as_deref()
             );
             assert_eq!(view.volume_mode.as_deref(), typed.volume_mode.as_deref());
-            assert_eq!(view.data_source, typed.data_source);
-            assert_eq!(view.data_source_ref, typed.data_source_ref);
+            assert_eq!(view.data_source.as_deref(), typed.data_source.as_ref());
+            assert_eq!(
+                view.data_source_ref.as_deref(),
+                typed.data_source_ref.as_ref()
+            );
             let requests = typed.resources.as_ref().and_then(|r| r.requests.as_ref());
             assert_eq!(
                 view.resources.as_ref().map(|r| r.requests.is_some()),
