@@ -242,8 +242,9 @@ impl<'a> JsonReader<'a> {
         }
     }
 
-    /// The next value's text, checked to be JSON.
-    pub fn raw(&mut self) -> Result<&'a str> {
+    /// The next value's text, checked to be JSON (views in tests that leave the object unread).
+    #[cfg(test)]
+    pub(crate) fn raw(&mut self) -> Result<&'a str> {
         self.skip_whitespace();
         let start = self.pos;
         self.skip_value()?;

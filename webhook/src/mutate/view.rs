@@ -149,7 +149,6 @@ pub struct PvcSpecView<'a> {
 
 impl<'a> PvcSpecView<'a> {
     fn read(r: &mut JsonReader<'a>) -> Result<Self, ReadError> {
-        let mut spec = PvcSpecView::default();
         let (mut access_modes, mut data_source, mut data_source_ref) = (None, None, None);
         let (mut resources, mut storage_class_name, mut volume_mode) = (None, None, None);
         let mut cursor = r.object("an object or null")?;
@@ -186,13 +185,14 @@ impl<'a> PvcSpecView<'a> {
                 _ => r.skip_value()?,
             }
         }
-        spec.access_modes = access_modes.flatten();
-        spec.data_source = data_source.flatten();
-        spec.data_source_ref = data_source_ref.flatten();
-        spec.resources = resources.flatten();
-        spec.storage_class_name = storage_class_name.flatten();
-        spec.volume_mode = volume_mode.flatten();
-        Ok(spec)
+        Ok(PvcSpecView {
+            access_modes: access_modes.flatten(),
+            data_source: data_source.flatten(),
+            data_source_ref: data_source_ref.flatten(),
+            resources: resources.flatten(),
+            storage_class_name: storage_class_name.flatten(),
+            volume_mode: volume_mode.flatten(),
+        })
     }
 }
 
