@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::extract::ExtractLimits;
 use crate::populate::{parse_owner, populate, PopulateProgress, PopulateRequest};
 use crate::store::{Budget, CacheStore, StoreRole};
+use crate::warm::extract::ExtractLimits;
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};

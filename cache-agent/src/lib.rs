@@ -5,13 +5,9 @@
 pub mod agent;
 pub mod cli;
 pub mod clone;
-pub mod convert;
-pub mod decode;
-pub mod extract;
 pub mod lock;
 pub mod populate;
 pub mod report;
-pub mod sparse;
 pub mod store;
 pub mod warm;
 pub mod watch;

@@ -16,8 +16,8 @@ use vmdisk_crds::DiskFormat;
 use vmdisk_registry::RegistryOptions;
 
 use crate::clone::{clone_disk, CloneError, CloneMethod};
-use crate::convert::ConvertError;
 use crate::store::EntryKey;
+use crate::warm::convert::ConvertError;
 use crate::warm::{WarmError, WarmProgress, WarmRequest, Warmer};
 
 #[derive(Debug, Error)]
@@ -204,7 +204,7 @@ pub async fn populate(
     let mut target_size = report.target_size;
     if !block && request.format == DiskFormat::Qcow2 {
         if let Some(bytes) = request.size.filter(|s| *s > virtual_size) {
-            crate::convert::resize(&request.target, bytes)
+            crate::warm::convert::resize(&request.target, bytes)
                 .await
                 .map_err(|source| PopulateError::Resize {
                     target: target_name.clone(),

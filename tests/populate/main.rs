@@ -7,8 +7,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmdisk_cache_agent::extract::ExtractLimits;
 use vmdisk_cache_agent::store::{Budget, CacheStore, EntryKey};
+use vmdisk_cache_agent::warm::extract::ExtractLimits;
 use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig};

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use vmdisk_cache_agent::extract::ExtractLimits;
 use vmdisk_cache_agent::store::CacheStore;
+use vmdisk_cache_agent::warm::extract::ExtractLimits;
 use vmdisk_cache_agent::warm::Warmer;
 use vmdisk_registry::pull::{Puller, PullerConfig};
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oci_client::secrets::RegistryAuth;
-use vmdisk_cache_agent::convert::ConvertError;
-use vmdisk_cache_agent::extract::{ExtractError, ExtractLimits};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
+use vmdisk_cache_agent::warm::convert::ConvertError;
+use vmdisk_cache_agent::warm::extract::{ExtractError, ExtractLimits};
 use vmdisk_cache_agent::warm::{Conversion, WarmError, WarmOutcome, WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{PlatformSpec, PullError, Puller, PullerConfig, RetryPolicy};
@@ -442,8 +442,8 @@ async fn hostile_images_are_refused_with_nothing_outside_staging() {
                         source: ConvertError::BackingFile { .. },
                         ..
                     } | WarmError::Extract {
-                        source: vmdisk_cache_agent::extract::ExtractError::Disk {
-                            source: vmdisk_cache_agent::decode::DecodeError::BackingFile(_),
+                        source: vmdisk_cache_agent::warm::extract::ExtractError::Disk {
+                            source: vmdisk_cache_agent::warm::decode::DecodeError::BackingFile(_),
                             ..
                         },
                         ..

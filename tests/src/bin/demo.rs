@@ -94,9 +94,9 @@ async fn main() -> anyhow::Result<()> {
 async fn cache_demo() -> anyhow::Result<()> {
     use std::sync::Arc;
     use std::time::Instant;
-    use vmdisk_cache_agent::extract::ExtractLimits;
     use vmdisk_cache_agent::populate::{populate, PopulateRequest};
     use vmdisk_cache_agent::store::{Budget, CacheStore};
+    use vmdisk_cache_agent::warm::extract::ExtractLimits;
     use vmdisk_cache_agent::warm::Warmer;
     use vmdisk_crds::DiskFormat;
     use vmdisk_registry::pull::{Puller, PullerConfig};

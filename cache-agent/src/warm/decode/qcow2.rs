@@ -322,7 +322,7 @@ impl Layout for Qcow2Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::{decode, qemu_img, roundtrip, source};
+    use crate::warm::decode::tests::{decode, qemu_img, roundtrip, source};
 
     #[test]
     fn plain_and_compressed_images_of_every_cluster_size_match_qemu_img() {

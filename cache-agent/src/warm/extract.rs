@@ -3,7 +3,7 @@
 //! Layers are readers (a download in progress, or a file) applied in order (gzip, zstd or
 //! uncompressed tar, streamed: nothing is unpacked wholesale), OCI whiteouts honoured. When the
 //! cache wants raw and the disk is qcow2 or VMDK, it is decoded to raw on the way
-//! ([`crate::decode`]), unless it uses a feature only qemu-img handles; then it is kept as it
+//! ([`crate::warm::decode`]), unless it uses a feature only qemu-img handles; then it is kept as it
 //! is for conversion. Exactly one regular file must remain under `disk/`
 //! (or `./disk/`). Only that file is ever written, and only inside the staging directory;
 //! every other entry is validated and skipped. Hostile entries fail the whole extraction:
@@ -20,7 +20,7 @@ use std::rc::Rc;
 
 use thiserror::Error;
 
-use crate::sparse::SparseFile;
+use crate::warm::sparse::SparseFile;
 
 const READ_CHUNK: usize = 1 << 20;
 
@@ -30,7 +30,7 @@ pub enum ExtractError {
     Disk {
         layer: usize,
         #[source]
-        source: crate::decode::DecodeError,
+        source: crate::warm::decode::DecodeError,
     },
     #[error(
         "unsupported layer media type {0:?} (expected a tar layer: uncompressed, gzip or zstd)"
@@ -135,7 +135,7 @@ pub struct ExtractLimits {
     /// Largest disk accepted (its apparent size).
     pub max_disk_bytes: u64,
     /// How far a streaming decode may run ahead of the tables it waits for
-    /// ([`crate::decode::DecodeLimits::max_pending_reads`]).
+    /// ([`crate::warm::decode::DecodeLimits::max_pending_reads`]).
     pub max_pending_reads: usize,
 }
 
@@ -143,14 +143,14 @@ impl Default for ExtractLimits {
     fn default() -> Self {
         Self {
             max_disk_bytes: 2 << 40,
-            max_pending_reads: crate::decode::DEFAULT_MAX_PENDING_READS,
+            max_pending_reads: crate::warm::decode::DEFAULT_MAX_PENDING_READS,
         }
     }
 }
 
 impl ExtractLimits {
-    fn decode(&self) -> crate::decode::DecodeLimits {
-        crate::decode::DecodeLimits {
+    fn decode(&self) -> crate::warm::decode::DecodeLimits {
+        crate::warm::decode::DecodeLimits {
             max_disk_bytes: self.max_disk_bytes,
             max_pending_reads: self.max_pending_reads,
         }
@@ -273,7 +273,7 @@ fn write_disk(
     let first = (size as usize).min(buf.len());
     let mut filled = fill(entry, &mut buf[..first]).map_err(WriteFailure::Read)?;
     if target == DiskTarget::Raw {
-        if let Some(need) = crate::decode::header_bytes_needed(&buf[..filled]) {
+        if let Some(need) = crate::warm::decode::header_bytes_needed(&buf[..filled]) {
             let need = need.min(size as usize).min(buf.len());
             if filled < need {
                 filled += fill(entry, &mut buf[filled..need]).map_err(WriteFailure::Read)?;
@@ -322,15 +322,15 @@ fn decode(
         .open(&spool_path)
         .map_err(WriteFailure::Write)?;
     let result = (|| {
-        let opened = crate::decode::open(&buf[..filled], size, &limits.decode(), out, spool);
+        let opened = crate::warm::decode::open(&buf[..filled], size, &limits.decode(), out, spool);
         let mut decoder = match opened {
             Ok(Some(decoder)) => decoder,
             Ok(None) => return Ok(None),
-            Err(crate::decode::DecodeError::Unsupported(why)) => {
+            Err(crate::warm::decode::DecodeError::Unsupported(why)) => {
                 tracing::info!(%why, "disk kept as it is for qemu-img");
                 return Ok(None);
             }
-            Err(crate::decode::DecodeError::TooLarge { size, .. }) => {
+            Err(crate::warm::decode::DecodeError::TooLarge { size, .. }) => {
                 return Err(WriteFailure::TooLarge(size))
             }
             Err(e) => return Err(WriteFailure::Disk(e)),
@@ -357,7 +357,7 @@ fn decode(
 enum WriteFailure {
     Read(std::io::Error),
     Write(std::io::Error),
-    Disk(crate::decode::DecodeError),
+    Disk(crate::warm::decode::DecodeError),
     TooLarge(u64),
 }
 

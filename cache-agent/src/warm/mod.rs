@@ -9,6 +9,11 @@
 //! by the owner after a crash, so no partial entry is ever visible. Two warms of the same entry
 //! share one run, in one process (a shared future) and across processes (a lock).
 
+pub mod convert;
+pub mod decode;
+pub mod extract;
+pub mod sparse;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,9 +22,9 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use thiserror::Error;
 use vmdisk_crds::DiskFormat;
 
-use crate::convert::{self, ConvertError};
-use crate::extract::{
-    self, DiskTarget, ExtractError, ExtractLimits, ExtractedDisk, LayerCompression, LayerSource,
+use self::convert::ConvertError;
+use self::extract::{
+    DiskTarget, ExtractError, ExtractLimits, ExtractedDisk, LayerCompression, LayerSource,
 };
 use crate::store::{
     allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StagingDir, StoreError,
@@ -78,7 +83,7 @@ impl WarmError {
                 source,
                 ExtractError::Io { .. }
                     | ExtractError::Disk {
-                        source: crate::decode::DecodeError::Io { .. },
+                        source: decode::DecodeError::Io { .. },
                         ..
                     }
             ),
@@ -364,7 +369,7 @@ impl Warmer {
             match attempt {
                 (
                     Err(ExtractError::Disk {
-                        source: crate::decode::DecodeError::Unsupported(why),
+                        source: decode::DecodeError::Unsupported(why),
                         ..
                     }),
                     _,

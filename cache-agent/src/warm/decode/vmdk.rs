@@ -390,7 +390,7 @@ impl Layout for VmdkLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tests::{decode, qemu_img, roundtrip, source};
+    use crate::warm::decode::tests::{decode, qemu_img, roundtrip, source};
 
     #[test]
     fn monolithic_sparse_and_stream_optimized_match_qemu_img() {

@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 
 use thiserror::Error;
 
-use crate::sparse::SparseFile;
+use crate::warm::sparse::SparseFile;
 
 /// Outstanding ranges before the decoder gives up and lets qemu-img do it (a memory bound:
 /// about 512 GiB of 64 KiB clusters stored after the tables that name them).
