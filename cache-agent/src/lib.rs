@@ -5,12 +5,10 @@
 pub mod agent;
 pub mod cli;
 pub mod clone;
-pub mod lock;
 pub mod populate;
 pub mod report;
 pub mod store;
 pub mod warm;
-pub mod watch;
 
 pub use vmdisk_crds::error_chain;
 

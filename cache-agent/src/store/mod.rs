@@ -33,6 +33,9 @@
 //!
 //! Sizes are allocated bytes (`st_blocks * 512`), since disks are sparse.
 
+pub mod lock;
+pub mod watch;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -46,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vmdisk_crds::{parse_quantity, DiskFormat};
 
-use crate::lock::{self, FileLock};
+use self::lock::FileLock;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
