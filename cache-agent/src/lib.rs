@@ -2,11 +2,10 @@
 //! qemu-img into a node-local content-addressed cache, evicts by LRU within a byte budget,
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
-pub mod agent;
 pub mod cli;
 pub mod clone;
+pub mod node;
 pub mod populate;
-pub mod report;
 pub mod store;
 pub mod warm;
 
@@ -31,7 +30,7 @@ pub fn tune_allocator() {
 /// Everything `vmdisk-cache-agent run` asks of the API server (as the `vmdisk-cache-agent`
 /// ServiceAccount). `deploy/rbac.yaml` grants exactly this; a test checks it both ways.
 pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
-    vmdisk_crds::permissions(&[agent::API_ACCESS, report::API_ACCESS])
+    vmdisk_crds::permissions(&[node::agent::API_ACCESS, node::report::API_ACCESS])
 }
 
 /// Everything `vmdisk-cache-agent populate` asks of the API server in a populator pod (as the
@@ -43,7 +42,7 @@ pub fn populator_api_access() -> std::collections::BTreeSet<vmdisk_crds::Permiss
 /// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<report::AgentMetrics>,
+    metrics: std::sync::Arc<node::report::AgentMetrics>,
 ) {
     use axum::routing::get;
     let router = axum::Router::new()

@@ -19,12 +19,12 @@ use vmdisk_crds::{
 };
 use vmdisk_registry::{DockerConfig, RegistryOptions};
 
-use crate::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
+use crate::node::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
 use crate::store::watch::EntryChange;
 use crate::store::EntryKey;
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 
-/// What the run loop asks of the API server (besides [`crate::report::API_ACCESS`]).
+/// What the run loop asks of the API server (besides [`crate::node::report::API_ACCESS`]).
 pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess::new(
         "vmdisk.io",
