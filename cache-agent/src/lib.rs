@@ -3,7 +3,6 @@
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
 pub mod cli;
-pub mod clone;
 pub mod node;
 pub mod populate;
 pub mod store;

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use vmdisk_cache_agent::clone::{clone_disk, CloneMethod};
+use vmdisk_cache_agent::populate::clone::{clone_disk, CloneMethod};
 use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content};
 use vmdisk_tests::loopfs::XfsMount;

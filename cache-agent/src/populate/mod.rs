@@ -8,6 +8,8 @@
 //! or block device. A raw file target is sized to the volume's usable bytes, a qcow2 one
 //! grown with `qemu-img resize`; a disk larger than the volume is refused.
 
+pub mod clone;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use thiserror::Error;
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::RegistryOptions;
 
-use crate::clone::{clone_disk, CloneError, CloneMethod};
+use self::clone::{clone_disk, CloneError, CloneMethod};
 use crate::store::EntryKey;
 use crate::warm::convert::ConvertError;
 use crate::warm::{WarmError, WarmProgress, WarmRequest, Warmer};
