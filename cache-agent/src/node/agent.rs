@@ -20,7 +20,7 @@ use vmdisk_crds::{
 use vmdisk_registry::{DockerConfig, RegistryOptions};
 
 use crate::node::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
-use crate::store::watch::EntryChange;
+use crate::store::EntryChange;
 use crate::store::EntryKey;
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 
@@ -201,7 +201,7 @@ impl Agent {
         }
 
         let state = Arc::new(Mutex::new(AgentState::default()));
-        let mut lost = match crate::store::watch::watch_entries(Arc::clone(self.warmer.store())) {
+        let mut lost = match crate::store::watch_entries(Arc::clone(self.warmer.store())) {
             Ok((handle, rx)) => Some((handle, rx)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch the cache directory; external changes go unnoticed");
