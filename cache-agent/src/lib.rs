@@ -29,39 +29,11 @@ pub fn tune_allocator() {
 /// Everything `vmdisk-cache-agent run` asks of the API server (as the `vmdisk-cache-agent`
 /// ServiceAccount). `deploy/rbac.yaml` grants exactly this; a test checks it both ways.
 pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
-    vmdisk_crds::permissions(&[node::agent::API_ACCESS, node::report::API_ACCESS])
+    vmdisk_crds::permissions(node::API_ACCESS)
 }
 
 /// Everything `vmdisk-cache-agent populate` asks of the API server in a populator pod (as the
 /// `vmdisk-populator` ServiceAccount).
 pub fn populator_api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
     vmdisk_crds::permissions(&[cli::POPULATOR_API_ACCESS])
-}
-
-/// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).
-pub async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    metrics: std::sync::Arc<node::report::AgentMetrics>,
-) {
-    use axum::routing::get;
-    let router = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = std::sync::Arc::clone(&metrics);
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "metrics server stopped");
-    }
 }

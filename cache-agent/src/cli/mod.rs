@@ -453,15 +453,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
-            let metrics = Arc::new(crate::node::report::AgentMetrics::new());
-            let reporter =
-                crate::node::report::NodeReporter::new(client.clone(), node_name.clone());
+            let metrics = Arc::new(crate::node::AgentMetrics::new());
+            let reporter = crate::node::NodeReporter::new(client.clone(), node_name.clone());
             let listener = tokio::net::TcpListener::bind(metrics_listen)
                 .await
                 .with_context(|| format!("listening on {metrics_listen}"))?;
-            tokio::spawn(crate::serve_metrics(listener, Arc::clone(&metrics)));
+            tokio::spawn(crate::node::serve_metrics(listener, Arc::clone(&metrics)));
             tracing::info!(node = %node_name, cache = %cache.cache_dir.display(), "cache agent running");
-            crate::node::agent::Agent {
+            crate::node::Agent {
                 client,
                 node_name,
                 credentials_namespace,

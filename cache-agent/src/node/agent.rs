@@ -1,9 +1,9 @@
 //! The DaemonSet's `run` mode: keep this node's cache holding what the VMDiskImages ask for.
 //!
-//! [`plan`] is the pure decision (what is wanted here, what is pinned, what to warm now); the
-//! [`Agent`] loop feeds it from reflectors and the store, runs the warms, and reports.
+//! The [`Agent`] loop feeds the pure plan (`plan`: what is wanted here, what is pinned, what
+//! to warm now) from reflectors and the store, runs the warms, and reports.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,16 +15,17 @@ use kube::{Api, Client};
 use tracing::Instrument as _;
 use vmdisk_crds::{
     credentials_secret_name, reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference,
-    RegistrySource, VMDiskImage,
+    VMDiskImage,
 };
 use vmdisk_registry::{DockerConfig, RegistryOptions};
 
-use crate::node::report::{node_cache_status, AgentMetrics, CacheEntryView, NodeReporter};
-use crate::store::EntryChange;
-use crate::store::EntryKey;
+use super::plan::{plan, retry_delay, wanted_images, RetryState, WantedImage};
+use super::report::{node_cache_status, CacheEntryView, NodeReporter};
+use super::AgentMetrics;
+use crate::store::{watch_entries, EntryChange, EntryKey};
 use crate::warm::{WarmProgress, WarmRequest, Warmer};
 
-/// What the run loop asks of the API server (besides [`crate::node::report::API_ACCESS`]).
+/// What the run loop asks of the API server (besides the reports' `API_ACCESS`).
 pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess::new(
         "vmdisk.io",
@@ -37,101 +38,6 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // The image controller's copies of pull credentials; never Secrets elsewhere.
     ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace),
 ];
-
-/// An image this node should hold, as the plan sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WantedImage {
-    pub namespace: String,
-    pub name: String,
-    /// The VMDiskImage's UID: names its credentials copy.
-    pub uid: String,
-    pub key: EntryKey,
-    /// The reference pinned to the resolved digest: every node pulls the same bits.
-    pub reference: String,
-    pub pinned: bool,
-    pub source: RegistrySource,
-}
-
-/// Images whose cache policy selects a node with `node_labels` and whose digest is resolved.
-/// Unresolved images wait for the image controller: agents never resolve tags themselves, so
-/// every node caches the same digest.
-pub fn wanted_images(
-    images: &[Arc<VMDiskImage>],
-    node_labels: &BTreeMap<String, String>,
-) -> Vec<WantedImage> {
-    let mut out: Vec<WantedImage> = images
-        .iter()
-        .filter(|i| i.spec.cache.selects(node_labels))
-        .filter_map(|i| {
-            let digest = i.digest()?;
-            let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
-            Some(WantedImage {
-                namespace: i.metadata.namespace.clone().unwrap_or_default(),
-                name: i.metadata.name.clone().unwrap_or_default(),
-                uid: i.metadata.uid.clone().unwrap_or_default(),
-                key: EntryKey {
-                    digest: digest.to_string(),
-                    format: i.spec.format,
-                },
-                reference: reference.with_digest(digest).to_string(),
-                pinned: i.spec.cache.pinned,
-                source: i.spec.source.registry.clone(),
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    out
-}
-
-/// Backoff after failed warms, per entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryState {
-    pub failures: u32,
-    pub next_attempt: Instant,
-}
-
-pub const RETRY_BASE: Duration = Duration::from_secs(10);
-pub const RETRY_MAX: Duration = Duration::from_secs(600);
-
-/// Delay before the next attempt after `failures` consecutive failures.
-pub fn retry_delay(failures: u32) -> Duration {
-    let exp = RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    exp.min(RETRY_MAX)
-}
-
-/// What to do now.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Plan {
-    /// Entries that must survive eviction.
-    pub pinned: HashSet<EntryKey>,
-    /// Warms to start now (not cached, not running, not backing off). Several images may
-    /// share one entry: each entry appears once.
-    pub start: Vec<WantedImage>,
-}
-
-pub fn plan(
-    wanted: &[WantedImage],
-    cached: &HashSet<EntryKey>,
-    running: &HashSet<EntryKey>,
-    retries: &HashMap<EntryKey, RetryState>,
-    now: Instant,
-) -> Plan {
-    let mut out = Plan::default();
-    let mut seen = HashSet::new();
-    for w in wanted {
-        if w.pinned {
-            out.pinned.insert(w.key.clone());
-        }
-        if cached.contains(&w.key) || running.contains(&w.key) || !seen.insert(w.key.clone()) {
-            continue;
-        }
-        if retries.get(&w.key).is_some_and(|r| r.next_attempt > now) {
-            continue;
-        }
-        out.start.push(w.clone());
-    }
-    out
-}
 
 /// Live state of warms, for the status report.
 #[derive(Debug, Clone)]
@@ -201,7 +107,7 @@ impl Agent {
         }
 
         let state = Arc::new(Mutex::new(AgentState::default()));
-        let mut lost = match crate::store::watch_entries(Arc::clone(self.warmer.store())) {
+        let mut lost = match watch_entries(Arc::clone(self.warmer.store())) {
             Ok((handle, rx)) => Some((handle, rx)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch the cache directory; external changes go unnoticed");
@@ -498,154 +404,4 @@ fn entry_views(
         }
     }
     views
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vmdisk_crds::{
-        CachePolicy, DiskFormat, ImageSource, RegistrySource, VMDiskImageSpec, VMDiskImageStatus,
-    };
-
-    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
-
-    fn image(
-        name: &str,
-        digest: Option<&str>,
-        cache: CachePolicy,
-        format: DiskFormat,
-    ) -> Arc<VMDiskImage> {
-        let mut i = VMDiskImage::new(
-            name,
-            VMDiskImageSpec {
-                source: ImageSource {
-                    registry: RegistrySource {
-                        url: format!("registry.example.com/disks/{name}:1"),
-                        pull_secret_ref: None,
-                        ca_bundle: None,
-                        insecure: None,
-                    },
-                },
-                format,
-                size: None,
-                storage_class_name: None,
-                access_modes: None,
-                cache,
-                poll_interval: None,
-            },
-        );
-        i.metadata.namespace = Some("vms".into());
-        i.status = Some(VMDiskImageStatus {
-            digest: digest.map(str::to_string),
-            ..Default::default()
-        });
-        Arc::new(i)
-    }
-
-    fn selector(k: &str, v: &str) -> CachePolicy {
-        CachePolicy {
-            node_selector: Some([(k.to_string(), v.to_string())].into()),
-            ..CachePolicy::default()
-        }
-    }
-
-    #[test]
-    fn wanted_follows_selectors_digests_and_prefetch() {
-        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
-        let images = vec![
-            image("a", Some(D1), selector("zone", "a"), DiskFormat::Raw),
-            image("b", Some(D2), selector("zone", "b"), DiskFormat::Raw),
-            image("c", None, CachePolicy::default(), DiskFormat::Raw),
-            image(
-                "d",
-                Some(D2),
-                CachePolicy {
-                    prefetch: false,
-                    ..CachePolicy::default()
-                },
-                DiskFormat::Raw,
-            ),
-            image("e", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
-        ];
-        let wanted = wanted_images(&images, &labels);
-        let names: Vec<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["a", "e"]);
-        assert_eq!(
-            wanted[0].reference,
-            format!("registry.example.com/disks/a:1@{D1}")
-        );
-        assert_eq!(wanted[1].key.format, DiskFormat::Qcow2);
-    }
-
-    #[test]
-    fn plan_skips_cached_running_backing_off_and_duplicates() {
-        let labels = BTreeMap::new();
-        let pinned = CachePolicy {
-            pinned: true,
-            ..CachePolicy::default()
-        };
-        let images = vec![
-            image("a", Some(D1), pinned.clone(), DiskFormat::Raw),
-            image("a-again", Some(D1), CachePolicy::default(), DiskFormat::Raw),
-            image("b", Some(D2), CachePolicy::default(), DiskFormat::Raw),
-            image("c", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
-        ];
-        let wanted = wanted_images(&images, &labels);
-        let now = Instant::now();
-        let p = plan(
-            &wanted,
-            &HashSet::new(),
-            &HashSet::new(),
-            &HashMap::new(),
-            now,
-        );
-        assert_eq!(p.start.len(), 3, "one warm per entry: {:?}", p.start);
-        assert!(p.pinned.contains(&EntryKey {
-            digest: D1.into(),
-            format: DiskFormat::Raw
-        }));
-        assert_eq!(p.pinned.len(), 1);
-
-        let cached: HashSet<EntryKey> = [EntryKey {
-            digest: D1.into(),
-            format: DiskFormat::Raw,
-        }]
-        .into();
-        let running: HashSet<EntryKey> = [EntryKey {
-            digest: D2.into(),
-            format: DiskFormat::Raw,
-        }]
-        .into();
-        let retries: HashMap<EntryKey, RetryState> = [(
-            EntryKey {
-                digest: D2.into(),
-                format: DiskFormat::Qcow2,
-            },
-            RetryState {
-                failures: 1,
-                next_attempt: now + Duration::from_secs(5),
-            },
-        )]
-        .into();
-        let p = plan(&wanted, &cached, &running, &retries, now);
-        assert!(p.start.is_empty(), "{:?}", p.start);
-        let p = plan(
-            &wanted,
-            &cached,
-            &running,
-            &retries,
-            now + Duration::from_secs(6),
-        );
-        assert_eq!(p.start.len(), 1);
-        assert_eq!(p.start[0].name, "c");
-    }
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        assert_eq!(retry_delay(1), RETRY_BASE);
-        assert_eq!(retry_delay(2), RETRY_BASE * 2);
-        assert_eq!(retry_delay(3), RETRY_BASE * 4);
-        assert_eq!(retry_delay(50), RETRY_MAX);
-    }
 }

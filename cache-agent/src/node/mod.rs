@@ -1,5 +1,22 @@
-//! The DaemonSet's side of the agent: keep this node's cache holding what the VMDiskImages ask
-//! for, and tell the cluster what it holds.
+//! The DaemonSet's side of the agent (`vmdisk-cache-agent run`): keep this node's cache
+//! holding what the VMDiskImages ask for, and tell the cluster what it holds.
+//!
+//! Start with `plan` (pure: which images this node should hold, what is pinned, which warms
+//! to start now, the retry backoff), then `agent` (the [`Agent`] loop: reflectors on the
+//! VMDiskImages and this Node, the store's entry watcher, the warms), then `report` (the
+//! NodeDiskCache status and node labels, computed by pure functions and written by
+//! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`], `/metrics`, `/healthz`).
 
-pub mod agent;
-pub mod report;
+mod agent;
+mod metrics;
+mod plan;
+mod report;
+
+use vmdisk_crds::ApiAccess;
+
+pub use self::agent::Agent;
+pub use self::metrics::{serve_metrics, AgentMetrics};
+pub use self::report::NodeReporter;
+
+/// Everything the run loop and its reports ask of the API server.
+pub(crate) const API_ACCESS: &[&[ApiAccess]] = &[agent::API_ACCESS, report::API_ACCESS];

@@ -1,6 +1,6 @@
 //! What an agent tells the cluster about its own node, and only its own node: the
-//! `NodeDiskCache/<node>` status, the node's `cache.vmdisk.io/*` labels, Events, and
-//! Prometheus metrics.
+//! `NodeDiskCache/<node>` status and the node's `cache.vmdisk.io/*` labels (both computed by
+//! pure functions), and Events.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -10,10 +10,6 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
 use vmdisk_crds::{
     format_bytes_quantity, node_cache_label_key, AccessScope, ApiAccess, CacheEntryState,
     CacheEntryStatus, DiskFormat, NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus,
@@ -262,117 +258,6 @@ impl NodeReporter {
     }
 }
 
-/// The agent's Prometheus metrics.
-pub struct AgentMetrics {
-    registry: Registry,
-    bytes_pulled: Counter,
-    hits: Counter,
-    misses: Counter,
-    evictions: Counter,
-    failures: Counter,
-    pull_seconds: Histogram,
-    convert_seconds: Histogram,
-    used: Gauge,
-    budget: Gauge,
-    entries: Gauge,
-}
-
-impl Default for AgentMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl AgentMetrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("vmdisk_cache");
-        let m = Self {
-            bytes_pulled: Counter::default(),
-            hits: Counter::default(),
-            misses: Counter::default(),
-            evictions: Counter::default(),
-            failures: Counter::default(),
-            pull_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
-            convert_seconds: Histogram::new(exponential_buckets(0.1, 2.0, 14)),
-            used: Gauge::default(),
-            budget: Gauge::default(),
-            entries: Gauge::default(),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "bytes_pulled",
-            "Bytes downloaded from registries",
-            m.bytes_pulled.clone(),
-        );
-        registry.register(
-            "hits",
-            "Warms and populates served from the cache",
-            m.hits.clone(),
-        );
-        registry.register("misses", "Warms that had to pull", m.misses.clone());
-        registry.register(
-            "evictions",
-            "Entries evicted by the LRU budget",
-            m.evictions.clone(),
-        );
-        registry.register("warm_failures", "Warms that failed", m.failures.clone());
-        registry.register(
-            "pull_duration_seconds",
-            "Time to download an image's layers",
-            m.pull_seconds.clone(),
-        );
-        registry.register(
-            "convert_duration_seconds",
-            "Time to extract, check and convert a disk",
-            m.convert_seconds.clone(),
-        );
-        registry.register(
-            "used_bytes",
-            "Bytes the cache entries occupy",
-            m.used.clone(),
-        );
-        registry.register("budget_bytes", "Bytes the cache may use", m.budget.clone());
-        registry.register("entries", "Cache entries", m.entries.clone());
-        Self { registry, ..m }
-    }
-
-    pub fn cache_hit(&self) {
-        self.hits.inc();
-    }
-    pub fn cache_miss(&self) {
-        self.misses.inc();
-    }
-    pub fn warm_failed(&self) {
-        self.failures.inc();
-    }
-    /// Brings the evictions counter up to the store's running total.
-    pub fn set_evictions(&self, total: u64) {
-        let now = self.evictions.get();
-        if total > now {
-            self.evictions.inc_by(total - now);
-        }
-    }
-    pub fn observe_pull(&self, bytes: u64, seconds: f64) {
-        self.bytes_pulled.inc_by(bytes);
-        self.pull_seconds.observe(seconds);
-    }
-    pub fn observe_convert(&self, seconds: f64) {
-        self.convert_seconds.observe(seconds);
-    }
-    pub fn set_cache(&self, used: u64, budget: u64, entries: u64) {
-        self.used.set(used as i64);
-        self.budget.set(budget as i64);
-        self.entries.set(entries as i64);
-    }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("encoding to a String");
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,21 +309,6 @@ mod tests {
         assert!(labels.get("kubernetes.io/hostname").is_none());
         let settled: BTreeMap<String, String> = [(k1, "ready".to_string())].into();
         assert_eq!(node_label_patch(&settled, &[D1.to_string()].into()), None);
-    }
-
-    #[test]
-    fn metrics_exposition() {
-        let m = AgentMetrics::new();
-        m.observe_pull(1000, 1.5);
-        m.cache_hit();
-        m.set_cache(10, 20, 1);
-        let text = m.encode();
-        assert!(
-            text.contains("vmdisk_cache_bytes_pulled_total 1000"),
-            "{text}"
-        );
-        assert!(text.contains("vmdisk_cache_hits_total 1"), "{text}");
-        assert!(text.contains("vmdisk_cache_used_bytes 10"), "{text}");
     }
 
     type Handle = tower_test::mock::Handle<http::Request<Body>, http::Response<Body>>;
