@@ -1,0 +1,168 @@
+//! `vmdisk-cache-agent populate`, what a populator pod runs: fill one volume from the cache
+//! (warming the entry first when cold), keep the prime PVC's `vmdisk.io/progress` current,
+//! and leave the outcome in one line for the pod's termination message. Exit status 2 (in
+//! `main`) when retrying cannot help.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmdisk_crds::{parse_quantity, DiskFormat};
+
+use super::setup::{namespaced, open_store, registry_options, warmer, OpenAs};
+use super::{CacheArgs, RegistryArgs};
+use crate::populate::{populate, PopulateProgress, PopulateRequest};
+
+/// What populate's `--credentials-secret` and `--progress-pvc` ask of the API server (as the
+/// populator pods' `vmdisk-populator` ServiceAccount).
+pub const POPULATOR_API_ACCESS: &[vmdisk_crds::ApiAccess] = &[
+    vmdisk_crds::ApiAccess::new(
+        "",
+        "secrets",
+        &["get"],
+        vmdisk_crds::AccessScope::CredentialsNamespace,
+    ),
+    vmdisk_crds::ApiAccess::new(
+        "",
+        "persistentvolumeclaims",
+        &["patch"],
+        vmdisk_crds::AccessScope::InstallNamespace,
+    ),
+];
+
+/// `populate`, then the termination log.
+pub(super) async fn execute(
+    args: PopulateArgs,
+    termination_log: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let result = run_populate(args).await;
+    if let Some(path) = termination_log {
+        let line = match &result {
+            Ok(summary) => summary.clone(),
+            Err(e) => format!("{e:#}"),
+        };
+        if let Err(e) = std::fs::write(&path, line) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the termination log");
+        }
+    }
+    println!("{}", result?);
+    Ok(())
+}
+
+/// The `populate` flags other than `--termination-log`.
+pub(super) struct PopulateArgs {
+    pub(super) image: String,
+    pub(super) cache: CacheArgs,
+    pub(super) format: DiskFormat,
+    pub(super) target: PathBuf,
+    pub(super) size: Option<String>,
+    pub(super) owner: Option<(u32, u32)>,
+    pub(super) progress_pvc: Option<String>,
+    pub(super) registry: RegistryArgs,
+}
+
+/// `populate`; the one-line summary on success. A [`crate::populate::PopulateError`] stays
+/// inside the anyhow error, so `main` can tell permanent failures by their type.
+async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
+    let size = args
+        .size
+        .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
+        .transpose()?;
+    let store = open_store(&args.cache, OpenAs::Guest)?;
+    // A warm entry needs no registry, so no credentials either: a warm populate works while
+    // the API server (where the credentials are) is unreachable.
+    let cached = crate::warm::pinned_digest(&args.image).is_some_and(|digest| {
+        store
+            .get_or_adopt(&crate::store::EntryKey {
+                digest: digest.to_string(),
+                format: args.format,
+            })
+            .is_some()
+    });
+    let options = registry_options(&args.image, &args.registry, !cached).await?;
+    let warmer = warmer(&args.cache, store)?;
+    let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let reporter = args
+        .progress_pvc
+        .clone()
+        .map(|pvc| tokio::spawn(report_progress(pvc, Arc::clone(&percent))));
+    let progress = {
+        let percent = Arc::clone(&percent);
+        Arc::new(move |p: PopulateProgress| {
+            percent.fetch_max(p.percent(), std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let result = populate(
+        &warmer,
+        PopulateRequest {
+            reference: args.image.clone(),
+            format: args.format,
+            registry: options,
+            target: args.target.clone(),
+            size,
+            owner: args.owner,
+        },
+        progress,
+    )
+    .await;
+    if let Some(task) = reporter {
+        // One last report, so the PVC says 100% on success.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        task.abort();
+        if result.is_ok() {
+            percent.store(100, std::sync::atomic::Ordering::Relaxed);
+            let last = tokio::spawn(report_progress(
+                args.progress_pvc.clone().unwrap_or_default(),
+                Arc::clone(&percent),
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            last.abort();
+        }
+    }
+    let report = result?;
+    Ok(format!(
+        "populated {} from {} ({:?}, {} bytes written, {} bytes, {})",
+        args.target.display(),
+        report.key.digest,
+        report.method,
+        report.bytes_written,
+        report.target_size,
+        if report.cache_hit {
+            "warm: cache hit"
+        } else {
+            "cold: pulled"
+        }
+    ))
+}
+
+/// Keeps `vmdisk.io/progress` on a PVC in step with `percent` until aborted.
+async fn report_progress(pvc: String, percent: Arc<std::sync::atomic::AtomicU8>) {
+    let Ok((namespace, name)) = namespaced(&pvc, "--progress-pvc") else {
+        return;
+    };
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot report progress");
+            return;
+        }
+    };
+    let api: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        kube::Api::namespaced(client, &namespace);
+    let mut last = None;
+    loop {
+        let now = percent.load(std::sync::atomic::Ordering::Relaxed);
+        if last != Some(now) {
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                vmdisk_crds::PROGRESS_ANNOTATION: format!("{now}%")}}});
+            match api
+                .patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => last = Some(now),
+                Err(e) => tracing::debug!(error = %e, "progress not reported"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

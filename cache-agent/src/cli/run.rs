@@ -1,0 +1,43 @@
+//! `vmdisk-cache-agent run`, the DaemonSet: owns the node's cache, serves `/metrics` and
+//! `/healthz`, and runs the [`crate::node::Agent`] loop until the process ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::setup::{open_store, warmer, OpenAs};
+use super::CacheArgs;
+
+pub(super) async fn execute(
+    cache: CacheArgs,
+    node_name: String,
+    metrics_listen: std::net::SocketAddr,
+    resync_seconds: u64,
+    credentials_namespace: String,
+) -> anyhow::Result<()> {
+    let store = open_store(&cache, OpenAs::Owner)?;
+    let warmer = warmer(&cache, store)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(crate::node::AgentMetrics::new());
+    let reporter = crate::node::NodeReporter::new(client.clone(), node_name.clone());
+    let listener = tokio::net::TcpListener::bind(metrics_listen)
+        .await
+        .with_context(|| format!("listening on {metrics_listen}"))?;
+    tokio::spawn(crate::node::serve_metrics(listener, Arc::clone(&metrics)));
+    tracing::info!(node = %node_name, cache = %cache.cache_dir.display(), "cache agent running");
+    crate::node::Agent {
+        client,
+        node_name,
+        credentials_namespace,
+        warmer,
+        reporter,
+        metrics,
+        resync: Duration::from_secs(resync_seconds.max(5)),
+    }
+    .run()
+    .await;
+    Ok(())
+}
