@@ -8,28 +8,30 @@
 //! checked out. Everything before the commit lives in staging, which is deleted on failure and
 //! by the owner after a crash, so no partial entry is ever visible. Two warms of the same entry
 //! share one run, in one process (a shared future) and across processes (a lock).
+//!
+//! Where to read: this file (the requests, outcomes and errors, and `Warmer::warm`, which
+//! shares concurrent warms of one entry), then `pipeline` (one warm, stage by stage), then the
+//! stages it drives: [`extract`] (layers in, one disk out), [`decode`] (qcow2 and VMDK to raw
+//! while the layer streams), `sparse` (how the disk is written: holes, batches, `O_DIRECT`)
+//! and [`convert`] (qemu-img: inspect, refuse unsafe images, convert, check).
 
 pub mod convert;
 pub mod decode;
 pub mod extract;
-pub mod sparse;
+mod pipeline;
+mod sparse;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use thiserror::Error;
 use vmdisk_crds::DiskFormat;
 
 use self::convert::ConvertError;
-use self::extract::{
-    DiskTarget, ExtractError, ExtractLimits, ExtractedDisk, LayerCompression, LayerSource,
-};
-use crate::store::{
-    allocated_bytes, CacheEntry, CacheStore, EntryKey, EntryMeta, StagingDir, StoreError,
-};
-use vmdisk_registry::pull::{PullError, Puller, RegistryOptions, ResolvedImage};
+use self::extract::{ExtractError, ExtractLimits};
+use crate::store::{CacheEntry, CacheStore, StoreError};
+use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
 
 #[derive(Debug, Error)]
 pub enum WarmError {
@@ -213,259 +215,5 @@ impl Warmer {
             .expect("in-flight map poisoned")
             .remove(&key);
         result
-    }
-
-    /// Streams every layer of `image` into the extraction, writing the disk for `target` in
-    /// `dir` of `staging`. The extraction's own failure is returned for the caller to judge; a download
-    /// failure that caused it is returned as the error instead, since it is the cause. Also
-    /// returns the bytes downloaded.
-    async fn stream_disk(
-        &self,
-        image: &ResolvedImage,
-        request: &WarmRequest,
-        staging: &StagingDir,
-        dir: &str,
-        target: DiskTarget,
-        progress: &ProgressFn,
-    ) -> Result<(Result<ExtractedDisk, ExtractError>, u64), WarmError> {
-        let reference = &request.reference;
-        let total = image.total_layer_bytes;
-        let mut sources = Vec::new();
-        let mut downloads = Vec::new();
-        let mut before = 0u64;
-        for layer in &image.layers {
-            let compression =
-                LayerCompression::from_media_type(&layer.media_type).map_err(|source| {
-                    WarmError::Extract {
-                        reference: reference.clone(),
-                        source,
-                    }
-                })?;
-            let layer_progress = {
-                let progress = Arc::clone(progress);
-                let base = before;
-                Arc::new(move |n: u64| {
-                    progress(WarmProgress::Pulling {
-                        done: base + n,
-                        total,
-                    })
-                })
-            };
-            let (reader, task) =
-                self.puller
-                    .stream_layer(image, layer, &request.registry, layer_progress);
-            sources.push(LayerSource {
-                reader: Box::new(reader),
-                compression,
-            });
-            downloads.push(task);
-            before += layer.size;
-        }
-        let extract_dir = staging.path().join(dir);
-        let limits = self.limits.clone();
-        let extracted = tokio::task::spawn_blocking(move || {
-            extract::extract_disk_from(sources, &extract_dir, &limits, target, &mut |_| {})
-        })
-        .await
-        .map_err(|e| WarmError::Task(e.to_string()))?;
-        // A failed download is the cause of whatever the extraction saw; a finished extraction
-        // read every layer to its end, so each download has checked its digest.
-        let mut bytes_pulled = 0;
-        for task in downloads {
-            match task.await.map_err(|e| WarmError::Task(e.to_string()))? {
-                Ok(n) => bytes_pulled += n,
-                Err(source) if extracted.is_ok() || !matches!(source, PullError::Io { .. }) => {
-                    return Err(WarmError::Pull {
-                        reference: reference.clone(),
-                        source,
-                    })
-                }
-                Err(_) => {} // the extraction stopped reading: its own error says why
-            }
-        }
-        Ok((extracted, bytes_pulled))
-    }
-
-    async fn warm_once(
-        &self,
-        request: WarmRequest,
-        progress: ProgressFn,
-    ) -> Result<WarmOutcome, WarmError> {
-        let reference = request.reference.clone();
-        let pull_error = |source| WarmError::Pull {
-            reference: reference.clone(),
-            source,
-        };
-        let hit = |entry: CacheEntry| {
-            self.store.touch(&entry.key);
-            WarmOutcome {
-                entry,
-                pulled: false,
-                bytes_pulled: 0,
-                pull_seconds: 0.0,
-                convert_seconds: 0.0,
-                stages: [
-                    ("resolve", 0.0),
-                    ("stream", 0.0),
-                    ("convert", 0.0),
-                    ("commit", 0.0),
-                ],
-                conversion: Conversion::Unneeded,
-            }
-        };
-        // A reference pinned to a digest names its cache entry: a warm entry is used without
-        // asking the registry (a populator keeps working while the registry is down).
-        if let Some(digest) = pinned_digest(&request.reference) {
-            let key = EntryKey {
-                digest: digest.to_string(),
-                format: request.format,
-            };
-            if let Some(entry) = self.store.get_or_adopt(&key) {
-                return Ok(hit(entry));
-            }
-        }
-        progress(WarmProgress::Resolving);
-        let resolving = Instant::now();
-        let image = self
-            .puller
-            .resolve(&request.reference, &request.registry)
-            .await
-            .map_err(pull_error)?;
-        let key = EntryKey {
-            digest: image.digest.clone(),
-            format: request.format,
-        };
-        if let Some(entry) = self.store.get_or_adopt(&key) {
-            return Ok(hit(entry));
-        }
-        // One warm of an entry at a time across every process sharing the cache; whoever
-        // waited finds it committed.
-        let _warming = self.store.warm_lock(&key).await?;
-        if let Some(entry) = self.store.get_or_adopt(&key) {
-            return Ok(hit(entry));
-        }
-        // The disk is at least as large as its compressed layers; the budget is enforced again
-        // once the real size is known.
-        self.store.make_room(image.total_layer_bytes)?;
-
-        let resolve_seconds = resolving.elapsed().as_secs_f64();
-        let staging = self.store.staging()?;
-        let _slot = self.puller.pull_slot().await;
-        let started = Instant::now();
-        // One pass from the wire to the disk: each layer streams to the extraction as it
-        // downloads (digest checked on the way, resumed after interruptions), and a qcow2 or
-        // VMDK disk cached as raw is decoded on the way too. A decode that gives up half-way
-        // (an image laid out beyond what it may buffer) leaves the disk to qemu-img: the layers
-        // are streamed again and the disk kept as it is.
-        let mut target = match request.format {
-            DiskFormat::Raw => DiskTarget::Raw,
-            DiskFormat::Qcow2 => DiskTarget::AsIs,
-        };
-        let mut dir = "extract";
-        let (extracted, bytes_pulled) = loop {
-            let attempt = self
-                .stream_disk(&image, &request, &staging, dir, target, &progress)
-                .await?;
-            match attempt {
-                (
-                    Err(ExtractError::Disk {
-                        source: decode::DecodeError::Unsupported(why),
-                        ..
-                    }),
-                    _,
-                ) if target == DiskTarget::Raw => {
-                    tracing::warn!(%why, "streaming decode gave up; pulling again for qemu-img");
-                    target = DiskTarget::AsIs;
-                    dir = "extract-as-is";
-                }
-                (extracted, bytes_pulled) => {
-                    let extracted = extracted.map_err(|source| WarmError::Extract {
-                        reference: reference.clone(),
-                        source,
-                    })?;
-                    break (extracted, bytes_pulled);
-                }
-            }
-        };
-        let pull_seconds = started.elapsed().as_secs_f64();
-        progress(WarmProgress::Converting);
-        let convert_started = Instant::now();
-        let convert_error = |source| WarmError::Convert {
-            reference: reference.clone(),
-            source,
-        };
-        let target = staging
-            .path()
-            .join(format!("disk.{}", request.format.as_str()));
-        let mut conversion = Conversion::Unneeded;
-        let (source_format, virtual_size) = match extracted.decoded_from {
-            // Already raw, its qcow2 header checked like qemu-img info's would be.
-            Some(from) => {
-                conversion = Conversion::Streamed;
-                std::fs::rename(&extracted.path, &target).map_err(|source| WarmError::Io {
-                    context: format!("moving {} into place", extracted.path.display()),
-                    source,
-                })?;
-                (from.to_string(), extracted.apparent_size)
-            }
-            None => {
-                let info = convert::inspect(&extracted.path)
-                    .await
-                    .map_err(convert_error)?;
-                convert::check_safe(&info).map_err(convert_error)?;
-                if convert::needs_conversion(&info.format, request.format) {
-                    conversion = Conversion::QemuImg;
-                    convert::convert(&extracted.path, &info.format, &target, request.format)
-                        .await
-                        .map_err(convert_error)?;
-                    let _ = std::fs::remove_file(&extracted.path);
-                } else {
-                    std::fs::rename(&extracted.path, &target).map_err(|source| WarmError::Io {
-                        context: format!("moving {} into place", extracted.path.display()),
-                        source,
-                    })?;
-                }
-                (info.format.clone(), info.virtual_size)
-            }
-        };
-        convert::check(&target, request.format)
-            .await
-            .map_err(convert_error)?;
-        let convert_seconds = convert_started.elapsed().as_secs_f64();
-
-        progress(WarmProgress::Committing);
-        let allocated_size = allocated_bytes(&target).map_err(|source| WarmError::Io {
-            context: format!("measuring {}", target.display()),
-            source,
-        })?;
-        let now = chrono::Utc::now();
-        let meta = EntryMeta {
-            digest: key.digest.clone(),
-            format: request.format,
-            source_format,
-            virtual_size,
-            allocated_size,
-            created: now,
-            last_used: now,
-            reference: Some(request.reference.clone()),
-        };
-        let committing = Instant::now();
-        let entry = self.store.commit(staging, key, &target, meta)?;
-        let commit_seconds = committing.elapsed().as_secs_f64();
-        self.store.make_room(0)?;
-        Ok(WarmOutcome {
-            entry,
-            pulled: true,
-            bytes_pulled,
-            pull_seconds,
-            convert_seconds,
-            stages: [
-                ("resolve", resolve_seconds),
-                ("stream", pull_seconds),
-                ("convert", convert_seconds),
-                ("commit", commit_seconds),
-            ],
-            conversion,
-        })
     }
 }
