@@ -65,7 +65,7 @@ pub use self::keys::EntryKey;
 pub use self::leases::Lease;
 pub use self::lock::FileLock;
 pub use self::meta::{CacheEntry, EntryMeta};
-pub use self::watch::{watch_entries, EntryChange, WatchError, WatchHandle};
+pub(crate) use self::watch::{watch_entries, EntryChange};
 
 use self::commit::{fsync_path, remove_any};
 use self::integrity::DiskStamp;
@@ -153,7 +153,7 @@ pub struct OpenReport {
 }
 
 /// Bytes a path occupies on disk, recursively (holes not counted).
-pub fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
+pub(crate) fn allocated_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(path)?;
     let mut total = meta.blocks() * 512;

@@ -103,7 +103,7 @@ impl WarmError {
 }
 
 /// The digest a reference is pinned to (`repo@sha256:<64 hex>`), if it is.
-pub fn pinned_digest(reference: &str) -> Option<&str> {
+pub(crate) fn pinned_digest(reference: &str) -> Option<&str> {
     let (_, digest) = reference.rsplit_once('@')?;
     let hex = digest.strip_prefix("sha256:")?;
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
