@@ -96,13 +96,7 @@ fn the_controller_deployment_agrees_with_its_binary() {
 
     // The populator sizes disk.img by the overhead the webhook sized the PVC with.
     let webhook = deployment(&objects, "vmdisk-webhook");
-    let webhook_container = &webhook
-        .spec
-        .template
-        .spec
-        .as_ref()
-        .unwrap()
-        .containers[0];
+    let webhook_container = &webhook.spec.template.spec.as_ref().unwrap().containers[0];
     let webhook_args = WebhookArgs::try_parse_from(container_argv(
         webhook_container,
         &<WebhookArgs as clap::CommandFactory>::command(),
