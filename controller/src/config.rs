@@ -59,7 +59,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
     pub populator_retry_seconds: u64,
 
-    /// This replica's name in leader election (default: vmdisk-controller-<pid>).
+    /// This replica's name in leader election (default: `vmdisk-controller-<pid>`).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
 

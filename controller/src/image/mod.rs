@@ -5,7 +5,7 @@
 //! `pollInterval`, keeps the agents' copy of the image's pull credentials current
 //! ([`crate::credentials`]), and aggregates source format, virtual size and the warm-node
 //! count from the NodeDiskCache objects the agents publish. [`resolve`] and [`status`] are
-//! the pure decisions; [`reconcile`] does the I/O; [`run`] wires the watches.
+//! the pure decisions; [`mod@reconcile`] does the I/O; [`run`] wires the watches.
 
 pub mod reconcile;
 pub mod resolve;

@@ -2,7 +2,7 @@
 //! semantics of kubernetes-csi/lib-volume-populator (prime PVC in vmdisk's namespace, populator
 //! pod, PV claimRef rebind, finalizer, Events), under the same Lease as the image controller.
 //!
-//! [`decide`] is the pure rule and [`objects`] builds what it creates; [`reconcile`] performs
+//! [`decide`] is the pure rule and [`objects`] builds what it creates; [`mod@reconcile`] performs
 //! one step per call; [`sweep`] removes what vanished claims left; [`settings`] says how it
 //! runs; [`run`] wires the watches.
 
