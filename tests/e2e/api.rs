@@ -200,6 +200,7 @@ pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>,
     let ns = case.namespace("e2e-rbac").await;
     for (account, used) in [
         ("vmdisk-webhook", vmdisk_webhook::api_access()),
+        ("vmdisk-controller", vmdisk_controller::api_access()),
         ("vmdisk-cache-agent", vmdisk_cache_agent::api_access()),
         (
             "vmdisk-populator",
@@ -260,11 +261,144 @@ pub async fn rbac_grants_exactly_what_the_components_use(_fx: Arc<LocalInstall>,
             "vmdisk-webhook",
             ("vmdisk.io", "vmdiskimages", "delete", Some(ns.as_str())),
         ),
+        (
+            "vmdisk-controller",
+            ("", "secrets", "list", Some(ns.as_str())),
+        ),
+        ("vmdisk-controller", ("", "nodes", "patch", None)),
+        (
+            "vmdisk-controller",
+            ("vmdisk.io", "nodediskcaches/status", "patch", None),
+        ),
+        (
+            "vmdisk-controller",
+            ("vmdisk.io", "vmdiskimages", "delete", Some(ns.as_str())),
+        ),
     ];
     for (account, attributes) in refused {
         assert!(
             !allowed(&case.admin(), account, attributes).await,
             "{account} may {attributes:?}, which vmdisk must not be able to do"
+        );
+    }
+}
+
+/// `kubectl auth can-i <verb> <resource> <where…> --as=<vmdisk-system/account>`, as an
+/// operator would ask it.
+fn can_i(fx: &LocalInstall, account: &str, verb: &str, resource: &str, at: &[&str]) -> bool {
+    let who = format!("--as=system:serviceaccount:{INSTALL_NAMESPACE}:{account}");
+    let mut args = vec!["auth", "can-i", verb, resource, who.as_str()];
+    args.extend_from_slice(at);
+    // "yes" exits 0, "no" exits 1; anything else is a failed question.
+    let answer = match fx.env.kubectl_status(&args) {
+        Ok(out) | Err(out) => out,
+    };
+    match answer.lines().next().map(str::trim) {
+        Some("yes") => true,
+        Some("no") => false,
+        _ => panic!("kubectl {}: {answer}", args.join(" ")),
+    }
+}
+
+/// The admission server, which the API server calls over the network, holds none of the
+/// controllers' power: it cannot read a Secret anywhere (the credentials copies included), nor
+/// patch a PersistentVolume or a claim; the controller can each of what it needs.
+pub async fn the_webhook_cannot_touch_secrets_volumes_or_claims(fx: Arc<LocalInstall>, case: Case) {
+    let ns = case.namespace("e2e-can-i").await;
+    let anywhere = [
+        vec!["-n", ns.as_str()],
+        vec!["-n", CREDENTIALS_NAMESPACE],
+        vec!["-n", INSTALL_NAMESPACE],
+        vec!["-n", "default"],
+        vec!["-n", "kube-system"],
+        vec!["--all-namespaces"],
+    ];
+    let mut webhook_may = Vec::new();
+    for at in &anywhere {
+        for (verb, resource) in [
+            ("get", "secrets"),
+            ("list", "secrets"),
+            ("patch", "persistentvolumeclaims"),
+            ("create", "persistentvolumeclaims"),
+            ("create", "pods"),
+        ] {
+            if can_i(&fx, "vmdisk-webhook", verb, resource, at) {
+                webhook_may.push(format!("{verb} {resource} {at:?}"));
+            }
+        }
+    }
+    for (verb, resource) in [
+        ("patch", "persistentvolumes"),
+        ("get", "persistentvolumes"),
+        ("update", "leases.coordination.k8s.io"),
+    ] {
+        if can_i(
+            &fx,
+            "vmdisk-webhook",
+            verb,
+            resource,
+            &["-n", INSTALL_NAMESPACE],
+        ) {
+            webhook_may.push(format!("{verb} {resource}"));
+        }
+    }
+    assert!(
+        webhook_may.is_empty(),
+        "the webhook's ServiceAccount may {webhook_may:?}"
+    );
+    // What the webhook may do, so the refusals above are the authorizer's and not a question
+    // it could not answer.
+    for (verb, resource, at) in [
+        ("list", "vmdiskimages.vmdisk.io", vec!["--all-namespaces"]),
+        ("watch", "persistentvolumeclaims", vec!["--all-namespaces"]),
+        ("get", "persistentvolumeclaims", vec!["-n", ns.as_str()]),
+    ] {
+        assert!(
+            can_i(&fx, "vmdisk-webhook", verb, resource, &at),
+            "the webhook may not {verb} {resource} {at:?}"
+        );
+    }
+
+    // The controller may what its controllers do, and no more than that on Secrets.
+    let needed = [
+        ("get", "secrets", vec!["-n", ns.as_str()]),
+        ("create", "secrets", vec!["-n", CREDENTIALS_NAMESPACE]),
+        ("patch", "secrets", vec!["-n", CREDENTIALS_NAMESPACE]),
+        ("delete", "secrets", vec!["-n", CREDENTIALS_NAMESPACE]),
+        ("patch", "persistentvolumes", vec![]),
+        ("patch", "persistentvolumeclaims", vec!["-n", ns.as_str()]),
+        (
+            "create",
+            "persistentvolumeclaims",
+            vec!["-n", INSTALL_NAMESPACE],
+        ),
+        ("create", "pods", vec!["-n", INSTALL_NAMESPACE]),
+        (
+            "update",
+            "leases.coordination.k8s.io",
+            vec!["-n", INSTALL_NAMESPACE],
+        ),
+        (
+            "patch",
+            "vmdiskimages.vmdisk.io",
+            vec!["-n", ns.as_str(), "--subresource=status"],
+        ),
+    ];
+    for (verb, resource, at) in needed {
+        assert!(
+            can_i(&fx, "vmdisk-controller", verb, resource, &at),
+            "the controller may not {verb} {resource} {at:?}"
+        );
+    }
+    for (verb, resource, at) in [
+        ("list", "secrets", vec!["-n", ns.as_str()]),
+        ("create", "secrets", vec!["-n", ns.as_str()]),
+        ("create", "pods", vec!["-n", ns.as_str()]),
+        ("delete", "persistentvolumes", vec![]),
+    ] {
+        assert!(
+            !can_i(&fx, "vmdisk-controller", verb, resource, &at),
+            "the controller may {verb} {resource} {at:?}"
         );
     }
 }

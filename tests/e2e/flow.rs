@@ -63,8 +63,9 @@ async fn wait_ready(fx: &LocalInstall, namespace: &str, name: &str, node: &str) 
     .await;
     image.unwrap_or_else(|_| {
         panic!(
-            "{what}: agent log:\n{}\nwebhook log:\n{}",
+            "{what}: agent log:\n{}\ncontroller log:\n{}\nwebhook log:\n{}",
             fx.agent_log(node),
+            fx.controller_log(),
             fx.webhook_log()
         )
     })

@@ -1,4 +1,4 @@
-//! Phase `images`: both container images built by `deploy/images/build.sh` (buildah with vfs
+//! Phase `images`: the three container images built by `deploy/images/build.sh` (buildah with vfs
 //! storage and chroot isolation, FROM scratch, a debootstrap root filesystem for the agent),
 //! pushed to a real local registry, pulled back and run. Needs root, buildah and debootstrap;
 //! skipped with the reason otherwise.
@@ -44,10 +44,7 @@ impl ImagesFixture {
 async fn images_are_pushed_and_run_their_binaries(fx: Arc<ImagesFixture>, _case: Case) {
     let images = fx.images.clone();
     tokio::task::spawn_blocking(move || {
-        for (image, binary) in [
-            (&images.webhook, "vmdisk-webhook"),
-            (&images.cache_agent, "vmdisk-cache-agent"),
-        ] {
+        for (image, binary) in images.with_binaries() {
             let help = run_in_image(image, &[binary, "--help"]).unwrap();
             assert!(
                 help.contains(&format!("Usage: {binary}")),
@@ -55,9 +52,12 @@ async fn images_are_pushed_and_run_their_binaries(fx: Arc<ImagesFixture>, _case:
             );
             println!("{image}: {}", size_of(image).unwrap());
         }
-        // The webhook image runs as a non-root user; the agent image carries qemu-img.
+        // The webhook and controller images run their binaries as a non-root user; the agent
+        // image carries qemu-img.
         let id = run_in_image(&images.webhook, &["vmdisk-webhook", "--version"]).unwrap();
         assert!(id.contains("vmdisk-webhook"), "{id}");
+        let id = run_in_image(&images.controller, &["vmdisk-controller", "--version"]).unwrap();
+        assert!(id.contains("vmdisk-controller"), "{id}");
         let qemu = run_in_image(&images.cache_agent, &["qemu-img", "--version"]).unwrap();
         assert!(qemu.contains("qemu-img version"), "{qemu}");
         let user = run_in_image(&images.cache_agent, &["id", "-u"]).unwrap();
@@ -65,11 +65,13 @@ async fn images_are_pushed_and_run_their_binaries(fx: Arc<ImagesFixture>, _case:
     })
     .await
     .unwrap();
-    assert!(
-        fx.registry.log().contains(&format!(
-            "/v2/vmdisk/webhook/manifests/{}",
-            crate::support::image_tag()
-        )),
-        "the images were pulled from the registry"
-    );
+    for name in ["webhook", "controller", "cache-agent"] {
+        assert!(
+            fx.registry.log().contains(&format!(
+                "/v2/vmdisk/{name}/manifests/{}",
+                crate::support::image_tag()
+            )),
+            "the {name} image was pulled from the registry"
+        );
+    }
 }

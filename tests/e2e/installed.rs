@@ -2,8 +2,9 @@
 //!
 //! The images are built by `deploy/images/build.sh` and pushed to `VMDISK_E2E_REGISTRY`, a
 //! plain-HTTP registry that this machine and the cluster's nodes and pods reach. An overlay of
-//! `deploy/` pins them with kustomize `images:` (and, for the test, keeps the webhook on the
-//! real node, moves the node cache to a scratch directory and shortens retries); cert-manager's
+//! `deploy/` pins them with kustomize `images:` (and, for the test, keeps the webhook and the
+//! controller on the real node, moves the node cache to a scratch directory and shortens the
+//! populator's retries); cert-manager's
 //! CRDs are present but no cert-manager runs, so `certs/no-cert-manager.sh` makes the
 //! certificate. Fake nodes are cordoned so that pods the populator makes land where pods run.
 
@@ -153,16 +154,21 @@ impl Installed {
             (name.to_string(), tag.to_string())
         };
         let (webhook_name, webhook_tag) = pin(&images.webhook);
+        let (controller_name, controller_tag) = pin(&images.controller);
         let (agent_name, agent_tag) = pin(&images.cache_agent);
         let kustomization = json!({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": ["../../deploy"],
             "images": [
                 {"name": "ghcr.io/vmdisk/webhook", "newName": webhook_name, "newTag": webhook_tag},
+                {"name": "ghcr.io/vmdisk/controller", "newName": controller_name, "newTag": controller_tag},
                 {"name": "ghcr.io/vmdisk/cache-agent", "newName": agent_name, "newTag": agent_tag},
             ],
             "patches": [
                 {"target": {"kind": "Deployment", "name": "vmdisk-webhook"}, "patch": json!([
+                    {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {"kubernetes.io/hostname": real_node}},
+                ]).to_string()},
+                {"target": {"kind": "Deployment", "name": "vmdisk-controller"}, "patch": json!([
                     {"op": "add", "path": "/spec/template/spec/nodeSelector", "value": {"kubernetes.io/hostname": real_node}},
                     {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--populator-max-attempts=2"},
                     {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--populator-retry-seconds=1"},
@@ -197,6 +203,7 @@ impl Installed {
             String::from_utf8_lossy(&out.stderr)
         );
         env.rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
+        env.rollout(INSTALL_NAMESPACE, "deployment/vmdisk-controller");
         let fixture = Self {
             env,
             admin,
@@ -503,6 +510,12 @@ async fn installed_as_a_user_does_and_running_on_the_real_node(fx: Arc<Installed
         .await
         .unwrap();
     assert_eq!(deployment.status.and_then(|s| s.ready_replicas), Some(2));
+    // Both controller replicas are ready: one leads, the other stands by.
+    let controller = Api::<Deployment>::namespaced(admin.clone(), INSTALL_NAMESPACE)
+        .get("vmdisk-controller")
+        .await
+        .unwrap();
+    assert_eq!(controller.status.and_then(|s| s.ready_replicas), Some(2));
     let hooks = Api::<MutatingWebhookConfiguration>::all(admin.clone())
         .get("vmdisk")
         .await
@@ -970,8 +983,8 @@ async fn a_refused_image_fails_at_once(fx: Arc<Installed>, case: Case) {
     assert_cleaned_up(&admin, &pvc).await;
 }
 
-/// The leading webhook replica dies while a populator pod works: the other replica takes the
-/// Lease over and finishes from what the cluster shows.
+/// The leading controller replica dies while a populator pod works: the other replica takes
+/// the Lease over and finishes from what the cluster shows.
 async fn the_controller_killed_mid_way_still_finishes(fx: Arc<Installed>, case: Case) {
     let admin = case.admin();
     let ns = case.namespace("e2e-failover").await;
@@ -1026,9 +1039,9 @@ async fn the_controller_killed_mid_way_still_finishes(fx: Arc<Installed>, case: 
     assert!(log.contains("Images are identical"), "{log}");
     let checked = started.elapsed();
     fx.env
-        .rollout(INSTALL_NAMESPACE, "deployment/vmdisk-webhook");
+        .rollout(INSTALL_NAMESPACE, "deployment/vmdisk-controller");
     println!(
-        "failover: disk checked {:.1}s after create, webhook rolled out again at {:.1}s",
+        "failover: disk checked {:.1}s after create, controller rolled out again at {:.1}s",
         checked.as_secs_f64(),
         started.elapsed().as_secs_f64()
     );

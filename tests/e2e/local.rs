@@ -1,9 +1,11 @@
 //! Phase `local`: vmdisk installed from `deploy/` with `kubectl apply -k`, its components run
 //! as the shipped binaries on this machine with their production credentials.
 //!
-//! - The webhook (admission + image controller) authenticates with a token of the
-//!   `vmdisk-webhook` ServiceAccount; the MutatingWebhookConfiguration, as shipped except that
-//!   `clientConfig` becomes a `url` on this machine and the `caBundle` the suite's CA.
+//! - The webhook (admission only) authenticates with a token of the `vmdisk-webhook`
+//!   ServiceAccount; the MutatingWebhookConfiguration, as shipped except that `clientConfig`
+//!   becomes a `url` on this machine and the `caBundle` the suite's CA.
+//! - The controller (image controller and populator, leading: the Deployment's pods never
+//!   run here) authenticates with a token of the `vmdisk-controller` ServiceAccount.
 //! - One cache agent per node authenticates with a token of `vmdisk-cache-agent` bound to
 //!   the DaemonSet's pod on that node, so the API server records the node in the token and the
 //!   ValidatingAdmissionPolicy can hold the agent to its own node. (The DaemonSet's pods exist
@@ -44,6 +46,7 @@ fn cases() -> Vec<CaseDef<LocalInstall>> {
     cases![
         crate::api::crds_refuse_invalid_images_with_their_messages,
         crate::api::rbac_grants_exactly_what_the_components_use,
+        crate::api::the_webhook_cannot_touch_secrets_volumes_or_claims,
         crate::api::agents_cannot_read_secrets_outside_the_credentials_namespace,
         crate::api::an_agent_cannot_write_another_nodes_objects,
         crate::flow::private_image_is_resolved_warmed_where_selected_and_steers_pods,
@@ -65,6 +68,7 @@ pub struct LocalInstall {
     pub admin: Client,
     pub work: TempDir,
     pub webhook: Mutex<Process>,
+    pub controller: Mutex<Process>,
     pub agents: Mutex<BTreeMap<String, LocalAgent>>,
     /// Fake nodes first (pods there never run), then real ones.
     pub nodes: Vec<String>,
@@ -133,6 +137,32 @@ impl LocalInstall {
                 (reply.status == 200).then_some(()).ok_or(reply.text())
             }
         })
+        .await;
+
+        // The controller, with its own account; ready once it holds the Lease.
+        let token =
+            service_account_token(&admin, INSTALL_NAMESPACE, "vmdisk-controller", None).await;
+        let kubeconfig = env.kubeconfig_with_token(work.path(), "vmdisk-controller", &token);
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let mut command = Command::new(env.binary("vmdisk-controller"));
+        command
+            .args(["--metrics-listen", &metrics.to_string()])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", "e2e-local-controller")
+            .env("RUST_LOG", "info,vmdisk_controller=debug");
+        let controller = Process::spawn(command, work.path().join("controller.log"));
+        wait_for(
+            "the controller to lead",
+            Duration::from_secs(60),
+            || async move {
+                match crate::support::http_get(metrics, "/readyz").await? {
+                    (200, body) if body == "leading" => Ok(()),
+                    (status, body) => Err(format!("{status} {body}")),
+                }
+            },
+        )
         .await;
 
         // One agent per node, each bound to the DaemonSet's pod object on its node.
@@ -205,6 +235,7 @@ impl LocalInstall {
             admin,
             work,
             webhook: Mutex::new(webhook),
+            controller: Mutex::new(controller),
             agents: Mutex::new(agents),
             nodes,
         })
@@ -250,11 +281,16 @@ impl LocalInstall {
         self.webhook.lock().unwrap().tail()
     }
 
+    pub fn controller_log(&self) -> String {
+        self.controller.lock().unwrap().tail()
+    }
+
     pub async fn teardown(&self) {
         // The cases' namespaces go first, while the populator still runs to release its
         // finalizers; then the components stop and the installation goes.
         delete_case_namespaces(&self.env, &self.admin).await;
         self.webhook.lock().unwrap().kill();
+        self.controller.lock().unwrap().kill();
         for agent in self.agents.lock().unwrap().values_mut() {
             if let Some(p) = &mut agent.process {
                 p.kill();

@@ -6,16 +6,17 @@
 //! and check the results. Phases run one after the other, each with its own installation; the
 //! cases of a phase run in parallel, each in namespaces of its own, and leave nothing behind.
 //!
-//! - `images` (no cluster needed): both container images built with `deploy/images/build.sh`,
-//!   pushed to a local registry, each binary run inside its image.
+//! - `images` (no cluster needed): the three container images built with
+//!   `deploy/images/build.sh`, pushed to a local registry, each binary run inside its image.
 //! - `local`: the shipped binaries run on this machine as the cluster's components: the
-//!   webhook and controllers with a token of the `vmdisk-webhook` ServiceAccount (the API server
-//!   calls the webhook through `clientConfig.url`), one cache agent per node with a token of
-//!   `vmdisk-cache-agent` bound to that node's DaemonSet pod.
+//!   webhook with a token of the `vmdisk-webhook` ServiceAccount (the API server calls it
+//!   through `clientConfig.url`), the controller with one of `vmdisk-controller`, one cache
+//!   agent per node with a token of `vmdisk-cache-agent` bound to that node's DaemonSet pod.
 //! - `installed`: `kubectl apply -k` of an overlay pinning the images (pushed to
 //!   `VMDISK_E2E_REGISTRY`, which the cluster's nodes pull from), the certificate from
-//!   `certs/no-cert-manager.sh`; the webhook Deployment and the agent DaemonSet run as pods on
-//!   the real node, populator pods fill PVCs there. Its last case stops the webhook.
+//!   `certs/no-cert-manager.sh`; the webhook and controller Deployments and the agent
+//!   DaemonSet run as pods on the real node, populator pods fill PVCs there. Its last case
+//!   stops the webhook.
 
 mod api;
 mod flow;

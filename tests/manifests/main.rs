@@ -2,9 +2,11 @@
 //! typed object without unknown fields, flags parse, ports, Secrets, certificates and paths
 //! line up, examples are valid, CRDs are the generated ones, RBAC is what the code uses.
 
+mod controller;
+mod rbac;
 mod typed;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
@@ -76,6 +78,101 @@ fn kustomization_files() -> Vec<PathBuf> {
     out
 }
 
+/// The installed Deployment of that name.
+fn deployment<'a>(
+    objects: &'a [typed::Object],
+    name: &str,
+) -> &'a k8s_openapi::api::apps::v1::Deployment {
+    objects
+        .iter()
+        .find_map(|o| match o {
+            typed::Object::Deployment(d) if d.metadata.name.as_deref() == Some(name) => Some(&**d),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the {name} Deployment"))
+}
+
+/// A container's command line as its binary sees it: command, args, and a flag for each
+/// environment variable the manifest sets. Every variable must name a flag of the binary: a
+/// variable nothing reads is a manifest out of step with the code.
+fn container_argv(
+    container: &k8s_openapi::api::core::v1::Container,
+    command: &clap::Command,
+) -> Vec<String> {
+    let mut argv: Vec<String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .cloned()
+        .collect();
+    for var in container.env.iter().flatten() {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == var.name.as_str()))
+            .unwrap_or_else(|| {
+                panic!(
+                    "container {} sets {}, which no flag of {} reads",
+                    container.name,
+                    var.name,
+                    command.get_name()
+                )
+            });
+        argv.push(format!(
+            "--{}=from-the-environment",
+            arg.get_long().unwrap()
+        ));
+    }
+    argv
+}
+
+/// Each probe of `container` asks a path `router` serves (anything but a 404), on a port the
+/// container declares; returns the probed paths.
+fn probes_are_served(
+    container: &k8s_openapi::api::core::v1::Container,
+    router: &axum::Router,
+) -> BTreeSet<String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut paths = BTreeSet::new();
+    for probe in [&container.readiness_probe, &container.liveness_probe]
+        .into_iter()
+        .flatten()
+    {
+        let get = probe.http_get.as_ref().expect("an HTTP probe");
+        let declared = container.ports.iter().flatten().any(|p| match &get.port {
+            IntOrString::String(name) => p.name.as_deref() == Some(name.as_str()),
+            IntOrString::Int(n) => p.container_port == *n,
+        });
+        assert!(
+            declared,
+            "{}: probe port {:?} is not declared",
+            container.name, get.port
+        );
+        let path = get.path.clone().unwrap();
+        let status = runtime.block_on(async {
+            use tower::ServiceExt as _;
+            router
+                .clone()
+                .oneshot(
+                    http::Request::get(&path)
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap()
+                .status()
+        });
+        assert_ne!(
+            status, 404,
+            "{}: the probe's {path} is not served",
+            container.name
+        );
+        paths.insert(path);
+    }
+    paths
+}
+
 #[test]
 fn every_manifest_is_a_typed_object_without_unknown_fields() {
     let mut files: Vec<PathBuf> = kustomization_files();
@@ -117,13 +214,7 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
         .iter()
         .map(|d| typed::parse(d).unwrap())
         .collect();
-    let deployment = objects
-        .iter()
-        .find_map(|o| match o {
-            Object::Deployment(d) => Some(d),
-            _ => None,
-        })
-        .expect("the webhook Deployment");
+    let deployment = deployment(&objects, "vmdisk-webhook");
     let daemonset = objects
         .iter()
         .find_map(|o| match o {
@@ -171,13 +262,7 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
     // certificate is the Certificate's Secret, its account exists, it runs as non-root.
     let pod = deployment.spec.template.spec.as_ref().unwrap();
     let webhook = &pod.containers[0];
-    let argv: Vec<String> = webhook
-        .command
-        .iter()
-        .flatten()
-        .chain(webhook.args.iter().flatten())
-        .cloned()
-        .collect();
+    let argv = container_argv(webhook, &<WebhookArgs as clap::CommandFactory>::command());
     let args = WebhookArgs::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     let port = webhook
         .ports
@@ -315,6 +400,10 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
     let router = vmdisk_webhook::routes::router(std::sync::Arc::new(
         vmdisk_webhook::routes::Webhook::new(std::sync::Arc::new(NoImages), Default::default()),
     ));
+    assert_eq!(
+        probes_are_served(webhook, &router),
+        BTreeSet::from(["/healthz".to_string(), "/readyz".to_string()])
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for hook in hooks.webhooks.as_ref().unwrap() {
         let svc = hook.client_config.service.as_ref().unwrap();
@@ -361,12 +450,12 @@ fn the_installed_objects_agree_with_each_other_and_with_the_binaries() {
 }
 
 #[test]
-fn images_pinned_by_an_overlay_reach_both_workloads() {
+fn images_pinned_by_an_overlay_reach_every_workload() {
     let dir = root().join(format!("target/manifest-overlay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("kustomization.yaml"),
-        "resources: [../../deploy]\nimages:\n  - {name: ghcr.io/vmdisk/webhook, newName: registry.example.com/vmdisk/webhook, newTag: v9}\n  - {name: ghcr.io/vmdisk/cache-agent, newName: registry.example.com/vmdisk/cache-agent, newTag: v9}\n",
+        "resources: [../../deploy]\nimages:\n  - {name: ghcr.io/vmdisk/webhook, newName: registry.example.com/vmdisk/webhook, newTag: v9}\n  - {name: ghcr.io/vmdisk/controller, newName: registry.example.com/vmdisk/controller, newTag: v9}\n  - {name: ghcr.io/vmdisk/cache-agent, newName: registry.example.com/vmdisk/cache-agent, newTag: v9}\n",
     )
     .unwrap();
     let out = std::process::Command::new("kubectl")
@@ -387,6 +476,7 @@ fn images_pinned_by_an_overlay_reach_both_workloads() {
         images,
         BTreeSet::from([
             "registry.example.com/vmdisk/cache-agent:v9",
+            "registry.example.com/vmdisk/controller:v9",
             "registry.example.com/vmdisk/webhook:v9"
         ])
     );
@@ -456,133 +546,4 @@ fn installed_crds_are_the_generated_ones() {
         );
     }
     assert!(resources.contains(&"crds.yaml"));
-}
-
-/// The permissions `deploy/rbac.yaml` grants a ServiceAccount of vmdisk-system, as
-/// (group, resource, verb, scope).
-fn granted(account: &str) -> BTreeSet<vmdisk_crds::Permission> {
-    use k8s_openapi::api::rbac::v1::{
-        ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding,
-    };
-    use vmdisk_crds::AccessScope;
-    let docs = docs("deploy/rbac.yaml");
-    let of_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind).cloned();
-    let cluster_roles: BTreeMap<String, ClusterRole> = of_kind("ClusterRole")
-        .map(|d| serde_yaml::from_value::<ClusterRole>(d).unwrap())
-        .map(|r| (r.metadata.name.clone().unwrap(), r))
-        .collect();
-    let roles: BTreeMap<(String, String), Role> = of_kind("Role")
-        .map(|d| serde_yaml::from_value::<Role>(d).unwrap())
-        .map(|r| {
-            (
-                (
-                    r.metadata.namespace.clone().unwrap(),
-                    r.metadata.name.clone().unwrap(),
-                ),
-                r,
-            )
-        })
-        .collect();
-    let binds_account = |subjects: &Option<Vec<k8s_openapi::api::rbac::v1::Subject>>| {
-        subjects.iter().flatten().any(|s| {
-            s.kind == "ServiceAccount"
-                && s.name == account
-                && s.namespace.as_deref() == Some(vmdisk_crds::INSTALL_NAMESPACE)
-        })
-    };
-    let scope_of = |namespace: &str| match namespace {
-        vmdisk_crds::INSTALL_NAMESPACE => AccessScope::InstallNamespace,
-        vmdisk_crds::CREDENTIALS_NAMESPACE => AccessScope::CredentialsNamespace,
-        "default" => AccessScope::DefaultNamespace,
-        other => panic!("a Role in unexpected namespace {other}"),
-    };
-    let mut out = BTreeSet::new();
-    let mut add = |rules: &[PolicyRule], scope: AccessScope| {
-        for rule in rules {
-            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
-            for group in rule.api_groups.iter().flatten() {
-                for resource in rule.resources.iter().flatten() {
-                    for verb in &rule.verbs {
-                        assert!(
-                            group != "*" && resource != "*" && verb != "*",
-                            "no wildcards in vmdisk's RBAC"
-                        );
-                        out.insert((group.clone(), resource.clone(), verb.clone(), scope));
-                    }
-                }
-            }
-        }
-    };
-    for b in of_kind("ClusterRoleBinding") {
-        let b: ClusterRoleBinding = serde_yaml::from_value(b).unwrap();
-        if binds_account(&b.subjects) {
-            assert_eq!(b.role_ref.kind, "ClusterRole");
-            let role = &cluster_roles[&b.role_ref.name];
-            add(
-                role.rules.as_deref().unwrap_or_default(),
-                AccessScope::Cluster,
-            );
-        }
-    }
-    for b in of_kind("RoleBinding") {
-        let b: RoleBinding = serde_yaml::from_value(b).unwrap();
-        if binds_account(&b.subjects) {
-            let namespace = b.metadata.namespace.clone().unwrap();
-            assert_eq!(
-                b.role_ref.kind, "Role",
-                "vmdisk binds ClusterRoles only cluster-wide"
-            );
-            let role = &roles[&(namespace.clone(), b.role_ref.name.clone())];
-            add(
-                role.rules.as_deref().unwrap_or_default(),
-                scope_of(&namespace),
-            );
-        }
-    }
-    out
-}
-
-fn assert_same_permissions(account: &str, used: BTreeSet<vmdisk_crds::Permission>) {
-    let granted = granted(account);
-    let missing: Vec<_> = used.difference(&granted).collect();
-    let extra: Vec<_> = granted.difference(&used).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "deploy/rbac.yaml and the code disagree for {account}:\n  used by the code but not granted: {missing:?}\n  granted but never used: {extra:?}"
-    );
-}
-
-#[test]
-fn webhook_rbac_is_exactly_what_the_code_uses() {
-    assert_same_permissions("vmdisk-webhook", vmdisk_webhook::api_access());
-}
-
-#[test]
-fn cache_agent_rbac_is_exactly_what_the_code_uses() {
-    assert_same_permissions("vmdisk-cache-agent", vmdisk_cache_agent::api_access());
-}
-
-#[test]
-fn populator_pod_rbac_is_exactly_what_populate_uses() {
-    assert_same_permissions(
-        "vmdisk-populator",
-        vmdisk_cache_agent::populator_api_access(),
-    );
-}
-
-#[test]
-fn agents_read_secrets_only_in_the_credentials_namespace() {
-    let secrets: Vec<_> = granted("vmdisk-cache-agent")
-        .into_iter()
-        .filter(|(_, resource, _, _)| resource == "secrets")
-        .collect();
-    assert_eq!(
-        secrets,
-        vec![(
-            "".to_string(),
-            "secrets".to_string(),
-            "get".to_string(),
-            vmdisk_crds::AccessScope::CredentialsNamespace
-        )]
-    );
 }

@@ -6,11 +6,23 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
-/// The two images, by the names buildah's local storage knows them.
+/// The three images, by the names buildah's local storage knows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltImages {
     pub webhook: String,
+    pub controller: String,
     pub cache_agent: String,
+}
+
+impl BuiltImages {
+    /// Each image with its binary (what its entrypoint runs).
+    pub fn with_binaries(&self) -> [(&str, &'static str); 3] {
+        [
+            (&self.webhook, "vmdisk-webhook"),
+            (&self.controller, "vmdisk-controller"),
+            (&self.cache_agent, "vmdisk-cache-agent"),
+        ]
+    }
 }
 
 const BUILDAH: [&str; 3] = ["buildah", "--storage-driver", "vfs"];
@@ -36,7 +48,7 @@ pub fn cannot_build() -> Option<String> {
 
 static BUILT: Mutex<Option<BuiltImages>> = Mutex::new(None);
 
-/// Builds both images with `deploy/images/build.sh` from the binaries in `bin_dir`, pushing
+/// Builds the images with `deploy/images/build.sh` from the binaries in `bin_dir`, pushing
 /// them to `registry` (plain HTTP); later calls push the images already built.
 pub fn build_and_push(
     root: &Path,
@@ -47,14 +59,16 @@ pub fn build_and_push(
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let names = |host: &str| BuiltImages {
         webhook: format!("{host}/vmdisk/webhook:{tag}"),
+        controller: format!("{host}/vmdisk/controller:{tag}"),
         cache_agent: format!("{host}/vmdisk/cache-agent:{tag}"),
     };
     if let Some(local) = built.as_ref() {
         let pushed = names(registry);
-        for (from, to) in [
-            (&local.webhook, &pushed.webhook),
-            (&local.cache_agent, &pushed.cache_agent),
-        ] {
+        for ((from, _), (to, _)) in local
+            .with_binaries()
+            .into_iter()
+            .zip(pushed.with_binaries())
+        {
             run(Command::new(BUILDAH[0])
                 .args(&BUILDAH[1..])
                 .args(["push", "--quiet", "--tls-verify=false", from])
@@ -88,6 +102,7 @@ pub fn remove_built() -> Result<(), String> {
         "rmi",
         "--force",
         &local.webhook,
+        &local.controller,
         &local.cache_agent,
     ]))
     .map(|_| ())

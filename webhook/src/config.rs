@@ -9,8 +9,7 @@ use clap::Parser;
 use crate::mutate::MutationConfig;
 use crate::routes::DEFAULT_MAX_BODY_BYTES;
 
-/// vmdisk mutating admission webhook for PVCs and Pods, plus the leader-elected image
-/// controller.
+/// vmdisk mutating admission webhook for PVCs and Pods.
 ///
 /// Serves POST /mutate-pvc and /mutate-pod (AdmissionReview admission.k8s.io/v1) over TLS,
 /// GET /healthz, /readyz and /metrics. The serving certificate is read from --cert-dir
@@ -31,13 +30,9 @@ pub struct WebhookArgs {
     #[arg(long, env = "VMDISK_CATALOG_DIR")]
     pub catalog_dir: Option<PathBuf>,
 
-    /// Run the image controller (tag → digest resolution, VMDiskImage status) under leader
-    /// election. Ignored with --catalog-dir.
-    #[arg(long, env = "VMDISK_CONTROLLERS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub controllers: bool,
-
     /// Share of a Filesystem-mode volume taken by the filesystem: PVCs for a disk of virtual
-    /// size V get V × (1 + overhead), and the populator's disk.img is volume / (1 + overhead).
+    /// size V get V × (1 + overhead). Must match the controller's --filesystem-overhead, which
+    /// sizes the populator's disk.img as volume / (1 + overhead).
     #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = parse_overhead)]
     pub filesystem_overhead: f64,
 
@@ -52,43 +47,6 @@ pub struct WebhookArgs {
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, env = "VMDISK_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
-
-    /// vmdisk's namespace (the controllers' Lease lives here).
-    #[arg(long, env = "POD_NAMESPACE", default_value = vmdisk_crds::INSTALL_NAMESPACE)]
-    pub namespace: String,
-
-    /// Namespace where the image controller keeps the agents' copies of pull credentials.
-    #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
-    pub credentials_namespace: String,
-
-    /// The cache agent DaemonSet (in --namespace): populator pods run its image on its cache
-    /// directory, read when each pod is made, so they always match the agents.
-    #[arg(
-        long,
-        env = "VMDISK_AGENT_DAEMONSET",
-        default_value = "vmdisk-cache-agent"
-    )]
-    pub agent_daemonset: String,
-
-    /// Image of populator pods, instead of the agent DaemonSet's.
-    #[arg(long, env = "VMDISK_POPULATOR_IMAGE")]
-    pub populator_image: Option<String>,
-
-    /// The node cache's hostPath, instead of the agent DaemonSet's `cache` volume.
-    #[arg(long, env = "VMDISK_NODE_CACHE_DIR")]
-    pub node_cache_dir: Option<String>,
-
-    /// Populator pods per PVC before giving up (failures that retrying cannot fix stop at once).
-    #[arg(long, env = "VMDISK_POPULATOR_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub populator_max_attempts: u32,
-
-    /// Seconds before the first retry of a failed populator pod (doubling, at most 300).
-    #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
-    pub populator_retry_seconds: u64,
-
-    /// This replica's name in leader election.
-    #[arg(long, env = "POD_NAME")]
-    pub pod_name: Option<String>,
 
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -113,29 +71,6 @@ impl WebhookArgs {
         }
     }
 
-    pub fn controller_config(
-        &self,
-        metrics: &crate::metrics::WebhookMetrics,
-    ) -> crate::controller::ControllerConfig {
-        let defaults = crate::controller::ControllerConfig::default();
-        crate::controller::ControllerConfig {
-            install_namespace: self.namespace.clone(),
-            credentials_namespace: self.credentials_namespace.clone(),
-            identity: self.pod_name.clone().unwrap_or(defaults.identity),
-            populator: crate::controller::populator::PopulatorSettings {
-                namespace: self.namespace.clone(),
-                credentials_namespace: self.credentials_namespace.clone(),
-                agent_daemonset: self.agent_daemonset.clone(),
-                image: self.populator_image.clone(),
-                node_cache_dir: self.node_cache_dir.clone(),
-                filesystem_overhead: self.filesystem_overhead,
-                max_attempts: self.populator_max_attempts,
-                retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
-            },
-            populator_metrics: metrics.populator.clone(),
-        }
-    }
-
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_seconds)
     }
@@ -153,5 +88,7 @@ mod tests {
         assert!(WebhookArgs::try_parse_from(["x", "--filesystem-overhead", "0.9"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--affinity-weight", "0"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--listen", "nope"]).is_err());
+        // The controllers run in vmdisk-controller.
+        assert!(WebhookArgs::try_parse_from(["x", "--controllers=false"]).is_err());
     }
 }

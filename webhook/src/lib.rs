@@ -1,5 +1,5 @@
-//! vmdisk webhook: the mutating admission server for PVCs and Pods, and (in the same
-//! Deployment) the leader-elected image controller.
+//! vmdisk webhook: the mutating admission server for PVCs and Pods. It reads VMDiskImages and
+//! PVC metadata and writes nothing; the controllers run in `vmdisk-controller`.
 //!
 //! Module map: [`admission`] decodes AdmissionReviews (with [`json_reader`]) and encodes answers (with
 //! [`json_writer`]); [`mutate`] holds the
@@ -11,7 +11,6 @@
 pub mod admission;
 pub mod catalog;
 pub mod config;
-pub mod controller;
 pub mod dir_watch;
 pub mod json_reader;
 pub mod json_writer;
@@ -24,10 +23,8 @@ pub mod tls;
 pub use vmdisk_crds::error_chain;
 
 /// Everything `vmdisk-webhook` asks of the API server (as the `vmdisk-webhook`
-/// ServiceAccount): the catalog's watches and the controllers' calls. `deploy/rbac.yaml`
+/// ServiceAccount): the catalog's watches and claim lookups, nothing else. `deploy/rbac.yaml`
 /// grants exactly this; a test checks it both ways.
 pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
-    let mut lists: Vec<&[vmdisk_crds::ApiAccess]> = vec![catalog::kube::API_ACCESS];
-    lists.extend_from_slice(controller::API_ACCESS);
-    vmdisk_crds::permissions(&lists)
+    vmdisk_crds::permissions(&[catalog::kube::API_ACCESS])
 }

@@ -1,4 +1,4 @@
-//! `vmdisk-webhook`: wires flags → catalog → TLS → HTTPS server (+ controllers).
+//! `vmdisk-webhook`: wires flags → catalog → TLS → HTTPS server.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,7 +52,6 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         .watch()
         .context("watching the certificate directory")?;
 
-    // One registry for admission and the controllers, served on /metrics.
     let metrics = Arc::new(WebhookMetrics::new());
     let mut background = Vec::new();
     let mut _catalog_watch = None;
@@ -66,14 +65,8 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
             let client = kube::Client::try_default().await.context(
                 "connecting to the Kubernetes API (use --catalog-dir to run without a cluster)",
             )?;
-            let (catalog, tasks) = KubeCatalog::start(client.clone());
+            let (catalog, tasks) = KubeCatalog::start(client);
             background.extend(tasks);
-            if args.controllers {
-                background.push(vmdisk_webhook::controller::spawn(
-                    client,
-                    args.controller_config(&metrics),
-                ));
-            }
             catalog
         }
     };

@@ -95,71 +95,11 @@ pub struct WebhookMetrics {
     handles: Handles,
     /// Claims asked of the API server at admission, by result: found, absent, failed.
     claim_fetches: [Counter; 3],
-    /// The volume populator's metrics, exposed on the same endpoint.
-    pub populator: PopulatorMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
-}
-
-/// The volume populator's metrics: how long populations take by result (failures and aborts
-/// too), how many are in flight, how many pods were retried. Handles share their values, so
-/// clones given to the controller show up on `/metrics`.
-#[derive(Clone, Debug)]
-pub struct PopulatorMetrics {
-    duration: Family<ResultLabels, Histogram>,
-    in_flight: prometheus_client::metrics::gauge::Gauge,
-    retries: Counter,
-}
-
-impl PopulatorMetrics {
-    fn register(registry: &mut Registry) -> Self {
-        let m = Self {
-            duration: Family::new_with_constructor(|| {
-                // 1 s … ~2.3 h: a warm copy to a cold multi-GiB pull.
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    1.0, 2.0, 14,
-                ))
-            }),
-            in_flight: Default::default(),
-            retries: Counter::default(),
-        };
-        let sub = registry.sub_registry_with_prefix("populator");
-        sub.register(
-            "operation_duration_seconds",
-            "Time from prime PVC creation to the end of a population, by result (succeeded, failed, aborted)",
-            m.duration.clone(),
-        );
-        sub.register(
-            "operations_in_flight",
-            "Populations under way (prime PVCs that exist)",
-            m.in_flight.clone(),
-        );
-        sub.register(
-            "retries",
-            "Populator pods recreated after a failure",
-            m.retries.clone(),
-        );
-        m
-    }
-
-    pub fn observe(&self, result: &str, seconds: f64) {
-        self.duration
-            .get_or_create(&ResultLabels {
-                result: result.to_string(),
-            })
-            .observe(seconds);
-    }
-
-    pub fn set_in_flight(&self, n: i64) {
-        self.in_flight.set(n);
-    }
-
-    pub fn retried(&self) {
-        self.retries.inc();
-    }
 }
 
 impl Default for WebhookMetrics {
@@ -236,12 +176,10 @@ impl WebhookMetrics {
                 })
                 .clone()
         });
-        let populator = PopulatorMetrics::register(&mut registry);
         Self {
             registry,
             handles,
             claim_fetches,
-            populator,
         }
     }
 
@@ -318,17 +256,5 @@ mod tests {
             text.contains("vmdisk_webhook_admission_duration_seconds_bucket"),
             "{text}"
         );
-        let populator = m.populator.clone();
-        populator.observe("failed", 3.0);
-        populator.set_in_flight(2);
-        populator.retried();
-        let text = m.encode();
-        for line in [
-            r#"vmdisk_webhook_populator_operation_duration_seconds_count{result="failed"} 1"#,
-            "vmdisk_webhook_populator_operations_in_flight 2",
-            "vmdisk_webhook_populator_retries_total 1",
-        ] {
-            assert!(text.contains(line), "{line} missing from {text}");
-        }
     }
 }

@@ -1,5 +1,5 @@
-//! Leader election on a coordination.k8s.io/v1 Lease: only one webhook replica runs the
-//! controllers. [`decide`] is the pure rule; [`LeaderElector`] does the I/O.
+//! Leader election on a coordination.k8s.io/v1 Lease: only one `vmdisk-controller` replica
+//! runs the controllers. [`decide`] is the pure rule; [`LeaderElector`] does the I/O.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use kube::{Api, Client};
 
 use vmdisk_crds::{AccessScope, ApiAccess};
 
-use super::image::{from_timestamp, to_timestamp};
+use crate::time::{from_timestamp, to_timestamp};
 
 /// What leader election asks of the API server: its Lease, in vmdisk's namespace.
 pub const API_ACCESS: &[ApiAccess] = &[ApiAccess::new(

@@ -1,0 +1,129 @@
+//! Command-line flags (each with an environment variable) of `vmdisk-controller`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::populator::PopulatorSettings;
+use crate::supervisor::ControllerConfig;
+
+/// vmdisk controllers: the image controller (tag → digest, VMDiskImage status, the agents'
+/// pull-credentials copies) and the volume populator, run by one replica at a time under
+/// leader election on the Lease `vmdisk-controller`.
+///
+/// Serves GET /metrics, /healthz and /readyz over plain HTTP on --metrics-listen.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "vmdisk-controller", version, about, long_about = None)]
+pub struct ControllerArgs {
+    /// Address for GET /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "VMDISK_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
+    pub metrics_listen: SocketAddr,
+
+    /// vmdisk's namespace: the Lease, prime PVCs and populator pods live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = vmdisk_crds::INSTALL_NAMESPACE)]
+    pub namespace: String,
+
+    /// Namespace where the image controller keeps the agents' copies of pull credentials.
+    #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
+    pub credentials_namespace: String,
+
+    /// The cache agent DaemonSet (in --namespace): populator pods run its image on its cache
+    /// directory, read when each pod is made, so they always match the agents.
+    #[arg(
+        long,
+        env = "VMDISK_AGENT_DAEMONSET",
+        default_value = "vmdisk-cache-agent"
+    )]
+    pub agent_daemonset: String,
+
+    /// Image of populator pods, instead of the agent DaemonSet's.
+    #[arg(long, env = "VMDISK_POPULATOR_IMAGE")]
+    pub populator_image: Option<String>,
+
+    /// The node cache's hostPath, instead of the agent DaemonSet's `cache` volume.
+    #[arg(long, env = "VMDISK_NODE_CACHE_DIR")]
+    pub node_cache_dir: Option<String>,
+
+    /// Share of a Filesystem-mode volume taken by the filesystem: the populator's disk.img is
+    /// volume / (1 + overhead). Must match the webhook's --filesystem-overhead, which sizes
+    /// the PVCs.
+    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = parse_overhead)]
+    pub filesystem_overhead: f64,
+
+    /// Populator pods per PVC before giving up (failures that retrying cannot fix stop at once).
+    #[arg(long, env = "VMDISK_POPULATOR_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub populator_max_attempts: u32,
+
+    /// Seconds before the first retry of a failed populator pod (doubling, at most 300).
+    #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
+    pub populator_retry_seconds: u64,
+
+    /// This replica's name in leader election (default: `vmdisk-controller-<pid>`).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Log format.
+    #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+fn parse_overhead(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=0.5).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0.0..=0.5"))
+    }
+}
+
+impl ControllerArgs {
+    pub fn controller_config(&self) -> ControllerConfig {
+        let defaults = ControllerConfig::default();
+        ControllerConfig {
+            install_namespace: self.namespace.clone(),
+            credentials_namespace: self.credentials_namespace.clone(),
+            identity: self.pod_name.clone().unwrap_or(defaults.identity),
+            populator: PopulatorSettings {
+                namespace: self.namespace.clone(),
+                credentials_namespace: self.credentials_namespace.clone(),
+                agent_daemonset: self.agent_daemonset.clone(),
+                image: self.populator_image.clone(),
+                node_cache_dir: self.node_cache_dir.clone(),
+                filesystem_overhead: self.filesystem_overhead,
+                max_attempts: self.populator_max_attempts,
+                retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let a = ControllerArgs::try_parse_from(["vmdisk-controller"]).unwrap();
+        assert_eq!(a.metrics_listen.port(), 9103);
+        assert_eq!(a.filesystem_overhead, 0.06);
+        let config = a.controller_config();
+        assert_eq!(config.install_namespace, "vmdisk-system");
+        assert!(config.identity.starts_with("vmdisk-controller-"));
+        assert_eq!(config.populator.image, None, "the agent DaemonSet's");
+        assert_eq!(config.populator.max_attempts, 4);
+        let named = ControllerArgs::try_parse_from([
+            "x",
+            "--pod-name=replica-1",
+            "--populator-retry-seconds=0",
+        ])
+        .unwrap()
+        .controller_config();
+        assert_eq!(named.identity, "replica-1");
+        assert_eq!(named.populator.retry_base, Duration::from_secs(1));
+        assert!(ControllerArgs::try_parse_from(["x", "--filesystem-overhead", "0.9"]).is_err());
+        assert!(ControllerArgs::try_parse_from(["x", "--populator-max-attempts", "0"]).is_err());
+        assert!(ControllerArgs::try_parse_from(["x", "--metrics-listen", "nope"]).is_err());
+        assert!(ControllerArgs::try_parse_from(["x", "--controllers=true"]).is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! The image controller: the only writer of VMDiskImage status.
+//!
+//! It resolves each image's reference to a digest once for the whole cluster (agents pull by
+//! that digest, so every node caches the same bits), re-resolves moving tags on the image's
+//! `pollInterval`, keeps the agents' copy of the image's pull credentials current
+//! ([`crate::credentials`]), and aggregates source format, virtual size and the warm-node
+//! count from the NodeDiskCache objects the agents publish. [`resolve`] and [`status`] are
+//! the pure decisions; [`mod@reconcile`] does the I/O; [`run`] wires the watches.
+
+pub mod reconcile;
+pub mod resolve;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client};
+use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, VMDiskImage, IMAGE_UID_LABEL};
+
+use crate::credentials::{self, CredentialsCopier};
+use crate::tasks::{reflect, TaskGuard};
+pub use reconcile::{error_policy, reconcile, Context, ImageError};
+pub use resolve::{needs_resolve, DigestResolver, RegistryResolver};
+pub use status::{aggregate_status, ResolveOutcome};
+
+/// What the image controller asks of the API server (besides [`credentials::API_ACCESS`]).
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess::new(
+        "vmdisk.io",
+        "vmdiskimages",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    ApiAccess::new(
+        "vmdisk.io",
+        "vmdiskimages/status",
+        &["patch"],
+        AccessScope::Cluster,
+    ),
+    ApiAccess::new(
+        "vmdisk.io",
+        "nodediskcaches",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    // Events on VMDiskImages (Resolved, ResolveFailed, PullSecretError).
+    ApiAccess::new(
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        AccessScope::Cluster,
+    ),
+];
+
+/// How often orphaned credentials copies are looked for.
+const COPY_SWEEP: Duration = Duration::from_secs(10);
+
+/// Runs the image controller until the future is dropped.
+pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
+    let images: Api<VMDiskImage> = Api::all(client.clone());
+    let caches_api: Api<NodeDiskCache> = Api::all(client.clone());
+    let (caches, _caches_task) = reflect(caches_api.clone(), watcher::Config::default());
+    let (copies, _copies_task) = reflect(
+        Api::<Secret>::namespaced(client.clone(), credentials_namespace),
+        watcher::Config::default().labels(IMAGE_UID_LABEL),
+    );
+    let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        resolver: Arc::new(RegistryResolver::default()),
+        caches,
+        copies: copies.clone(),
+        copier: copier.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "vmdisk-image-controller".into(),
+                instance: Some(identity.to_string()),
+            },
+        ),
+    });
+    // Status aggregates the node caches: an empty store would report no warm nodes.
+    if ctx.caches.wait_until_ready().await.is_err() {
+        tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
+        return;
+    }
+    let controller = Controller::new(images, watcher::Config::default());
+    let image_store = controller.store();
+
+    // Copies of deleted images (or of images that dropped their pull secret) go away.
+    let sweep_images = image_store.clone();
+    let _sweeper = TaskGuard::spawn(async move {
+        loop {
+            tokio::time::sleep(COPY_SWEEP).await;
+            if copies.wait_until_ready().await.is_err()
+                || sweep_images.wait_until_ready().await.is_err()
+            {
+                continue;
+            }
+            for name in credentials::orphaned_copies(&copies.state(), &sweep_images.state()) {
+                match copier.delete(&name).await {
+                    Ok(()) => {
+                        tracing::info!(secret = %name, "deleted the credentials copy of a removed image")
+                    }
+                    Err(e) => {
+                        tracing::warn!(secret = %name, error = %e, "cannot delete a credentials copy")
+                    }
+                }
+            }
+        }
+    });
+
+    controller
+        // A node's cache changed: re-aggregate the images whose digest it mentions.
+        .watches(
+            caches_api,
+            watcher::Config::default(),
+            move |cache: NodeDiskCache| {
+                let digests: Vec<String> = cache
+                    .status
+                    .iter()
+                    .flat_map(|s| s.entries.iter().map(|e| e.digest.clone()))
+                    .collect();
+                image_store
+                    .state()
+                    .into_iter()
+                    .filter(|i| i.digest().is_some_and(|d| digests.iter().any(|x| x == d)))
+                    .map(|i| ObjectRef::from_obj(&*i))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "image controller event");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// Objects the image controller's tests share.
+#[cfg(test)]
+pub(crate) mod test_objects {
+    use std::sync::Arc;
+
+    use vmdisk_crds::{
+        CacheEntryState, CacheEntryStatus, DiskFormat, NodeDiskCache, NodeDiskCacheSpec,
+        NodeDiskCacheStatus, VMDiskImage, VMDiskImageStatus,
+    };
+
+    pub const D: &str = "sha256:abababababababababababababababababababababababababababababababab";
+
+    pub fn image(url: &str, poll: Option<&str>, status: Option<VMDiskImageStatus>) -> VMDiskImage {
+        let mut i: VMDiskImage = serde_json::from_value(serde_json::json!({
+            "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
+            "metadata": {"name": "fedora", "namespace": "vms", "generation": 1},
+            "spec": {"source": {"registry": {"url": url}}, "pollInterval": poll},
+        }))
+        .unwrap();
+        i.status = status;
+        i
+    }
+
+    pub fn cache(
+        node: &str,
+        digest: &str,
+        state: CacheEntryState,
+        format: DiskFormat,
+    ) -> Arc<NodeDiskCache> {
+        let mut c = NodeDiskCache::new(
+            node,
+            NodeDiskCacheSpec {
+                node_name: node.into(),
+            },
+        );
+        c.status = Some(NodeDiskCacheStatus {
+            entries: vec![CacheEntryStatus {
+                digest: digest.into(),
+                format,
+                state,
+                source_format: Some("qcow2".into()),
+                virtual_size: Some(5 << 30),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        Arc::new(c)
+    }
+}

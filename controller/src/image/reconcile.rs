@@ -1,0 +1,372 @@
+//! One reconcile of a VMDiskImage: refresh the credentials copy when due, resolve when due,
+//! aggregate, and patch the status only when it changed; `error_policy` and the [`Context`]
+//! every reconcile shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use thiserror::Error;
+use vmdisk_crds::{credentials_secret_name, reasons, NodeDiskCache, VMDiskImage};
+
+use super::resolve::{needs_resolve, next_poll, DigestResolver};
+use super::status::{aggregate_status, ResolveOutcome};
+use crate::credentials::{self, CredentialsCopier};
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("writing the status of {namespace}/{name}: {source}")]
+    Status {
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub resolver: Arc<dyn DigestResolver>,
+    pub caches: Store<NodeDiskCache>,
+    /// The credentials copies in the credentials namespace.
+    pub copies: Store<Secret>,
+    pub copier: CredentialsCopier,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    async fn event(&self, image: &VMDiskImage, type_: EventType, reason: &str, note: String) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Resolve".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &image.object_ref(&())).await {
+            tracing::debug!(error = %e, reason, "cannot publish an Event");
+        }
+    }
+}
+
+/// Refreshes the credentials copy when due, resolves when due, aggregates, and patches the
+/// status only when it changed.
+pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Action, ImageError> {
+    let namespace = image.namespace().unwrap_or_default();
+    let name = image.name_any();
+    let now = Utc::now();
+    let resolve_due = needs_resolve(&image, now);
+    let has_pull_secret = image.spec.source.registry.pull_secret_ref.is_some();
+    let copy = image.uid().and_then(|uid| {
+        ctx.copies
+            .get(&ObjectRef::new(&credentials_secret_name(&uid)).within(ctx.copier.namespace()))
+    });
+
+    let mut credentials = None;
+    let mut failure = None;
+    if has_pull_secret && (resolve_due || credentials::needs_refresh(copy.as_deref(), now)) {
+        match ctx.copier.read_source(&image).await {
+            Ok(config) => {
+                if let Some(config) = &config {
+                    if let Err(message) = ctx
+                        .copier
+                        .write_copy(&image, config, copy.as_deref(), now)
+                        .await
+                    {
+                        failure = Some(message);
+                    }
+                }
+                credentials = config;
+            }
+            Err(message) => {
+                ctx.event(
+                    &image,
+                    EventType::Warning,
+                    reasons::PULL_SECRET_ERROR,
+                    message.clone(),
+                )
+                .await;
+                failure = Some(message);
+            }
+        }
+    }
+    let outcome = match failure {
+        Some(message) => ResolveOutcome::Failed { message },
+        None if resolve_due => match ctx.resolver.resolve(&image, credentials.as_ref()).await {
+            Ok(digest) => ResolveOutcome::Resolved { digest },
+            Err(message) => ResolveOutcome::Failed { message },
+        },
+        None => ResolveOutcome::NotAttempted,
+    };
+    match &outcome {
+        ResolveOutcome::Failed { message } => {
+            tracing::warn!(%namespace, %name, %message, "cannot resolve the image reference");
+            ctx.event(
+                &image,
+                EventType::Warning,
+                reasons::RESOLVE_FAILED,
+                message.clone(),
+            )
+            .await;
+        }
+        ResolveOutcome::Resolved { digest } if image.digest() != Some(digest.as_str()) => {
+            ctx.event(
+                &image,
+                EventType::Normal,
+                reasons::RESOLVED,
+                format!("{} resolves to {digest}", image.spec.source.registry.url),
+            )
+            .await;
+        }
+        _ => {}
+    }
+    let status = aggregate_status(&image, &outcome, &ctx.caches.state(), now);
+    if image.status.as_ref() != Some(&status) {
+        let api: Api<VMDiskImage> = Api::namespaced(ctx.client.clone(), &namespace);
+        api.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": status})),
+        )
+        .await
+        .map_err(|source| ImageError::Status {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            source,
+        })?;
+        tracing::info!(%namespace, %name, phase = ?status.phase, digest = ?status.digest, warm_nodes = status.warm_nodes, "status updated");
+    }
+    let mut updated = (*image).clone();
+    updated.status = Some(status);
+    Ok(match outcome {
+        ResolveOutcome::Failed { .. } => Action::requeue(Duration::from_secs(30)),
+        _ => {
+            let mut next = next_poll(&updated, now).unwrap_or(Duration::from_secs(600));
+            if has_pull_secret {
+                next = next.min(credentials::REFRESH);
+            }
+            Action::requeue(next.max(Duration::from_secs(1)))
+        }
+    })
+}
+
+pub fn error_policy(_image: Arc<VMDiskImage>, error: &ImageError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %crate::error_chain(error), "image reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(15))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::test_objects::{cache, image, D};
+    use crate::testing::{MockApi, Reply};
+    use futures::future::BoxFuture;
+    use vmdisk_crds::{CacheEntryState, DiskFormat};
+    use vmdisk_registry::DockerConfig;
+
+    struct FixedResolver(Result<String, String>);
+
+    impl DigestResolver for FixedResolver {
+        fn resolve<'a>(
+            &'a self,
+            _image: &'a VMDiskImage,
+            _credentials: Option<&'a DockerConfig>,
+        ) -> BoxFuture<'a, Result<String, String>> {
+            Box::pin(async move { self.0.clone() })
+        }
+    }
+
+    fn context(
+        client: Client,
+        resolver: FixedResolver,
+        caches: Vec<Arc<NodeDiskCache>>,
+    ) -> Arc<Context> {
+        let (cache_store, mut writer) = kube::runtime::reflector::store::<NodeDiskCache>();
+        for c in caches {
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply((*c).clone()));
+        }
+        let (copies, _) = kube::runtime::reflector::store::<Secret>();
+        Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+            copier: CredentialsCopier::new(client.clone(), "vmdisk-credentials"),
+            client,
+            resolver: Arc::new(resolver),
+            caches: cache_store,
+            copies,
+        })
+    }
+
+    #[tokio::test]
+    async fn reconcile_patches_status_once_and_not_when_unchanged() {
+        let (client, api) = MockApi::start(|req| match (req.method.as_str(), req.path.as_str()) {
+            ("POST", "/apis/events.k8s.io/v1/namespaces/vms/events") => Reply::echo(&req),
+            ("PATCH", "/apis/vmdisk.io/v1alpha1/namespaces/vms/vmdiskimages/fedora/status") => {
+                Reply::json(
+                    200,
+                    serde_json::to_value(image("quay.io/a/b:1", None, None)).unwrap(),
+                )
+            }
+            _ => Reply::not_found(),
+        });
+        let ctx = context(
+            client,
+            FixedResolver(Ok(D.into())),
+            vec![cache("n1", D, CacheEntryState::Ready, DiskFormat::Raw)],
+        );
+        let img = Arc::new(image("quay.io/a/b:1", None, None));
+        reconcile(Arc::clone(&img), Arc::clone(&ctx)).await.unwrap();
+        let seen = api.requests();
+        let event = seen.iter().find(|r| r.method == "POST").expect("an Event");
+        assert_eq!(event.body["reason"], "Resolved");
+        let patch = seen
+            .iter()
+            .find(|r| r.method == "PATCH")
+            .expect("a status patch");
+        assert_eq!(patch.body["status"]["digest"], D);
+        assert_eq!(patch.body["status"]["phase"], "Ready");
+        assert_eq!(patch.body["status"]["warmNodes"], 1);
+        // The image now carries that status: a second reconcile sends nothing.
+        let mut settled = (*img).clone();
+        settled.status = Some(serde_json::from_value(patch.body["status"].clone()).unwrap());
+        reconcile(Arc::new(settled), ctx).await.unwrap();
+        assert_eq!(api.requests().len(), seen.len(), "{:?}", api.requests());
+    }
+
+    #[tokio::test]
+    async fn pull_secret_is_copied_for_the_registry_host_only_and_used_to_resolve() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let config = format!(
+            r#"{{"auths": {{"r.io": {{"auth": "{}"}}, "elsewhere.io": {{"auth": "{}"}}}}}}"#,
+            b64("u:p"),
+            b64("other:secret")
+        );
+        let source = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+            "metadata": {"name": "creds", "namespace": "vms"},
+            "data": {".dockerconfigjson": b64(&config)},
+        });
+        let (client, api) =
+            MockApi::start(move |req| match (req.method.as_str(), req.path.as_str()) {
+                ("GET", "/api/v1/namespaces/vms/secrets/creds") => Reply::json(200, source.clone()),
+                ("PATCH", "/api/v1/namespaces/vmdisk-credentials/secrets/pull-uid-1") => {
+                    Reply::echo(&req)
+                }
+                ("POST", _) => Reply::echo(&req),
+                ("PATCH", _) => Reply::json(
+                    200,
+                    serde_json::to_value(image("r.io/a/b:1", None, None)).unwrap(),
+                ),
+                _ => Reply::not_found(),
+            });
+        struct NeedsCredentials;
+        impl DigestResolver for NeedsCredentials {
+            fn resolve<'a>(
+                &'a self,
+                _image: &'a VMDiskImage,
+                credentials: Option<&'a DockerConfig>,
+            ) -> BoxFuture<'a, Result<String, String>> {
+                Box::pin(async move {
+                    match credentials.map(|c| vmdisk_registry::registry_auth_for(c, "r.io")) {
+                        Some(oci_client::secrets::RegistryAuth::Basic(u, _)) if u == "u" => {
+                            Ok(D.to_string())
+                        }
+                        other => Err(format!("unexpected credentials {other:?}")),
+                    }
+                })
+            }
+        }
+        let ctx = context(client, FixedResolver(Err("unused".into())), vec![]);
+        let ctx = Arc::new(Context {
+            resolver: Arc::new(NeedsCredentials),
+            client: ctx.client.clone(),
+            caches: ctx.caches.clone(),
+            copies: ctx.copies.clone(),
+            copier: ctx.copier.clone(),
+            recorder: ctx.recorder.clone(),
+        });
+        let mut img = image("r.io/a/b:1", None, None);
+        img.metadata.uid = Some("uid-1".into());
+        img.spec.source.registry.pull_secret_ref = Some(vmdisk_crds::SecretRef {
+            name: "creds".into(),
+        });
+        let action = reconcile(Arc::new(img), ctx).await.unwrap();
+        assert!(
+            action == Action::requeue(credentials::REFRESH),
+            "{action:?}"
+        );
+        let seen = api.requests();
+        let copy = seen
+            .iter()
+            .find(|r| r.path.ends_with("/secrets/pull-uid-1"))
+            .expect("the copy was written");
+        assert!(
+            copy.query.contains("fieldManager=vmdisk-image-controller"),
+            "{}",
+            copy.query
+        );
+        assert_eq!(
+            copy.body["metadata"]["labels"]["vmdisk.io/image-uid"],
+            "uid-1"
+        );
+        let written = base64::engine::general_purpose::STANDARD
+            .decode(copy.body["data"][".dockerconfigjson"].as_str().unwrap())
+            .unwrap();
+        let written: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        assert!(written["auths"].get("r.io").is_some());
+        assert!(
+            written["auths"].get("elsewhere.io").is_none(),
+            "only the image's registry: {written}"
+        );
+        let status = seen.iter().find(|r| r.path.ends_with("/status")).unwrap();
+        assert_eq!(status.body["status"]["digest"], D);
+    }
+
+    #[tokio::test]
+    async fn a_missing_pull_secret_fails_resolution_with_an_event() {
+        let (client, api) = MockApi::start(|req| match (req.method.as_str(), req.path.as_str()) {
+            ("POST", _) => Reply::echo(&req),
+            ("PATCH", _) => Reply::json(
+                200,
+                serde_json::to_value(image("r.io/a/b:1", None, None)).unwrap(),
+            ),
+            _ => Reply::not_found(),
+        });
+        let ctx = context(client, FixedResolver(Ok(D.into())), vec![]);
+        let mut img = image("r.io/a/b:1", None, None);
+        img.metadata.uid = Some("uid-2".into());
+        img.spec.source.registry.pull_secret_ref = Some(vmdisk_crds::SecretRef {
+            name: "gone".into(),
+        });
+        reconcile(Arc::new(img), ctx).await.unwrap();
+        let seen = api.requests();
+        let reasons: Vec<&str> = seen
+            .iter()
+            .filter(|r| r.path.ends_with("/events"))
+            .filter_map(|r| r.body["reason"].as_str())
+            .collect();
+        assert_eq!(reasons, ["PullSecretError", "ResolveFailed"]);
+        let status = seen.iter().find(|r| r.path.ends_with("/status")).unwrap();
+        assert_eq!(status.body["status"]["phase"], "Failed");
+        let message = status.body["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap();
+        assert!(
+            message.contains("pull secret vms/gone not found"),
+            "{message}"
+        );
+    }
+}

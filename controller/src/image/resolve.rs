@@ -1,0 +1,151 @@
+//! When an image's reference must be resolved to a digest, and how: [`needs_resolve`] and
+//! [`next_poll`] are the pure rules (once, again when the spec changes, and every
+//! `pollInterval` for a moving tag); [`RegistryResolver`] asks the registry with the image's
+//! CA bundle, `insecure` flag and credentials.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
+use vmdisk_crds::{ImageReference, VMDiskImage};
+use vmdisk_registry::{DockerConfig, Puller, PullerConfig, RegistryOptions};
+
+/// Resolves an image's reference to a digest, with the image's credentials (if any).
+pub trait DigestResolver: Send + Sync + 'static {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a VMDiskImage,
+        credentials: Option<&'a DockerConfig>,
+    ) -> BoxFuture<'a, Result<String, String>>;
+}
+
+/// Resolves references against their registries with the image's CA bundle, `insecure` flag
+/// and credentials.
+pub struct RegistryResolver {
+    puller: Puller,
+}
+
+impl Default for RegistryResolver {
+    fn default() -> Self {
+        Self {
+            puller: Puller::new(PullerConfig::default()),
+        }
+    }
+}
+
+impl DigestResolver for RegistryResolver {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a VMDiskImage,
+        credentials: Option<&'a DockerConfig>,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let source = &image.spec.source.registry;
+            let reference = ImageReference::parse(&source.url).map_err(|e| e.to_string())?;
+            let options = RegistryOptions::for_source(&reference, source, credentials);
+            self.puller
+                .resolve_digest(&reference.to_string(), &options)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// `30s`, `10m`, `1h30m`.
+pub fn parse_interval(text: &str) -> Option<Duration> {
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let n: u64 = number.parse().ok()?;
+        number.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return None,
+        };
+    }
+    (number.is_empty() && total > 0).then(|| Duration::from_secs(total))
+}
+
+fn last_resolved(image: &VMDiskImage) -> Option<DateTime<Utc>> {
+    let text = image.status.as_ref()?.last_resolved.as_deref()?;
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Time until a moving tag is due for re-resolution, if it ever is.
+pub fn next_poll(image: &VMDiskImage, now: DateTime<Utc>) -> Option<Duration> {
+    let interval = parse_interval(image.spec.poll_interval.as_deref()?)?;
+    let moving =
+        ImageReference::parse(&image.spec.source.registry.url).is_ok_and(|r| r.is_moving());
+    if !moving {
+        return None;
+    }
+    let due = last_resolved(image)? + chrono::Duration::from_std(interval).ok()?;
+    Some((due - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// True when the reference must be (re-)resolved now.
+pub fn needs_resolve(image: &VMDiskImage, now: DateTime<Utc>) -> bool {
+    let status = image.status.as_ref();
+    if status.and_then(|s| s.digest.as_ref()).is_none() {
+        return true;
+    }
+    if status.and_then(|s| s.observed_generation) != image.metadata.generation {
+        return true;
+    }
+    next_poll(image, now) == Some(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::test_objects::{image, D};
+    use vmdisk_crds::VMDiskImageStatus;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_interval("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_interval("10"), None);
+        assert_eq!(parse_interval("5x"), None);
+        assert_eq!(parse_interval("0s"), None);
+    }
+
+    #[test]
+    fn resolution_is_needed_once_then_on_generation_or_poll() {
+        let now = Utc::now();
+        let fresh = image("quay.io/a/b:1", Some("10m"), None);
+        assert!(needs_resolve(&fresh, now));
+        let resolved = VMDiskImageStatus {
+            digest: Some(D.into()),
+            observed_generation: Some(1),
+            last_resolved: Some(now.to_rfc3339()),
+            ..Default::default()
+        };
+        let done = image("quay.io/a/b:1", Some("10m"), Some(resolved.clone()));
+        assert!(!needs_resolve(&done, now));
+        assert!(
+            needs_resolve(&done, now + chrono::Duration::minutes(11)),
+            "moving tag due again"
+        );
+        let pinned = image(
+            &format!("quay.io/a/b@{D}"),
+            Some("10m"),
+            Some(resolved.clone()),
+        );
+        assert!(
+            !needs_resolve(&pinned, now + chrono::Duration::hours(5)),
+            "digest references never move"
+        );
+        let mut edited = done.clone();
+        edited.metadata.generation = Some(2);
+        assert!(needs_resolve(&edited, now));
+    }
+}

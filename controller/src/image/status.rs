@@ -1,0 +1,237 @@
+//! The status a VMDiskImage should have, as a pure function of the image, what resolution did
+//! in this reconcile and the NodeDiskCaches the agents publish: phase, digest (a failed
+//! re-resolution keeps the last good one), source format, virtual size, warm nodes, and the
+//! `Resolved` and `Ready` conditions.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use vmdisk_crds::{
+    format_bytes_quantity, CacheEntryState, ImagePhase, NodeDiskCache, VMDiskImage,
+    VMDiskImageStatus,
+};
+
+use crate::time::to_timestamp;
+
+/// What resolution did in this reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResolveOutcome {
+    Resolved { digest: String },
+    Failed { message: String },
+    NotAttempted,
+}
+
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| Time(to_timestamp(now)));
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// The status this image should have.
+pub fn aggregate_status(
+    image: &VMDiskImage,
+    outcome: &ResolveOutcome,
+    caches: &[Arc<NodeDiskCache>],
+    now: DateTime<Utc>,
+) -> VMDiskImageStatus {
+    let previous = image.status.clone().unwrap_or_default();
+    let generation = image.metadata.generation;
+    let (digest, last_resolved) = match outcome {
+        ResolveOutcome::Resolved { digest } => (
+            Some(digest.clone()),
+            Some(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        ),
+        // A failed re-resolution keeps the last good digest: nodes keep serving it.
+        _ => (previous.digest.clone(), previous.last_resolved.clone()),
+    };
+    let mut warm = BTreeSet::new();
+    let (mut source_format, mut virtual_size) =
+        (previous.source_format.clone(), previous.virtual_size);
+    if let Some(d) = &digest {
+        for cache in caches {
+            for e in cache.status.iter().flat_map(|s| s.entries.iter()) {
+                if &e.digest != d || e.state != CacheEntryState::Ready {
+                    continue;
+                }
+                source_format = e.source_format.clone().or(source_format);
+                virtual_size = e.virtual_size.or(virtual_size);
+                if e.format == image.spec.format {
+                    warm.insert(cache.name_any());
+                }
+            }
+        }
+    }
+    let warm_nodes = warm.len() as u32;
+    let failed = matches!(outcome, ResolveOutcome::Failed { .. });
+    let phase = match (&digest, failed, warm_nodes) {
+        (None, true, _) => ImagePhase::Failed,
+        (None, false, _) => ImagePhase::Pending,
+        (Some(_), _, 0) => ImagePhase::Resolved,
+        (Some(_), _, _) => ImagePhase::Ready,
+    };
+    let resolved_condition = match (outcome, &digest) {
+        (ResolveOutcome::Failed { message }, _) => condition(
+            &previous.conditions,
+            "Resolved",
+            false,
+            "ResolveFailed",
+            message.clone(),
+            generation,
+            now,
+        ),
+        (_, Some(d)) => condition(
+            &previous.conditions,
+            "Resolved",
+            true,
+            "Resolved",
+            format!("{} resolves to {d}", image.spec.source.registry.url),
+            generation,
+            now,
+        ),
+        (_, None) => condition(
+            &previous.conditions,
+            "Resolved",
+            false,
+            "Pending",
+            "not resolved yet".into(),
+            generation,
+            now,
+        ),
+    };
+    let ready_condition = condition(
+        &previous.conditions,
+        "Ready",
+        warm_nodes > 0,
+        if warm_nodes > 0 {
+            "CachedOnNodes"
+        } else {
+            "NotCached"
+        },
+        format!(
+            "{warm_nodes} node(s) hold the image ready as {}",
+            image.spec.format
+        ),
+        generation,
+        now,
+    );
+    VMDiskImageStatus {
+        phase: Some(phase),
+        digest,
+        source_format,
+        virtual_size,
+        virtual_size_quantity: virtual_size.map(format_bytes_quantity),
+        warm_nodes,
+        last_resolved,
+        observed_generation: generation,
+        conditions: vec![resolved_condition, ready_condition],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::test_objects::{cache, image, D};
+    use vmdisk_crds::DiskFormat;
+
+    #[test]
+    fn status_aggregates_warm_nodes_and_keeps_the_digest_on_failure() {
+        let now = Utc::now();
+        let img = image("quay.io/a/b:1", None, None);
+        let caches = vec![
+            cache("n1", D, CacheEntryState::Ready, DiskFormat::Raw),
+            cache("n2", D, CacheEntryState::Pulling, DiskFormat::Raw),
+            cache("n3", D, CacheEntryState::Ready, DiskFormat::Qcow2),
+            cache(
+                "n4",
+                "sha256:other",
+                CacheEntryState::Ready,
+                DiskFormat::Raw,
+            ),
+        ];
+        let s = aggregate_status(
+            &img,
+            &ResolveOutcome::Resolved { digest: D.into() },
+            &caches,
+            now,
+        );
+        assert_eq!(s.phase, Some(ImagePhase::Ready));
+        assert_eq!(
+            s.warm_nodes, 1,
+            "only n1 holds it ready in the image's format"
+        );
+        assert_eq!(s.source_format.as_deref(), Some("qcow2"));
+        assert_eq!(s.virtual_size_quantity.as_deref(), Some("5Gi"));
+        assert_eq!(s.observed_generation, Some(1));
+        assert!(s.conditions.iter().all(|c| c.status == "True"));
+
+        let with = image("quay.io/a/b:1", None, Some(s.clone()));
+        let failed = aggregate_status(
+            &with,
+            &ResolveOutcome::Failed {
+                message: "registry down".into(),
+            },
+            &caches,
+            now + chrono::Duration::minutes(1),
+        );
+        assert_eq!(failed.digest.as_deref(), Some(D));
+        assert_eq!(failed.phase, Some(ImagePhase::Ready));
+        let resolved = failed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Resolved")
+            .unwrap();
+        assert_eq!(
+            (resolved.status.as_str(), resolved.reason.as_str()),
+            ("False", "ResolveFailed")
+        );
+        let ready = failed
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            ready.last_transition_time, s.conditions[1].last_transition_time,
+            "unchanged condition keeps its transition time"
+        );
+
+        let never = aggregate_status(
+            &img,
+            &ResolveOutcome::Failed {
+                message: "401".into(),
+            },
+            &[],
+            now,
+        );
+        assert_eq!(never.phase, Some(ImagePhase::Failed));
+        // Unchanged inputs give an identical status: no patch.
+        let again = aggregate_status(
+            &with,
+            &ResolveOutcome::NotAttempted,
+            &caches,
+            now + chrono::Duration::minutes(5),
+        );
+        assert_eq!(again, s);
+    }
+}

@@ -1,0 +1,35 @@
+//! vmdisk controllers: the image controller (tag → digest, VMDiskImage status, the agents'
+//! pull-credentials copies) and the volume populator, run by one replica at a time of the
+//! `vmdisk-controller` Deployment under Lease-based leader election.
+//!
+//! Module map: [`supervisor`] runs the controllers while [`leader`] says this replica leads;
+//! [`image`] (resolve, status, reconcile) with [`credentials`]; [`populator`] (decide,
+//! objects, reconcile, sweep); [`tasks`] holds the helpers' tasks; [`metrics`] and [`server`]
+//! expose `/metrics`, `/healthz` and `/readyz`; [`config`] holds the flags.
+
+pub mod config;
+pub mod credentials;
+pub mod image;
+pub mod leader;
+pub mod metrics;
+pub mod populator;
+pub mod server;
+pub mod supervisor;
+pub mod tasks;
+pub mod time;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+pub use vmdisk_crds::error_chain;
+
+/// Everything `vmdisk-controller` asks of the API server (as the `vmdisk-controller`
+/// ServiceAccount). `deploy/rbac.yaml` grants exactly this; a test checks it both ways.
+pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
+    vmdisk_crds::permissions(&[
+        image::API_ACCESS,
+        credentials::API_ACCESS,
+        leader::API_ACCESS,
+        populator::API_ACCESS,
+    ])
+}

@@ -1,0 +1,250 @@
+//! The populator's next step once its pod exists: wait while it runs (mirroring its
+//! progress), hand the filled volume to the user's claim when it succeeded, retry with a
+//! backoff or give up when it failed.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use vmdisk_crds::{reasons, PopulatePhase, ATTEMPT_ANNOTATION, PROGRESS_ANNOTATION};
+
+use super::{
+    annotation, failed_attempts, status, terminating, with_status, Note, Observed, Outcome, Step,
+    PERMANENT_EXIT_CODE,
+};
+use crate::populator::PopulatorConfig;
+
+/// Delay before retry number `failures + 1`: doubling from the base, capped at five minutes.
+pub fn retry_delay(base: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(Duration::from_secs(300))
+}
+
+/// How a finished pod ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PodEnd {
+    permanent: bool,
+    message: String,
+    finished: Option<DateTime<Utc>>,
+}
+
+fn pod_end(pod: &Pod) -> PodEnd {
+    let status = pod.status.clone().unwrap_or_default();
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.terminated.clone());
+    match terminated {
+        Some(t) => PodEnd {
+            permanent: t.exit_code == PERMANENT_EXIT_CODE,
+            message: t
+                .message
+                .filter(|m| !m.trim().is_empty())
+                .map(|m| m.trim().to_string())
+                .unwrap_or_else(|| format!("exit code {}", t.exit_code)),
+            finished: t.finished_at.map(|t| crate::time::from_timestamp(&t.0)),
+        },
+        None => PodEnd {
+            permanent: false,
+            message: status
+                .message
+                .or(status.reason)
+                .unwrap_or_else(|| "the populator pod failed".into()),
+            finished: None,
+        },
+    }
+}
+
+/// Why a pod that has not started yet waits, when it is worth telling (image pull errors,
+/// bad configuration).
+fn pod_waiting(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| {
+            let waiting = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = waiting.reason.as_deref()?;
+            (reason != "ContainerCreating" && reason != "PodInitializing").then(|| {
+                format!(
+                    "the populator pod waits: {reason}{}",
+                    waiting
+                        .message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                )
+            })
+        })
+}
+
+fn pod_attempt(pod: &Pod) -> u32 {
+    annotation(pod, ATTEMPT_ANNOTATION)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+}
+
+pub(super) fn decide_pod(
+    o: &Observed,
+    pod: &Pod,
+    image_name: &str,
+    config: &PopulatorConfig,
+    now: DateTime<Utc>,
+) -> Step {
+    let pvc = o.pvc;
+    if terminating(pod) {
+        // Deleted for a retry (or by someone else): the next one comes once it is gone.
+        return Step::Wait {
+            requeue: Some(Duration::from_secs(2)),
+        };
+    }
+    let attempt = pod_attempt(pod);
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending");
+    match phase {
+        "Succeeded" => {
+            let Some(prime) = o.prime else {
+                // Prime gone with a finished pod: only a restart mid-cleanup gets here.
+                return Step::DeletePod { retry: false };
+            };
+            let rebinding = status(
+                PopulatePhase::Rebinding,
+                format!("filled from VMDiskImage {image_name}; handing the volume to the claim"),
+                Some("100%"),
+            );
+            let Some(pv_name) = prime.spec.as_ref().and_then(|s| s.volume_name.clone()) else {
+                return with_status(pvc, rebinding, None, Step::Wait { requeue: None });
+            };
+            let Some(pv) = o.pv else {
+                return with_status(
+                    pvc,
+                    rebinding,
+                    None,
+                    Step::Wait {
+                        requeue: Some(Duration::from_secs(2)),
+                    },
+                );
+            };
+            let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+            let points_at_user = claim_ref.is_some_and(|r| {
+                r.uid.as_deref() == pvc.uid().as_deref()
+                    && r.name.as_deref() == Some(pvc.name_any().as_str())
+                    && r.namespace.as_deref() == pvc.namespace().as_deref()
+            });
+            if !points_at_user {
+                return with_status(
+                    pvc,
+                    rebinding,
+                    None,
+                    Step::BindPv {
+                        pv: pv_name,
+                        patch: crate::populator::objects::pv_rebind_patch(pvc, image_name),
+                        note: Note {
+                            reason: reasons::POPULATOR_FINISHED,
+                            action: "Populate",
+                            warning: false,
+                            message: pod_end(pod).message,
+                        },
+                    },
+                );
+            }
+            // Moved; the PV controller binds the claim and marks the prime Lost. Deleting the
+            // prime before it is Lost could make the PV controller reclaim the volume.
+            let lost = prime.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost");
+            with_status(
+                pvc,
+                rebinding,
+                None,
+                if lost {
+                    Step::DeletePod { retry: false }
+                } else {
+                    Step::Wait { requeue: None }
+                },
+            )
+        }
+        "Failed" => {
+            let end = pod_end(pod);
+            let Some(prime) = o.prime else {
+                return Step::DeletePod { retry: false };
+            };
+            if end.permanent || attempt >= config.max_attempts {
+                let why = if end.permanent {
+                    "retrying cannot help"
+                } else {
+                    "no attempts left"
+                };
+                let message = format!(
+                    "populating from VMDiskImage {image_name} failed after {attempt} attempt(s), {why}: {}",
+                    end.message
+                );
+                return Step::Annotate {
+                    status: status(PopulatePhase::Failed, message.clone(), None),
+                    note: Some(Note {
+                        reason: reasons::POPULATOR_FAILED,
+                        action: "GiveUp",
+                        warning: true,
+                        message,
+                    }),
+                    outcome: Some(Outcome::Failed),
+                };
+            }
+            if failed_attempts(prime) < attempt {
+                return Step::RecordFailure {
+                    attempt,
+                    note: Note {
+                        reason: reasons::POPULATOR_FAILED,
+                        action: "Retry",
+                        warning: true,
+                        message: format!(
+                            "attempt {attempt} of {} failed, retrying in {:?}: {}",
+                            config.max_attempts,
+                            retry_delay(config.retry_base, attempt),
+                            end.message
+                        ),
+                    },
+                };
+            }
+            let retry_at = end.finished.unwrap_or(now)
+                + chrono::Duration::from_std(retry_delay(config.retry_base, attempt))
+                    .unwrap_or_default();
+            let retrying = status(
+                PopulatePhase::Retrying,
+                format!("attempt {attempt} failed: {}", end.message),
+                None,
+            );
+            if now < retry_at {
+                with_status(
+                    pvc,
+                    retrying,
+                    None,
+                    Step::Wait {
+                        requeue: Some((retry_at - now).to_std().unwrap_or_default()),
+                    },
+                )
+            } else {
+                Step::DeletePod { retry: true }
+            }
+        }
+        _ => {
+            let progress = o
+                .prime
+                .and_then(|p| annotation(p, PROGRESS_ANNOTATION))
+                .unwrap_or("0%");
+            let message = pod_waiting(pod).unwrap_or_else(|| {
+                format!("populating from VMDiskImage {image_name} (attempt {attempt})")
+            });
+            with_status(
+                pvc,
+                status(PopulatePhase::Populating, message, Some(progress)),
+                None,
+                Step::Wait { requeue: None },
+            )
+        }
+    }
+}

@@ -1,0 +1,778 @@
+//! Table tests of [`super::decide`]: each state of a population, restarts between any two
+//! steps, retries, give-ups and aborts, with plain values.
+
+use super::*;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use serde_json::json;
+use vmdisk_crds::{ATTEMPT_ANNOTATION, CLAIM_ANNOTATION};
+
+const DIGEST: &str = "sha256:abababababababababababababababababababababababababababababababab";
+
+fn config() -> PopulatorConfig {
+    PopulatorConfig {
+        image: "registry.example/vmdisk/cache-agent:1".into(),
+        ..PopulatorConfig::default()
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-24T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn claim(spec: serde_json::Value) -> PersistentVolumeClaim {
+    let mut base = json!({
+        "accessModes": ["ReadWriteOnce"], "volumeMode": "Filesystem",
+        "resources": {"requests": {"storage": "1060Mi"}}, "storageClassName": "standard",
+        "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"},
+    });
+    for (k, v) in spec.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": "root", "namespace": "vms", "uid": "u-1", "resourceVersion": "7",
+                     "annotations": {"vmdisk.io/digest": DIGEST}},
+        "spec": base,
+    }))
+    .unwrap()
+}
+
+fn image(resolved: bool) -> VMDiskImage {
+    serde_json::from_value(json!({
+        "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
+        "metadata": {"name": "fedora", "namespace": "vms", "uid": "img-1"},
+        "spec": {"source": {"registry": {"url": "quay.io/containerdisks/fedora:40", "pullSecretRef": {"name": "creds"}}}},
+        "status": if resolved { json!({"digest": DIGEST}) } else { json!({}) },
+    }))
+    .unwrap()
+}
+
+fn class(mode: &str) -> StorageClass {
+    serde_json::from_value(
+        json!({"metadata": {"name": "standard"}, "provisioner": "x", "volumeBindingMode": mode}),
+    )
+    .unwrap()
+}
+
+fn pod(phase: &str, attempt: u32, terminated: Option<(i32, &str, &str)>) -> Pod {
+    let mut status = json!({"phase": phase});
+    if let Some((code, message, finished)) = terminated {
+        status["containerStatuses"] = json!([{"name": "populate", "ready": false, "restartCount": 0, "image": "x", "imageID": "",
+            "state": {"terminated": {"exitCode": code, "message": message, "finishedAt": finished}}}]);
+    }
+    serde_json::from_value(json!({
+        "metadata": {"name": "populate-u-1", "namespace": "vmdisk-system",
+                     "annotations": {ATTEMPT_ANNOTATION: attempt.to_string()}},
+        "status": status,
+    }))
+    .unwrap()
+}
+
+fn prime(bound: bool, failed: u32, phase: &str) -> PersistentVolumeClaim {
+    let mut p = prime_pvc(&claim(json!({})), &config(), None);
+    if bound {
+        p.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+    }
+    p.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(FAILED_ATTEMPTS_ANNOTATION.into(), failed.to_string());
+    p.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(PROGRESS_ANNOTATION.into(), "42%".into());
+    p.status = Some(serde_json::from_value(json!({"phase": phase})).unwrap());
+    p
+}
+
+fn pv(claim_ns: &str, claim_name: &str, uid: &str) -> PersistentVolume {
+    serde_json::from_value(json!({"metadata": {"name": "pv-1"},
+        "spec": {"claimRef": {"namespace": claim_ns, "name": claim_name, "uid": uid}}}))
+    .unwrap()
+}
+
+fn with_finalizer(mut c: PersistentVolumeClaim) -> PersistentVolumeClaim {
+    c.metadata.finalizers = Some(vec![POPULATOR_FINALIZER.into()]);
+    c
+}
+
+fn with_status(
+    mut c: PersistentVolumeClaim,
+    phase: PopulatePhase,
+    message: &str,
+    progress: Option<&str>,
+) -> PersistentVolumeClaim {
+    let a = c.metadata.annotations.get_or_insert_with(Default::default);
+    a.insert(PHASE_ANNOTATION.into(), phase.as_str().into());
+    a.insert(MESSAGE_ANNOTATION.into(), message.into());
+    if let Some(p) = progress {
+        a.insert(PROGRESS_ANNOTATION.into(), p.into());
+    }
+    c
+}
+
+struct World {
+    pvc: PersistentVolumeClaim,
+    image: Option<VMDiskImage>,
+    class: Option<StorageClass>,
+    prime: Option<PersistentVolumeClaim>,
+    pod: Option<Pod>,
+    pv: Option<PersistentVolume>,
+}
+
+impl World {
+    fn new(pvc: PersistentVolumeClaim) -> Self {
+        Self {
+            pvc,
+            image: Some(image(true)),
+            class: Some(class("Immediate")),
+            prime: None,
+            pod: None,
+            pv: None,
+        }
+    }
+    fn step(&self) -> Step {
+        let class = match (
+            &self.class,
+            self.pvc
+                .spec
+                .as_ref()
+                .unwrap()
+                .storage_class_name
+                .as_deref(),
+        ) {
+            (_, None) => ClassLookup::Unnamed,
+            (None, Some(n)) => ClassLookup::Missing(n),
+            (Some(c), Some(_)) => ClassLookup::Found(c),
+        };
+        decide(
+            &Observed {
+                pvc: &self.pvc,
+                image: self.image.as_ref(),
+                class,
+                prime: self.prime.as_ref(),
+                pod: self.pod.as_ref(),
+                pv: self.pv.as_ref(),
+            },
+            &config(),
+            now(),
+        )
+    }
+}
+
+fn status_of(step: &Step) -> &PvcStatus {
+    match step {
+        Step::Annotate { status, .. } => status,
+        other => panic!("expected an annotation, got {other:?}"),
+    }
+}
+
+#[test]
+fn claims_that_are_not_vmdisks_are_ignored() {
+    let mut plain = claim(json!({}));
+    plain.spec.as_mut().unwrap().data_source_ref = None;
+    assert_eq!(World::new(plain).step(), Step::Ignore);
+    let other = claim(
+        json!({"dataSourceRef": {"apiGroup": "cdi.kubevirt.io", "kind": "VolumeImportSource", "name": "x"}}),
+    );
+    assert_eq!(World::new(other).step(), Step::Ignore);
+    let mut prime_itself = claim(json!({}));
+    prime_itself.metadata.namespace = Some("vmdisk-system".into());
+    assert_eq!(World::new(prime_itself).step(), Step::Ignore);
+}
+
+#[test]
+fn a_cross_namespace_reference_is_refused_once_with_an_event() {
+    let pvc = claim(
+        json!({"dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora", "namespace": "other"}}),
+    );
+    let step = World::new(pvc.clone()).step();
+    let Step::Annotate {
+        status,
+        note: Some(note),
+        ..
+    } = &step
+    else {
+        panic!("{step:?}")
+    };
+    assert_eq!(status.phase, PopulatePhase::Failed);
+    assert_eq!(note.reason, "CrossNamespaceRefused");
+    let done = with_status(pvc, PopulatePhase::Failed, &status.message, None);
+    assert_eq!(
+        World::new(done).step(),
+        Step::Ignore,
+        "no action, no repeated Event"
+    );
+}
+
+#[test]
+fn waits_for_the_image_its_digest_its_class_and_the_scheduler() {
+    let mut w = World::new(claim(json!({})));
+    w.image = None;
+    let step = w.step();
+    let Step::Annotate {
+        status,
+        note: Some(note),
+        ..
+    } = &step
+    else {
+        panic!("{step:?}")
+    };
+    assert_eq!(
+        (status.phase, note.reason),
+        (PopulatePhase::Pending, "ImageNotFound")
+    );
+    w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, None);
+    assert_eq!(
+        w.step(),
+        Step::Wait { requeue: None },
+        "an image appearing wakes the claim"
+    );
+
+    let mut w = World::new(claim(json!({})));
+    w.pvc.metadata.annotations = None; // no digest recorded at admission
+    w.image = Some(image(false));
+    assert!(status_of(&w.step()).message.contains("not resolved"));
+
+    let mut w = World::new(claim(json!({})));
+    w.class = None;
+    assert!(status_of(&w.step())
+        .message
+        .contains("StorageClass standard not found"));
+
+    let mut w = World::new(claim(json!({})));
+    w.class = Some(class("WaitForFirstConsumer"));
+    assert!(status_of(&w.step())
+        .message
+        .contains("WaitForFirstConsumer"));
+}
+
+#[test]
+fn finalizer_first_then_a_prime_copying_the_claim() {
+    let w = World::new(claim(json!({"volumeMode": "Block"})));
+    assert_eq!(w.step(), Step::AddFinalizer);
+    let mut w = World::new(with_finalizer(claim(json!({"volumeMode": "Block"}))));
+    w.class = Some(class("WaitForFirstConsumer"));
+    w.pvc
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
+    let Step::CreatePrime(prime) = w.step() else {
+        panic!()
+    };
+    assert_eq!(prime.metadata.name.as_deref(), Some("prime-u-1"));
+    assert_eq!(prime.metadata.namespace.as_deref(), Some("vmdisk-system"));
+    let spec = prime.spec.unwrap();
+    assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
+    assert_eq!(spec.storage_class_name.as_deref(), Some("standard"));
+    assert_eq!(
+        spec.resources.unwrap().requests.unwrap()["storage"].0,
+        "1060Mi"
+    );
+    assert!(spec.data_source_ref.is_none() && spec.data_source.is_none());
+    let a = prime.metadata.annotations.unwrap();
+    assert_eq!(a[SELECTED_NODE_ANNOTATION], "node-real");
+    assert_eq!(a[CLAIM_ANNOTATION], "vms/root");
+}
+
+#[test]
+fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(false, 0, "Pending"));
+    let step = w.step();
+    assert_eq!(status_of(&step).phase, PopulatePhase::Populating);
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        &status_of(&step).message,
+        Some("0%"),
+    );
+    let Step::CreatePod { pod, attempt: 1 } = w.step() else {
+        panic!()
+    };
+    let spec = pod.spec.unwrap();
+    let c = &spec.containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example/vmdisk/cache-agent:1")
+    );
+    let args = c.args.clone().unwrap().join(" ");
+    assert!(
+        args.starts_with(&format!(
+            "populate quay.io/containerdisks/fedora:40@{DIGEST} --format raw"
+        )),
+        "{args}"
+    );
+    // 1060 MiB / 1.06 = 1000 MiB exactly: what KubeVirt may use after the filesystem.
+    assert!(
+        args.contains(&format!("--size {}", 1000u64 << 20)),
+        "{args}"
+    );
+    assert!(
+        args.contains("--owner 107:107") && args.contains("--target /target/disk.img"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--credentials-secret vmdisk-credentials/pull-img-1"),
+        "{args}"
+    );
+    assert!(
+        args.contains("--progress-pvc vmdisk-system/prime-u-1"),
+        "{args}"
+    );
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(
+        spec.service_account_name.as_deref(),
+        Some("vmdisk-populator")
+    );
+    // As locked down as the agent: read-only root, no privilege escalation, only CHOWN.
+    let security = c.security_context.as_ref().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().unwrap().add,
+        Some(vec!["CHOWN".to_string()])
+    );
+    assert_eq!(
+        spec.security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref())
+            .map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    assert!(
+        spec.node_name.is_none(),
+        "Immediate: the scheduler picks, preferring warm nodes"
+    );
+    assert!(spec.affinity.is_some());
+    let volumes = spec.volumes.unwrap();
+    assert_eq!(
+        volumes[0]
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap()
+            .claim_name,
+        "prime-u-1"
+    );
+    assert_eq!(
+        volumes[1].host_path.as_ref().unwrap().path,
+        "/var/lib/vmdisk/cache"
+    );
+
+    // Block on a chosen node: the device, no size, no owner.
+    let mut w = World::new(with_finalizer(claim(json!({"volumeMode": "Block"}))));
+    w.class = Some(class("WaitForFirstConsumer"));
+    w.pvc
+        .metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(SELECTED_NODE_ANNOTATION.into(), "node-real".into());
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        "populating from VMDiskImage fedora (attempt 1)",
+        Some("0%"),
+    );
+    w.prime = Some(prime(false, 0, "Pending"));
+    let Step::CreatePod { pod, .. } = w.step() else {
+        panic!("{:?}", w.step())
+    };
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-real"));
+    let c = &spec.containers[0];
+    let args = c.args.clone().unwrap().join(" ");
+    assert!(
+        args.contains("--target /dev/vmdisk-target")
+            && !args.contains("--size")
+            && !args.contains("--owner"),
+        "{args}"
+    );
+    assert_eq!(
+        c.volume_devices.as_ref().unwrap()[0].device_path,
+        "/dev/vmdisk-target"
+    );
+}
+
+#[test]
+fn a_filesystem_claim_without_a_size_fails_with_a_reason() {
+    let mut w = World::new(with_finalizer(claim(json!({"resources": {}}))));
+    w.prime = Some(prime(false, 0, "Pending"));
+    let Step::Annotate {
+        status,
+        outcome: Some(Outcome::Failed),
+        ..
+    } = w.step()
+    else {
+        panic!()
+    };
+    assert!(status.message.contains("no storage size"));
+}
+
+#[test]
+fn a_running_pod_shows_its_progress_and_why_it_waits() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(true, 0, "Bound"));
+    w.pod = Some(pod("Running", 1, None));
+    let step = w.step();
+    assert_eq!(status_of(&step).progress.as_deref(), Some("42%"));
+    let mut stuck = pod("Pending", 1, None);
+    stuck.status = Some(serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{"name": "populate", "ready": false,
+        "restartCount": 0, "image": "x", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]})).unwrap());
+    w.pod = Some(stuck);
+    assert!(status_of(&w.step())
+        .message
+        .contains("ImagePullBackOff: not found"));
+    let s = status_of(&w.step()).clone();
+    w.pvc = with_status(w.pvc.clone(), s.phase, &s.message, s.progress.as_deref());
+    assert_eq!(w.step(), Step::Wait { requeue: None });
+}
+
+#[test]
+fn failed_pods_are_counted_then_retried_after_a_backoff_then_given_up() {
+    let finished = "2026-11-24T09:59:55Z";
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(true, 0, "Bound"));
+    w.pod = Some(pod(
+        "Failed",
+        1,
+        Some((1, "registry 10.0.0.1 failed after 6 attempts", finished)),
+    ));
+    let Step::RecordFailure { attempt: 1, note } = w.step() else {
+        panic!("{:?}", w.step())
+    };
+    assert_eq!(note.reason, "PopulatorFailed");
+    assert!(
+        note.message
+            .contains("attempt 1 of 4 failed, retrying in 10s"),
+        "{}",
+        note.message
+    );
+    // Counted: wait for the backoff (10 s after the pod finished, 5 s ago).
+    w.prime = Some(prime(true, 1, "Bound"));
+    let step = w.step();
+    assert_eq!(status_of(&step).phase, PopulatePhase::Retrying);
+    let s = status_of(&step).clone();
+    w.pvc = with_status(w.pvc.clone(), s.phase, &s.message, None);
+    assert_eq!(
+        w.step(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(5))
+        }
+    );
+    // Due: delete, then the next attempt.
+    w.pod = Some(pod("Failed", 1, Some((1, "x", "2026-11-24T09:59:00Z"))));
+    assert_eq!(w.step(), Step::DeletePod { retry: true });
+    w.pod = None;
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        "populating from VMDiskImage fedora (attempt 2)",
+        Some("0%"),
+    );
+    assert!(
+        matches!(w.step(), Step::CreatePod { attempt: 2, .. }),
+        "{:?}",
+        w.step()
+    );
+    // The last attempt fails: given up, with the reason.
+    w.pod = Some(pod("Failed", 4, Some((1, "disk full", finished))));
+    w.prime = Some(prime(true, 3, "Bound"));
+    let Step::Annotate {
+        status,
+        note: Some(note),
+        outcome: Some(Outcome::Failed),
+    } = w.step()
+    else {
+        panic!()
+    };
+    assert_eq!(status.phase, PopulatePhase::Failed);
+    assert!(
+        note.message
+            .contains("failed after 4 attempt(s), no attempts left: disk full"),
+        "{}",
+        note.message
+    );
+}
+
+#[test]
+fn a_permanent_failure_stops_at_once_and_cleans_up() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(true, 0, "Bound"));
+    w.pod = Some(pod(
+        "Failed",
+        1,
+        Some((
+            PERMANENT_EXIT_CODE,
+            "the disk needs 2 GiB but the volume offers 1 GiB",
+            "2026-11-24T09:59:55Z",
+        )),
+    ));
+    let Step::Annotate { status, .. } = w.step() else {
+        panic!()
+    };
+    assert!(
+        status
+            .message
+            .contains("retrying cannot help: the disk needs"),
+        "{}",
+        status.message
+    );
+    w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, None);
+    assert_eq!(w.step(), Step::DeletePod { retry: false });
+    w.pod = None;
+    assert_eq!(w.step(), Step::DeletePrime { outcome: None });
+    w.prime = None;
+    assert_eq!(w.step(), Step::RemoveFinalizer);
+    w.pvc.metadata.finalizers = None;
+    assert_eq!(
+        w.step(),
+        Step::Ignore,
+        "stays failed until the annotation is removed"
+    );
+}
+
+#[test]
+fn success_hands_the_pv_over_and_waits_for_lost_before_cleaning_up() {
+    let mut w = World::new(with_finalizer(with_status(
+        claim(json!({})),
+        PopulatePhase::Rebinding,
+        "filled from VMDiskImage fedora; handing the volume to the claim",
+        Some("100%"),
+    )));
+    w.prime = Some(prime(true, 0, "Bound"));
+    w.pod = Some(pod("Succeeded", 1, None));
+    assert_eq!(
+        w.step(),
+        Step::Wait {
+            requeue: Some(Duration::from_secs(2))
+        },
+        "PV not read yet"
+    );
+    w.pv = Some(pv("vmdisk-system", "prime-u-1", "p-1"));
+    w.pod = Some(pod(
+        "Succeeded",
+        1,
+        Some((
+            0,
+            "populated /target/disk.img (warm: cache hit)",
+            "2026-11-24T09:59:55Z",
+        )),
+    ));
+    let Step::BindPv {
+        pv: name,
+        patch,
+        note,
+    } = w.step()
+    else {
+        panic!()
+    };
+    assert_eq!(note.reason, "PopulatorFinished");
+    assert!(note.message.contains("warm: cache hit"), "{}", note.message);
+    assert_eq!(name, "pv-1");
+    assert_eq!(patch["spec"]["claimRef"]["uid"], "u-1");
+    assert_eq!(patch["spec"]["claimRef"]["name"], "root");
+    assert_eq!(
+        patch["metadata"]["annotations"]["vmdisk.io/populated-from"],
+        "vms/fedora"
+    );
+    w.pv = Some(pv("vms", "root", "u-1"));
+    assert_eq!(
+        w.step(),
+        Step::Wait { requeue: None },
+        "the prime is not Lost yet"
+    );
+    w.prime = Some(prime(true, 0, "Lost"));
+    assert_eq!(w.step(), Step::DeletePod { retry: false });
+    // The PV controller bound the claim.
+    w.pod = None;
+    w.pvc.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+    assert_eq!(
+        w.step(),
+        Step::DeletePrime {
+            outcome: Some(Outcome::Succeeded)
+        }
+    );
+    w.prime = None;
+    assert_eq!(w.step(), Step::RemoveFinalizer);
+    w.pvc.metadata.finalizers = Some(vec![]);
+    let step = w.step();
+    assert_eq!(status_of(&step).phase, PopulatePhase::Succeeded);
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Succeeded,
+        &status_of(&step).message,
+        Some("100%"),
+    );
+    assert_eq!(w.step(), Step::Ignore);
+}
+
+#[test]
+fn a_claim_bound_without_vmdisk_is_left_alone() {
+    let mut w = World::new(claim(json!({"volumeName": "static-pv"})));
+    w.image = None;
+    assert_eq!(w.step(), Step::Ignore);
+}
+
+#[test]
+fn a_claim_deleted_mid_way_undoes_everything() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.pvc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        crate::time::to_timestamp(now()),
+    ));
+    w.prime = Some(prime(true, 0, "Bound"));
+    w.pod = Some(pod("Running", 1, None));
+    assert_eq!(w.step(), Step::DeletePod { retry: false });
+    // A node that never confirms the pod's end does not hold the claim.
+    let mut stuck = pod("Running", 1, None);
+    stuck.metadata.deletion_timestamp = w.pvc.metadata.deletion_timestamp.clone();
+    w.pod = Some(stuck);
+    assert_eq!(
+        w.step(),
+        Step::DeletePrime {
+            outcome: Some(Outcome::Aborted)
+        }
+    );
+    w.pod = None;
+    assert_eq!(
+        w.step(),
+        Step::DeletePrime {
+            outcome: Some(Outcome::Aborted)
+        }
+    );
+    w.prime = None;
+    assert_eq!(w.step(), Step::RemoveFinalizer);
+    w.pvc.metadata.finalizers = None;
+    assert_eq!(w.step(), Step::Ignore);
+}
+
+/// Plays the cluster: applies each step's effect (and what the PV controller, provisioner
+/// and kubelet would do), and runs decide again, as the controller does.
+fn apply(w: &mut World, step: &Step, pod_exit: &mut Vec<i32>) -> bool {
+    match step.clone() {
+        Step::Ignore | Step::Wait { .. } => return false,
+        Step::Annotate { status, .. } => {
+            w.pvc = with_status(
+                w.pvc.clone(),
+                status.phase,
+                &status.message,
+                status.progress.as_deref(),
+            );
+        }
+        Step::AddFinalizer => w.pvc = with_finalizer(w.pvc.clone()),
+        Step::CreatePrime(mut p) => {
+            p.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+            p.status = Some(serde_json::from_value(json!({"phase": "Bound"})).unwrap());
+            w.prime = Some(*p);
+            w.pv = Some(pv("vmdisk-system", "prime-u-1", "p-1"));
+        }
+        Step::CreatePod { attempt, .. } => {
+            let code = pod_exit.remove(0);
+            w.pod = Some(if code == 0 {
+                pod(
+                    "Succeeded",
+                    attempt,
+                    Some((0, "populated", "2026-11-24T09:00:00Z")),
+                )
+            } else {
+                pod(
+                    "Failed",
+                    attempt,
+                    Some((code, "boom", "2026-11-24T09:00:00Z")),
+                )
+            });
+        }
+        Step::RecordFailure { attempt, .. } => {
+            w.prime
+                .as_mut()
+                .unwrap()
+                .metadata
+                .annotations
+                .as_mut()
+                .unwrap()
+                .insert(FAILED_ATTEMPTS_ANNOTATION.into(), attempt.to_string());
+        }
+        Step::DeletePod { .. } => w.pod = None,
+        Step::BindPv { .. } => {
+            w.pv = Some(pv("vms", "root", "u-1"));
+            w.prime.as_mut().unwrap().status =
+                Some(serde_json::from_value(json!({"phase": "Lost"})).unwrap());
+            w.pvc.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+        }
+        Step::DeletePrime { .. } => w.prime = None,
+        Step::RemoveFinalizer => w.pvc.metadata.finalizers = Some(vec![]),
+    }
+    true
+}
+
+fn run_to_rest(w: &mut World, exits: &mut Vec<i32>) -> Vec<&'static str> {
+    let mut trace = Vec::new();
+    for _ in 0..50 {
+        let step = w.step();
+        trace.push(crate::populator::reconcile::step_name(&step));
+        if !apply(w, &step, exits) {
+            return trace;
+        }
+    }
+    panic!("no rest after 50 steps: {trace:?}");
+}
+
+#[test]
+fn every_state_on_the_way_leads_to_the_same_end_as_a_restart_would() {
+    // A failed first pod (retried at once: its finish is long past), then success.
+    let start = || World::new(claim(json!({})));
+    let mut w = start();
+    let mut exits = vec![1, 0];
+    let trace = run_to_rest(&mut w, &mut exits);
+    assert_eq!(
+        trace,
+        [
+            "add-finalizer",
+            "create-prime",
+            "annotate",
+            "create-pod",
+            "record-failure",
+            "delete-pod",
+            "annotate",
+            "create-pod",
+            "annotate",
+            "bind-pv",
+            "delete-pod",
+            "delete-prime",
+            "remove-finalizer",
+            "annotate",
+            "ignore"
+        ]
+    );
+    assert!(w.prime.is_none() && w.pod.is_none());
+    assert_eq!(w.pvc.finalizers().len(), 0);
+    assert_eq!(
+        current_status(&w.pvc).unwrap().phase,
+        PopulatePhase::Succeeded
+    );
+    // Stop after every step (the controller restarts: it has nothing but the cluster),
+    // then carry on: the same end every time.
+    for stop in 0..trace.len() {
+        let mut w = start();
+        let mut exits = vec![1, 0];
+        for _ in 0..stop {
+            let step = w.step();
+            apply(&mut w, &step, &mut exits);
+        }
+        run_to_rest(&mut w, &mut exits);
+        assert!(
+            w.prime.is_none() && w.pod.is_none() && w.pvc.finalizers().is_empty(),
+            "stop {stop}"
+        );
+        assert_eq!(
+            current_status(&w.pvc).unwrap().phase,
+            PopulatePhase::Succeeded,
+            "stop {stop}"
+        );
+    }
+}

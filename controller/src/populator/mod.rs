@@ -1,0 +1,183 @@
+//! The volume populator: fills PVCs whose `dataSourceRef` names a VMDiskImage, with the
+//! semantics of kubernetes-csi/lib-volume-populator (prime PVC in vmdisk's namespace, populator
+//! pod, PV claimRef rebind, finalizer, Events), under the same Lease as the image controller.
+//!
+//! [`decide`] is the pure rule and [`objects`] builds what it creates; [`mod@reconcile`] performs
+//! one step per call; [`sweep`] removes what vanished claims left; [`settings`] says how it
+//! runs; [`run`] wires the watches.
+
+pub mod decide;
+pub mod objects;
+pub mod reconcile;
+pub mod settings;
+pub mod sweep;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, ResourceExt};
+use vmdisk_crds::{
+    AccessScope, ApiAccess, VMDiskImage, CLAIM_ANNOTATION, COMPONENT_LABEL, POPULATOR_COMPONENT,
+};
+
+use crate::metrics::PopulatorMetrics;
+use crate::tasks::{reflect, TaskGuard};
+pub use reconcile::{error_policy, reconcile, Context, PopulatorError};
+pub use settings::{PopulatorConfig, PopulatorSettings};
+
+/// What the populator asks of the API server (besides the image controller's grants, which
+/// include VMDiskImages and Events).
+pub const API_ACCESS: &[ApiAccess] = &[
+    // Every claim (to find the ones naming a VMDiskImage); finalizer and status annotations.
+    ApiAccess::new(
+        "",
+        "persistentvolumeclaims",
+        &["list", "watch", "patch"],
+        AccessScope::Cluster,
+    ),
+    // Prime PVCs.
+    ApiAccess::new(
+        "",
+        "persistentvolumeclaims",
+        &["create", "delete", "patch"],
+        AccessScope::InstallNamespace,
+    ),
+    ApiAccess::new(
+        "",
+        "pods",
+        &["create", "delete", "list", "watch"],
+        AccessScope::InstallNamespace,
+    ),
+    ApiAccess::new(
+        "",
+        "persistentvolumes",
+        &["get", "patch"],
+        AccessScope::Cluster,
+    ),
+    ApiAccess::new(
+        "storage.k8s.io",
+        "storageclasses",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    // The cache agent DaemonSet: populator pods run its image on its cache directory.
+    ApiAccess::new(
+        "apps",
+        "daemonsets",
+        &["list", "watch"],
+        AccessScope::InstallNamespace,
+    ),
+];
+
+/// The user PVC a prime PVC or populator pod works for (`vmdisk.io/claim: <ns>/<name>`).
+fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim>> {
+    let (namespace, name) = object
+        .annotations()
+        .get(CLAIM_ANNOTATION)?
+        .split_once('/')?;
+    Some(ObjectRef::new(name).within(namespace))
+}
+
+/// Runs the populator until the future is dropped.
+pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMetrics) {
+    let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
+    let (images, _images_task) = reflect(
+        Api::<VMDiskImage>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (classes, _classes_task) = reflect(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    let (pods, _pods_task) = reflect(
+        pods_api.clone(),
+        watcher::Config::default().labels(&selector),
+    );
+    let (agents, _agents_task) = reflect(
+        Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
+    );
+    let controller = Controller::new(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let claims = controller.store();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "vmdisk-populator".into(),
+                instance: None,
+            },
+        ),
+        client: client.clone(),
+        settings: config.clone(),
+        agents,
+        claims: claims.clone(),
+        images,
+        classes,
+        pods,
+        metrics,
+    });
+    // Decisions read these stores: deciding before they are filled takes an image still being
+    // listed for a missing one (a new leader did, and the claim then waited for the safety net).
+    let (images_ready, classes_ready, pods_ready, agents_ready) = tokio::join!(
+        ctx.images.wait_until_ready(),
+        ctx.classes.wait_until_ready(),
+        ctx.pods.wait_until_ready(),
+        ctx.agents.wait_until_ready(),
+    );
+    if [images_ready, classes_ready, pods_ready, agents_ready]
+        .iter()
+        .any(Result::is_err)
+    {
+        tracing::error!("a watch stopped before its first list; the populator is not started");
+        return;
+    }
+    let _sweeper = TaskGuard::spawn(sweep::sweep_orphans(Arc::clone(&ctx)));
+    let waiting_claims = claims.clone();
+    controller
+        .watches(
+            pods_api,
+            watcher::Config::default().labels(&selector),
+            |pod| claim_of(&pod),
+        )
+        .watches(
+            Api::<PersistentVolumeClaim>::namespaced(client.clone(), &config.namespace),
+            watcher::Config::default().labels(&selector),
+            |prime| claim_of(&prime),
+        )
+        // An image appearing or resolving wakes the claims that wait for it.
+        .watches(
+            Api::<VMDiskImage>::all(client.clone()),
+            watcher::Config::default(),
+            move |image| {
+                let namespace = image.namespace();
+                let name = image.name_any();
+                waiting_claims
+                    .state()
+                    .into_iter()
+                    .filter(|c| c.namespace() == namespace)
+                    .filter(|c| {
+                        decide::referenced_image(c).ok().flatten().as_deref() == Some(name.as_str())
+                    })
+                    .map(|c| ObjectRef::from_obj(&*c))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "populator event");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}

@@ -1,0 +1,413 @@
+//! One step for one user PVC: gathers what [`super::decide::decide`] needs from reflector
+//! stores (a GET only for the prime's PV, once the pod has done its work), performs the step it
+//! returns, and records Events and metrics; `error_policy` and the [`Context`] every reconcile
+//! shares.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client, Resource, ResourceExt};
+use thiserror::Error;
+use tracing::Instrument as _;
+use vmdisk_crds::{
+    populator_pod_name, prime_pvc_name, VMDiskImage, COMPONENT_LABEL, FAILED_ATTEMPTS_ANNOTATION,
+    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_FINALIZER,
+    PROGRESS_ANNOTATION,
+};
+
+use super::decide::{self, ClassLookup, Note, Observed, Step};
+use super::settings::{PopulatorConfig, PopulatorSettings};
+use crate::metrics::PopulatorMetrics;
+
+#[derive(Debug, Error)]
+pub enum PopulatorError {
+    #[error("{action} for PVC {namespace}/{name}: {source}")]
+    Api {
+        action: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: PopulatorSettings,
+    /// The cache agent DaemonSet (one object).
+    pub agents: Store<DaemonSet>,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub images: Store<VMDiskImage>,
+    pub classes: Store<StorageClass>,
+    pub pods: Store<Pod>,
+    pub recorder: Recorder,
+    pub metrics: PopulatorMetrics,
+}
+
+impl Context {
+    async fn note(&self, pvc: &PersistentVolumeClaim, note: &Note) {
+        let event = Event {
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.into(),
+            note: Some(note.message.chars().take(1000).collect()),
+            action: note.action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &pvc.object_ref(&())).await {
+            tracing::debug!(error = %e, reason = note.reason, "cannot publish an Event");
+        }
+    }
+
+    fn prime_of(&self, uid: &str) -> Option<Arc<PersistentVolumeClaim>> {
+        self.claims
+            .get(&ObjectRef::new(&prime_pvc_name(uid)).within(&self.settings.namespace))
+    }
+
+    fn pod_of(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.pods
+            .get(&ObjectRef::new(&populator_pod_name(uid)).within(&self.settings.namespace))
+    }
+
+    /// Primes are in flight exactly while a population is: the gauge is derived from them, so
+    /// it cannot leak when a claim disappears.
+    fn update_in_flight(&self) {
+        let primes = self
+            .claims
+            .state()
+            .iter()
+            .filter(|c| {
+                c.namespace().as_deref() == Some(self.settings.namespace.as_str())
+                    && c.labels().get(COMPONENT_LABEL).map(String::as_str)
+                        == Some(POPULATOR_COMPONENT)
+            })
+            .count();
+        self.metrics.set_in_flight(primes as i64);
+    }
+}
+
+fn seconds_since(object: &impl Resource) -> f64 {
+    object
+        .meta()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| {
+            (Utc::now() - crate::time::from_timestamp(&t.0))
+                .to_std()
+                .unwrap_or_default()
+                .as_secs_f64()
+        })
+        .unwrap_or(0.0)
+}
+
+/// When a claim is looked at again without any watched change.
+const SAFETY_NET: Duration = Duration::from_secs(60);
+
+/// Performs the next step for one user PVC.
+pub async fn reconcile(
+    pvc: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, PopulatorError> {
+    let span = tracing::info_span!(
+        "populate",
+        namespace = %pvc.namespace().unwrap_or_default(),
+        name = %pvc.name_any()
+    );
+    reconcile_claim(pvc, ctx).instrument(span).await
+}
+
+async fn reconcile_claim(
+    pvc: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Context>,
+) -> Result<Action, PopulatorError> {
+    ctx.update_in_flight();
+    let namespace = pvc.namespace().unwrap_or_default();
+    let name = pvc.name_any();
+    let uid = pvc.uid().unwrap_or_default();
+    if namespace == ctx.settings.namespace {
+        return Ok(Action::await_change());
+    }
+    let image_name = match decide::referenced_image(&pvc) {
+        Ok(None) => return Ok(Action::await_change()),
+        Ok(Some(n)) => Some(n),
+        Err(_) => None,
+    };
+    let image = image_name
+        .as_ref()
+        .and_then(|n| ctx.images.get(&ObjectRef::new(n).within(&namespace)));
+    let class_name = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone());
+    let class = class_name
+        .as_ref()
+        .and_then(|n| ctx.classes.get(&ObjectRef::new(n)));
+    let prime = ctx.prime_of(&uid);
+    let pod = ctx.pod_of(&uid);
+    // The prime's PV, read only once the pod has done its work.
+    let pod_succeeded = pod
+        .as_ref()
+        .and_then(|p| p.status.as_ref()?.phase.as_deref())
+        == Some("Succeeded");
+    let pv = match prime
+        .as_ref()
+        .and_then(|p| p.spec.as_ref()?.volume_name.clone())
+    {
+        Some(pv_name) if pod_succeeded => Api::<PersistentVolume>::all(ctx.client.clone())
+            .get_opt(&pv_name)
+            .await
+            .map_err(|source| PopulatorError::Api {
+                action: "reading the prime's PV",
+                namespace: namespace.clone(),
+                name: name.clone(),
+                source,
+            })?,
+        _ => None,
+    };
+    let observed = Observed {
+        pvc: &pvc,
+        image: image.as_deref(),
+        class: match (&class_name, &class) {
+            (None, _) => ClassLookup::Unnamed,
+            (Some(n), None) => ClassLookup::Missing(n),
+            (Some(_), Some(c)) => ClassLookup::Found(c),
+        },
+        prime: prime.as_deref(),
+        pod: pod.as_deref(),
+        pv: pv.as_ref(),
+    };
+    let agents = ctx
+        .agents
+        .get(&ObjectRef::new(&ctx.settings.agent_daemonset).within(&ctx.settings.namespace));
+    let resolved = ctx.settings.resolve(agents.as_deref());
+    let config = resolved.clone().unwrap_or_else(|_| PopulatorConfig {
+        image: String::new(),
+        node_cache_dir: String::new(),
+        ..PopulatorConfig::default()
+    });
+    let mut step = decide::decide(&observed, &config, Utc::now());
+    if let (Step::CreatePod { .. }, Err(message)) = (&step, &resolved) {
+        // No pod without the agents' image and cache directory.
+        step = Step::Annotate {
+            status: decide::PvcStatus {
+                phase: vmdisk_crds::PopulatePhase::Pending,
+                message: message.clone(),
+                progress: None,
+            },
+            note: None,
+            outcome: None,
+        };
+    }
+    if !matches!(step, Step::Ignore | Step::Wait { .. }) {
+        tracing::info!(step = step_name(&step), "populator step");
+    }
+    let api_error = |action: &'static str| {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        move |source| PopulatorError::Api {
+            action,
+            namespace,
+            name,
+            source,
+        }
+    };
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+    let primes: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    match step {
+        Step::Ignore => return Ok(Action::await_change()),
+        // Waits end on a change to a watched object; the requeue is a safety net for a change
+        // seen by the trigger before the store it is read from.
+        Step::Wait { requeue } => return Ok(Action::requeue(requeue.unwrap_or(SAFETY_NET))),
+        Step::Annotate {
+            status,
+            note,
+            outcome,
+        } => {
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                PHASE_ANNOTATION: status.phase.as_str(),
+                MESSAGE_ANNOTATION: status.message,
+                PROGRESS_ANNOTATION: status.progress,
+            }}});
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(api_error("updating the status annotations"))?;
+            if let Some(note) = note {
+                ctx.note(&pvc, &note).await;
+            }
+            if let Some(outcome) = outcome {
+                let seconds = prime.as_deref().map(seconds_since).unwrap_or(0.0);
+                ctx.metrics.observe(outcome.as_str(), seconds);
+            }
+        }
+        Step::AddFinalizer => {
+            let patch = finalizers_patch(&pvc, true);
+            claims
+                .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+                .map_err(api_error("adding the finalizer"))?;
+        }
+        Step::CreatePrime(prime) => {
+            create(&primes, &prime)
+                .await
+                .map_err(api_error("creating the prime PVC"))?;
+        }
+        Step::CreatePod { pod, attempt } => {
+            create(&pods, &pod)
+                .await
+                .map_err(api_error("creating the populator pod"))?;
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            ctx.note(
+                &pvc,
+                &Note {
+                    reason: vmdisk_crds::reasons::POPULATOR_CREATED,
+                    action: "CreatePod",
+                    warning: false,
+                    message: format!(
+                        "populator pod {}/{} started (attempt {attempt}){}",
+                        ctx.settings.namespace,
+                        pod.name_any(),
+                        node.map(|n| format!(" on node {n}")).unwrap_or_default()
+                    ),
+                },
+            )
+            .await;
+        }
+        Step::RecordFailure { attempt, note } => {
+            let patch = serde_json::json!({"metadata": {"annotations": {
+                FAILED_ATTEMPTS_ANNOTATION: attempt.to_string()}}});
+            primes
+                .patch(
+                    &prime_pvc_name(&uid),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map_err(api_error("counting a failed attempt"))?;
+            ctx.note(&pvc, &note).await;
+        }
+        Step::DeletePod { retry } => {
+            delete(&pods, &populator_pod_name(&uid))
+                .await
+                .map_err(api_error("deleting the populator pod"))?;
+            if retry {
+                ctx.metrics.retried();
+            }
+        }
+        Step::BindPv { pv, patch, note } => {
+            Api::<PersistentVolume>::all(ctx.client.clone())
+                .patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(api_error("handing the PV to the claim"))?;
+            ctx.note(&pvc, &note).await;
+        }
+        Step::DeletePrime { outcome } => {
+            delete(&primes, &prime_pvc_name(&uid))
+                .await
+                .map_err(api_error("deleting the prime PVC"))?;
+            if let (Some(outcome), Some(prime)) = (outcome, prime.as_deref()) {
+                ctx.metrics.observe(outcome.as_str(), seconds_since(prime));
+            }
+        }
+        Step::RemoveFinalizer => {
+            let patch = finalizers_patch(&pvc, false);
+            match claims
+                .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(api_error("removing the finalizer")(e)),
+            }
+        }
+    }
+    ctx.update_in_flight();
+    // Each step changes an object the controller watches, which brings the next call.
+    Ok(Action::requeue(SAFETY_NET))
+}
+
+pub(crate) fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::Ignore => "ignore",
+        Step::Annotate { .. } => "annotate",
+        Step::Wait { .. } => "wait",
+        Step::AddFinalizer => "add-finalizer",
+        Step::CreatePrime(_) => "create-prime",
+        Step::CreatePod { .. } => "create-pod",
+        Step::RecordFailure { .. } => "record-failure",
+        Step::DeletePod { .. } => "delete-pod",
+        Step::BindPv { .. } => "bind-pv",
+        Step::DeletePrime { .. } => "delete-prime",
+        Step::RemoveFinalizer => "remove-finalizer",
+    }
+}
+
+/// A JSON patch adding or removing the populator's finalizer, guarded by a `test` of the
+/// current list so a concurrent change makes it fail (and retry) instead of clobbering.
+fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
+    let current = pvc.finalizers().to_vec();
+    let ops = if add {
+        if pvc.metadata.finalizers.is_none() {
+            serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
+        } else {
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": current},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": POPULATOR_FINALIZER}])
+        }
+    } else {
+        match current.iter().position(|f| f == POPULATOR_FINALIZER) {
+            Some(i) => serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": current},
+                {"op": "remove", "path": format!("/metadata/finalizers/{i}")}]),
+            None => serde_json::json!([]),
+        }
+    };
+    serde_json::from_value(ops).expect("a valid JSON patch")
+}
+
+async fn create<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Ok(_) => Ok(()),
+        // Made by an earlier call whose answer was lost: the same object, by name.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub(super) async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn error_policy(
+    pvc: Arc<PersistentVolumeClaim>,
+    error: &PopulatorError,
+    _ctx: Arc<Context>,
+) -> Action {
+    tracing::warn!(
+        namespace = pvc.namespace().unwrap_or_default(),
+        name = pvc.name_any(),
+        error = %crate::error_chain(error),
+        "populator step failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
