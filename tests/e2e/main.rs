@@ -21,6 +21,7 @@ mod api;
 mod flow;
 mod images;
 mod installed;
+mod latency;
 mod local;
 mod support;
 
