@@ -1,11 +1,13 @@
-//! `cargo bench --bench admission`: the webhook over TLS with keep-alive at fixed concurrency,
-//! against a baseline server on the identical stack (same accept loop, rustls config and
-//! client) whose handler returns a fixed AdmissionReview. Each round runs the two back to back
-//! (which one goes first alternates), and the ratio is the median of the rounds' ratios, so
-//! drift on a shared machine hits both alike and one disturbed round does not decide.
+//! `cargo bench --bench admission`: throughput and latency of the webhook over TLS with
+//! keep-alive at fixed concurrency, beside a bare server on the identical stack (same accept
+//! loop, rustls config and client) whose handler returns a fixed AdmissionReview without
+//! reading the request. Each round runs the two back to back (which one goes first
+//! alternates), so drift on a shared machine hits both alike; the figures are over all rounds.
+//! There is no goal on the difference: the API server adds milliseconds to any webhook call
+//! (the e2e suite's `latency` case measures what a PVC create gains there).
 //!
-//! It runs twice: on the captured PVC review as kube-apiserver sends it (compact JSON; the goal
-//! is measured on this one), then on the same review as stored, indented for reading.
+//! It runs twice: on the captured PVC review as kube-apiserver sends it (compact JSON), then on
+//! the same review as stored, indented for reading.
 //!
 //! Env: VMDISK_BENCH_CONCURRENCY (default 16), VMDISK_BENCH_ROUND_SECS (default 2),
 //! VMDISK_BENCH_ROUNDS (default 9).
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
-use vmdisk_tests::bench::{env_or, median};
+use vmdisk_tests::bench::env_or;
 use vmdisk_tests::https::{client_config, Connection};
 use vmdisk_tests::webhook::{as_sent, fixtures, sample_catalog_yaml, TestWebhook};
 use vmdisk_webhook::server::serve_tls;
@@ -107,7 +109,7 @@ async fn async_main() {
         .unwrap()
         .1;
 
-    // Baseline: the same TLS stack and accept loop, a handler that returns a fixed answer.
+    // Bare: the same TLS stack and accept loop, a handler that returns a fixed answer.
     let fixed: bytes::Bytes = {
         let mut conn = webhook.connect().await;
         conn.post_json("/mutate-pvc", stored.clone())
@@ -146,8 +148,8 @@ async fn async_main() {
         round,
         rounds,
     };
-    // The review as kube-apiserver sends it (compact) is what the goal is measured on; the
-    // stored, indented form shows what whitespace alone costs the decoder.
+    // The review as kube-apiserver sends it (compact), then as stored, indented: what
+    // whitespace alone costs the decoder.
     targets.compare("as-sent", as_sent(&stored).into()).await;
     targets.compare("indented", stored.into()).await;
 }
@@ -167,7 +169,6 @@ impl Targets {
         let (concurrency, round) = (self.concurrency, self.round);
         let (mut web, mut base) = (Vec::new(), Vec::new());
         let (mut web_req, mut base_req, mut web_secs, mut base_secs) = (0u64, 0u64, 0f64, 0f64);
-        let mut ratios = Vec::new();
         for i in 0..self.rounds {
             let run_baseline = || {
                 drive(
@@ -198,11 +199,9 @@ impl Targets {
             };
             let (w_rps, b_rps) = (w.requests as f64 / w.secs, b.requests as f64 / b.secs);
             println!(
-                "{label} round {}: webhook {w_rps:.0} req/s, baseline {b_rps:.0} req/s, ratio {:.3}",
-                i + 1,
-                w_rps / b_rps
+                "{label} round {}: webhook {w_rps:.0} req/s, bare {b_rps:.0} req/s",
+                i + 1
             );
-            ratios.push(w_rps / b_rps);
             web_req += w.requests;
             web_secs += w.secs;
             web.extend(w.latencies_us);
@@ -215,20 +214,19 @@ impl Targets {
         let rps = web_req as f64 / web_secs;
         let baseline_rps = base_req as f64 / base_secs;
         println!(
-            "{label} baseline p50_us={} p99_us={}; concurrency={concurrency}, {} rounds of {}s",
-            percentile(&base, 0.5),
-            percentile(&base, 0.99),
+            "{label}: concurrency={concurrency}, {} rounds of {}s",
             self.rounds,
             round.as_secs()
         );
         println!(
-            "RESULT admission body={label} bytes={} rps={:.0} p50_us={} p99_us={} baseline_rps={:.0} ratio={:.3}",
+            "RESULT admission body={label} bytes={} rps={:.0} p50_us={} p99_us={} bare_rps={:.0} bare_p50_us={} bare_p99_us={}",
             body.len(),
             rps,
             percentile(&web, 0.5),
             percentile(&web, 0.99),
             baseline_rps,
-            median(&mut ratios)
+            percentile(&base, 0.5),
+            percentile(&base, 0.99),
         );
     }
 }

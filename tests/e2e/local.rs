@@ -38,7 +38,8 @@ pub fn phase() -> Phase<LocalInstall> {
     Phase {
         name: "local",
         cases: cases(),
-        exclusive: vec![],
+        // Measures latency: alone, after the others.
+        exclusive: cases![crate::latency::pvc_create_latency_with_and_without_the_webhook],
     }
 }
 

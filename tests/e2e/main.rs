@@ -22,6 +22,7 @@ mod api;
 mod flow;
 mod images;
 mod installed;
+mod latency;
 mod local;
 mod support;
 

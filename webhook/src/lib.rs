@@ -1,19 +1,17 @@
 //! vmdisk webhook: the mutating admission server for PVCs and Pods. It reads VMDiskImages and
 //! PVC metadata and writes nothing; the controllers run in `vmdisk-controller`.
 //!
-//! Module map: [`admission`] decodes AdmissionReviews (with [`json_reader`]) and encodes answers (with
-//! [`json_writer`]); [`mutate`] holds the
-//! pure decisions (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled
-//! PVCs in memory (from the API server, or from a directory of YAML); [`tls`] loads and
-//! hot-reloads the serving certificate; [`server`] is the HTTPS accept loop; [`routes`] wires
-//! handlers, metrics and probes together.
+//! Module map: [`admission`] decodes AdmissionReviews with serde, holds the policy (what is
+//! mutated) and the object views, and encodes answers; [`mutate`] holds the pure decisions
+//! (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled PVCs in memory
+//! (from the API server, or from a directory of YAML); [`tls`] loads and hot-reloads the
+//! serving certificate; [`server`] is the HTTPS accept loop; [`routes`] is the HTTP side
+//! (limits, status codes, metrics, probes).
 
 pub mod admission;
 pub mod catalog;
 pub mod config;
 pub mod dir_watch;
-pub mod json_reader;
-pub mod json_writer;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;

@@ -1,11 +1,12 @@
-//! Pure admission decisions: given an object and what the catalog knows, what changes.
+//! Pure admission decisions: given an object's parts (k8s-openapi types) and what the catalog
+//! knows, what changes, as a plan and then a `json_patch::Patch`.
 //!
-//! Nothing here does I/O, so every rule is tested with plain values.
+//! Nothing here does I/O or decodes requests (the admission module does), so every rule
+//! is tested with plain values.
 
 pub mod patch;
 pub mod pod;
 pub mod pvc;
-pub mod view;
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -87,7 +88,7 @@ impl Default for MutationConfig {
 /// the user (AdmissionResponse `warnings`: vmdisk never denies).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Mutation {
-    pub patch: Option<patch::JsonPatch>,
+    pub patch: Option<json_patch::Patch>,
     pub warnings: Vec<String>,
 }
 

@@ -6,16 +6,14 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{
-    NodeSelectorRequirement, NodeSelectorTerm, PreferredSchedulingTerm, Volume,
+    NodeSelectorRequirement, NodeSelectorTerm, PodSpec, PreferredSchedulingTerm, Volume,
 };
 use serde_json::json;
 use vmdisk_crds::{node_cache_label_key, IMAGE_ANNOTATION};
 
-use super::patch::{JsonPatch, PatchBuilder};
+use super::patch::PatchBuilder;
 use super::pvc::image_claim;
-use super::view::PodView;
 use super::{ImageLookup, Mutation, MutationConfig};
-use crate::json_writer::Serde;
 
 /// The VMDiskImage a pod volume comes from, if the catalog knows it.
 fn image_of_volume(volume: &Volume, namespace: &str, images: &dyn ImageLookup) -> Option<String> {
@@ -67,15 +65,15 @@ pub struct PodAffinityMutation {
 }
 
 impl PodAffinityMutation {
-    /// Decides the terms for a Pod at CREATE.
+    /// Decides the terms for a Pod at CREATE. `spec` is the pod's (`None`: absent or null);
+    /// only its volumes and affinity are read.
     pub fn plan(
-        pod: &PodView,
+        spec: Option<&PodSpec>,
         namespace: &str,
         images: &dyn ImageLookup,
         config: &MutationConfig,
     ) -> Self {
         let mut out = Self::default();
-        let spec = pod.spec.as_ref();
         let image_names: BTreeSet<String> = spec
             .and_then(|s| s.volumes.as_ref())
             .into_iter()
@@ -113,43 +111,40 @@ impl PodAffinityMutation {
         out
     }
 
-    /// The JSON patch appending the terms, addressing only parents that exist in `pod`.
-    pub fn patch(&self, pod: &PodView) -> Option<JsonPatch> {
+    /// The JSON patch appending the terms, addressing only parents that exist in the pod
+    /// whose `spec` this is.
+    pub fn patch(&self, spec: Option<&PodSpec>) -> Option<json_patch::Patch> {
         if self.terms.is_empty() {
             return None;
         }
         const PREFERRED: &str = "preferredDuringSchedulingIgnoredDuringExecution";
         let terms = serde_json::to_value(&self.terms).expect("terms serialize");
         let mut b = PatchBuilder::default();
-        let affinity = pod.spec.as_ref().map(|s| s.affinity.as_ref());
-        match affinity {
+        match spec.map(|s| s.affinity.as_ref()) {
             None => b.add(
                 &["spec"],
-                &Serde(&json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}})),
+                json!({"affinity": {"nodeAffinity": {PREFERRED: terms}}}),
             ),
             Some(None) => b.add(
                 &["spec", "affinity"],
-                &Serde(&json!({"nodeAffinity": {PREFERRED: terms}})),
+                json!({"nodeAffinity": {PREFERRED: terms}}),
             ),
             Some(Some(a)) => match &a.node_affinity {
                 None => b.add(
                     &["spec", "affinity", "nodeAffinity"],
-                    &Serde(&json!({PREFERRED: terms})),
+                    json!({PREFERRED: terms}),
                 ),
                 Some(n)
                     if n.preferred_during_scheduling_ignored_during_execution
                         .is_none() =>
                 {
-                    b.add(
-                        &["spec", "affinity", "nodeAffinity", PREFERRED],
-                        &Serde(&terms),
-                    )
+                    b.add(&["spec", "affinity", "nodeAffinity", PREFERRED], terms)
                 }
                 Some(_) => {
                     for term in &self.terms {
                         b.add(
                             &["spec", "affinity", "nodeAffinity", PREFERRED, "-"],
-                            &Serde(term),
+                            serde_json::to_value(term).expect("a term serializes"),
                         );
                     }
                 }
@@ -161,14 +156,14 @@ impl PodAffinityMutation {
 
 /// Decides and builds the patch for a Pod at CREATE.
 pub fn mutate_pod(
-    pod: &PodView,
+    spec: Option<&PodSpec>,
     namespace: &str,
     images: &dyn ImageLookup,
     config: &MutationConfig,
 ) -> Mutation {
-    let plan = PodAffinityMutation::plan(pod, namespace, images, config);
+    let plan = PodAffinityMutation::plan(spec, namespace, images, config);
     Mutation {
-        patch: plan.patch(pod),
+        patch: plan.patch(spec),
         warnings: plan.warnings,
     }
 }
@@ -177,7 +172,6 @@ pub fn mutate_pod(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
-    use crate::mutate::view::view_from_json;
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::Value;
 
@@ -187,13 +181,22 @@ mod tests {
         json!({"metadata": {"generateName": "web-"}, "spec": spec})
     }
 
+    /// The pod's spec as the decision reads it: volumes and affinity as k8s-openapi reads them.
+    fn spec_of(doc: &Value) -> Option<PodSpec> {
+        let spec = &doc["spec"];
+        (!spec.is_null()).then(|| PodSpec {
+            volumes: serde_json::from_value(spec["volumes"].clone()).unwrap(),
+            affinity: serde_json::from_value(spec["affinity"].clone()).unwrap(),
+            ..Default::default()
+        })
+    }
+
     fn run(images: &Images, doc: Value) -> (Option<Pod>, Vec<String>) {
-        let text = doc.to_string();
-        let view: PodView = view_from_json(&text).unwrap();
-        let m = mutate_pod(&view, "vms", images, &MutationConfig::default());
+        let spec = spec_of(&doc);
+        let m = mutate_pod(spec.as_ref(), "vms", images, &MutationConfig::default());
         let patched = m.patch.map(|p| {
             let mut doc = doc;
-            json_patch::patch(&mut doc, &p.operations()).unwrap();
+            json_patch::patch(&mut doc, &p).unwrap();
             serde_json::from_value(doc).unwrap()
         });
         (patched, m.warnings)

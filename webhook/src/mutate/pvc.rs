@@ -1,14 +1,15 @@
 //! [`PvcMutation`]: how a VMDiskImage-backed PVC is completed at CREATE.
 
+use k8s_openapi::api::core::v1::PersistentVolumeClaimSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{json, Map, Value};
 use vmdisk_crds::{
     format_bytes_quantity, parse_quantity, DIGEST_ANNOTATION, GROUP, IMAGE_ANNOTATION, IMAGE_KIND,
     IMAGE_LABEL,
 };
 
-use super::patch::{JsonPatch, PatchBuilder};
-use super::view::{DataSources, PvcSpecView, PvcView};
+use super::patch::PatchBuilder;
 use super::{ImageLookup, Mutation, MutationConfig};
-use crate::json_writer::{ObjectWriter, ToJson};
 
 /// How a PVC asks for a VMDiskImage, if it does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,11 +40,11 @@ fn names_image(api_group: Option<&str>, kind: &str) -> bool {
 /// Finds which image (if any) a PVC spec asks for, and whether an annotation conflicts with a
 /// data source of another kind (returned as a warning).
 pub fn image_claim<'a>(
-    spec: Option<&'a impl DataSources>,
+    spec: Option<&'a PersistentVolumeClaimSpec>,
     annotation: Option<&'a str>,
 ) -> (Option<ImageClaim<'a>>, Option<String>) {
-    let source_ref = spec.and_then(|s| s.data_source_ref());
-    let source = spec.and_then(|s| s.data_source());
+    let source_ref = spec.and_then(|s| s.data_source_ref.as_ref());
+    let source = spec.and_then(|s| s.data_source.as_ref());
     if let Some(r) = source_ref {
         if names_image(r.api_group.as_deref(), &r.kind) {
             return (Some(ImageClaim::DataSourceRef(&r.name)), None);
@@ -69,6 +70,29 @@ pub fn image_claim<'a>(
 
 pub use vmdisk_crds::volume_bytes_for_disk;
 
+/// The parts of an admitted PVC the decision reads. `None` is a part the object lacks (absent
+/// or null), and likewise for `labels`, `annotations`, `resources` and `requests` inside: the
+/// patch then adds that part whole instead of a member of it, so it always applies.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PvcObject<'a> {
+    pub metadata: Option<&'a ObjectMeta>,
+    pub spec: Option<&'a PersistentVolumeClaimSpec>,
+}
+
+impl<'a> PvcObject<'a> {
+    fn label(&self, key: &str) -> Option<&'a str> {
+        self.metadata?.labels.as_ref()?.get(key).map(String::as_str)
+    }
+
+    fn annotation(&self, key: &str) -> Option<&'a str> {
+        self.metadata?
+            .annotations
+            .as_ref()?
+            .get(key)
+            .map(String::as_str)
+    }
+}
+
 /// What a VMDiskImage-backed PVC gains at CREATE. Each field is a change to make; `None`
 /// leaves that part of the PVC alone. Names come from the admitted PVC, borrowed.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -93,21 +117,20 @@ impl<'a> PvcMutation<'a> {
 
     /// Decides the changes for a PVC at CREATE. `namespace` is the request's namespace.
     pub fn plan(
-        pvc: &'a PvcView<'_>,
+        pvc: PvcObject<'a>,
         namespace: &str,
         images: &dyn ImageLookup,
         config: &MutationConfig,
     ) -> Self {
-        let meta = pvc.metadata.as_ref();
-        let annotation = meta.and_then(|m| m.annotation(IMAGE_ANNOTATION));
-        let (claim, conflict) = image_claim(pvc.spec.as_ref(), annotation);
+        let annotation = pvc.annotation(IMAGE_ANNOTATION);
+        let (claim, conflict) = image_claim(pvc.spec, annotation);
         let mut warnings: Vec<String> = conflict.into_iter().collect();
         let Some(claim) = claim else {
             return Self::only_warnings(warnings);
         };
         let image_name = claim.image_name();
-        let empty_spec = PvcSpecView::default();
-        let spec = pvc.spec.as_ref().unwrap_or(&empty_spec);
+        let empty_spec = PersistentVolumeClaimSpec::default();
+        let spec = pvc.spec.unwrap_or(&empty_spec);
 
         if let Some(ns) = spec
             .data_source_ref
@@ -127,7 +150,7 @@ impl<'a> PvcMutation<'a> {
             // dataSourceRef (equal to dataSource when both are set, as validation requires).
             out.data_source_ref = Some(image_name);
         }
-        if meta.and_then(|m| m.label(IMAGE_LABEL)) != Some(image_name) {
+        if pvc.label(IMAGE_LABEL) != Some(image_name) {
             out.image_label = Some(image_name);
         }
 
@@ -157,8 +180,8 @@ impl<'a> PvcMutation<'a> {
             .resources
             .as_ref()
             .and_then(|r| r.requests.as_ref())
-            .and_then(|r| r.storage.as_deref())
-            .map(|q| (q, parse_quantity(q)));
+            .and_then(|r| r.get("storage"))
+            .map(|q| (q.0.as_str(), parse_quantity(&q.0)));
         let required = match image.as_ref().map(|i| i.required_disk_bytes()) {
             Some(Ok(Some(disk))) => Some(volume_bytes_for_disk(
                 disk,
@@ -203,7 +226,7 @@ impl<'a> PvcMutation<'a> {
         };
 
         match image.as_ref().and_then(|i| i.digest()) {
-            Some(digest) if meta.and_then(|m| m.annotation(DIGEST_ANNOTATION)) != Some(digest) => {
+            Some(digest) if pvc.annotation(DIGEST_ANNOTATION) != Some(digest) => {
                 out.digest_annotation = Some(digest.to_string());
             }
             Some(_) => {}
@@ -217,76 +240,92 @@ impl<'a> PvcMutation<'a> {
     }
 
     /// The JSON patch, addressing only parents that exist in `pvc` (a missing parent is
-    /// added whole). Values are written from the plan as they are, without an intermediate
-    /// JSON tree.
-    pub fn patch(&self, pvc: &PvcView) -> Option<JsonPatch> {
+    /// added whole).
+    pub fn patch(&self, pvc: PvcObject) -> Option<json_patch::Patch> {
         let mut b = PatchBuilder::default();
-        let labels = self.image_label.map(|v| Entry(IMAGE_LABEL, v));
+        let entry =
+            |key: &str, value: &str| Value::Object(Map::from_iter([(key.into(), value.into())]));
+        let labels = self.image_label.map(|v| (IMAGE_LABEL, v));
         let annotations = self
             .digest_annotation
             .as_deref()
-            .map(|v| Entry(DIGEST_ANNOTATION, v));
-        match &pvc.metadata {
+            .map(|v| (DIGEST_ANNOTATION, v));
+        match pvc.metadata {
             None => {
-                if labels.is_some() || annotations.is_some() {
-                    b.add(
-                        &["metadata"],
-                        &MetadataPatch {
-                            labels,
-                            annotations,
-                        },
-                    );
+                let mut metadata = Map::new();
+                for (field, member) in [("labels", labels), ("annotations", annotations)] {
+                    if let Some((key, value)) = member {
+                        metadata.insert(field.into(), entry(key, value));
+                    }
+                }
+                if !metadata.is_empty() {
+                    b.add(&["metadata"], Value::Object(metadata));
                 }
             }
             Some(m) => {
-                for (field, entry, exists) in [
+                for (field, member, exists) in [
                     ("labels", labels, m.labels.is_some()),
                     ("annotations", annotations, m.annotations.is_some()),
                 ] {
-                    match entry {
-                        Some(Entry(key, value)) if exists => {
-                            b.add(&["metadata", field, key], &value)
+                    match member {
+                        Some((key, value)) if exists => {
+                            b.add(&["metadata", field, key], value.into())
                         }
-                        Some(entry) => b.add(&["metadata", field], &entry),
+                        Some((key, value)) => b.add(&["metadata", field], entry(key, value)),
                         None => {}
                     }
                 }
             }
         }
-        let storage = self.storage.as_deref().map(|storage| Requests {
-            requests: Storage { storage },
-        });
-        match &pvc.spec {
+        let data_source_ref = self
+            .data_source_ref
+            .map(|name| json!({"apiGroup": GROUP, "kind": IMAGE_KIND, "name": name}));
+        let access_modes = self.access_modes.as_ref().map(|m| json!(m));
+        let storage_class_name = self.storage_class_name.as_deref().map(Value::from);
+        let storage = self.storage.as_deref();
+        match pvc.spec {
             None => {
-                let spec = SpecPatch {
-                    data_source_ref: self.data_source_ref.map(DataSourceRef),
-                    access_modes: self.access_modes.as_deref(),
-                    storage_class_name: self.storage_class_name.as_deref(),
-                    resources: storage,
-                };
+                let mut spec = Map::new();
+                for (field, value) in [
+                    ("dataSourceRef", data_source_ref),
+                    ("accessModes", access_modes),
+                    ("storageClassName", storage_class_name),
+                    (
+                        "resources",
+                        storage.map(|s| json!({"requests": {"storage": s}})),
+                    ),
+                ] {
+                    if let Some(value) = value {
+                        spec.insert(field.into(), value);
+                    }
+                }
                 if !spec.is_empty() {
-                    b.add(&["spec"], &spec);
+                    b.add(&["spec"], Value::Object(spec));
                 }
             }
             Some(spec) => {
-                if let Some(image) = self.data_source_ref {
-                    b.add(&["spec", "dataSourceRef"], &DataSourceRef(image));
+                for (field, value) in [
+                    ("dataSourceRef", data_source_ref),
+                    ("accessModes", access_modes),
+                    ("storageClassName", storage_class_name),
+                ] {
+                    if let Some(value) = value {
+                        b.add(&["spec", field], value);
+                    }
                 }
-                if let Some(m) = &self.access_modes {
-                    b.add(&["spec", "accessModes"], m);
-                }
-                if let Some(c) = &self.storage_class_name {
-                    b.add(&["spec", "storageClassName"], c);
-                }
-                if let Some(resources) = storage {
+                if let Some(storage) = storage {
                     match spec.resources.as_ref().map(|r| r.requests.is_some()) {
-                        None => b.add(&["spec", "resources"], &resources),
-                        Some(false) => {
-                            b.add(&["spec", "resources", "requests"], &resources.requests)
-                        }
+                        None => b.add(
+                            &["spec", "resources"],
+                            json!({"requests": {"storage": storage}}),
+                        ),
+                        Some(false) => b.add(
+                            &["spec", "resources", "requests"],
+                            json!({"storage": storage}),
+                        ),
                         Some(true) => b.add(
                             &["spec", "resources", "requests", "storage"],
-                            &resources.requests.storage,
+                            storage.into(),
                         ),
                     }
                 }
@@ -296,96 +335,9 @@ impl<'a> PvcMutation<'a> {
     }
 }
 
-/// One label or annotation, written as a one-member object.
-#[derive(Clone, Copy)]
-struct Entry<'a>(&'static str, &'a str);
-
-impl ToJson for Entry<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out).member(self.0, self.1).end();
-    }
-}
-
-struct MetadataPatch<'a> {
-    labels: Option<Entry<'a>>,
-    annotations: Option<Entry<'a>>,
-}
-
-impl ToJson for MetadataPatch<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out)
-            .optional("labels", self.labels.as_ref())
-            .optional("annotations", self.annotations.as_ref())
-            .end();
-    }
-}
-
-struct Storage<'a> {
-    storage: &'a str,
-}
-
-impl ToJson for Storage<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out).member("storage", self.storage).end();
-    }
-}
-
-struct Requests<'a> {
-    requests: Storage<'a>,
-}
-
-impl ToJson for Requests<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out)
-            .member("requests", &self.requests)
-            .end();
-    }
-}
-
-/// A `dataSourceRef` to the named VMDiskImage, members in k8s-openapi's order (the text is
-/// what serializing a `TypedObjectReference` would give).
-struct DataSourceRef<'a>(&'a str);
-
-impl ToJson for DataSourceRef<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out)
-            .member("apiGroup", GROUP)
-            .member("kind", IMAGE_KIND)
-            .member("name", self.0)
-            .end();
-    }
-}
-
-struct SpecPatch<'a> {
-    data_source_ref: Option<DataSourceRef<'a>>,
-    access_modes: Option<&'a [String]>,
-    storage_class_name: Option<&'a str>,
-    resources: Option<Requests<'a>>,
-}
-
-impl ToJson for SpecPatch<'_> {
-    fn write_json(&self, out: &mut Vec<u8>) {
-        ObjectWriter::new(out)
-            .optional("dataSourceRef", self.data_source_ref.as_ref())
-            .optional("accessModes", self.access_modes)
-            .optional("storageClassName", self.storage_class_name)
-            .optional("resources", self.resources.as_ref())
-            .end();
-    }
-}
-
-impl SpecPatch<'_> {
-    fn is_empty(&self) -> bool {
-        self.data_source_ref.is_none()
-            && self.access_modes.is_none()
-            && self.storage_class_name.is_none()
-            && self.resources.is_none()
-    }
-}
-
 /// Decides and builds the patch for a PVC at CREATE.
 pub fn mutate_pvc(
-    pvc: &PvcView,
+    pvc: PvcObject,
     namespace: &str,
     images: &dyn ImageLookup,
     config: &MutationConfig,
@@ -401,18 +353,26 @@ pub fn mutate_pvc(
 mod tests {
     use super::*;
     use crate::mutate::tests_support::{image, Images};
-    use crate::mutate::view::view_from_json;
     use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-    use serde_json::{json, Value};
+
+    /// The mutation of a PVC given as JSON, its parts read as k8s-openapi reads them.
+    fn mutate(images: &Images, pvc: &Value) -> Mutation {
+        let metadata: Option<ObjectMeta> = serde_json::from_value(pvc["metadata"].clone()).unwrap();
+        let spec: Option<PersistentVolumeClaimSpec> =
+            serde_json::from_value(pvc["spec"].clone()).unwrap();
+        let object = PvcObject {
+            metadata: metadata.as_ref(),
+            spec: spec.as_ref(),
+        };
+        mutate_pvc(object, "vms", images, &MutationConfig::default())
+    }
 
     /// Runs the mutation on a PVC given as JSON and returns the patched PVC and the warnings.
     fn run(images: &Images, pvc: Value) -> (Option<PersistentVolumeClaim>, Vec<String>) {
-        let text = pvc.to_string();
-        let view: PvcView = view_from_json(&text).unwrap();
-        let m = mutate_pvc(&view, "vms", images, &MutationConfig::default());
+        let m = mutate(images, &pvc);
         let patched = m.patch.map(|p| {
             let mut doc = pvc;
-            json_patch::patch(&mut doc, &p.operations()).unwrap();
+            json_patch::patch(&mut doc, &p).unwrap();
             serde_json::from_value(doc).unwrap()
         });
         (patched, m.warnings)
@@ -642,12 +602,9 @@ mod tests {
             "fedora"
         );
         assert!(storage(&out).is_some());
-        let view: PvcView =
-            view_from_json(r#"{"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}}"#)
-                .unwrap();
-        let m = mutate_pvc(&view, "vms", &imgs, &MutationConfig::default());
         let mut doc = json!({"metadata": {"annotations": {"vmdisk.io/image": "fedora"}}});
-        json_patch::patch(&mut doc, &m.patch.unwrap().operations()).unwrap();
+        let m = mutate(&imgs, &doc);
+        json_patch::patch(&mut doc, &m.patch.unwrap()).unwrap();
         assert_eq!(doc["spec"]["dataSourceRef"]["name"], "fedora");
     }
 }
