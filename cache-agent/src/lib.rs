@@ -8,7 +8,7 @@ pub mod populate;
 pub mod store;
 pub mod warm;
 
-pub use vmdisk_crds::error_chain;
+pub use vmdisk_support::error_chain;
 
 /// Settles glibc's malloc for a process that streams hundreds of MiB through buffers that one
 /// thread allocates (the download's) and another frees (the extraction's): with the default

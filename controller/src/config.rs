@@ -48,7 +48,7 @@ pub struct ControllerArgs {
     /// Share of a Filesystem-mode volume taken by the filesystem: the populator's disk.img is
     /// volume / (1 + overhead). Must match the webhook's --filesystem-overhead, which sizes
     /// the PVCs.
-    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = parse_overhead)]
+    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = vmdisk_crds::parse_filesystem_overhead)]
     pub filesystem_overhead: f64,
 
     /// Populator pods per PVC before giving up (failures that retrying cannot fix stop at once).
@@ -66,15 +66,6 @@ pub struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-}
-
-fn parse_overhead(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=0.5).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside 0.0..=0.5"))
-    }
 }
 
 impl ControllerArgs {

@@ -21,7 +21,7 @@ pub mod time;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use vmdisk_crds::error_chain;
+pub use vmdisk_support::error_chain;
 
 /// Everything `vmdisk-controller` asks of the API server (as the `vmdisk-controller`
 /// ServiceAccount). `deploy/rbac.yaml` grants exactly this; a test checks it both ways.

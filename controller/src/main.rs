@@ -7,41 +7,17 @@ use anyhow::Context as _;
 use clap::Parser;
 use vmdisk_controller::config::ControllerArgs;
 use vmdisk_controller::metrics::ControllerMetrics;
-use vmdisk_controller::server::{router, serve, termination_signal};
+use vmdisk_controller::server::router;
 use vmdisk_controller::supervisor::{self, Leadership};
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+use vmdisk_support::metrics::serve;
+use vmdisk_support::process::{self, termination_signal};
 
 fn main() -> std::process::ExitCode {
-    let args = ControllerArgs::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "vmdisk-controller stopped");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    process::run_main("vmdisk-controller", run(ControllerArgs::parse()))
 }
 
 async fn run(args: ControllerArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
+    process::init_logging(process::LogFormat::named(&args.log_format));
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let client = kube::Client::try_default()
@@ -49,9 +25,7 @@ async fn run(args: ControllerArgs) -> anyhow::Result<()> {
         .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(ControllerMetrics::new());
     let leadership = Arc::new(Leadership::default());
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .with_context(|| format!("listening on {}", args.metrics_listen))?;
+    let listener = process::bind(args.metrics_listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     let mut server = tokio::spawn(serve(
         listener,

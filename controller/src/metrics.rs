@@ -7,6 +7,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use vmdisk_support::metrics::Exposition;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -102,13 +103,11 @@ impl ControllerMetrics {
     pub fn set_leading(&self, leading: bool) {
         self.leader.set(i64::from(leading));
     }
+}
 
-    /// Prometheus text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+impl Exposition for ControllerMetrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 
@@ -12,69 +12,18 @@ use crate::metrics::ControllerMetrics;
 use crate::supervisor::Leadership;
 
 pub fn router(metrics: Arc<ControllerMetrics>, leadership: Arc<Leadership>) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = Arc::clone(&metrics);
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
+    vmdisk_support::metrics::router(metrics).route(
+        "/readyz",
+        get(move || {
+            let leadership = Arc::clone(&leadership);
+            async move {
+                match leadership.readiness() {
+                    Ok(state) => (StatusCode::OK, state.to_string()),
+                    Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
                 }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let leadership = Arc::clone(&leadership);
-                async move {
-                    match leadership.readiness() {
-                        Ok(state) => (StatusCode::OK, state.to_string()),
-                        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason),
-                    }
-                }
-            }),
-        )
-}
-
-/// Serves [`router`] on `listener` until `shutdown` completes.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// Completes on SIGTERM (the kubelet stopping the pod) or Ctrl-C.
-pub async fn termination_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("termination signal received");
+        }),
+    )
 }
 
 #[cfg(test)]

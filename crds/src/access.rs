@@ -61,6 +61,27 @@ impl ApiAccess {
     }
 }
 
+/// Accesses more than one component needs, declared once.
+impl ApiAccess {
+    /// Watching every VMDiskImage (a reflector): the webhook's catalog, the image controller
+    /// and each cache agent.
+    pub const WATCH_VMDISKIMAGES: ApiAccess = ApiAccess::new(
+        "vmdisk.io",
+        "vmdiskimages",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    );
+    /// Reading the image controller's copies of pull credentials, never Secrets elsewhere:
+    /// the agents (warms) and the populator pods (cold fills).
+    pub const READ_CREDENTIAL_COPIES: ApiAccess =
+        ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace);
+
+    /// Recording and aggregating Events (`events.k8s.io`) in `scope`.
+    pub const fn record_events(scope: AccessScope) -> ApiAccess {
+        ApiAccess::new("events.k8s.io", "events", &["create", "patch"], scope)
+    }
+}
+
 /// One (group, resource, verb, scope) permission.
 pub type Permission = (String, String, String, AccessScope);
 

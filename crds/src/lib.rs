@@ -16,26 +16,13 @@ pub use names::*;
 pub use node_disk_cache::*;
 pub use quantity::{format_bytes_human, format_bytes_quantity, parse_quantity, QuantityError};
 pub use reference::{ImageReference, ReferenceError};
-pub use sizing::{usable_disk_bytes, volume_bytes_for_disk, DEFAULT_FILESYSTEM_OVERHEAD};
+pub use sizing::{
+    parse_filesystem_overhead, usable_disk_bytes, volume_bytes_for_disk,
+    DEFAULT_FILESYSTEM_OVERHEAD,
+};
 pub use vm_disk_image::*;
 
 use kube::CustomResourceExt;
-
-/// An error and its causes on one line, for log fields, Events and status messages. A cause
-/// whose text the line already holds is not repeated.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
 
 /// Renders every CRD as one multi-document YAML stream, in a stable order.
 ///

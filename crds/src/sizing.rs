@@ -30,9 +30,32 @@ pub fn usable_disk_bytes(volume_bytes: u64, overhead: f64) -> u64 {
     usable / SECTOR * SECTOR
 }
 
+/// Reads a filesystem overhead as given on a command line: a fraction in 0.0–0.5. The webhook
+/// and the populator take the same flag and must agree on it.
+pub fn parse_filesystem_overhead(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=0.5).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is outside 0.0..=0.5"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overhead_flags_are_fractions_up_to_a_half() {
+        assert_eq!(parse_filesystem_overhead("0.1"), Ok(0.1));
+        assert_eq!(parse_filesystem_overhead("0"), Ok(0.0));
+        assert!(parse_filesystem_overhead("0.6")
+            .unwrap_err()
+            .contains("outside"));
+        assert!(parse_filesystem_overhead("six")
+            .unwrap_err()
+            .contains("not a number"));
+    }
 
     #[test]
     fn volume_adds_overhead_and_rounds_to_mib() {

@@ -41,8 +41,10 @@ fn warmer_with(root: &Path, budget: Budget, limits: ExtractLimits) -> Warmer {
             max_parallel_pulls: 2,
             retry: RetryPolicy {
                 max_attempts: 8,
-                initial_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(2),
+                backoff: vmdisk_support::Backoff::new(
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                ),
             },
         }),
         limits,

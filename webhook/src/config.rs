@@ -33,7 +33,7 @@ pub struct WebhookArgs {
     /// Share of a Filesystem-mode volume taken by the filesystem: PVCs for a disk of virtual
     /// size V get V × (1 + overhead). Must match the controller's --filesystem-overhead, which
     /// sizes the populator's disk.img as volume / (1 + overhead).
-    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = parse_overhead)]
+    #[arg(long, env = "VMDISK_FILESYSTEM_OVERHEAD", default_value_t = vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD, value_parser = vmdisk_crds::parse_filesystem_overhead)]
     pub filesystem_overhead: f64,
 
     /// Weight (1-100) of the preferred node affinity toward nodes whose cache is warm.
@@ -51,15 +51,6 @@ pub struct WebhookArgs {
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-}
-
-fn parse_overhead(s: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=0.5).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is outside 0.0..=0.5"))
-    }
 }
 
 impl WebhookArgs {

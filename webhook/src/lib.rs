@@ -18,7 +18,7 @@ pub mod routes;
 pub mod server;
 pub mod tls;
 
-pub use vmdisk_crds::error_chain;
+pub use vmdisk_support::error_chain;
 
 /// Everything `vmdisk-webhook` asks of the API server (as the `vmdisk-webhook`
 /// ServiceAccount): the catalog's watches and claim lookups, nothing else. `deploy/rbac.yaml`

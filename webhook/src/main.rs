@@ -5,45 +5,20 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use vmdisk_support::process::{self, bind, termination_signal};
 use vmdisk_webhook::catalog::{file::FileCatalog, kube::KubeCatalog, ImageCatalog};
 use vmdisk_webhook::config::WebhookArgs;
 use vmdisk_webhook::metrics::WebhookMetrics;
 use vmdisk_webhook::routes::{router, Webhook};
-use vmdisk_webhook::server::{bind, serve_tls, termination_signal};
+use vmdisk_webhook::server::serve_tls;
 use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> std::process::ExitCode {
-    let args = WebhookArgs::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "vmdisk-webhook stopped");
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    process::run_main("vmdisk-webhook", run(WebhookArgs::parse()))
 }
 
 async fn run(args: WebhookArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
+    process::init_logging(process::LogFormat::named(&args.log_format));
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let resolver = ReloadingCertResolver::load(CertPaths::in_dir(&args.cert_dir))

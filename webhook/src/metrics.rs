@@ -7,6 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use vmdisk_support::metrics::Exposition;
 
 use crate::catalog::ClaimFetch;
 
@@ -208,13 +209,11 @@ impl WebhookMetrics {
         absent.inc_by(fetched.absent as u64);
         failed.inc_by(fetched.failed as u64);
     }
+}
 
-    /// Prometheus text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+impl Exposition for WebhookMetrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

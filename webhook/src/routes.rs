@@ -160,14 +160,7 @@ async fn readyz(State(w): State<Arc<Webhook>>) -> Response {
 }
 
 async fn metrics(State(w): State<Arc<Webhook>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        w.metrics.encode(),
-    )
-        .into_response()
+    vmdisk_support::metrics::response(&*w.metrics).into_response()
 }
 
 /// The webhook's router.
@@ -186,6 +179,7 @@ mod tests {
     use super::*;
     use crate::admission::tests::{LateCatalog, POD};
     use crate::catalog::ClaimFetch;
+    use vmdisk_support::metrics::Exposition as _;
 
     #[tokio::test]
     async fn admissions_and_claim_fetches_are_counted() {

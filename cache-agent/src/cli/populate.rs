@@ -16,12 +16,7 @@ use crate::populate::{populate, PopulateProgress, PopulateRequest};
 /// What populate's `--credentials-secret` and `--progress-pvc` ask of the API server (as the
 /// populator pods' `vmdisk-populator` ServiceAccount).
 pub const POPULATOR_API_ACCESS: &[vmdisk_crds::ApiAccess] = &[
-    vmdisk_crds::ApiAccess::new(
-        "",
-        "secrets",
-        &["get"],
-        vmdisk_crds::AccessScope::CredentialsNamespace,
-    ),
+    vmdisk_crds::ApiAccess::READ_CREDENTIAL_COPIES,
     vmdisk_crds::ApiAccess::new(
         "",
         "persistentvolumeclaims",

@@ -23,10 +23,14 @@ pub(super) async fn execute(
         .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(crate::node::AgentMetrics::new());
     let reporter = crate::node::NodeReporter::new(client.clone(), node_name.clone());
-    let listener = tokio::net::TcpListener::bind(metrics_listen)
-        .await
-        .with_context(|| format!("listening on {metrics_listen}"))?;
-    tokio::spawn(crate::node::serve_metrics(listener, Arc::clone(&metrics)));
+    let listener = vmdisk_support::process::bind(metrics_listen).await?;
+    let endpoint = vmdisk_support::metrics::router(Arc::clone(&metrics));
+    tokio::spawn(async move {
+        let forever = std::future::pending();
+        if let Err(e) = vmdisk_support::metrics::serve(listener, endpoint, forever).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
     tracing::info!(node = %node_name, cache = %cache.cache_dir.display(), "cache agent running");
     crate::node::Agent {
         client,

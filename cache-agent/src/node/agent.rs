@@ -19,7 +19,7 @@ use vmdisk_crds::{
 };
 use vmdisk_registry::{DockerConfig, RegistryOptions};
 
-use super::plan::{plan, retry_delay, wanted_images, RetryState, WantedImage};
+use super::plan::{plan, wanted_images, RetryState, WantedImage, WARM_BACKOFF};
 use super::report::{node_cache_status, CacheEntryView, NodeReporter};
 use super::AgentMetrics;
 use crate::store::{watch_entries, EntryChange, EntryKey};
@@ -27,16 +27,11 @@ use crate::warm::{WarmProgress, WarmRequest, Warmer};
 
 /// What the run loop asks of the API server (besides the reports' `API_ACCESS`).
 pub const API_ACCESS: &[ApiAccess] = &[
-    ApiAccess::new(
-        "vmdisk.io",
-        "vmdiskimages",
-        &["list", "watch"],
-        AccessScope::Cluster,
-    ),
+    ApiAccess::WATCH_VMDISKIMAGES,
     // This node only (a field selector), but RBAC cannot say so.
     ApiAccess::new("", "nodes", &["list", "watch"], AccessScope::Cluster),
     // The image controller's copies of pull credentials; never Secrets elsewhere.
-    ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace),
+    ApiAccess::READ_CREDENTIAL_COPIES,
 ];
 
 /// Live state of warms, for the status report.
@@ -356,7 +351,7 @@ fn record_failure(state: &Arc<Mutex<AgentState>>, key: &EntryKey, message: Strin
         key.clone(),
         RetryState {
             failures,
-            next_attempt: Instant::now() + retry_delay(failures),
+            next_attempt: Instant::now() + WARM_BACKOFF.delay(failures),
         },
     );
     st.failures.insert(key.clone(), message);

@@ -1,13 +1,11 @@
 //! The agent's Prometheus metrics ([`AgentMetrics`]: pulls, hits and misses, evictions,
-//! failures, durations, cache size) and the plain-HTTP endpoint that serves them with the
-//! kubelet's health probe.
-
-use std::sync::Arc;
+//! failures, durations, cache size), served by `vmdisk_support::metrics`.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use vmdisk_support::metrics::Exposition;
 
 /// The agent's Prometheus metrics.
 pub struct AgentMetrics {
@@ -111,37 +109,11 @@ impl AgentMetrics {
         self.budget.set(budget as i64);
         self.entries.set(entries as i64);
     }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("encoding to a String");
-        out
-    }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` (plain HTTP, for Prometheus and kubelet probes).
-pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<AgentMetrics>) {
-    use axum::routing::get;
-    let router = axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = Arc::clone(&metrics);
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }));
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "metrics server stopped");
+impl Exposition for AgentMetrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

@@ -5,7 +5,7 @@
 //! to start now, the retry backoff), then `agent` (the [`Agent`] loop: reflectors on the
 //! VMDiskImages and this Node, the store's entry watcher, the warms), then `report` (the
 //! NodeDiskCache status and node labels, computed by pure functions and written by
-//! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`], `/metrics`, `/healthz`).
+//! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`]).
 
 mod agent;
 mod metrics;
@@ -15,7 +15,7 @@ mod report;
 use vmdisk_crds::ApiAccess;
 
 pub use self::agent::Agent;
-pub use self::metrics::{serve_metrics, AgentMetrics};
+pub use self::metrics::AgentMetrics;
 pub use self::report::NodeReporter;
 
 /// Everything the run loop and its reports ask of the API server.

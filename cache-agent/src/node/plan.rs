@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmdisk_crds::{ImageReference, RegistrySource, VMDiskImage};
+use vmdisk_support::Backoff;
 
 use crate::store::EntryKey;
 
@@ -62,14 +63,8 @@ pub struct RetryState {
     pub next_attempt: Instant,
 }
 
-pub const RETRY_BASE: Duration = Duration::from_secs(10);
-pub const RETRY_MAX: Duration = Duration::from_secs(600);
-
-/// Delay before the next attempt after `failures` consecutive failures.
-pub fn retry_delay(failures: u32) -> Duration {
-    let exp = RETRY_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
-    exp.min(RETRY_MAX)
-}
+/// Waits before warming an entry again after consecutive failures: 10 s doubling to 10 min.
+pub const WARM_BACKOFF: Backoff = Backoff::new(Duration::from_secs(10), Duration::from_secs(600));
 
 /// What to do now.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -244,13 +239,5 @@ mod tests {
         );
         assert_eq!(p.start.len(), 1);
         assert_eq!(p.start[0].name, "c");
-    }
-
-    #[test]
-    fn retry_delay_grows_and_caps() {
-        assert_eq!(retry_delay(1), RETRY_BASE);
-        assert_eq!(retry_delay(2), RETRY_BASE * 2);
-        assert_eq!(retry_delay(3), RETRY_BASE * 4);
-        assert_eq!(retry_delay(50), RETRY_MAX);
     }
 }

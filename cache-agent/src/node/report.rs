@@ -35,12 +35,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         AccessScope::Cluster,
     ),
     // Events about the (cluster-scoped) NodeDiskCache are recorded in `default`.
-    ApiAccess::new(
-        "events.k8s.io",
-        "events",
-        &["create", "patch"],
-        AccessScope::DefaultNamespace,
-    ),
+    ApiAccess::record_events(AccessScope::DefaultNamespace),
 ];
 
 /// Field manager of everything the agent writes.

@@ -30,6 +30,7 @@ use vmdisk_crds::DiskFormat;
 
 use self::convert::ConvertError;
 use self::extract::{ExtractError, ExtractLimits};
+pub(crate) use self::sparse::is_zero;
 use crate::store::{CacheEntry, CacheStore, StoreError};
 use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
 

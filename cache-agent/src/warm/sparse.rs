@@ -27,6 +27,7 @@ const BATCH: usize = 1 << 20;
 /// Batches queued for the writer thread (memory bound: about this many MiB).
 const BATCHES_IN_FLIGHT: usize = 2;
 
+/// Whether a block holds only zeros (a hole to skip rather than write).
 pub fn is_zero(block: &[u8]) -> bool {
     let (chunks, rest) = block.split_at(block.len() - block.len() % 16);
     chunks

@@ -30,12 +30,7 @@ pub use status::{aggregate_status, ResolveOutcome};
 
 /// What the image controller asks of the API server (besides [`credentials::API_ACCESS`]).
 pub const API_ACCESS: &[ApiAccess] = &[
-    ApiAccess::new(
-        "vmdisk.io",
-        "vmdiskimages",
-        &["list", "watch"],
-        AccessScope::Cluster,
-    ),
+    ApiAccess::WATCH_VMDISKIMAGES,
     ApiAccess::new(
         "vmdisk.io",
         "vmdiskimages/status",
@@ -49,12 +44,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
         AccessScope::Cluster,
     ),
     // Events on VMDiskImages (Resolved, ResolveFailed, PullSecretError).
-    ApiAccess::new(
-        "events.k8s.io",
-        "events",
-        &["create", "patch"],
-        AccessScope::Cluster,
-    ),
+    ApiAccess::record_events(AccessScope::Cluster),
 ];
 
 /// How often orphaned credentials copies are looked for.

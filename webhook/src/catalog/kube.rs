@@ -23,12 +23,7 @@ use crate::mutate::ImageLookup;
 
 /// What the catalog asks of the API server: it watches, never writes.
 pub const API_ACCESS: &[ApiAccess] = &[
-    ApiAccess::new(
-        "vmdisk.io",
-        "vmdiskimages",
-        &["list", "watch"],
-        AccessScope::Cluster,
-    ),
+    ApiAccess::WATCH_VMDISKIMAGES,
     // Metadata only (PartialObjectMetadata), still authorized as the resource itself.
     ApiAccess::new(
         "",

@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{io, CloneError};
+use crate::warm::is_zero;
 
 /// Read buffer for the copy.
 const BLOCK: usize = 1 << 20;
@@ -59,14 +60,6 @@ fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
         pos = end;
     }
     Ok(out)
-}
-
-fn is_zero(block: &[u8]) -> bool {
-    let (chunks, rest) = block.split_at(block.len() - block.len() % 16);
-    chunks
-        .chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().expect("16 bytes")) == 0)
-        && rest.iter().all(|&b| b == 0)
 }
 
 /// Where a copy failed, before the paths are attached.

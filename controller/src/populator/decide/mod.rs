@@ -25,7 +25,7 @@ mod pod;
 use super::objects::{populator_pod, prime_pvc};
 use super::PopulatorConfig;
 use pod::decide_pod;
-pub use pod::retry_delay;
+pub use pod::retry_backoff;
 
 /// Exit status of `vmdisk-cache-agent populate` when retrying cannot help.
 pub const PERMANENT_EXIT_CODE: i32 = 2;
@@ -388,16 +388,21 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
                 attempt,
             },
         ),
-        Err(message) => Step::Annotate {
-            status: status(PopulatePhase::Failed, message.clone(), None),
-            note: Some(Note {
-                reason: reasons::POPULATOR_FAILED,
-                action: "GiveUp",
-                warning: true,
-                message,
-            }),
-            outcome: Some(Outcome::Failed),
-        },
+        Err(message) => give_up(message),
+    }
+}
+
+/// The population failed for good: the claim says why, a warning Event too, and nothing retries.
+fn give_up(message: String) -> Step {
+    Step::Annotate {
+        status: status(PopulatePhase::Failed, message.clone(), None),
+        note: Some(Note {
+            reason: reasons::POPULATOR_FAILED,
+            action: "GiveUp",
+            warning: true,
+            message,
+        }),
+        outcome: Some(Outcome::Failed),
     }
 }
 

@@ -8,17 +8,18 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use vmdisk_crds::{reasons, PopulatePhase, ATTEMPT_ANNOTATION, PROGRESS_ANNOTATION};
+use vmdisk_support::Backoff;
 
 use super::{
-    annotation, failed_attempts, status, terminating, with_status, Note, Observed, Outcome, Step,
+    annotation, failed_attempts, give_up, status, terminating, with_status, Note, Observed, Step,
     PERMANENT_EXIT_CODE,
 };
 use crate::populator::PopulatorConfig;
 
-/// Delay before retry number `failures + 1`: doubling from the base, capped at five minutes.
-pub fn retry_delay(base: Duration, failures: u32) -> Duration {
-    base.saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(Duration::from_secs(300))
+/// Waits before the next pod after `failures` failed ones: doubling from the configured base,
+/// capped at five minutes.
+pub fn retry_backoff(base: Duration) -> Backoff {
+    Backoff::new(base, Duration::from_secs(300))
 }
 
 /// How a finished pod ended.
@@ -183,16 +184,7 @@ pub(super) fn decide_pod(
                     "populating from VMDiskImage {image_name} failed after {attempt} attempt(s), {why}: {}",
                     end.message
                 );
-                return Step::Annotate {
-                    status: status(PopulatePhase::Failed, message.clone(), None),
-                    note: Some(Note {
-                        reason: reasons::POPULATOR_FAILED,
-                        action: "GiveUp",
-                        warning: true,
-                        message,
-                    }),
-                    outcome: Some(Outcome::Failed),
-                };
+                return give_up(message);
             }
             if failed_attempts(prime) < attempt {
                 return Step::RecordFailure {
@@ -204,14 +196,14 @@ pub(super) fn decide_pod(
                         message: format!(
                             "attempt {attempt} of {} failed, retrying in {:?}: {}",
                             config.max_attempts,
-                            retry_delay(config.retry_base, attempt),
+                            retry_backoff(config.retry_base).delay(attempt),
                             end.message
                         ),
                     },
                 };
             }
             let retry_at = end.finished.unwrap_or(now)
-                + chrono::Duration::from_std(retry_delay(config.retry_base, attempt))
+                + chrono::Duration::from_std(retry_backoff(config.retry_base).delay(attempt))
                     .unwrap_or_default();
             let retrying = status(
                 PopulatePhase::Retrying,

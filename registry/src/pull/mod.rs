@@ -19,97 +19,38 @@ use futures::StreamExt;
 use oci_client::client::{
     BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
 };
-use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
-use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest, OciManifest};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciManifest};
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
-use thiserror::Error;
+use vmdisk_support::Backoff;
 
+mod error;
+mod manifest;
+mod reader;
+
+pub use self::error::PullError;
+pub use self::manifest::{pick_platform, LayerDescriptor, PlatformSpec, ResolvedImage};
+pub use self::reader::LayerReader;
 pub use crate::options::RegistryOptions;
 
-#[derive(Debug, Error, Clone)]
-pub enum PullError {
-    #[error("invalid image reference {reference:?}: {message}")]
-    BadReference { reference: String, message: String },
-    #[error("registry {registry} refused the credentials (check the pull secret / docker config): {message}")]
-    Unauthorized { registry: String, message: String },
-    #[error("{reference} not found in the registry: {message}")]
-    NotFound { reference: String, message: String },
-    #[error("no manifest for platform {wanted} in {reference} (available: {available})")]
-    NoMatchingPlatform {
-        reference: String,
-        wanted: String,
-        available: String,
-    },
-    #[error("blob {digest} does not match its digest (got {actual}); the download was discarded")]
-    DigestMismatch { digest: String, actual: String },
-    #[error("registry {registry} failed after {attempts} attempts: {message}")]
-    Transient {
-        registry: String,
-        attempts: u32,
-        message: String,
-    },
-    #[error("registry {registry}: {message}")]
-    Registry { registry: String, message: String },
-    #[error("invalid CA bundle: {0}")]
-    BadCaBundle(String),
-    #[error("{context}: {message}")]
-    Io { context: String, message: String },
-}
-
-/// The node's platform in OCI terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlatformSpec {
-    pub os: String,
-    pub architecture: String,
-}
-
-impl Default for PlatformSpec {
-    fn default() -> Self {
-        let architecture = match std::env::consts::ARCH {
-            "x86_64" => "amd64",
-            "aarch64" => "arm64",
-            "powerpc64" => "ppc64le",
-            other => other,
-        };
-        Self {
-            os: std::env::consts::OS.to_string(),
-            architecture: architecture.to_string(),
-        }
-    }
-}
-
-impl std::fmt::Display for PlatformSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)
-    }
-}
+use self::error::{classify, is_transient};
+use self::manifest::resolved;
+use self::reader::STREAM_CHUNKS;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
+    /// Waits between attempts, with full jitter.
+    pub backoff: Backoff,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: 6,
-            initial_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(20),
+            backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(20)),
         }
     }
-}
-
-/// Delay before retry number `attempt` (1-based): full jitter over an exponential ceiling.
-/// `rand01` is a uniform sample in [0, 1).
-pub fn backoff_delay(policy: &RetryPolicy, attempt: u32, rand01: f64) -> Duration {
-    let ceiling = policy
-        .initial_backoff
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-        .min(policy.max_backoff);
-    ceiling.mul_f64(rand01.clamp(0.0, 1.0))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -127,25 +68,6 @@ impl Default for PullerConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayerDescriptor {
-    pub digest: String,
-    pub media_type: String,
-    pub size: u64,
-}
-
-/// A reference resolved to this node's manifest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedImage {
-    pub reference: String,
-    /// Digest of what the reference names (an index or a manifest): the cache key.
-    pub digest: String,
-    /// Digest of the platform manifest whose layers are pulled.
-    pub manifest_digest: String,
-    pub layers: Vec<LayerDescriptor>,
-    pub total_layer_bytes: u64,
-}
-
 struct Inner {
     config: PullerConfig,
     permits: Arc<tokio::sync::Semaphore>,
@@ -155,77 +77,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Puller {
     inner: Arc<Inner>,
-}
-
-fn has_code(envelope: &OciEnvelope, codes: &[OciErrorCode]) -> bool {
-    envelope.errors.iter().any(|e| codes.contains(&e.code))
-}
-
-fn classify(registry: &str, reference: &str, e: OciDistributionError) -> PullError {
-    use OciDistributionError as E;
-    use OciErrorCode as C;
-    let message = e.to_string();
-    match e {
-        E::UnauthorizedError { .. } | E::AuthenticationFailure(_) => PullError::Unauthorized {
-            registry: registry.to_string(),
-            message,
-        },
-        E::ImageManifestNotFoundError(_) => PullError::NotFound {
-            reference: reference.to_string(),
-            message,
-        },
-        E::ServerError { code, .. } if code == 401 || code == 403 => PullError::Unauthorized {
-            registry: registry.to_string(),
-            message,
-        },
-        E::ServerError { code: 404, .. } => PullError::NotFound {
-            reference: reference.to_string(),
-            message,
-        },
-        E::ServerError { code, .. } if code >= 500 => PullError::Transient {
-            registry: registry.to_string(),
-            attempts: 1,
-            message,
-        },
-        E::RegistryError { ref envelope, .. }
-            if has_code(
-                envelope,
-                &[
-                    C::ManifestUnknown,
-                    C::BlobUnknown,
-                    C::NameUnknown,
-                    C::NotFound,
-                    C::ManifestBlobUnknown,
-                ],
-            ) =>
-        {
-            PullError::NotFound {
-                reference: reference.to_string(),
-                message,
-            }
-        }
-        E::RegistryError { ref envelope, .. }
-            if has_code(envelope, &[C::Unauthorized, C::Denied]) =>
-        {
-            PullError::Unauthorized {
-                registry: registry.to_string(),
-                message,
-            }
-        }
-        E::RequestError(_) | E::IoError(_) => PullError::Transient {
-            registry: registry.to_string(),
-            attempts: 1,
-            message: vmdisk_crds::error_chain(&e),
-        },
-        _ => PullError::Registry {
-            registry: registry.to_string(),
-            message,
-        },
-    }
-}
-
-fn is_transient(e: &PullError) -> bool {
-    matches!(e, PullError::Transient { .. })
 }
 
 fn hex_sha256(hasher: &Sha256) -> String {
@@ -307,7 +158,7 @@ impl Puller {
             attempt += 1;
             match op().await {
                 Err(e) if is_transient(&e) && attempt < policy.max_attempts => {
-                    let delay = backoff_delay(&policy, attempt, rand::random::<f64>());
+                    let delay = policy.backoff.jittered(attempt, rand::random::<f64>());
                     tracing::warn!(registry, attempt, error = %e, ?delay, "transient registry error; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -561,7 +412,7 @@ impl Puller {
                     return Ok(offset);
                 }
                 Err(e) if is_transient(&e) && attempt < policy.max_attempts => {
-                    let delay = backoff_delay(&policy, attempt, rand::random::<f64>());
+                    let delay = policy.backoff.jittered(attempt, rand::random::<f64>());
                     tracing::warn!(digest = %layer.digest, attempt, error = %e, ?delay, "blob download interrupted; will resume");
                     tokio::time::sleep(delay).await;
                 }
@@ -578,120 +429,9 @@ impl Puller {
     }
 }
 
-/// Chunks in flight between a download and its consumer. hyper hands out chunks of up to
-/// ~400 KiB from a fast connection, so this keeps a few MiB in flight at most.
-const STREAM_CHUNKS: usize = 8;
-
-/// A layer's bytes for a consumer on a blocking thread (`std::io::Read`). Ends only once the
-/// digest checked out; a failed download is an error where the data stops.
-pub struct LayerReader {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
-    current: Bytes,
-    failed: Option<String>,
-}
-
-impl std::io::Read for LayerReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            if let Some(message) = &self.failed {
-                return Err(std::io::Error::other(message.clone()));
-            }
-            if !self.current.is_empty() {
-                let n = buf.len().min(self.current.len());
-                buf[..n].copy_from_slice(&self.current[..n]);
-                self.current = self.current.slice(n..);
-                return Ok(n);
-            }
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.current = chunk,
-                Some(Err(message)) => self.failed = Some(message),
-                None => return Ok(0),
-            }
-        }
-    }
-}
-
-impl LayerReader {
-    /// Reads what is left (a consumer may stop before the compressed stream's trailer), so the
-    /// download can finish and its digest be checked.
-    pub fn drain(&mut self) -> std::io::Result<u64> {
-        std::io::copy(self, &mut std::io::sink())
-    }
-}
-
-fn resolved(
-    reference: &str,
-    digest: String,
-    manifest_digest: String,
-    image: &OciImageManifest,
-) -> ResolvedImage {
-    let layers: Vec<LayerDescriptor> = image
-        .layers
-        .iter()
-        .map(|l| LayerDescriptor {
-            digest: l.digest.clone(),
-            media_type: l.media_type.clone(),
-            size: l.size.max(0) as u64,
-        })
-        .collect();
-    ResolvedImage {
-        reference: reference.to_string(),
-        digest,
-        manifest_digest,
-        total_layer_bytes: layers.iter().map(|l| l.size).sum(),
-        layers,
-    }
-}
-
-/// The index entry for `platform` (os and architecture must match).
-pub fn pick_platform<'a>(
-    entries: &'a [ImageIndexEntry],
-    platform: &PlatformSpec,
-) -> Option<&'a ImageIndexEntry> {
-    entries.iter().find(|e| {
-        e.platform.as_ref().is_some_and(|p| {
-            p.os.to_string() == platform.os && p.architecture.to_string() == platform.architecture
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_caps_and_jitters() {
-        let p = RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        };
-        assert_eq!(backoff_delay(&p, 1, 1.0), Duration::from_millis(100));
-        assert_eq!(backoff_delay(&p, 3, 1.0), Duration::from_millis(400));
-        assert_eq!(backoff_delay(&p, 10, 1.0), Duration::from_secs(1));
-        assert_eq!(backoff_delay(&p, 3, 0.5), Duration::from_millis(200));
-        assert_eq!(backoff_delay(&p, 3, 0.0), Duration::ZERO);
-    }
-
-    #[test]
-    fn platform_selection() {
-        let entries: Vec<ImageIndexEntry> = serde_json::from_value(serde_json::json!([
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:aa", "size": 1, "platform": {"os": "linux", "architecture": "amd64"}},
-            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:bb", "size": 1, "platform": {"os": "linux", "architecture": "arm64"}}
-        ]))
-        .unwrap();
-        let arm = PlatformSpec {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-        };
-        assert_eq!(pick_platform(&entries, &arm).unwrap().digest, "sha256:bb");
-        let s390 = PlatformSpec {
-            os: "linux".into(),
-            architecture: "s390x".into(),
-        };
-        assert!(pick_platform(&entries, &s390).is_none());
-        assert_eq!(PlatformSpec::default().os, "linux");
-    }
 
     #[test]
     fn bad_references_and_ca_bundles_are_clear_errors() {

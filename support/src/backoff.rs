@@ -1,0 +1,62 @@
+//! The one retry backoff: a delay doubling from a base after each consecutive failure, capped,
+//! with optional full jitter. Registry requests, the agent's warms and the populator's pods
+//! all retry through it, so "how long until the next try" means the same thing everywhere.
+
+use std::time::Duration;
+
+/// Exponential backoff: `initial` after the first failure, doubling, never above `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    pub const fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max }
+    }
+
+    /// The delay after `failures` consecutive failures (1-based; 0 is treated as 1).
+    pub fn delay(&self, failures: u32) -> Duration {
+        self.initial
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(20))
+            .min(self.max)
+    }
+
+    /// [`Backoff::delay`] with full jitter: a uniform share of it, `rand01` in [0, 1).
+    /// Many clients failing together then do not retry together.
+    pub fn jittered(&self, failures: u32, rand01: f64) -> Duration {
+        self.delay(failures).mul_f64(rand01.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doubles_from_the_base_and_stops_at_the_cap() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(b.delay(0), Duration::from_millis(100));
+        assert_eq!(b.delay(1), Duration::from_millis(100));
+        assert_eq!(b.delay(2), Duration::from_millis(200));
+        assert_eq!(b.delay(3), Duration::from_millis(400));
+        assert_eq!(b.delay(10), Duration::from_secs(1));
+        assert_eq!(b.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_is_a_share_of_the_delay() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(b.jittered(3, 1.0), Duration::from_millis(400));
+        assert_eq!(b.jittered(3, 0.5), Duration::from_millis(200));
+        assert_eq!(b.jittered(3, 0.0), Duration::ZERO);
+        assert_eq!(b.jittered(3, 7.0), Duration::from_millis(400));
+    }
+
+    #[test]
+    fn a_huge_base_saturates_instead_of_overflowing() {
+        let b = Backoff::new(Duration::MAX, Duration::MAX);
+        assert_eq!(b.delay(30), Duration::MAX);
+    }
+}
