@@ -1,5 +1,6 @@
-//! vmdisk node cache agent: pulls VM disk images from OCI registries, converts them with
-//! qemu-img into a node-local content-addressed cache, evicts by LRU within a byte budget,
+//! vmdisk node cache agent: pulls VM disk images from OCI registries, decodes them to raw
+//! while the layers stream (qemu-img for the formats it does not decode itself) into a
+//! node-local content-addressed cache, evicts by LRU within a byte budget,
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
 pub mod cli;
