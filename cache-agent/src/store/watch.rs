@@ -11,11 +11,15 @@
 //! store never writes a disk once it is in `entries/`. When the kernel queue overflows every
 //! entry is checked.
 //!
-//! An entry committed moments before an external change can be missed: notify adds the watch
-//! on a new entry directory only after it has seen the rename that created it.
+//! notify's thread only maps events to checks; a worker thread of the watch does the checking,
+//! so notify drains its queue and watches a new entry directory at once. notify can only watch
+//! a new directory after it has seen the rename that created it, so a change made in that gap
+//! would go unseen: every entry that appears is checked once more `RECHECK_NEW_ENTRY` later.
 
+use std::collections::VecDeque;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use notify::event::{EventKind, ModifyKind};
 use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher};
@@ -28,6 +32,9 @@ use crate::store::{CacheStore, EntryKey, LossReason};
 /// than dropping a loss.
 const QUEUE: usize = 64;
 
+/// How long after an entry directory appears it is checked again (see the module comment).
+const RECHECK_NEW_ENTRY: Duration = Duration::from_millis(500);
+
 #[derive(Debug, Error)]
 pub enum WatchError {
     #[error("cannot watch {path}: {source}")]
@@ -36,6 +43,8 @@ pub enum WatchError {
         #[source]
         source: notify::Error,
     },
+    #[error("cannot start the cache watch's worker thread: {0}")]
+    Worker(#[source] std::io::Error),
 }
 
 /// A change to the cache that the agent did not make.
@@ -57,7 +66,12 @@ pub struct WatchHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Check {
     Nothing,
-    Entry { key: EntryKey, disk_written: bool },
+    Entry {
+        key: EntryKey,
+        disk_written: bool,
+        /// The entry directory itself was created or renamed in.
+        appeared: bool,
+    },
     Everything,
 }
 
@@ -73,6 +87,10 @@ fn check_for(entries_dir: &Path, event: &Event) -> Vec<Check> {
     let disk_written = matches!(
         event.kind,
         EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any)
+    );
+    let appeared = matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
     );
     event
         .paths
@@ -92,10 +110,12 @@ fn check_for(entries_dir: &Path, event: &Event) -> Vec<Check> {
             let Some(key) = EntryKey::from_dir_name(&dir_name) else {
                 return Check::Nothing;
             };
-            let is_disk = parts.next().is_some_and(|f| f.starts_with("disk."));
+            let file = parts.next();
+            let is_disk = file.as_ref().is_some_and(|f| f.starts_with("disk."));
             Check::Entry {
                 key,
                 disk_written: disk_written && is_disk,
+                appeared: file.is_none() && appeared,
             }
         })
         .collect()
@@ -107,8 +127,9 @@ pub fn watch_entries(
 ) -> Result<(WatchHandle, mpsc::Receiver<EntryChange>), WatchError> {
     let entries_dir = store.entries_dir();
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (checks_tx, checks_rx) = std_mpsc::channel::<Check>();
     let watched = entries_dir.clone();
-    // notify calls this on its own thread, outside any runtime, so blocking_send is allowed.
+    // On notify's thread: map only, so its queue drains and new directories are watched at once.
     let handler = move |result: notify::Result<Event>| {
         let checks = match result {
             Ok(event) => check_for(&watched, &event),
@@ -117,30 +138,15 @@ pub fn watch_entries(
                 vec![Check::Everything]
             }
         };
-        let mut changes = Vec::new();
         for check in checks {
-            match check {
-                Check::Nothing => {}
-                Check::Entry { key, disk_written } => {
-                    if let Some(reason) = store.revalidate(&key, disk_written) {
-                        changes.push(EntryChange::Lost { key, reason });
-                    } else if store.get(&key).is_none() && store.get_or_adopt(&key).is_some() {
-                        changes.push(EntryChange::Adopted { key });
-                    }
-                }
-                Check::Everything => changes.extend(
-                    store
-                        .revalidate_all()
-                        .into_iter()
-                        .map(|(key, reason)| EntryChange::Lost { key, reason }),
-                ),
-            }
-        }
-        for change in changes {
-            // A closed receiver means the agent is shutting down.
-            let _ = tx.blocking_send(change);
+            // A closed worker means the watch is being dropped.
+            let _ = checks_tx.send(check);
         }
     };
+    std::thread::Builder::new()
+        .name("cache-watch".into())
+        .spawn(move || run_checks(&store, &checks_rx, &tx))
+        .map_err(WatchError::Worker)?;
     let watch_error = |source| WatchError::Watch {
         path: entries_dir.clone(),
         source,
@@ -150,6 +156,74 @@ pub fn watch_entries(
         .watch(&entries_dir, RecursiveMode::Recursive)
         .map_err(watch_error)?;
     Ok((WatchHandle { _watcher: watcher }, rx))
+}
+
+/// The worker: carries out checks as they come and rechecks new entries once their gap has
+/// passed. Ends when the watcher (and with it the sending half) is dropped or the agent stops
+/// listening.
+fn run_checks(
+    store: &CacheStore,
+    checks: &std_mpsc::Receiver<Check>,
+    tx: &mpsc::Sender<EntryChange>,
+) {
+    let mut rechecks: VecDeque<(Instant, EntryKey)> = VecDeque::new();
+    loop {
+        let received = match rechecks.front() {
+            Some((due, _)) => checks.recv_timeout(due.saturating_duration_since(Instant::now())),
+            None => checks
+                .recv()
+                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+        };
+        let mut changes = Vec::new();
+        match received {
+            Ok(Check::Nothing) => {}
+            Ok(Check::Entry {
+                key,
+                disk_written,
+                appeared,
+            }) => {
+                if appeared {
+                    rechecks.push_back((Instant::now() + RECHECK_NEW_ENTRY, key.clone()));
+                }
+                changes.extend(check_entry(store, key, disk_written));
+            }
+            Ok(Check::Everything) => changes.extend(
+                store
+                    .revalidate_all()
+                    .into_iter()
+                    .map(|(key, reason)| EntryChange::Lost { key, reason }),
+            ),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                while rechecks
+                    .front()
+                    .is_some_and(|(due, _)| *due <= Instant::now())
+                {
+                    if let Some((_, key)) = rechecks.pop_front() {
+                        changes.extend(check_entry(store, key, false));
+                    }
+                }
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        for change in changes {
+            // Outside any runtime, so blocking_send is allowed; a closed receiver means the
+            // agent is shutting down.
+            if tx.blocking_send(change).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One entry against what the store recorded: lost, adopted from another process, or nothing.
+fn check_entry(store: &CacheStore, key: EntryKey, disk_written: bool) -> Option<EntryChange> {
+    if let Some(reason) = store.revalidate(&key, disk_written) {
+        Some(EntryChange::Lost { key, reason })
+    } else if store.get(&key).is_none() && store.get_or_adopt(&key).is_some() {
+        Some(EntryChange::Adopted { key })
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +254,7 @@ mod tests {
         let entry = |disk_written| Check::Entry {
             key: key(1),
             disk_written,
+            appeared: false,
         };
         assert_eq!(
             check_for(root, &event(data, dir.join("disk.raw"))),
@@ -211,7 +286,22 @@ mod tests {
                 root,
                 &event(EventKind::Create(CreateKind::Folder), dir.clone())
             ),
-            vec![entry(false)]
+            vec![Check::Entry {
+                key: key(1),
+                disk_written: false,
+                appeared: true
+            }]
+        );
+        assert_eq!(
+            check_for(
+                root,
+                &event(
+                    EventKind::Modify(ModifyKind::Name(notify::event::RenameMode::To)),
+                    dir.join("meta.json")
+                )
+            ),
+            vec![entry(false)],
+            "a file renamed into an entry is no new entry"
         );
         assert_eq!(
             check_for(
@@ -264,10 +354,10 @@ mod tests {
 
     /// The next change. The timeout only bounds a failing test; events normally arrive in
     /// milliseconds.
-    async fn next(rx: &mut mpsc::Receiver<EntryChange>) -> EntryChange {
+    async fn next(rx: &mut mpsc::Receiver<EntryChange>, what: &str) -> EntryChange {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
-            .expect("no cache change reported within 10 s")
+            .unwrap_or_else(|_| panic!("{what} not reported within 10 s"))
             .expect("watcher gone")
     }
 
@@ -279,7 +369,10 @@ mod tests {
         let (_handle, mut rx) = watch_entries(Arc::clone(&owner)).unwrap();
         let guest = CacheStore::open_guest(dir.path()).unwrap();
         let k = commit(&guest, 7, 8192);
-        assert_eq!(next(&mut rx).await, EntryChange::Adopted { key: k.clone() });
+        assert_eq!(
+            next(&mut rx, "the adoption").await,
+            EntryChange::Adopted { key: k.clone() }
+        );
         assert!(owner.get(&k).is_some(), "indexed without reopening");
         assert!(owner.used_bytes() >= 8192, "and counted against the budget");
     }
@@ -303,7 +396,7 @@ mod tests {
         assert!(store.remove(&evicted).unwrap());
         std::fs::remove_file(store.get(&deleted).unwrap().disk_path).unwrap();
         assert_eq!(
-            next(&mut rx).await,
+            next(&mut rx, "the deleted disk").await,
             EntryChange::Lost {
                 key: deleted.clone(),
                 reason: LossReason::DiskDeleted
@@ -324,7 +417,7 @@ mod tests {
             .write_all_at(b"evil", 0)
             .unwrap();
         assert_eq!(
-            next(&mut rx).await,
+            next(&mut rx, "the rewritten disk").await,
             EntryChange::Lost {
                 key: rewritten.clone(),
                 reason: LossReason::DiskModified
@@ -339,7 +432,7 @@ mod tests {
         // The entry committed under the watch is watched too.
         std::fs::remove_file(store.entry_dir(&fresh).unwrap().join("meta.json")).unwrap();
         assert_eq!(
-            next(&mut rx).await,
+            next(&mut rx, "the deleted meta.json").await,
             EntryChange::Lost {
                 key: fresh.clone(),
                 reason: LossReason::MetaDeleted
@@ -347,6 +440,39 @@ mod tests {
         );
         assert!(store.entries().is_empty());
         assert!(rx.try_recv().is_err(), "nothing else was reported");
+    }
+
+    #[tokio::test]
+    async fn a_new_entry_changed_before_notify_watches_it_is_caught_by_the_recheck() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = CacheStore::open(dir.path(), Budget::Bytes(1 << 30)).unwrap();
+        let store = Arc::new(store);
+        let (checks_tx, checks_rx) = std_mpsc::channel();
+        let (tx, mut rx) = mpsc::channel(QUEUE);
+        let worker = Arc::clone(&store);
+        std::thread::spawn(move || run_checks(&worker, &checks_rx, &tx));
+        // The directory appeared (and is intact when first checked); its change afterwards
+        // comes with no event at all, as when notify had not watched it yet.
+        let fresh = commit(&store, 5, 4096);
+        checks_tx
+            .send(Check::Entry {
+                key: fresh.clone(),
+                disk_written: false,
+                appeared: true,
+            })
+            .unwrap();
+        // Let the first check see the entry intact (it reports nothing then).
+        tokio::time::sleep(RECHECK_NEW_ENTRY / 5).await;
+        std::fs::remove_file(store.entry_dir(&fresh).unwrap().join("meta.json")).unwrap();
+        assert_eq!(
+            next(&mut rx, "the recheck's finding").await,
+            EntryChange::Lost {
+                key: fresh,
+                reason: LossReason::MetaDeleted
+            }
+        );
+        drop(checks_tx);
+        assert!(rx.recv().await.is_none(), "the worker ends with the watch");
     }
 
     #[test]
