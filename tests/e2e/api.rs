@@ -501,6 +501,54 @@ pub async fn an_agent_cannot_write_another_nodes_objects(fx: Arc<LocalInstall>, 
             .await,
     );
     assert!(e.message.contains(message), "{e:?}");
+    // On its own node: only vmdisk's labels. Another label, a taint, `unschedulable`, an
+    // annotation are refused, each naming why.
+    let labels_only = "a vmdisk cache agent may only change cache.vmdisk.io/ labels on its node";
+    let spec_unchanged = "a vmdisk cache agent may not change its node's spec";
+    for (what, patch, expected) in [
+        (
+            "another label",
+            json!({"metadata": {"labels": {"team": "mine"}}}),
+            labels_only,
+        ),
+        (
+            "removing a label",
+            json!({"metadata": {"labels": {"kubernetes.io/hostname": null}}}),
+            labels_only,
+        ),
+        (
+            "a taint",
+            json!({"spec": {"taints": [{"key": "x", "value": "y", "effect": "NoSchedule"}]}}),
+            spec_unchanged,
+        ),
+        (
+            "unschedulable",
+            json!({"spec": {"unschedulable": true}}),
+            spec_unchanged,
+        ),
+        (
+            "an annotation",
+            json!({"metadata": {"annotations": {"x": "y"}}}),
+            spec_unchanged,
+        ),
+    ] {
+        let e = api_error(
+            nodes
+                .patch(&own, &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        );
+        assert!(e.message.contains(expected), "{what}: {e:?}");
+    }
+    let node = Api::<Node>::all(case.admin().clone())
+        .get(&own)
+        .await
+        .unwrap();
+    let spec = node.spec.unwrap_or_default();
+    assert!(
+        spec.taints.unwrap_or_default().iter().all(|t| t.key != "x")
+            && spec.unschedulable != Some(true),
+        "the refused changes left the node as it was"
+    );
     // Its own node's objects it may write.
     nodes
         .patch(&own, &PatchParams::default(), &label(json!("ready")))

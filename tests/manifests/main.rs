@@ -3,6 +3,7 @@
 //! line up, examples are valid, CRDs are the generated ones, RBAC is what the code uses.
 
 mod controller;
+mod network;
 mod rbac;
 mod typed;
 

@@ -8,6 +8,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -130,6 +131,7 @@ pub enum Object {
     MutatingWebhookConfiguration(Box<MutatingWebhookConfiguration>),
     ValidatingAdmissionPolicy(Box<ValidatingAdmissionPolicy>),
     ValidatingAdmissionPolicyBinding(Box<ValidatingAdmissionPolicyBinding>),
+    NetworkPolicy(Box<NetworkPolicy>),
     CustomResourceDefinition(Box<CustomResourceDefinition>),
     Certificate(Box<Certificate>),
     Issuer(Box<Issuer>),
@@ -192,6 +194,7 @@ pub fn parse(doc: &Value) -> Result<Object, String> {
         "ValidatingAdmissionPolicyBinding" => {
             strict_value(doc).map(Object::ValidatingAdmissionPolicyBinding)
         }
+        "NetworkPolicy" => strict_value(doc).map(Object::NetworkPolicy),
         "CustomResourceDefinition" => strict_value(doc).map(Object::CustomResourceDefinition),
         "Certificate" => strict_value(doc).map(Object::Certificate),
         "Issuer" => strict_value(doc).map(Object::Issuer),
