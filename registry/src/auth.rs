@@ -172,9 +172,50 @@ pub fn registry_auth_for(config: &DockerConfig, registry: &str) -> RegistryAuth 
     }
 }
 
+/// Who a requester is, as far as a registry can tell: `anonymous`, or a SHA-256 of the
+/// credentials it presents. Records of verified pulls are kept under this name, so the same
+/// credentials are recognised again without being stored.
+pub fn credential_identity(auth: &RegistryAuth) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    match auth {
+        RegistryAuth::Anonymous => return "anonymous".to_string(),
+        RegistryAuth::Basic(user, password) => {
+            hash.update(b"basic\0");
+            hash.update(user.as_bytes());
+            hash.update(b"\0");
+            hash.update(password.as_bytes());
+        }
+        RegistryAuth::Bearer(token) => {
+            hash.update(b"bearer\0");
+            hash.update(token.as_bytes());
+        }
+    }
+    format!("sha256:{}", hex::encode(hash.finalize()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_identities_tell_requesters_apart_without_holding_secrets() {
+        let a = credential_identity(&RegistryAuth::Basic("alice".into(), "pw".into()));
+        assert_eq!(
+            a,
+            credential_identity(&RegistryAuth::Basic("alice".into(), "pw".into()))
+        );
+        assert!(!a.contains("alice") && !a.contains("pw"), "{a}");
+        for other in [
+            RegistryAuth::Anonymous,
+            RegistryAuth::Basic("alice".into(), "pw2".into()),
+            RegistryAuth::Basic("alic".into(), "epw".into()),
+            RegistryAuth::Bearer("alice\0pw".into()),
+        ] {
+            assert_ne!(a, credential_identity(&other), "{other:?}");
+        }
+        assert_eq!(credential_identity(&RegistryAuth::Anonymous), "anonymous");
+    }
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)

@@ -7,6 +7,6 @@ pub mod auth;
 pub mod options;
 pub mod pull;
 
-pub use auth::{registry_auth_for, AuthError, DockerConfig};
+pub use auth::{credential_identity, registry_auth_for, AuthError, DockerConfig};
 pub use options::RegistryOptions;
 pub use pull::{PlatformSpec, PullError, Puller, PullerConfig};

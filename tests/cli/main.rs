@@ -94,13 +94,72 @@ async fn warm_ls_and_populate_through_the_command_line() {
         "populated volume is not sparse"
     );
 
-    // A warm entry needs no credentials: they are not even read (a populator pod works
-    // while the API server holding them is unreachable). A cold one does.
-    let unreadable = work
-        .path()
-        .join("missing/config.json")
-        .display()
-        .to_string();
+    // A warm entry is served only to requesters the registry lets pull it. Without
+    // credentials, under another repository, from a registry that lacks the image: refused,
+    // naming why, and the target untouched. (The entry stays.)
+    let empty = work.path().join("empty-config.json");
+    std::fs::write(&empty, "{}").unwrap();
+    let empty_s = empty.display().to_string();
+    let other_registry = TestRegistry::start_plain();
+    let elsewhere = format!("{}/someone-else/nothing@{digest}", registry.addr);
+    let lacking = format!("{}/disks/cli@{digest}", other_registry.addr);
+    for (what, image, config, insecure) in [
+        ("no credentials", pinned.as_str(), &empty_s, false),
+        ("another repository", elsewhere.as_str(), &good, false),
+        (
+            "a registry without the image",
+            lacking.as_str(),
+            &empty_s,
+            true,
+        ),
+    ] {
+        let target = work.path().join("refused.img");
+        std::fs::write(&target, b"untouched").unwrap();
+        let mut argv = vec![
+            "populate",
+            image,
+            "--cache-dir",
+            &cache_s,
+            "--target",
+            target.to_str().unwrap(),
+            "--docker-config",
+            config,
+        ];
+        if insecure {
+            argv.push("--insecure");
+        } else {
+            argv.extend(["--ca-bundle", &ca_s]);
+        }
+        let err = run(cli(&argv)).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did not confirm that these credentials may pull it"),
+            "{what}: {err:#}"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"untouched", "{what}");
+        let mut argv = vec![
+            "warm",
+            image,
+            "--cache-dir",
+            &cache_s,
+            "--docker-config",
+            config,
+        ];
+        if insecure {
+            argv.push("--insecure");
+        } else {
+            argv.extend(["--ca-bundle", &ca_s]);
+        }
+        let err = run(cli(&argv)).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did not confirm"),
+            "warm, {what}: {err:#}"
+        );
+    }
+
+    // A requester verified before needs no registry within the records' TTL: the registry
+    // down, the same credentials still fill a volume; with a TTL of 0 they are refused.
+    let mut registry = registry;
+    registry.stop();
     let target3 = work.path().join("pvc3.img");
     run(cli(&[
         "populate",
@@ -110,7 +169,9 @@ async fn warm_ls_and_populate_through_the_command_line() {
         "--target",
         &target3.display().to_string(),
         "--docker-config",
-        &unreadable,
+        &good,
+        "--ca-bundle",
+        &ca_s,
     ]))
     .await
     .unwrap();
@@ -119,7 +180,47 @@ async fn warm_ls_and_populate_through_the_command_line() {
         "populate",
         &pinned,
         "--cache-dir",
-        &work.path().join("cold-too").display().to_string(),
+        &cache_s,
+        "--target",
+        &work.path().join("pvc3b.img").display().to_string(),
+        "--docker-config",
+        &good,
+        "--ca-bundle",
+        &ca_s,
+        "--verified-pull-ttl-seconds",
+        "0",
+    ]))
+    .await
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("did not confirm"), "{err:#}");
+    // NeverVerify: anyone naming the digest gets the disk, no credentials read at all.
+    let unreadable = work
+        .path()
+        .join("missing/config.json")
+        .display()
+        .to_string();
+    let target5 = work.path().join("pvc5.img");
+    run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cache_s,
+        "--target",
+        &target5.display().to_string(),
+        "--docker-config",
+        &unreadable,
+        "--pull-verification",
+        "NeverVerify",
+    ]))
+    .await
+    .unwrap();
+    assert!(same_content(&raw, &target5));
+    // With verification, credentials that cannot be read are an error of their own.
+    let err = run(cli(&[
+        "populate",
+        &pinned,
+        "--cache-dir",
+        &cache_s,
         "--target",
         &work.path().join("pvc4.img").display().to_string(),
         "--docker-config",
@@ -128,6 +229,7 @@ async fn warm_ls_and_populate_through_the_command_line() {
     .await
     .unwrap_err();
     assert!(format!("{err:#}").contains("docker config"), "{err:#}");
+    registry.restart();
 
     // Populate with a cold cache pulls first.
     let cold = work.path().join("cold-cache");

@@ -47,6 +47,27 @@ pub struct CacheArgs {
     /// Parallel pulls on this node.
     #[arg(long, env = "VMDISK_MAX_PARALLEL_PULLS", default_value_t = 2)]
     max_parallel_pulls: usize,
+    /// Whether a cached disk is served only after the registry confirmed that the requester's
+    /// own credentials may pull it: AlwaysVerify, or NeverVerify (anyone naming a cached
+    /// digest gets the disk: only for clusters whose users may all read every image).
+    #[arg(long, env = "VMDISK_PULL_VERIFICATION", default_value = "AlwaysVerify")]
+    pull_verification: crate::warm::authorize::VerifyPolicy,
+    /// Seconds a requester verified for a digest is trusted without asking the registry again
+    /// (and so how long a warm populate works while the registry is unreachable).
+    #[arg(long, env = "VMDISK_VERIFIED_PULL_TTL_SECONDS", default_value_t = crate::warm::authorize::DEFAULT_VERIFIED_TTL.as_secs())]
+    verified_pull_ttl_seconds: u64,
+}
+
+impl CacheArgs {
+    fn verification(&self) -> crate::warm::authorize::VerifyPolicy {
+        use crate::warm::authorize::VerifyPolicy;
+        match self.pull_verification {
+            VerifyPolicy::AlwaysVerify { .. } => VerifyPolicy::AlwaysVerify {
+                ttl: std::time::Duration::from_secs(self.verified_pull_ttl_seconds),
+            },
+            VerifyPolicy::NeverVerify => VerifyPolicy::NeverVerify,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone)]

@@ -64,8 +64,8 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
         .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
         .transpose()?;
     let store = open_store(&args.cache, OpenAs::Guest)?;
-    // A warm entry needs no registry, so no credentials either: a warm populate works while
-    // the API server (where the credentials are) is unreachable.
+    // A warm entry is served to a requester the registry confirmed (see `warm::authorize`),
+    // so the credentials are read even then; only NeverVerify serves it without them.
     let cached = crate::warm::pinned_digest(&args.image).is_some_and(|digest| {
         store
             .get_or_adopt(&crate::store::EntryKey {
@@ -74,7 +74,9 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
             })
             .is_some()
     });
-    let options = registry_options(&args.image, &args.registry, !cached).await?;
+    let never_verify =
+        args.cache.verification() == crate::warm::authorize::VerifyPolicy::NeverVerify;
+    let options = registry_options(&args.image, &args.registry, !(cached && never_verify)).await?;
     let warmer = warmer(&args.cache, store)?;
     let percent = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let reporter = args

@@ -67,7 +67,8 @@ pub(super) fn warmer(args: &CacheArgs, store: Arc<CacheStore>) -> anyhow::Result
             max_disk_bytes,
             ..ExtractLimits::default()
         },
-    ))
+    )
+    .with_verification(args.verification()))
 }
 
 /// Registry options from the flags; credentials are read only when `with_credentials`.

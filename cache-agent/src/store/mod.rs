@@ -11,6 +11,7 @@
 //! <root>/leases/<algorithm>-<hex>-<format>.lock             shared by processes copying out
 //! <root>/locks/<algorithm>-<hex>-<format>.lock              held while the entry is warmed
 //! <root>/owner.lock                                         held by the owning agent
+//! <root>/verified/<algorithm>-<hex>/<record>.json           who the registry let pull it
 //! ```
 //!
 //! Several processes share a node's cache: the agent that **owns** it (the only one that
@@ -36,7 +37,8 @@
 //! Where each part lives: `keys` (entry names and paths), `meta` (`meta.json`),
 //! `commit` (staging, commit, adoption, deletion), `leases` and `lock` (who may evict,
 //! copy or warm an entry), `eviction` (budget, recency, pins, `make_room`), `integrity`
-//! (is an entry still what was committed) and `watch` (noticing changes made from outside).
+//! (is an entry still what was committed), `watch` (noticing changes made from outside) and
+//! `verified` (records of requesters the registry confirmed may pull a digest).
 //! This file is the facade: opening the cache and reading its index.
 
 mod commit;
@@ -48,6 +50,7 @@ mod lock;
 mod meta;
 #[cfg(test)]
 mod tests;
+mod verified;
 mod watch;
 
 use std::collections::{HashMap, HashSet};
@@ -65,6 +68,7 @@ pub use self::keys::EntryKey;
 pub use self::leases::Lease;
 pub use self::lock::FileLock;
 pub use self::meta::{CacheEntry, EntryMeta};
+pub use self::verified::Requester;
 pub(crate) use self::watch::{watch_entries, EntryChange};
 
 use self::commit::{fsync_path, remove_any};

@@ -13,8 +13,10 @@
 //! shares concurrent warms of one entry), then `pipeline` (one warm, stage by stage), then the
 //! stages it drives: [`extract`] (layers in, one disk out), [`decode`] (qcow2 and VMDK to raw
 //! while the layer streams), `sparse` (how the disk is written: holes, batches, `O_DIRECT`)
-//! and [`convert`] (qemu-img: inspect, refuse unsafe images, convert, check).
+//! and [`convert`] (qemu-img: inspect, refuse unsafe images, convert, check). [`authorize`]
+//! decides whether a requester may be handed a disk that is already cached.
 
+pub mod authorize;
 pub mod convert;
 pub mod decode;
 pub mod extract;
@@ -28,6 +30,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use thiserror::Error;
 use vmdisk_crds::DiskFormat;
 
+use self::authorize::VerifyPolicy;
 use self::convert::ConvertError;
 use self::extract::{ExtractError, ExtractLimits};
 pub(crate) use self::sparse::is_zero;
@@ -54,6 +57,12 @@ pub enum WarmError {
         #[source]
         source: ConvertError,
     },
+    #[error("{reference} is cached, but the registry did not confirm that these credentials may pull it, so it is not served: {source}")]
+    NotVerified {
+        reference: String,
+        #[source]
+        source: PullError,
+    },
     #[error("cache store: {0}")]
     Store(#[from] StoreError),
     #[error("{context}: {source}")]
@@ -73,7 +82,7 @@ impl WarmError {
     pub fn is_permanent(&self) -> bool {
         use vmdisk_registry::PullError as P;
         match self {
-            WarmError::Pull { source, .. } => matches!(
+            WarmError::Pull { source, .. } | WarmError::NotVerified { source, .. } => matches!(
                 source,
                 P::BadReference { .. }
                     | P::Unauthorized { .. }
@@ -169,7 +178,10 @@ pub struct Warmer {
     store: Arc<CacheStore>,
     puller: Puller,
     limits: ExtractLimits,
-    in_flight: Arc<Mutex<HashMap<(String, DiskFormat), SharedWarm>>>,
+    verify: VerifyPolicy,
+    /// Keyed by reference, format and the requester's credential identity: requesters with
+    /// different credentials never share a warm (nor its answer).
+    in_flight: Arc<Mutex<HashMap<(String, DiskFormat, String), SharedWarm>>>,
 }
 
 impl Warmer {
@@ -178,8 +190,15 @@ impl Warmer {
             store,
             puller,
             limits,
+            verify: VerifyPolicy::default(),
             in_flight: Arc::default(),
         }
+    }
+
+    /// Whether cache hits are verified with the registry (default: always, trusted a day).
+    pub fn with_verification(mut self, verify: VerifyPolicy) -> Self {
+        self.verify = verify;
+        self
     }
 
     pub fn store(&self) -> &Arc<CacheStore> {
@@ -196,7 +215,11 @@ impl Warmer {
         request: WarmRequest,
         progress: ProgressFn,
     ) -> Result<WarmOutcome, Arc<WarmError>> {
-        let key = (request.reference.clone(), request.format);
+        let key = (
+            request.reference.clone(),
+            request.format,
+            vmdisk_registry::credential_identity(&request.registry.auth),
+        );
         let shared = {
             let mut in_flight = self.in_flight.lock().expect("in-flight map poisoned");
             if let Some(existing) = in_flight.get(&key) {

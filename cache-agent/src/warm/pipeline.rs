@@ -1,5 +1,5 @@
-//! One warm, stage by stage: a pinned digest already cached is a hit without the registry;
-//! otherwise resolve → cache hit? → the entry's warm lock (another process may be warming it)
+//! One warm, stage by stage: a pinned digest already cached is a hit once the requester is
+//! verified (`authorize`); otherwise resolve → cache hit? → the entry's warm lock (another process may be warming it)
 //! → make room → stream every layer into the extraction (and decoder) → inspect, check and
 //! convert with qemu-img where still needed → commit, only after every digest checked out.
 //! A streaming decode that gives up half-way streams the layers again for qemu-img.
@@ -49,14 +49,16 @@ impl Warmer {
                 conversion: Conversion::Unneeded,
             }
         };
-        // A reference pinned to a digest names its cache entry: a warm entry is used without
-        // asking the registry (a populator keeps working while the registry is down).
+        // A reference pinned to a digest names its cache entry: a warm entry is served once
+        // the registry confirmed this requester may pull it (or did within the records' TTL,
+        // so a populator keeps working while the registry is down).
         if let Some(digest) = pinned_digest(&request.reference) {
             let key = EntryKey {
                 digest: digest.to_string(),
                 format: request.format,
             };
             if let Some(entry) = self.store.get_or_adopt(&key) {
+                self.authorize(&request, digest).await?;
                 return Ok(hit(entry));
             }
         }
@@ -67,6 +69,8 @@ impl Warmer {
             .resolve(&request.reference, &request.registry)
             .await
             .map_err(pull_error)?;
+        // The registry just served the manifest to these credentials.
+        self.record_served(&request, &image.digest);
         let key = EntryKey {
             digest: image.digest.clone(),
             format: request.format,

@@ -174,25 +174,33 @@ impl Puller {
         }
     }
 
-    /// The digest the reference names now (tag → digest), without pulling layers.
+    /// The digest the reference names now (tag → digest), without pulling layers: one
+    /// manifest HEAD with `options`' credentials. A reference pinned to a digest is asked too,
+    /// so the answer also proves that these credentials may pull `<repository>@<digest>` (a
+    /// digest alone proves nothing: anyone may write one down).
     pub async fn resolve_digest(
         &self,
         reference: &str,
         options: &RegistryOptions,
     ) -> Result<String, PullError> {
         let r = Self::parse(reference)?;
-        if let Some(d) = r.digest() {
-            return Ok(d.to_string());
-        }
         let client = self.client(&r, options)?;
         let registry = r.registry().to_string();
-        self.with_retries(&registry, || async {
-            client
-                .fetch_manifest_digest(&r, &options.auth)
-                .await
-                .map_err(|e| classify(&registry, reference, e))
-        })
-        .await
+        let digest = self
+            .with_retries(&registry, || async {
+                client
+                    .fetch_manifest_digest(&r, &options.auth)
+                    .await
+                    .map_err(|e| classify(&registry, reference, e))
+            })
+            .await?;
+        match r.digest() {
+            Some(wanted) if wanted != digest => Err(PullError::DigestMismatch {
+                digest: wanted.to_string(),
+                actual: digest,
+            }),
+            _ => Ok(digest),
+        }
     }
 
     /// Resolves the reference (an index to this node's platform) to its layers.
