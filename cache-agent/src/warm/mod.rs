@@ -172,6 +172,9 @@ pub enum Conversion {
 
 type SharedWarm = Shared<BoxFuture<'static, Result<WarmOutcome, Arc<WarmError>>>>;
 
+/// A warm in flight: reference, format and the requester's credential identity.
+type WarmKey = (String, DiskFormat, String);
+
 /// Runs warms against one store, sharing concurrent requests for the same entry.
 #[derive(Clone)]
 pub struct Warmer {
@@ -181,7 +184,7 @@ pub struct Warmer {
     verify: VerifyPolicy,
     /// Keyed by reference, format and the requester's credential identity: requesters with
     /// different credentials never share a warm (nor its answer).
-    in_flight: Arc<Mutex<HashMap<(String, DiskFormat, String), SharedWarm>>>,
+    in_flight: Arc<Mutex<HashMap<WarmKey, SharedWarm>>>,
 }
 
 impl Warmer {
