@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::{Api, Client, ResourceExt};
@@ -570,4 +570,52 @@ pub async fn an_agent_cannot_write_another_nodes_objects(fx: Arc<LocalInstall>, 
         )
         .await
         .expect("own NodeDiskCache");
+}
+
+/// A claim's `vmdisk.io/digest` is fixed at creation: changing, removing or adding it later is
+/// refused by the API server, for anyone; other annotations stay free.
+pub async fn a_claims_digest_cannot_change_after_creation(_fx: Arc<LocalInstall>, case: Case) {
+    let ns = case.namespace("e2e-digest").await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(case.admin().clone(), &ns);
+    let claim = |name: &str, digest: Option<&str>| -> PersistentVolumeClaim {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": digest.map(|d| json!({"vmdisk.io/digest": d}))},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "e2e-none",
+                     "resources": {"requests": {"storage": "1Gi"}}}
+        }))
+        .unwrap()
+    };
+    let theirs = format!("sha256:{}", "b".repeat(64));
+    claims
+        .create(
+            &PostParams::default(),
+            &claim("pinned", Some(&format!("sha256:{}", "a".repeat(64)))),
+        )
+        .await
+        .unwrap();
+    claims
+        .create(&PostParams::default(), &claim("plain", None))
+        .await
+        .unwrap();
+    let annotate = |value: serde_json::Value| {
+        Patch::Merge(json!({"metadata": {"annotations": {"vmdisk.io/digest": value}}}))
+    };
+    let message =
+        "vmdisk.io/digest is set when the claim is created and cannot be added, changed or removed";
+    for (what, name, patch) in [
+        ("changed", "pinned", annotate(json!(theirs))),
+        ("removed", "pinned", annotate(serde_json::Value::Null)),
+        ("added", "plain", annotate(json!(theirs))),
+    ] {
+        let e = api_error(claims.patch(name, &PatchParams::default(), &patch).await);
+        assert!(e.message.contains(message), "{what}: {e:?}");
+    }
+    claims
+        .patch(
+            "pinned",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"team": "a"}}})),
+        )
+        .await
+        .expect("other annotations may change");
 }
