@@ -82,6 +82,19 @@ impl TestWebhook {
 
     /// Starts on 127.0.0.1 with a fresh CA, the given catalog YAML and `max_body_bytes`.
     pub async fn start(catalog_yaml: &str, max_body_bytes: Option<usize>) -> Self {
+        Self::start_configured(catalog_yaml, |webhook| {
+            if let Some(limit) = max_body_bytes {
+                webhook.max_body_bytes = limit;
+            }
+        })
+        .await
+    }
+
+    /// `start`, with `configure` applied to the webhook's settings first.
+    pub async fn start_configured(
+        catalog_yaml: &str,
+        configure: impl FnOnce(&mut Webhook),
+    ) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let cert_dir = dir.path().join("tls");
@@ -97,9 +110,7 @@ impl TestWebhook {
         let catalog = FileCatalog::open(&catalog_dir).unwrap();
         let catalog_watch = catalog.watch().unwrap();
         let mut webhook = Webhook::new(catalog, MutationConfig::default());
-        if let Some(limit) = max_body_bytes {
-            webhook.max_body_bytes = limit;
-        }
+        configure(&mut webhook);
         webhook.tls_ready.store(true, Ordering::Release);
         let webhook = Arc::new(webhook);
 

@@ -558,3 +558,40 @@ async fn shutdown_lets_in_flight_requests_finish() {
         .unwrap();
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// A client that sends its headers and then trickles (here: stops sending) the body gets a 408
+/// once the body read time is up, instead of holding the connection and a task forever.
+#[tokio::test]
+async fn a_body_that_never_arrives_is_answered_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestWebhook::start_configured(&sample_catalog_yaml(), |w| {
+        w.body_read_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let ca = server.ca.cert_pem();
+    let mut tls = tokio_rustls::TlsConnector::from(vmdisk_tests::https::client_config(&ca))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    // A deliberately incomplete request: 1000 bytes announced, 10 sent.
+    tls.write_all(
+        b"POST /mutate-pvc HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"apiVersi",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("request body not received within"),
+        "{answer}"
+    );
+}

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -21,6 +21,11 @@ use crate::mutate::MutationConfig;
 /// carries at most the object and its old version, so 4 MiB leaves room and refuses floods.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
 
+/// How long a client may take to send a review's body once its headers arrived. The API
+/// server sends a review in one go and gives up on the webhook after `timeoutSeconds` (3 s in
+/// `deploy/`); a body still trickling in after this is a slow client holding a connection.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Everything a request handler needs.
 pub struct Webhook {
     pub admission: Admission,
@@ -28,6 +33,8 @@ pub struct Webhook {
     /// Set once the serving certificate is loaded.
     pub tls_ready: AtomicBool,
     pub max_body_bytes: usize,
+    /// How long a body may take to arrive ([`BODY_READ_TIMEOUT`] unless a test shortens it).
+    pub body_read_timeout: Duration,
 }
 
 impl Webhook {
@@ -37,6 +44,7 @@ impl Webhook {
             metrics: Arc::new(WebhookMetrics::new()),
             tls_ready: AtomicBool::new(false),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            body_read_timeout: BODY_READ_TIMEOUT,
         }
     }
 
@@ -108,14 +116,21 @@ async fn admission_response(
             .observe(resource, Outcome::BadRequest, 0, 0.0);
         return too_large(limit, declared);
     }
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
+    let timeout = webhook.body_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
             webhook
                 .metrics
                 .observe(resource, Outcome::BadRequest, 0, 0.0);
             tracing::debug!(error = %e, "request body not read");
             return too_large(limit, declared);
+        }
+        Err(_) => {
+            return reject(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {timeout:?}"),
+            )
         }
     };
     match webhook.admit(resource, &bytes).await {
