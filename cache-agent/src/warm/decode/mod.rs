@@ -30,6 +30,15 @@ pub const DEFAULT_MAX_PENDING_READS: usize = 8 << 20;
 /// The most a header (with what it points to: qcow2's first cluster, VMDK's descriptor) may
 /// need before deciding.
 pub const MAX_HEADER_BYTES: usize = 2 << 20;
+/// The longest single range (a table, a cluster, a compressed grain) a layout may ask for:
+/// qemu's own limit on the largest table (a qcow2 L1 table of at most 32 MiB), which no
+/// format's cluster or grain comes near. A header claiming more is refused before anything
+/// is allocated for it.
+pub const MAX_RANGE_BYTES: u64 = 32 << 20;
+/// The most the decoder holds in memory at once for ranges that arrive in pieces. Honest
+/// images hold one table or cluster at a time; only ranges asked for many times over (one
+/// table named by every entry of another) come near this.
+pub const MAX_HELD_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Error)]
 pub enum DecodeError {
@@ -66,6 +75,16 @@ impl DecodeError {
             message: message.into(),
         }
     }
+}
+
+fn held_too_much(format: &'static str, held: u64) -> DecodeError {
+    DecodeError::corrupt(
+        format,
+        format!(
+            "ranges asked for many times over: {held} bytes held at once, over {} MiB",
+            MAX_HELD_BYTES >> 20
+        ),
+    )
 }
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> DecodeError {
@@ -116,9 +135,12 @@ pub struct Io<K> {
     /// Outstanding ranges by (file offset, sequence): ranges may share bytes.
     wants: BTreeMap<(u64, u64), Want<K>>,
     seq: u64,
-    /// Ranges that went by before they were wanted, read back from the spool.
-    ready: Vec<(K, u64, Vec<u8>)>,
+    /// Ranges that went by before they were wanted, as (kind, offset, length): read back
+    /// from the spool one at a time when processed, so their number costs no memory.
+    ready: Vec<(K, u64, u64)>,
     max_wants: usize,
+    /// Bytes reserved by ranges that arrive in pieces (bounded by [`MAX_HELD_BYTES`]).
+    held: u64,
 }
 
 impl<K: Copy + std::fmt::Debug> Io<K> {
@@ -142,6 +164,12 @@ impl<K: Copy + std::fmt::Debug> Io<K> {
     pub fn want(&mut self, kind: K, at: u64, len: u64) -> Result<(), DecodeError> {
         if at.checked_add(len).is_none_or(|e| e > self.file_len) {
             return Err(self.corrupt(format!("a range at {at} ({len} bytes) outside the file")));
+        }
+        if len > MAX_RANGE_BYTES {
+            return Err(self.corrupt(format!(
+                "{kind:?} at {at} of {len} bytes, over the {} MiB any image needs",
+                MAX_RANGE_BYTES >> 20
+            )));
         }
         if at >= self.pos {
             if self.wants.len() >= self.max_wants {
@@ -172,15 +200,25 @@ impl<K: Copy + std::fmt::Debug> Io<K> {
                 "bytes at {at} are mapped only after they were known to be free"
             )));
         }
-        let mut buf = vec![0u8; passed as usize];
-        self.spool
-            .read_exact_at(&mut buf, at)
-            .map_err(io("reading the spool"))?;
         if passed == len {
-            self.ready.push((kind, at, buf));
+            self.ready.push((kind, at, len));
         } else {
+            self.hold(len)?;
+            let mut buf = vec![0u8; passed as usize];
+            self.spool
+                .read_exact_at(&mut buf, at)
+                .map_err(io("reading the spool"))?;
             self.wants.insert((at, self.seq), Want { kind, len, buf });
             self.seq += 1;
+        }
+        Ok(())
+    }
+
+    /// Counts `len` more bytes held for a range arriving in pieces.
+    fn hold(&mut self, len: u64) -> Result<(), DecodeError> {
+        self.held += len;
+        if self.held > MAX_HELD_BYTES {
+            return Err(held_too_much(self.format, self.held));
         }
         Ok(())
     }
@@ -244,6 +282,7 @@ impl<L: Layout> Decoder<L> {
             seq: 0,
             ready: Vec::new(),
             max_wants: max_pending_reads,
+            held: 0,
         };
         layout.start(&mut io)?;
         io.spooling = !layout.mapping_complete();
@@ -252,7 +291,12 @@ impl<L: Layout> Decoder<L> {
 
     fn process(&mut self, kind: L::Kind, at: u64, bytes: &[u8]) -> Result<(), DecodeError> {
         self.layout.process(kind, at, bytes, &mut self.io)?;
-        while let Some((kind, at, bytes)) = self.io.ready.pop() {
+        while let Some((kind, at, len)) = self.io.ready.pop() {
+            let mut bytes = vec![0u8; len as usize];
+            self.io
+                .spool
+                .read_exact_at(&mut bytes, at)
+                .map_err(io("reading the spool"))?;
             self.layout.process(kind, at, &bytes, &mut self.io)?;
         }
         if self.io.spooling && self.layout.mapping_complete() {
@@ -303,7 +347,12 @@ impl<L: Layout> Decoder<L> {
                     continue;
                 }
                 if want.buf.is_empty() {
-                    want.buf.reserve_exact(want.len as usize);
+                    let len = want.len;
+                    want.buf.reserve_exact(len as usize);
+                    self.io.held += len;
+                    if self.io.held > MAX_HELD_BYTES {
+                        return Err(held_too_much(L::FORMAT, self.io.held));
+                    }
                 }
                 want.buf
                     .extend_from_slice(&segment[(from - start) as usize..(to - start) as usize]);
@@ -318,6 +367,7 @@ impl<L: Layout> Decoder<L> {
             for (key, copied) in done {
                 let want = self.io.wants.remove(&key).expect("done");
                 if copied {
+                    self.io.held -= want.len;
                     self.process(want.kind, key.0, &want.buf)?;
                 } else {
                     let from = (key.0 - start) as usize;

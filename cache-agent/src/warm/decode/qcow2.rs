@@ -150,6 +150,14 @@ pub fn parse_header(first: &[u8], file_len: u64) -> Result<Header, DecodeError> 
             "L1 table of {l1_size} entries for a disk that needs {needed_l1}"
         )));
     }
+    // qemu refuses an active L1 table over 32 MiB ("Active L1 table too large"); so does
+    // vmdisk, before reserving anything for it.
+    if u64::from(l1_size) * 8 > super::MAX_RANGE_BYTES {
+        return Err(corrupt(format!(
+            "L1 table of {l1_size} entries, over qemu's limit of {} MiB",
+            super::MAX_RANGE_BYTES >> 20
+        )));
+    }
     if !l1_offset.is_multiple_of(cluster) || l1_offset + u64::from(l1_size) * 8 > file_len {
         return Err(corrupt(format!("L1 table at {l1_offset} outside the file")));
     }
@@ -223,7 +231,10 @@ impl Layout for Qcow2Layout {
     const FORMAT: &'static str = "qcow2";
 
     fn start(&mut self, io: &mut Io<Kind>) -> Result<(), DecodeError> {
-        let l1_len = u64::from(self.header.l1_size) * 8;
+        // Only the entries the disk's size can use: the rest are never read.
+        let cluster = self.header.cluster_size();
+        let used = self.header.virtual_size.div_ceil(cluster * (cluster / 8));
+        let l1_len = u64::from(self.header.l1_size).min(used) * 8;
         io.want(Kind::L1, self.header.l1_offset, l1_len)
     }
 
@@ -351,6 +362,88 @@ mod tests {
             qemu_img(&["snapshot", "-c", "snap", &q.display().to_string()]);
             qemu_img(&["resize", &q.display().to_string(), "+64M"]);
         });
+    }
+
+    /// Header fields patched in place: big-endian `u32` or `u64` at `offset`.
+    fn patch(path: &std::path::Path, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(bytes, offset).unwrap();
+    }
+
+    #[test]
+    fn tables_larger_than_qemu_allows_are_refused_before_anything_is_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("h.qcow2");
+        qemu_img(&["create", "-f", "qcow2", &q.display().to_string(), "64M"]);
+        let l1_offset = {
+            let first = std::fs::read(&q).unwrap();
+            be64(&first, 40)
+        };
+        // The header asks for an L1 table of 1 GiB (the file is long enough to hold it: a
+        // gzip layer of zeros is ~1000:1). qemu refuses tables over 32 MiB; so does vmdisk.
+        let entries: u32 = (1 << 30) / 8;
+        patch(&q, 36, &entries.to_be_bytes());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&q)
+            .unwrap()
+            .set_len(l1_offset + (1 << 30))
+            .unwrap();
+        let first = std::fs::read(&q).unwrap();
+        match parse_header(&first[..65536], first.len() as u64) {
+            Err(DecodeError::Corrupt { message, .. }) => {
+                assert!(message.contains("over qemu's limit of 32 MiB"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_oversized_but_allowed_l1_table_is_read_only_as_far_as_the_disk_needs() {
+        // 32 MiB of L1 entries for a 6 MiB disk: qemu accepts it, and only the first entry
+        // is ever read (the decoder asks for 8 bytes, not 32 MiB).
+        roundtrip("qcow2", &[], |q| {
+            let l1_offset = be64(&std::fs::read(q).unwrap(), 40);
+            patch(q, 36, &((32u32 << 20) / 8).to_be_bytes());
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(q)
+                .unwrap()
+                .set_len(l1_offset + (32 << 20))
+                .unwrap();
+        });
+    }
+
+    #[test]
+    fn one_table_named_by_every_entry_is_refused_not_held_many_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = source(dir.path(), 2);
+        let q = dir.path().join("m.qcow2");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "qcow2",
+            &raw.display().to_string(),
+            &q.display().to_string(),
+        ]);
+        let first = std::fs::read(&q).unwrap();
+        let l1_offset = be64(&first, 40);
+        let l2 = &first[l1_offset as usize..l1_offset as usize + 8];
+        // 1 TiB of disk mapped by 2,048 L1 entries, all naming the same L2 table: 2,048
+        // copies of one 64 KiB cluster would be held while it streams by.
+        patch(&q, 24, &(1u64 << 40).to_be_bytes());
+        patch(&q, 36, &2048u32.to_be_bytes());
+        // The L1 table stays where qemu put it, before the tables: each entry's want is
+        // registered before the L2 table streams by. (Its cluster holds 8,192 entries.)
+        let table: Vec<u8> = l2.iter().copied().cycle().take(2048 * 8).collect();
+        patch(&q, l1_offset, &table);
+        match decode(&q, dir.path()) {
+            Err(DecodeError::Corrupt { message, .. }) => {
+                assert!(message.contains("asked for many times over"), "{message}")
+            }
+            other => panic!("{:?}", other.map(|o| o.map(|v| v.len()))),
+        }
     }
 
     #[test]
