@@ -1,12 +1,18 @@
 //! qemu-img: inspect, refuse unsafe images, convert, check, resize, compare.
 //!
-//! The format always comes from `qemu-img info` (content), never from the file name. Images
-//! that make qemu read other files are refused before any conversion: backing files, qcow2
-//! external data files, and VMDK extents other than the image itself. Any of these would let
-//! an image author copy host files into a VM disk.
+//! The format always comes from the content, never from the file name: `probe_format` reads
+//! the magic of the formats vmdisk accepts, and every qemu-img run names its format with `-f`,
+//! so qemu-img never guesses. Images that make qemu read other files are refused before any
+//! conversion: backing files, qcow2 external data files, and VMDK extents other than the image
+//! itself. Any of these would let an image author copy host files into a VM disk.
+//!
+//! qemu-img runs with limits: at most `QEMU_IMG_MEMORY` of address space, and a CPU and wall
+//! time limit (`time_limit`: 5 minutes, plus a minute per GiB for a conversion), after which
+//! it is killed and the warm fails with a clear error.
 
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -38,6 +44,57 @@ pub enum ConvertError {
     Encrypted,
     #[error("disk format {format:?} is not accepted (accepted: {allowed})")]
     UnsupportedFormat { format: String, allowed: String },
+    #[error("qemu-img {args} did not finish within {seconds} s; killed")]
+    TimedOut { args: String, seconds: u64 },
+    #[error("cannot read the disk {path}: {source}")]
+    Probe {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Address space a qemu-img run may use. Its conversions use a few hundred MiB at most; a
+/// hostile image asking for more fails instead of taking the node's memory.
+pub const QEMU_IMG_MEMORY: u64 = 1 << 30;
+/// Time a qemu-img run may take besides its per-GiB share.
+pub const QEMU_IMG_BASE_TIME: Duration = Duration::from_secs(300);
+/// Time a conversion may take per GiB of disk.
+pub const QEMU_IMG_TIME_PER_GIB: Duration = Duration::from_secs(60);
+
+/// The wall and CPU time a qemu-img run over `bytes` of disk may take.
+pub fn time_limit(bytes: u64) -> Duration {
+    QEMU_IMG_BASE_TIME
+        + QEMU_IMG_TIME_PER_GIB * u32::try_from(bytes.div_ceil(1 << 30)).unwrap_or(u32::MAX)
+}
+
+/// The format of the disk at `path`, from its magic, among [`ALLOWED_SOURCE_FORMATS`]
+/// (`raw` when none matches: qemu-img then reads it byte for byte, whatever it holds).
+pub fn probe_format(path: &Path) -> Result<&'static str, ConvertError> {
+    use std::os::unix::fs::FileExt;
+    let probe = |source| ConvertError::Probe {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(probe)?;
+    let len = file.metadata().map_err(probe)?.len();
+    let mut head = [0u8; 512];
+    let n = file.read_at(&mut head, 0).map_err(probe)?;
+    let head = &head[..n];
+    let mut tail = [0u8; 8];
+    let fixed_vhd =
+        len >= 512 && file.read_exact_at(&mut tail, len - 512).is_ok() && &tail == b"conectix";
+    Ok(if head.starts_with(b"QFI\xfb") {
+        "qcow2"
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"# Disk DescriptorFile") {
+        "vmdk"
+    } else if head.starts_with(b"vhdxfile") {
+        "vhdx"
+    } else if head.starts_with(b"conectix") || fixed_vhd {
+        "vpc"
+    } else {
+        "raw"
+    })
 }
 
 /// What qemu-img says about a disk.
@@ -80,21 +137,49 @@ struct FormatSpecific {
     data: serde_json::Value,
 }
 
+/// Runs qemu-img with `args` under the memory limit and `limit` of CPU and wall time.
 async fn qemu_img(
     args: &[&str],
+    limit: Duration,
 ) -> Result<(std::process::ExitStatus, Vec<u8>, String), ConvertError> {
-    let out = tokio::process::Command::new("qemu-img")
-        .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(ConvertError::Spawn)?;
+    let mut command = tokio::process::Command::new("qemu-img");
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let cpu_seconds = limit.as_secs();
+    // SAFETY: between fork and exec only setrlimit runs: async-signal-safe, no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            set_limit(libc::RLIMIT_AS, QEMU_IMG_MEMORY)?;
+            set_limit(libc::RLIMIT_CPU, cpu_seconds)
+        });
+    }
+    let out = match tokio::time::timeout(limit, command.output()).await {
+        Ok(out) => out.map_err(ConvertError::Spawn)?,
+        // Dropping the future kills qemu-img (kill_on_drop).
+        Err(_) => {
+            return Err(ConvertError::TimedOut {
+                args: args.join(" "),
+                seconds: limit.as_secs(),
+            })
+        }
+    };
     Ok((
         out.status,
         out.stdout,
         String::from_utf8_lossy(&out.stderr).trim().to_string(),
     ))
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: value,
+        rlim_max: value,
+    };
+    // SAFETY: setrlimit reads the struct it is given and nothing else.
+    if unsafe { libc::setrlimit(resource, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn failed(args: &[&str], status: std::process::ExitStatus, stderr: String) -> ConvertError {
@@ -111,8 +196,9 @@ fn path_str(p: &Path) -> &str {
 
 /// `qemu-img info --output=json`.
 pub async fn inspect(path: &Path) -> Result<ImageInfo, ConvertError> {
-    let args = ["info", "--output=json", path_str(path)];
-    let (status, stdout, stderr) = qemu_img(&args).await?;
+    let format = probe_format(path)?;
+    let args = ["info", "-f", format, "--output=json", path_str(path)];
+    let (status, stdout, stderr) = qemu_img(&args, QEMU_IMG_BASE_TIME).await?;
     if !status.success() {
         return Err(failed(&args, status, stderr));
     }
@@ -205,7 +291,8 @@ pub async fn convert(
         path_str(src),
         path_str(dst),
     ];
-    let (status, _, stderr) = qemu_img(&args).await?;
+    let bytes = std::fs::metadata(src).map(|m| m.len()).unwrap_or(0);
+    let (status, _, stderr) = qemu_img(&args, time_limit(bytes)).await?;
     if !status.success() {
         return Err(failed(&args, status, stderr));
     }
@@ -219,7 +306,7 @@ pub async fn check(path: &Path, format: DiskFormat) -> Result<(), ConvertError> 
         return Ok(());
     }
     let args = ["check", "-f", format.as_str(), path_str(path)];
-    let (status, stdout, stderr) = qemu_img(&args).await?;
+    let (status, stdout, stderr) = qemu_img(&args, QEMU_IMG_BASE_TIME).await?;
     match status.code() {
         Some(0) | Some(3) => Ok(()),
         _ => Err(failed(
@@ -234,7 +321,7 @@ pub async fn check(path: &Path, format: DiskFormat) -> Result<(), ConvertError> 
 pub async fn resize(path: &Path, bytes: u64) -> Result<(), ConvertError> {
     let size = bytes.to_string();
     let args = ["resize", "-f", "qcow2", path_str(path), size.as_str()];
-    let (status, _, stderr) = qemu_img(&args).await?;
+    let (status, _, stderr) = qemu_img(&args, QEMU_IMG_BASE_TIME).await?;
     if !status.success() {
         return Err(failed(&args, status, stderr));
     }
@@ -243,8 +330,10 @@ pub async fn resize(path: &Path, bytes: u64) -> Result<(), ConvertError> {
 
 /// `qemu-img compare`: true when the two disks have the same content.
 pub async fn compare(a: &Path, b: &Path) -> Result<bool, ConvertError> {
-    let args = ["compare", path_str(a), path_str(b)];
-    let (status, _, stderr) = qemu_img(&args).await?;
+    let (fa, fb) = (probe_format(a)?, probe_format(b)?);
+    let args = ["compare", "-f", fa, "-F", fb, path_str(a), path_str(b)];
+    let bytes = std::fs::metadata(a).map(|m| m.len()).unwrap_or(0);
+    let (status, _, stderr) = qemu_img(&args, time_limit(bytes)).await?;
     match status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
@@ -257,6 +346,78 @@ mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn formats_are_probed_from_content_for_every_accepted_format() {
+        let dir = tempfile::tempdir().unwrap();
+        for (format, options) in [
+            ("qcow2", ""),
+            ("vmdk", ""),
+            ("vmdk", "subformat=streamOptimized"),
+            ("vhdx", ""),
+            ("vpc", ""),
+            ("vpc", "subformat=fixed"),
+            ("raw", ""),
+        ] {
+            let path = dir.path().join(format!("d-{format}-{}", options.len()));
+            let mut args = vec!["create", "-q", "-f", format];
+            if !options.is_empty() {
+                args.extend(["-o", options]);
+            }
+            let p = path.display().to_string();
+            args.extend([p.as_str(), "8M"]);
+            let out = std::process::Command::new("qemu-img")
+                .args(&args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+            assert_eq!(probe_format(&path).unwrap(), format, "{options}");
+        }
+        // A raw disk is raw whatever its name says.
+        let named = dir.path().join("disk.qcow2");
+        std::fs::write(&named, vec![7u8; 4096]).unwrap();
+        assert_eq!(probe_format(&named).unwrap(), "raw");
+        assert!(matches!(
+            probe_format(&dir.path().join("missing")),
+            Err(ConvertError::Probe { .. })
+        ));
+    }
+
+    #[test]
+    fn qemu_img_time_grows_with_the_disk() {
+        assert_eq!(time_limit(0), QEMU_IMG_BASE_TIME);
+        assert_eq!(time_limit(1), QEMU_IMG_BASE_TIME + QEMU_IMG_TIME_PER_GIB);
+        assert_eq!(
+            time_limit(10 << 30),
+            QEMU_IMG_BASE_TIME + QEMU_IMG_TIME_PER_GIB * 10
+        );
+        assert!(time_limit(u64::MAX) > QEMU_IMG_BASE_TIME);
+    }
+
+    #[tokio::test]
+    async fn qemu_img_runs_under_the_memory_limit() {
+        // `qemu-img bench` reading with a 1.5 GiB buffer (which it allocates whole) fails under
+        // the 1 GiB limit; with a 64 MiB buffer the same run succeeds.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.raw");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(2 << 30)
+            .unwrap();
+        let p = path.display().to_string();
+        let bench = |size: &'static str| {
+            let p = p.clone();
+            async move {
+                let args = ["bench", "-f", "raw", "-c", "1", "-d", "1", "-s", size, &p];
+                qemu_img(&args, QEMU_IMG_BASE_TIME).await.unwrap()
+            }
+        };
+        let (status, _, stderr) = bench("1536M").await;
+        assert!(!status.success(), "{stderr}");
+        assert!(stderr.contains("Cannot allocate memory"), "{stderr}");
+        let (status, _, stderr) = bench("64M").await;
+        assert!(status.success(), "{stderr}");
+    }
 
     fn run(args: &[&str]) {
         let s = std::process::Command::new("qemu-img")
