@@ -150,6 +150,7 @@ async fn a_decode_that_gives_up_half_way_is_done_by_qemu_img() {
         ExtractLimits {
             max_disk_bytes: 1 << 30,
             max_pending_reads: 4,
+            ..ExtractLimits::default()
         },
     );
     let outcome = warm(&w, &registry, &reference, DiskFormat::Raw)

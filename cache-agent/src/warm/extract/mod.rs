@@ -73,6 +73,12 @@ pub enum ExtractError {
         size: u64,
         limit: u64,
     },
+    #[error("layer {layer} inflates to more than {limit} bytes (the disk limit plus {slack} bytes for everything else); refused")]
+    LayerTooLarge {
+        layer: usize,
+        limit: u64,
+        slack: u64,
+    },
     #[error("layer {layer} is not a valid {compression} tar stream: {source}")]
     Corrupt {
         layer: usize,
@@ -147,18 +153,31 @@ pub struct ExtractLimits {
     /// How far a streaming decode may run ahead of the tables it waits for
     /// ([`crate::warm::decode::DecodeLimits::max_pending_reads`]).
     pub max_pending_reads: usize,
+    /// What a layer may inflate to besides the disk ([`LAYER_SLACK_BYTES`]).
+    pub layer_slack_bytes: u64,
 }
+
+/// What a layer may inflate to besides its disk: tar headers, directories, and files a
+/// containerDisk does not use (which are read through, not kept). A multi-GiB entry nobody
+/// uses is refused rather than inflated for nothing.
+pub const LAYER_SLACK_BYTES: u64 = 1 << 30;
 
 impl Default for ExtractLimits {
     fn default() -> Self {
         Self {
             max_disk_bytes: 2 << 40,
             max_pending_reads: crate::warm::decode::DEFAULT_MAX_PENDING_READS,
+            layer_slack_bytes: LAYER_SLACK_BYTES,
         }
     }
 }
 
 impl ExtractLimits {
+    /// The most one layer may inflate to.
+    pub fn max_layer_inflated_bytes(&self) -> u64 {
+        self.max_disk_bytes.saturating_add(self.layer_slack_bytes)
+    }
+
     fn decode(&self) -> crate::warm::decode::DecodeLimits {
         crate::warm::decode::DecodeLimits {
             max_disk_bytes: self.max_disk_bytes,
@@ -187,6 +206,26 @@ impl<R: Read> Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The inflated side of a layer, refusing to yield more than `limit` bytes; `exceeded` tells
+/// the caller why the tar reader failed.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    exceeded: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.exceeded.set(true);
+            return Err(std::io::Error::other("layer inflates past its limit"));
+        }
+        self.left -= n as u64;
         Ok(n)
     }
 }
@@ -244,17 +283,33 @@ pub fn extract_disk_from(
             inner: BufReader::with_capacity(READ_CHUNK, file.reader),
             count: Rc::clone(&count),
         };
-        let corrupt = |source| ExtractError::Corrupt {
-            layer,
-            compression: compression.name(),
-            source,
+        let exceeded = Rc::new(Cell::new(false));
+        let corrupt = |source| {
+            if exceeded.get() {
+                ExtractError::LayerTooLarge {
+                    layer,
+                    limit: limits.max_layer_inflated_bytes(),
+                    slack: limits.layer_slack_bytes,
+                }
+            } else {
+                ExtractError::Corrupt {
+                    layer,
+                    compression: compression.name(),
+                    source,
+                }
+            }
         };
-        let reader: Box<dyn Read> = match compression {
+        let inflated: Box<dyn Read> = match compression {
             LayerCompression::None => Box::new(counted),
             LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(counted)),
             LayerCompression::Zstd => {
                 Box::new(zstd::stream::read::Decoder::new(counted).map_err(corrupt)?)
             }
+        };
+        let reader = Capped {
+            inner: inflated,
+            left: limits.max_layer_inflated_bytes(),
+            exceeded: Rc::clone(&exceeded),
         };
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(corrupt)?;
@@ -343,7 +398,8 @@ pub fn extract_disk_from(
                     let decoded = write_disk(&mut entry, size, &out_path, target, limits, &mut buf)
                         .map_err(|failure| match failure {
                             WriteFailure::Read(e)
-                                if e.kind() == std::io::ErrorKind::InvalidData
+                                if exceeded.get()
+                                    || e.kind() == std::io::ErrorKind::InvalidData
                                     || e.kind() == std::io::ErrorKind::UnexpectedEof =>
                             {
                                 corrupt(e)

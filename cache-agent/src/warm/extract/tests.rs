@@ -353,6 +353,51 @@ fn oversized_disk_is_refused_before_writing() {
 }
 
 #[test]
+fn a_layer_inflating_far_past_its_disk_is_refused() {
+    // 24 MiB of zeros in a file nobody uses: 24 KiB of gzip, inflated and skipped only up to
+    // the layer's limit (here 1 MiB of disk plus 8 MiB of slack).
+    let s = Setup::new();
+    let junk = vec![0u8; 24 << 20];
+    let gz = gzip(&tar_of(&[
+        ("junk/filler", &junk),
+        ("disk/d", &disk_bytes(1 << 20)),
+    ]));
+    assert!(gz.len() < 1 << 20);
+    let limits = ExtractLimits {
+        max_disk_bytes: 1 << 20,
+        layer_slack_bytes: 8 << 20,
+        ..ExtractLimits::default()
+    };
+    let r = extract_disk(
+        &[s.layer(0, &gz, LayerCompression::Gzip)],
+        &s.staging(),
+        &limits,
+        &mut |_| {},
+    );
+    match r {
+        Err(e @ ExtractError::LayerTooLarge { layer: 0, .. }) => {
+            assert!(
+                e.to_string()
+                    .contains("inflates to more than 9437184 bytes"),
+                "{e}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same layer under the default slack is fine.
+    extract_disk(
+        &[s.layer(1, &gz, LayerCompression::Gzip)],
+        &s.dir.path().join("staging2"),
+        &ExtractLimits {
+            max_disk_bytes: 1 << 20,
+            ..ExtractLimits::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+}
+
+#[test]
 fn corrupt_streams_are_reported_per_layer() {
     let s = Setup::new();
     let mut gz = gzip(&tar_of(&[("disk/d", &disk_bytes(1 << 20))]));
