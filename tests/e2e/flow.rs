@@ -277,6 +277,63 @@ pub async fn private_image_is_resolved_warmed_where_selected_and_steers_pods(
     })
     .await;
     assert_eq!(selected, node, "the real scheduler picks the warm node");
+
+    // Another team, without the credentials, names the same digest: under the private
+    // repository and under one it made up. Neither image resolves (the registry is asked with
+    // the team's own, absent, credentials), so neither becomes Ready nor gets a digest a
+    // node could serve; each says why in its Resolved condition.
+    let other = case.namespace("e2e-team-b").await;
+    for (name, url, expected) in [
+        (
+            "borrowed",
+            format!("{}/disks/private@{digest}", registry.addr),
+            "refused the credentials",
+        ),
+        (
+            "elsewhere",
+            format!("{}/team-b/nothing@{digest}", registry.addr),
+            "refused the credentials",
+        ),
+    ] {
+        create_image(
+            &case.admin(),
+            &other,
+            name,
+            json!({"source": {"registry": {"url": url, "caBundle": registry.ca_pem().unwrap()}},
+                   "format": "raw", "cache": {"nodeSelector": {"kubernetes.io/hostname": node}}}),
+        )
+        .await;
+        let api: Api<VMDiskImage> = Api::namespaced(case.admin().clone(), &other);
+        let status = wait_for(&format!("{other}/{name} refused"), WAIT, || {
+            let api = api.clone();
+            async move {
+                let status = api
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                let resolved = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Resolved" && c.status == "False");
+                resolved
+                    .is_some()
+                    .then(|| status.clone())
+                    .ok_or(format!("{status:?}"))
+            }
+        })
+        .await;
+        assert_ne!(status.phase, Some(ImagePhase::Ready), "{name}: {status:?}");
+        assert_eq!(status.digest, None, "{name}: {status:?}");
+        let message = &status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Resolved")
+            .unwrap()
+            .message;
+        assert!(message.contains(expected), "{name}: {message}");
+    }
 }
 
 /// An agent SIGKILLed while pulling leaves no entry and no staging behind once restarted, and
