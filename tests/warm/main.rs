@@ -78,7 +78,7 @@ fn assert_clean(root: &Path) {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     top.sort();
-    top.retain(|name| name != "owner.lock" && name != "verified");
+    top.retain(|name| name != "owner.lock" && name != "verified" && name != "attempts");
     assert_eq!(top, ["entries", "leases", "locks", "staging"]);
 }
 
@@ -702,6 +702,81 @@ fn staging_phase(cache: &Path) -> Option<&'static str> {
     None
 }
 
+/// Starts a warm of `reference` into `cache` in a child process and SIGKILLs it once its
+/// staging shows `phase`; where the kill landed (or that the child finished first).
+async fn kill_a_warm_in(cache: &Path, reference: &str, phase: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let spec = serde_json::json!({"cache": cache, "reference": reference}).to_string();
+    let mut child = std::process::Command::new(&exe)
+        .args(["--exact", "crash_child", "--nocapture"])
+        .env(CRASH_CHILD, spec)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut killed_in = None;
+    while killed_in.is_none() && Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            killed_in = Some(format!("finished first ({status})"));
+        } else if staging_phase(cache) == Some(phase) {
+            child.kill().unwrap(); // SIGKILL
+            killed_in = Some(phase.to_string());
+        } else {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    killed_in.expect("child neither reached the phase nor finished")
+}
+
+/// An image whose warms keep dying with their process (here: SIGKILL, as an OOM kill would)
+/// is refused after three, with the way out in the message, across restarts; `forget`
+/// lets it be warmed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_keeps_killing_its_warms_is_refused_until_forgotten() {
+    init();
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "poison", 64, 16, 31);
+    let (reference, digest) = push_container_disk(&registry, "disks/poison", "1", &raw).await;
+    let proxy = ThrottledProxy::start("127.0.0.1", &registry.addr, 8 << 20).await;
+    let slow_reference = reference.replace(&registry.addr, &proxy.addr);
+    let cache = tempfile::tempdir().unwrap();
+    for _ in 0..vmdisk_cache_agent::store::MAX_UNFINISHED {
+        // As after an agent's restart: the killed warm's staging is cleared.
+        drop(CacheStore::open(cache.path(), Budget::Bytes(1 << 30)).unwrap());
+        let killed_in = kill_a_warm_in(cache.path(), &slow_reference, "stream").await;
+        assert_eq!(killed_in, "stream");
+    }
+    let attempts: Vec<_> = std::fs::read_dir(cache.path().join("attempts"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert!(attempts[0].contains("\"unfinished\":3"), "{attempts:?}");
+    let w = warmer(cache.path(), Budget::Bytes(1 << 30));
+    let err = warm(&w, &registry, &reference, DiskFormat::Qcow2)
+        .await
+        .unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(
+        err.to_string().contains(&format!("ls --forget {digest}")),
+        "{err}"
+    );
+    assert_clean(cache.path());
+    assert_eq!(w.store().forget_attempts(&digest), 1);
+    let outcome = warm(&w, &registry, &reference, DiskFormat::Qcow2)
+        .await
+        .unwrap();
+    assert!(same_content(&raw, &outcome.entry.disk_path));
+    assert!(w.store().poisoned().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_any_point_leaves_no_partial_entry() {
     init();
@@ -712,34 +787,10 @@ async fn sigkill_at_any_point_leaves_no_partial_entry() {
     // The child pulls through a slow link, so a kill lands mid-stream whatever the machine.
     let proxy = ThrottledProxy::start("127.0.0.1", &registry.addr, 8 << 20).await;
     let slow_reference = reference.replace(&registry.addr, &proxy.addr);
-    let exe = std::env::current_exe().unwrap();
     let mut phases_killed = Vec::new();
     for target_phase in ["stream", "convert"] {
         let cache = tempfile::tempdir().unwrap();
-        let spec =
-            serde_json::json!({"cache": cache.path(), "reference": slow_reference}).to_string();
-        let mut child = std::process::Command::new(&exe)
-            .args(["--exact", "crash_child", "--nocapture"])
-            .env(CRASH_CHILD, spec)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut killed_in = None;
-        while killed_in.is_none() && Instant::now() < deadline {
-            if let Some(status) = child.try_wait().unwrap() {
-                killed_in = Some(format!("finished first ({status})"));
-            } else if staging_phase(cache.path()) == Some(target_phase) {
-                child.kill().unwrap(); // SIGKILL
-                killed_in = Some(target_phase.to_string());
-            } else {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-        }
-        let _ = child.kill();
-        child.wait().unwrap();
-        let killed_in = killed_in.expect("child neither reached the phase nor finished");
+        let killed_in = kill_a_warm_in(cache.path(), &slow_reference, target_phase).await;
         phases_killed.push(killed_in.clone());
         // Nothing partial is visible: either no entry, or a complete verified one.
         let (store, report) = CacheStore::open(cache.path(), Budget::Bytes(1 << 30)).unwrap();

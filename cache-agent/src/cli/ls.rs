@@ -1,12 +1,21 @@
 //! `vmdisk-cache-agent ls`: what the cache holds, newest use first, as a table for people or
-//! as JSON.
+//! as JSON, and the images refused for having killed their warms (`--forget` lets one be
+//! warmed again).
 
 use super::setup::{open_store, OpenAs};
 use super::CacheArgs;
 use crate::store::{CacheEntry, CacheStore};
 
-pub(super) fn execute(cache: &CacheArgs, json: bool) -> anyhow::Result<()> {
+pub(super) fn execute(cache: &CacheArgs, json: bool, forget: Option<&str>) -> anyhow::Result<()> {
     let store = open_store(cache, OpenAs::OwnerIfFree)?;
+    if let Some(digest) = forget {
+        let forgotten = store.forget_attempts(digest);
+        if forgotten == 0 {
+            anyhow::bail!("--forget {digest}: no refused image with this digest (see `ls`)");
+        }
+        println!("{digest}: forgotten; it is warmed again when next asked for");
+        return Ok(());
+    }
     let mut entries = store.entries();
     entries.sort_by_key(|e| std::cmp::Reverse(e.meta.last_used));
     if json {
@@ -42,5 +51,11 @@ fn ls_table(store: &CacheStore, entries: &[CacheEntry]) -> String {
         human(store.used_bytes()),
         human(store.budget_bytes())
     ));
+    for p in store.poisoned() {
+        out.push_str(&format!(
+            "refused: {} {} ({}): {} warms died with their process; `ls --forget {}` to retry\n",
+            p.key.digest, p.key.format, p.reference, p.unfinished, p.key.digest
+        ));
+    }
     out
 }

@@ -166,6 +166,10 @@ pub enum Mode {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Forget the unfinished warms of an image refused for having killed them
+        /// (DIGEST, as `ls` lists it), so it is warmed again.
+        #[arg(long, value_name = "DIGEST")]
+        forget: Option<String>,
     },
 }
 
@@ -217,6 +221,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             populate::execute(args, termination_log).await
         }
-        Mode::Ls { cache, json } => ls::execute(&cache, json),
+        Mode::Ls {
+            cache,
+            json,
+            forget,
+        } => ls::execute(&cache, json, forget.as_deref()),
     }
 }

@@ -12,6 +12,7 @@
 //! <root>/locks/<algorithm>-<hex>-<format>.lock              held while the entry is warmed
 //! <root>/owner.lock                                         held by the owning agent
 //! <root>/verified/<algorithm>-<hex>/<record>.json           who the registry let pull it
+//! <root>/attempts/<algorithm>-<hex>-<format>.json           warms that died with their process
 //! ```
 //!
 //! Several processes share a node's cache: the agent that **owns** it (the only one that
@@ -38,9 +39,11 @@
 //! `commit` (staging, commit, adoption, deletion), `leases` and `lock` (who may evict,
 //! copy or warm an entry), `eviction` (budget, recency, pins, `make_room`), `integrity`
 //! (is an entry still what was committed), `watch` (noticing changes made from outside) and
-//! `verified` (records of requesters the registry confirmed may pull a digest).
+//! `verified` (records of requesters the registry confirmed may pull a digest) and `attempts`
+//! (warms that died with their process, so a poison image is not retried forever).
 //! This file is the facade: opening the cache and reading its index.
 
+mod attempts;
 mod commit;
 mod eviction;
 mod integrity;
@@ -61,6 +64,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use lru::LruCache;
 use thiserror::Error;
 
+pub use self::attempts::{Attempt, Poisoned, MAX_UNFINISHED};
 pub use self::commit::StagingDir;
 pub use self::eviction::Budget;
 pub use self::integrity::LossReason;

@@ -63,6 +63,12 @@ pub enum WarmError {
         #[source]
         source: PullError,
     },
+    #[error("{reference}: {unfinished} warms of this image died with their process (out of memory?); refused until forgotten with `vmdisk-cache-agent ls --forget {digest}`")]
+    Poisoned {
+        reference: String,
+        digest: String,
+        unfinished: u32,
+    },
     #[error("cache store: {0}")]
     Store(#[from] StoreError),
     #[error("{context}: {source}")]
@@ -107,6 +113,7 @@ impl WarmError {
                     | ConvertError::Encrypted
                     | ConvertError::UnsupportedFormat { .. }
             ),
+            WarmError::Poisoned { .. } => true,
             WarmError::Store(_) | WarmError::Io { .. } | WarmError::Task(_) => false,
         }
     }

@@ -84,6 +84,15 @@ impl Warmer {
         if let Some(entry) = self.store.get_or_adopt(&key) {
             return Ok(hit(entry));
         }
+        // Counted until this warm ends, however it ends, short of the process dying.
+        let _attempt = self
+            .store
+            .begin_attempt(&key, &request.reference)
+            .map_err(|p| WarmError::Poisoned {
+                reference: p.reference,
+                digest: p.key.digest,
+                unfinished: p.unfinished,
+            })?;
         // The disk is at least as large as its compressed layers; the budget is enforced again
         // once the real size is known.
         self.store.make_room(image.total_layer_bytes)?;
