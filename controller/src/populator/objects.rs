@@ -184,7 +184,14 @@ pub fn populator_pod(
         ],
     });
     match node {
-        Some(node) => spec["nodeName"] = node.into(),
+        // Through the scheduler, never `nodeName`: the node comes from the claim's
+        // `selected-node` annotation, which a user can write too, and the scheduler keeps
+        // honouring the node's taints and cordon for this root pod with a hostPath.
+        Some(node) => {
+            spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [node]}]}]}}});
+        }
         None => {
             if let Some(key) = node_cache_label_key(digest) {
                 spec["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
@@ -203,6 +210,23 @@ pub fn populator_pod(
         "spec": spec,
     });
     serde_json::from_value(pod).map_err(|e| format!("building the populator pod: {e}"))
+}
+
+/// The node a populator pod is held to (its required node affinity), if any.
+pub fn required_node(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .affinity
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()?
+        .node_selector_terms
+        .iter()
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .find(|f| f.key == "metadata.name" && f.operator == "In")
+        .and_then(|f| f.values.as_ref()?.first().cloned())
 }
 
 /// The merge patch handing the prime's PV to the user's claim: the PV controller then binds

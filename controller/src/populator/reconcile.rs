@@ -266,7 +266,7 @@ async fn reconcile_claim(
             create(&pods, &pod)
                 .await
                 .map_err(api_error("creating the populator pod"))?;
-            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            let node = super::objects::required_node(&pod);
             ctx.note(
                 &pvc,
                 &Note {

@@ -383,8 +383,15 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
     let Step::CreatePod { pod, .. } = w.step() else {
         panic!("{:?}", w.step())
     };
+    assert_eq!(
+        crate::populator::objects::required_node(&pod).as_deref(),
+        Some("node-real")
+    );
     let spec = pod.spec.unwrap();
-    assert_eq!(spec.node_name.as_deref(), Some("node-real"));
+    assert_eq!(
+        spec.node_name, None,
+        "placed by the scheduler, which honours taints, never by nodeName"
+    );
     let c = &spec.containers[0];
     let args = c.args.clone().unwrap().join(" ");
     assert!(
