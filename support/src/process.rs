@@ -1,8 +1,27 @@
 //! A binary's life around its work: logging set up the same way everywhere, the async runtime,
-//! the termination signal (the kubelet's SIGTERM or Ctrl-C), and binding a listener with the
-//! address in the error.
+//! the termination signal (the kubelet's SIGTERM or Ctrl-C), a clean stop, and binding a
+//! listener with the address in the error.
+//!
+//! The stop: [`run_main`] hands the work a [`Stop`], triggered once by the termination
+//! signal. Every long-running task ends on it; the process exits when the work returns, or
+//! after `finish_within` anyway (status 0, with a warning), without tearing down tasks that
+//! still run (tearing the runtime down under kube's controller runner makes it panic).
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The process-wide stop signal: cloned into every long-running task, which ends on
+/// `stop.cancelled()`. [`run_main`] triggers it on SIGTERM or Ctrl-C.
+pub type Stop = tokio_util::sync::CancellationToken;
+
+/// How long a binary's work has, by default, to end after the stop before the process exits
+/// anyway; well within the kubelet's grace period and the few seconds a rollout should wait.
+pub const FINISH_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long tasks left over after the work returned (helpers being aborted, blocking
+/// lookups) may hold the exit up.
+const LEFTOVERS: Duration = Duration::from_millis(200);
 
 /// Where and how log lines go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,24 +62,92 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// A long-running binary's `main`: runs `work` on a new runtime; an error is logged, printed
-/// with its causes (`{:#}`) and the process exits 1.
-pub fn run_main<E: std::fmt::Display>(
+/// How a long-running binary's work ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended<T> {
+    /// The work returned (by itself, or because the stop asked it to).
+    Finished(T),
+    /// The stop came and the work was still running `finish_within` later; it was left as is.
+    Abandoned,
+}
+
+/// Runs `work` on a new runtime, with a [`Stop`] triggered by the termination signal. After
+/// the stop the work has `finish_within` to return; past that it is abandoned (never polled
+/// again, never dropped: the process is about to exit). `Err` is a runtime that cannot start.
+pub fn run_until_stopped<T, F>(
     name: &str,
-    work: impl std::future::Future<Output = Result<(), E>>,
-) -> std::process::ExitCode {
-    let runtime = match runtime() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
+    finish_within: Duration,
+    work: impl FnOnce(Stop) -> F,
+) -> Result<Ended<T>, String>
+where
+    F: Future<Output = T>,
+{
+    let runtime = runtime()?;
+    let stop = Stop::new();
+    let mut work = Box::pin(work(stop.clone()));
+    let ended = runtime.block_on(async {
+        let signal = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    () = termination_signal() => stop.cancel(),
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+        let deadline = async {
+            stop.cancelled().await;
+            tokio::time::sleep(finish_within).await;
+        };
+        let ended = tokio::select! {
+            out = &mut work => Ended::Finished(out),
+            () = deadline => Ended::Abandoned,
+        };
+        signal.abort();
+        ended
+    });
+    match ended {
+        Ended::Finished(out) => {
+            drop(work);
+            runtime.shutdown_timeout(LEFTOVERS);
+            if stop.is_cancelled() {
+                tracing::info!("{name} stopped");
+            }
+            Ok(Ended::Finished(out))
         }
-    };
-    match runtime.block_on(work) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
+        Ended::Abandoned => {
+            tracing::warn!(
+                "{name} did not finish within {finish_within:?} of the termination signal; exiting anyway"
+            );
+            // Dropping either would cancel tasks in the middle of a poll on other threads.
+            std::mem::forget(work);
+            std::mem::forget(runtime);
+            Ok(Ended::Abandoned)
+        }
+    }
+}
+
+/// A long-running binary's `main`: runs `work` with [`run_until_stopped`]. The stop ends the
+/// process with status 0 (also when the work had to be abandoned); an error is logged,
+/// printed with its causes (`{:#}`) and the process exits 1.
+pub fn run_main<E, F>(
+    name: &str,
+    finish_within: Duration,
+    work: impl FnOnce(Stop) -> F,
+) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: Future<Output = Result<(), E>>,
+{
+    match run_until_stopped(name, finish_within, work) {
+        Ok(Ended::Finished(Ok(())) | Ended::Abandoned) => std::process::ExitCode::SUCCESS,
+        Ok(Ended::Finished(Err(e))) => {
             tracing::error!(error = format!("{e:#}"), "{name} stopped");
             eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -94,4 +181,38 @@ pub async fn termination_signal() {
         () = term => {},
     }
     tracing::info!("termination signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_that_ends_on_the_stop_finishes_with_its_value() {
+        let ended = run_until_stopped("test", Duration::from_secs(60), |stop| async move {
+            stop.cancel();
+            stop.cancelled().await;
+            7
+        });
+        assert_eq!(ended, Ok(Ended::Finished(7)));
+    }
+
+    #[test]
+    fn work_that_ignores_the_stop_is_abandoned_after_the_grace() {
+        let ended: Result<Ended<()>, String> =
+            run_until_stopped("test", Duration::from_millis(10), |stop| async move {
+                stop.cancel();
+                std::future::pending().await
+            });
+        assert_eq!(ended, Ok(Ended::Abandoned));
+    }
+
+    #[test]
+    fn work_without_a_stop_runs_to_its_end() {
+        let ended = run_until_stopped("test", Duration::from_millis(10), |_| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            "done"
+        });
+        assert_eq!(ended, Ok(Ended::Finished("done")));
+    }
 }
