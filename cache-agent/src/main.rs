@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use vmdisk_cache_agent::cli::{run_until_stopped, Cli};
-use vmdisk_support::process::{self, Ended, Stop};
+use vmdisk_support::process::{self, Stop};
 
 fn main() -> std::process::ExitCode {
     vmdisk_cache_agent::tune_allocator();
@@ -16,16 +16,15 @@ fn main() -> std::process::ExitCode {
             run_until_stopped(cli, stop)
         })
     } else {
-        process::runtime()
-            .map(|runtime| Ended::Finished(runtime.block_on(run_until_stopped(cli, Stop::new()))))
+        process::runtime().map(|runtime| runtime.block_on(run_until_stopped(cli, Stop::new())))
     };
     match outcome {
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
-        Ok(Ended::Finished(Ok(())) | Ended::Abandoned) => std::process::ExitCode::SUCCESS,
-        Ok(Ended::Finished(Err(e))) => {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {}", vmdisk_support::error_chain(e.as_ref()));
             // 2: running again cannot help (the populator stops retrying).
             let permanent = e

@@ -4,8 +4,10 @@
 //!
 //! The stop: [`run_main`] hands the work a [`Stop`], triggered once by the termination
 //! signal. Every long-running task ends on it; the process exits when the work returns, or
-//! after `finish_within` anyway (status 0, with a warning), without tearing down tasks that
-//! still run (tearing the runtime down under kube's controller runner makes it panic).
+//! after `finish_within` anyway (status 0, with a warning). The signal and that deadline are
+//! watched on a thread of their own, so a runtime whose workers are all busy still stops in
+//! time, and the process then exits without tearing down tasks that still run (tearing the
+//! runtime down under kube's controller runner makes it panic).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,69 +64,61 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// How a long-running binary's work ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Ended<T> {
-    /// The work returned (by itself, or because the stop asked it to).
-    Finished(T),
-    /// The stop came and the work was still running `finish_within` later; it was left as is.
-    Abandoned,
-}
-
 /// Runs `work` on a new runtime, with a [`Stop`] triggered by the termination signal. After
-/// the stop the work has `finish_within` to return; past that it is abandoned (never polled
-/// again, never dropped: the process is about to exit). `Err` is a runtime that cannot start.
+/// the stop the work has `finish_within` to return; past that the process exits with status
+/// 0 (see [`watchdog`]). `Err` is a runtime that cannot start.
 pub fn run_until_stopped<T, F>(
     name: &str,
     finish_within: Duration,
     work: impl FnOnce(Stop) -> F,
-) -> Result<Ended<T>, String>
+) -> Result<T, String>
 where
     F: Future<Output = T>,
 {
     let runtime = runtime()?;
     let stop = Stop::new();
-    let mut work = Box::pin(work(stop.clone()));
-    let ended = runtime.block_on(async {
-        let signal = tokio::spawn({
-            let stop = stop.clone();
-            async move {
+    let exit = {
+        let name = name.to_string();
+        move || {
+            tracing::warn!(
+                "{name} did not finish within {finish_within:?} of the termination signal; exiting anyway"
+            );
+            std::process::exit(0)
+        }
+    };
+    watchdog(stop.clone(), finish_within, exit)
+        .map_err(|e| format!("cannot watch for the termination signal: {e}"))?;
+    let out = runtime.block_on(work(stop.clone()));
+    runtime.shutdown_timeout(LEFTOVERS);
+    if stop.is_cancelled() {
+        tracing::info!("{name} stopped");
+    }
+    Ok(out)
+}
+
+/// On a thread of its own (independent of the runtime's workers): waits for the termination
+/// signal (or for `stop` triggered otherwise), triggers `stop`, and calls `give_up` if the
+/// process still runs `finish_within` later.
+pub fn watchdog(
+    stop: Stop,
+    finish_within: Duration,
+    give_up: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("termination".into())
+        .spawn(move || {
+            signals.block_on(async {
                 tokio::select! {
                     () = termination_signal() => stop.cancel(),
                     () = stop.cancelled() => {}
                 }
-            }
-        });
-        let deadline = async {
-            stop.cancelled().await;
-            tokio::time::sleep(finish_within).await;
-        };
-        let ended = tokio::select! {
-            out = &mut work => Ended::Finished(out),
-            () = deadline => Ended::Abandoned,
-        };
-        signal.abort();
-        ended
-    });
-    match ended {
-        Ended::Finished(out) => {
-            drop(work);
-            runtime.shutdown_timeout(LEFTOVERS);
-            if stop.is_cancelled() {
-                tracing::info!("{name} stopped");
-            }
-            Ok(Ended::Finished(out))
-        }
-        Ended::Abandoned => {
-            tracing::warn!(
-                "{name} did not finish within {finish_within:?} of the termination signal; exiting anyway"
-            );
-            // Dropping either would cancel tasks in the middle of a poll on other threads.
-            std::mem::forget(work);
-            std::mem::forget(runtime);
-            Ok(Ended::Abandoned)
-        }
-    }
+            });
+            std::thread::sleep(finish_within);
+            give_up();
+        })
 }
 
 /// A long-running binary's `main`: runs `work` with [`run_until_stopped`]. The stop ends the
@@ -140,8 +134,8 @@ where
     F: Future<Output = Result<(), E>>,
 {
     match run_until_stopped(name, finish_within, work) {
-        Ok(Ended::Finished(Ok(())) | Ended::Abandoned) => std::process::ExitCode::SUCCESS,
-        Ok(Ended::Finished(Err(e))) => {
+        Ok(Ok(())) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             tracing::error!(error = format!("{e:#}"), "{name} stopped");
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -188,31 +182,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn work_that_ends_on_the_stop_finishes_with_its_value() {
-        let ended = run_until_stopped("test", Duration::from_secs(60), |stop| async move {
+    fn work_that_ends_on_the_stop_returns_its_value() {
+        let out = run_until_stopped("test", Duration::from_secs(60), |stop| async move {
             stop.cancel();
             stop.cancelled().await;
             7
         });
-        assert_eq!(ended, Ok(Ended::Finished(7)));
+        assert_eq!(out, Ok(7));
     }
 
     #[test]
-    fn work_that_ignores_the_stop_is_abandoned_after_the_grace() {
-        let ended: Result<Ended<()>, String> =
-            run_until_stopped("test", Duration::from_millis(10), |stop| async move {
-                stop.cancel();
-                std::future::pending().await
-            });
-        assert_eq!(ended, Ok(Ended::Abandoned));
-    }
-
-    #[test]
-    fn work_without_a_stop_runs_to_its_end() {
-        let ended = run_until_stopped("test", Duration::from_millis(10), |_| async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            "done"
+    fn the_watchdog_gives_up_after_the_grace_even_with_every_worker_busy() {
+        let stop = Stop::new();
+        let (gave_up, given_up) = std::sync::mpsc::channel();
+        watchdog(stop.clone(), Duration::from_millis(10), move || {
+            gave_up.send(()).unwrap();
+        })
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        // The only worker never yields: nothing on the runtime can notice the stop.
+        runtime.spawn(async {
+            loop {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         });
-        assert_eq!(ended, Ok(Ended::Finished("done")));
+        stop.cancel();
+        given_up
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the watchdog gave up");
+        runtime.shutdown_background();
     }
 }
