@@ -86,7 +86,8 @@ pub async fn run(
         return;
     }
     let controller = Controller::new(images, watcher::Config::default())
-        .graceful_shutdown_on(stop.cancelled_owned());
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .with_config(kube::runtime::controller::Config::default().concurrency(16));
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
