@@ -2,8 +2,9 @@
 //! status 0, without a panic, within the 5 s a rollout may wait: the webhook with a file
 //! catalog; the controller and the cache agent against a stand-in API server holding 10,000
 //! VMDiskImages whose registry accepts connections and never answers, so reconciles and warms
-//! are in flight when the signal comes. The controller also hands its Lease back. Each stop's
-//! time is printed (`--nocapture`), not asserted beyond the bound.
+//! are in flight when the signal comes. The controller also hands its Lease back, and a
+//! standby replica leads next. Each stop's time is printed (`--nocapture`), not asserted
+//! beyond the bound.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -208,14 +209,7 @@ async fn the_controller_stops_on_sigterm_under_load_and_hands_its_lease_back() {
     let registry = SilentRegistry::start().await;
     let api = FakeApi::start(images_at(&registry.addr.to_string(), IMAGES)).await;
     let dir = tempfile::tempdir().unwrap();
-    let metrics = free_addr();
-    let mut command = Command::new(binary("vmdisk-controller"));
-    command
-        .args(["--metrics-listen", &metrics.to_string()])
-        .env("KUBECONFIG", api.kubeconfig(dir.path()))
-        .env("POD_NAME", "stop-test")
-        .env("RUST_LOG", "info");
-    let controller = Running::spawn(command, dir.path().join("controller.log"));
+    let (controller, metrics) = start_controller(&api, dir.path(), "stop-test");
     wait_until("the controller leading", &controller, || {
         http_get(metrics, "/readyz").as_deref() == Some("leading")
     })
@@ -272,4 +266,48 @@ async fn the_cache_agent_stops_on_sigterm_with_warms_in_flight() {
         .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
         .unwrap_or_default();
     println!("vmdisk-cache-agent: staging after the stop: {staging:?}");
+}
+
+/// Starts a controller named `name` against `api`, serving its probes on a free port.
+fn start_controller(api: &FakeApi, dir: &std::path::Path, name: &str) -> (Running, SocketAddr) {
+    let metrics = free_addr();
+    let mut command = Command::new(binary("vmdisk-controller"));
+    command
+        .args(["--metrics-listen", &metrics.to_string()])
+        .env("KUBECONFIG", api.kubeconfig(dir))
+        .env("POD_NAME", name)
+        .env("RUST_LOG", "info");
+    let log = dir.join(format!("{name}.log"));
+    (Running::spawn(command, log), metrics)
+}
+
+#[tokio::test]
+async fn a_standby_controller_leads_once_the_leader_stopped() {
+    let api = FakeApi::start(Vec::new()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (leader, leader_probes) = start_controller(&api, dir.path(), "first");
+    wait_until("the first controller leading", &leader, || {
+        http_get(leader_probes, "/readyz").as_deref() == Some("leading")
+    })
+    .await;
+    let (standby, standby_probes) = start_controller(&api, dir.path(), "second");
+    wait_until("the second controller standing by", &standby, || {
+        http_get(standby_probes, "/readyz").as_deref() == Some("standby")
+    })
+    .await;
+    let stopped = Instant::now();
+    let took = tokio::task::spawn_blocking(move || leader.terminate("vmdisk-controller (leader)"))
+        .await
+        .unwrap();
+    assert!(took <= STOP_BOUND);
+    wait_until("the standby leading", &standby, || {
+        http_get(standby_probes, "/readyz").as_deref() == Some("leading")
+    })
+    .await;
+    println!(
+        "vmdisk-controller: the standby led {:?} after SIGTERM to the leader (the Lease lasts 15 s)",
+        stopped.elapsed()
+    );
+    let holder = api.lease().map(|l| l["spec"]["holderIdentity"].clone());
+    assert_eq!(holder, Some(serde_json::json!("second")));
 }
