@@ -1,6 +1,6 @@
 //! SIGTERM ends each shipped binary (built by `cargo build --workspace --bins`) with exit
 //! status 0, without a panic, within the 5 s a rollout may wait: the webhook with a file
-//! catalog; the controller and the cache agent against a stand-in API server holding 10,000
+//! catalog and with the API server's (10,000 VMDiskImages); the controller and the cache agent against a stand-in API server holding 10,000
 //! VMDiskImages whose registry accepts connections and never answers, so reconciles and warms
 //! are in flight when the signal comes. The controller also hands its Lease back, and a
 //! standby replica leads next. Each stop's time is printed (`--nocapture`), not asserted
@@ -162,26 +162,24 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-#[tokio::test]
-async fn the_webhook_stops_on_sigterm() {
+/// Starts the webhook with the catalog `catalog` sets up (a directory, or the API server's),
+/// waits for `/readyz` on a keep-alive connection left open, and sends SIGTERM: the drain
+/// must not wait for that idle connection.
+async fn webhook_stops(name: &str, catalog: impl FnOnce(&mut Command, &std::path::Path)) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let (cert_dir, catalog_dir) = (dir.path().join("tls"), dir.path().join("catalog"));
+    let cert_dir = dir.path().join("tls");
     std::fs::create_dir_all(&cert_dir).unwrap();
-    std::fs::create_dir_all(&catalog_dir).unwrap();
-    std::fs::write(catalog_dir.join("catalog.yaml"), sample_catalog_yaml()).unwrap();
     let ca = TestCa::new("vmdisk stop test CA");
     write_secret_dir(&cert_dir, &ca.issue(&["localhost", "127.0.0.1"]), 1);
     let addr = free_addr();
     let mut command = Command::new(binary("vmdisk-webhook"));
     command
         .args(["--listen", &addr.to_string(), "--cert-dir"])
-        .arg(&cert_dir)
-        .arg("--catalog-dir")
-        .arg(&catalog_dir);
+        .arg(&cert_dir);
+    catalog(&mut command, dir.path());
     let webhook = Running::spawn(command, dir.path().join("webhook.log"));
     let deadline = Instant::now() + START_BOUND;
-    // A keep-alive connection stays open across the stop: the drain must not wait for it.
     let mut connection = loop {
         if let Ok(c) = Connection::open(addr, "localhost", client_config(&ca.cert_pem())).await {
             break c;
@@ -193,15 +191,48 @@ async fn the_webhook_stops_on_sigterm() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let reply = connection
-        .request("GET", "/readyz", None, "")
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let took = tokio::task::spawn_blocking(move || webhook.terminate("vmdisk-webhook"))
+    loop {
+        let reply = connection
+            .request("GET", "/readyz", None, "")
+            .await
+            .unwrap();
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook never became ready: {}\n{}",
+            reply.text(),
+            webhook.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let name = name.to_string();
+    let took = tokio::task::spawn_blocking(move || webhook.terminate(&name))
         .await
         .unwrap();
     assert!(took <= STOP_BOUND);
+    drop(connection);
+}
+
+#[tokio::test]
+async fn the_webhook_stops_on_sigterm() {
+    webhook_stops("vmdisk-webhook (file catalog)", |command, dir| {
+        let catalog_dir = dir.join("catalog");
+        std::fs::create_dir_all(&catalog_dir).unwrap();
+        std::fs::write(catalog_dir.join("catalog.yaml"), sample_catalog_yaml()).unwrap();
+        command.arg("--catalog-dir").arg(&catalog_dir);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_webhook_with_a_catalog_of_10_000_images_stops_on_sigterm() {
+    let api = FakeApi::start(images_at("registry.invalid:5000", IMAGES)).await;
+    webhook_stops("vmdisk-webhook (10,000 images)", |command, dir| {
+        command.env("KUBECONFIG", api.kubeconfig(dir));
+    })
+    .await;
 }
 
 #[tokio::test]
