@@ -1,5 +1,6 @@
 //! Leader election on a coordination.k8s.io/v1 Lease: only one `vmdisk-controller` replica
-//! runs the controllers. [`decide`] is the pure rule; [`LeaderElector`] does the I/O.
+//! runs the controllers. [`decide`] and [`released`] are the pure rules; [`LeaderElector`]
+//! does the I/O.
 
 use std::time::Duration;
 
@@ -61,6 +62,29 @@ pub fn decide(
     } else {
         LeaderAction::Follow
     }
+}
+
+/// The Lease handed back by `me` when it stops: no holder (which [`decide`] lets anyone take
+/// over at once), as client-go's `ReleaseOnCancel` leaves it. `None` when `me` does not hold
+/// it: a Lease taken over by another replica is not ours to clear.
+pub fn released(lease: &Lease, me: &str, now: DateTime<Utc>) -> Option<Lease> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(me) {
+        return None;
+    }
+    Some(Lease {
+        metadata: ObjectMeta {
+            name: lease.metadata.name.clone(),
+            resource_version: lease.metadata.resource_version.clone(),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(to_timestamp(now))),
+            ..spec.clone()
+        }),
+    })
 }
 
 pub struct LeaderElector {
@@ -143,6 +167,26 @@ impl LeaderElector {
             Err(e) => Err(e),
         }
     }
+
+    /// Hands the Lease back if this replica holds it, so a standby leads at its next round.
+    /// A conflict means another replica wrote it meanwhile: nothing to release.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        let Some(current) = self.api.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        let Some(lease) = released(&current, &self.identity, Utc::now()) else {
+            return Ok(());
+        };
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +236,21 @@ mod tests {
             decide(Some(&lease(None, now)), "a", now, d),
             LeaderAction::TakeOver
         );
+    }
+
+    #[test]
+    fn a_released_lease_has_no_holder_and_is_taken_over_at_once() {
+        let now = Utc::now();
+        let d = Duration::from_secs(15);
+        let mut ours = lease(Some("a"), now);
+        ours.metadata.resource_version = Some("7".into());
+        let released = released(&ours, "a", now).expect("ours to release");
+        let spec = released.spec.as_ref().unwrap();
+        assert_eq!(spec.holder_identity, None);
+        assert_eq!(released.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(decide(Some(&released), "b", now, d), LeaderAction::TakeOver);
+        assert_eq!(super::released(&lease(Some("b"), now), "a", now), None);
+        assert_eq!(super::released(&lease(None, now), "a", now), None);
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
 //! `vmdisk-controller`: wires flags → API client → probes and metrics → leader election,
-//! which runs the controllers while this replica leads.
+//! which runs the controllers while this replica leads, until the stop (SIGTERM).
 
 use std::sync::Arc;
 
@@ -10,13 +10,16 @@ use vmdisk_controller::metrics::ControllerMetrics;
 use vmdisk_controller::server::router;
 use vmdisk_controller::supervisor::{self, Leadership};
 use vmdisk_support::metrics::serve;
-use vmdisk_support::process::{self, termination_signal};
+use vmdisk_support::process::{self, Stop};
 
 fn main() -> std::process::ExitCode {
-    process::run_main("vmdisk-controller", run(ControllerArgs::parse()))
+    let args = ControllerArgs::parse();
+    process::run_main("vmdisk-controller", supervisor::FINISH_WITHIN, |stop| {
+        run(args, stop)
+    })
 }
 
-async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+async fn run(args: ControllerArgs, stop: Stop) -> anyhow::Result<()> {
     process::init_logging(process::LogFormat::named(&args.log_format));
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -30,22 +33,37 @@ async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let mut server = tokio::spawn(serve(
         listener,
         router(Arc::clone(&metrics), Arc::clone(&leadership)),
-        termination_signal(),
+        stop.clone().cancelled_owned(),
     ));
-    let mut controllers = supervisor::spawn(client, args.controller_config(), metrics, leadership);
-    let result = tokio::select! {
-        served = &mut server => match served {
-            // A termination signal ended the server: the controllers stop with the process.
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
-            Err(e) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
-        },
-        ended = &mut controllers => Err(match ended {
-            Err(e) => anyhow::Error::new(e).context("leader election stopped"),
-            Ok(()) => anyhow::anyhow!("leader election stopped"),
-        }),
-    };
-    controllers.abort();
-    server.abort();
-    result
+    let mut controllers = supervisor::spawn(
+        client,
+        args.controller_config(),
+        metrics,
+        leadership,
+        stop.clone(),
+    );
+    tokio::select! {
+        served = &mut server => {
+            // Only the stop ends the server; anything else is an error, and the stop ends the
+            // controllers either way.
+            stop.cancel();
+            let _ = controllers.await;
+            match served {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
+                Err(e) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
+            }
+        }
+        ended = &mut controllers => {
+            let stopping = stop.is_cancelled();
+            stop.cancel();
+            let _ = server.await;
+            match ended {
+                Err(e) => Err(anyhow::Error::new(e).context("leader election stopped")),
+                // The controllers stopped and the Lease is released.
+                Ok(()) if stopping => Ok(()),
+                Ok(()) => Err(anyhow::anyhow!("leader election stopped")),
+            }
+        }
+    }
 }

@@ -3,12 +3,18 @@
 //! leader, stop when it loses the Lease, and start again if they stop by themselves while it
 //! leads. What the last round found is kept in [`Leadership`], for `/readyz` and the
 //! `vmdisk_controller_leader` gauge.
+//!
+//! On the stop (SIGTERM) the controllers stop taking work and finish their reconciles in
+//! flight (those not done within [`CONTROLLERS_STOP_WITHIN`] are dropped and redone by the
+//! next leader), then the Lease is released so a standby replica leads within a round instead
+//! of waiting for the Lease to expire.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Client;
 use vmdisk_crds::{CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE};
+use vmdisk_support::process::Stop;
 
 use crate::leader::LeaderElector;
 use crate::metrics::ControllerMetrics;
@@ -19,6 +25,16 @@ pub const LEASE_NAME: &str = "vmdisk-controller";
 
 /// How long a Lease lasts without renewal; it is renewed every third of that.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// How long the controllers may take to finish their reconciles in flight after the stop.
+pub const CONTROLLERS_STOP_WITHIN: Duration = Duration::from_secs(2);
+
+/// How long releasing the Lease may take after the controllers stopped.
+pub const RELEASE_WITHIN: Duration = Duration::from_secs(1);
+
+/// The whole stop's bound, after which the process exits anyway (the next leader redoes
+/// what was in flight).
+pub const FINISH_WITHIN: Duration = Duration::from_secs(4);
 
 /// Where the controllers run and keep their objects.
 #[derive(Debug, Clone)]
@@ -79,12 +95,14 @@ impl Leadership {
     }
 }
 
-/// Spawns leader election; the controllers run only while this replica leads.
+/// Spawns leader election; the controllers run only while this replica leads. The task ends
+/// on `stop`, once the controllers stopped and the Lease is released.
 pub fn spawn(
     client: Client,
     config: ControllerConfig,
     metrics: Arc<ControllerMetrics>,
     leadership: Arc<Leadership>,
+    stop: Stop,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let elector = LeaderElector::new(
@@ -96,8 +114,13 @@ pub fn spawn(
         );
         let identity = config.identity.clone();
         let mut running: Option<tokio::task::JoinHandle<()>> = None;
+        let mut leading = false;
         loop {
-            let leading = match elector.try_lead().await {
+            let round = tokio::select! {
+                round = elector.try_lead() => round,
+                () = stop.cancelled() => break,
+            };
+            leading = match round {
                 Ok(l) => {
                     leadership.set(if l { Round::Leading } else { Round::Standby });
                     l
@@ -118,14 +141,21 @@ pub fn spawn(
                     tracing::info!(%identity, "became leader; starting the controllers");
                     let (client, config) = (client.clone(), config.clone());
                     let populator_metrics = metrics.populator.clone();
+                    let stop = stop.clone();
                     running = Some(tokio::spawn(async move {
                         tokio::join!(
                             crate::image::run(
                                 client.clone(),
                                 &config.credentials_namespace,
-                                &config.identity
+                                &config.identity,
+                                stop.clone(),
                             ),
-                            crate::populator::run(client, config.populator, populator_metrics),
+                            crate::populator::run(
+                                client,
+                                config.populator,
+                                populator_metrics,
+                                stop
+                            ),
                         );
                     }));
                 }
@@ -138,9 +168,45 @@ pub fn spawn(
                 _ => {}
             }
             metrics.set_leading(running.is_some());
-            tokio::time::sleep(LEASE_DURATION / 3).await;
+            tokio::select! {
+                () = tokio::time::sleep(LEASE_DURATION / 3) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        if let Some(task) = running.take() {
+            stop_controllers(task).await;
+        }
+        metrics.set_leading(false);
+        if leading {
+            match tokio::time::timeout(RELEASE_WITHIN, elector.release()).await {
+                Ok(Ok(())) => tracing::info!(%identity, "released the Lease"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot release the Lease; a standby leads once it expires")
+                }
+                Err(_) => {
+                    tracing::warn!("releasing the Lease timed out; a standby leads once it expires")
+                }
+            }
         }
     })
+}
+
+/// Waits for the controllers, which saw the stop, to finish their reconciles in flight; those
+/// still running after [`CONTROLLERS_STOP_WITHIN`] are dropped (the next leader redoes them).
+async fn stop_controllers(mut task: tokio::task::JoinHandle<()>) {
+    let started = std::time::Instant::now();
+    if tokio::time::timeout(CONTROLLERS_STOP_WITHIN, &mut task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the controllers did not finish their reconciles within {CONTROLLERS_STOP_WITHIN:?}; dropping them"
+        );
+        task.abort();
+        // Ends once the task is dropped; its reconciles are not polled again.
+        let _ = task.await;
+    }
+    tracing::info!(elapsed = ?started.elapsed(), "the controllers stopped");
 }
 
 #[cfg(test)]

@@ -133,7 +133,7 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
         metrics: Arc::new(AgentMetrics::new()),
         resync: Duration::from_millis(200),
     };
-    let task = tokio::spawn(agent.run());
+    let task = tokio::spawn(agent.run(vmdisk_support::process::Stop::new()));
     let label = node_cache_label_key(&digest).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -38,8 +38,11 @@ pub fn phase() -> Phase<LocalInstall> {
     Phase {
         name: "local",
         cases: cases(),
-        // Measures latency: alone, after the others.
-        exclusive: cases![crate::latency::pvc_create_latency_with_and_without_the_webhook],
+        // Measures latency: alone, after the others; then two more controllers, briefly.
+        exclusive: cases![
+            crate::latency::pvc_create_latency_with_and_without_the_webhook,
+            crate::stop::a_stopped_controller_hands_its_lease_to_the_standby,
+        ],
     }
 }
 

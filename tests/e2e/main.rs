@@ -17,6 +17,7 @@
 //!   `certs/no-cert-manager.sh`; the webhook and controller Deployments and the agent
 //!   DaemonSet run as pods on the real node, populator pods fill PVCs there. Its last case
 //!   stops the webhook.
+//! - `local`'s last case stops a controller with SIGTERM (`stop`).
 
 mod api;
 mod flow;
@@ -24,6 +25,7 @@ mod images;
 mod installed;
 mod latency;
 mod local;
+mod stop;
 mod support;
 
 use std::future::Future;

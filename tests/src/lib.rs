@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod certs;
 pub mod disks;
+pub mod fake_api;
 pub mod https;
 pub mod images;
 pub mod loopfs;

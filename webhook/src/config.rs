@@ -44,8 +44,9 @@ pub struct WebhookArgs {
     #[arg(long, env = "VMDISK_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
-    /// Seconds to let in-flight requests finish after SIGTERM.
-    #[arg(long, env = "VMDISK_DRAIN_SECONDS", default_value_t = 20)]
+    /// Seconds to let in-flight requests finish after SIGTERM (a review takes milliseconds;
+    /// the process exits at most a second after this).
+    #[arg(long, env = "VMDISK_DRAIN_SECONDS", default_value_t = 3)]
     pub drain_seconds: u64,
 
     /// Log format.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use vmdisk_support::process::{self, bind, termination_signal};
+use vmdisk_support::process::{self, bind, Stop};
 use vmdisk_webhook::catalog::{file::FileCatalog, kube::KubeCatalog, ImageCatalog};
 use vmdisk_webhook::config::WebhookArgs;
 use vmdisk_webhook::metrics::WebhookMetrics;
@@ -14,10 +14,14 @@ use vmdisk_webhook::server::serve_tls;
 use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
 fn main() -> std::process::ExitCode {
-    process::run_main("vmdisk-webhook", run(WebhookArgs::parse()))
+    let args = WebhookArgs::parse();
+    // The drain, and a second for the rest of the stop.
+    let finish_within = args.drain() + std::time::Duration::from_secs(1);
+    process::run_main("vmdisk-webhook", finish_within, |stop| run(args, stop))
 }
 
-async fn run(args: WebhookArgs) -> anyhow::Result<()> {
+/// Serves until the stop; in-flight reviews finish (within `--drain-seconds`).
+async fn run(args: WebhookArgs, stop: Stop) -> anyhow::Result<()> {
     process::init_logging(process::LogFormat::named(&args.log_format));
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -58,7 +62,7 @@ async fn run(args: WebhookArgs) -> anyhow::Result<()> {
         listener,
         server_config(resolver),
         router(webhook),
-        termination_signal(),
+        stop.cancelled_owned(),
         args.drain(),
     )
     .await;

@@ -173,8 +173,23 @@ pub enum Mode {
     },
 }
 
-/// Runs one parsed command line.
+impl Mode {
+    /// `run`: the long-running DaemonSet mode, which ends on the stop (SIGTERM).
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Mode::Run { .. })
+    }
+}
+
+/// Runs one parsed command line to its end (`run` never ends: see [`run_until_stopped`]).
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    run_until_stopped(cli, vmdisk_support::process::Stop::new()).await
+}
+
+/// Runs one parsed command line; `run` ends on `stop`, the other commands ignore it.
+pub async fn run_until_stopped(
+    cli: Cli,
+    stop: vmdisk_support::process::Stop,
+) -> anyhow::Result<()> {
     match cli.mode {
         Mode::Run {
             cache,
@@ -189,6 +204,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 metrics_listen,
                 resync_seconds,
                 credentials_namespace,
+                stop,
             )
             .await
         }

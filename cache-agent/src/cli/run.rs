@@ -1,5 +1,5 @@
 //! `vmdisk-cache-agent run`, the DaemonSet: owns the node's cache, serves `/metrics` and
-//! `/healthz`, and runs the [`crate::node::Agent`] loop until the process ends.
+//! `/healthz`, and runs the [`crate::node::Agent`] loop until the stop (SIGTERM).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +15,7 @@ pub(super) async fn execute(
     metrics_listen: std::net::SocketAddr,
     resync_seconds: u64,
     credentials_namespace: String,
+    stop: vmdisk_support::process::Stop,
 ) -> anyhow::Result<()> {
     let store = open_store(&cache, OpenAs::Owner)?;
     let warmer = warmer(&cache, store)?;
@@ -25,12 +26,11 @@ pub(super) async fn execute(
     let reporter = crate::node::NodeReporter::new(client.clone(), node_name.clone());
     let listener = vmdisk_support::process::bind(metrics_listen).await?;
     let endpoint = vmdisk_support::metrics::router(Arc::clone(&metrics));
-    tokio::spawn(async move {
-        let forever = std::future::pending();
-        if let Err(e) = vmdisk_support::metrics::serve(listener, endpoint, forever).await {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    });
+    let server = tokio::spawn(vmdisk_support::metrics::serve(
+        listener,
+        endpoint,
+        stop.clone().cancelled_owned(),
+    ));
     tracing::info!(node = %node_name, cache = %cache.cache_dir.display(), "cache agent running");
     crate::node::Agent {
         client,
@@ -41,7 +41,11 @@ pub(super) async fn execute(
         metrics,
         resync: Duration::from_secs(resync_seconds.max(5)),
     }
-    .run()
+    .run(stop.clone())
     .await;
-    Ok(())
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
+        Err(e) => Err(anyhow::Error::new(e).context("the metrics server stopped")),
+    }
 }

@@ -1,7 +1,10 @@
 //! The DaemonSet's `run` mode: keep this node's cache holding what the VMDiskImages ask for.
 //!
 //! The [`Agent`] loop feeds the pure plan (`plan`: what is wanted here, what is pinned, what
-//! to warm now) from reflectors and the store, runs the warms, and reports.
+//! to warm now) from reflectors and the store, runs the warms, and reports, until the stop:
+//! then the watches and the report loop end and the warms in flight are dropped (a dropped
+//! warm removes its staging directory; what a killed process leaves, the next start cleans),
+//! to start again at the next start.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,6 +15,7 @@ use k8s_openapi::api::core::v1::{Node, Secret};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
 use vmdisk_crds::{
     credentials_secret_name, reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference,
@@ -60,13 +64,29 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Runs until the process ends.
-    pub async fn run(self) {
+    /// Runs until `stop`.
+    pub async fn run(self, stop: vmdisk_support::process::Stop) {
+        let mut warms = JoinSet::new();
+        let mut watches = Vec::new();
+        tokio::select! {
+            () = self.keep_cache(&mut warms, &mut watches) => {}
+            () = stop.cancelled() => {
+                tracing::info!(warms = warms.len(), "stopping; warms in flight start again at the next start");
+            }
+        }
+        for watch in watches {
+            watch.abort();
+        }
+        warms.shutdown().await;
+    }
+
+    /// The loop: never returns.
+    async fn keep_cache(&self, warms: &mut JoinSet<()>, watches: &mut Vec<JoinHandle<()>>) {
         let images_api: Api<VMDiskImage> = Api::all(self.client.clone());
         let (images, writer) = reflector::store::<VMDiskImage>();
         let wake = Arc::new(tokio::sync::Notify::new());
         let w = Arc::clone(&wake);
-        tokio::spawn(
+        watches.push(tokio::spawn(
             reflector::reflector(writer, watcher(images_api, watcher::Config::default()))
                 .default_backoff()
                 .touched_objects()
@@ -77,11 +97,11 @@ impl Agent {
                     w.notify_one();
                     futures::future::ready(())
                 }),
-        );
+        ));
         let nodes: Api<Node> = Api::all(self.client.clone());
         let (node_store, node_writer) = reflector::store::<Node>();
         let w = Arc::clone(&wake);
-        tokio::spawn(
+        watches.push(tokio::spawn(
             reflector::reflector(
                 node_writer,
                 watcher(
@@ -95,7 +115,7 @@ impl Agent {
                 w.notify_one();
                 futures::future::ready(())
             }),
-        );
+        ));
         let _ = images.wait_until_ready().await;
         if let Err(e) = self.reporter.ensure_cache_object().await {
             tracing::error!(error = %e, "cannot create this node's NodeDiskCache; will retry");
@@ -110,7 +130,10 @@ impl Agent {
             }
         };
         loop {
-            self.iterate(&images, &node_store, &state, &wake).await;
+            // Finished warms leave their (empty) results behind.
+            while warms.try_join_next().is_some() {}
+            self.iterate(&images, &node_store, &state, &wake, warms)
+                .await;
             let changed = async {
                 match lost.as_mut() {
                     Some((_, rx)) => rx.recv().await,
@@ -143,6 +166,7 @@ impl Agent {
         nodes: &Store<Node>,
         state: &Arc<Mutex<AgentState>>,
         wake: &Arc<tokio::sync::Notify>,
+        warms: &mut JoinSet<()>,
     ) {
         let node_labels = nodes
             .state()
@@ -169,7 +193,7 @@ impl Agent {
         };
         store.set_pinned(&plan.pinned);
         for w in plan.start {
-            self.start_warm(w, Arc::clone(state), Arc::clone(wake))
+            self.start_warm(w, Arc::clone(state), Arc::clone(wake), warms)
                 .await;
         }
         let wanted_digests = wanted.iter().map(|w| w.key.digest.clone()).collect();
@@ -181,6 +205,7 @@ impl Agent {
         wanted: WantedImage,
         state: Arc<Mutex<AgentState>>,
         wake: Arc<tokio::sync::Notify>,
+        warms: &mut JoinSet<()>,
     ) {
         let registry = match self.registry_options(&wanted).await {
             Ok(r) => r,
@@ -275,7 +300,7 @@ impl Agent {
             }
             wake.notify_one();
         };
-        tokio::spawn(warm.instrument(span));
+        warms.spawn(warm.instrument(span));
     }
 
     /// Registry options for a wanted image, with the credentials copy the image controller

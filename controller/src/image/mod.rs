@@ -50,8 +50,14 @@ pub const API_ACCESS: &[ApiAccess] = &[
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
 
-/// Runs the image controller until the future is dropped.
-pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
+/// Runs the image controller until the stop (reconciles in flight finish) or until the future
+/// is dropped.
+pub async fn run(
+    client: Client,
+    credentials_namespace: &str,
+    identity: &str,
+    stop: vmdisk_support::process::Stop,
+) {
     let images: Api<VMDiskImage> = Api::all(client.clone());
     let caches_api: Api<NodeDiskCache> = Api::all(client.clone());
     let (caches, _caches_task) = reflect(caches_api.clone(), watcher::Config::default());
@@ -79,7 +85,9 @@ pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
         tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
         return;
     }
-    let controller = Controller::new(images, watcher::Config::default());
+    let controller = Controller::new(images, watcher::Config::default())
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .with_config(kube::runtime::controller::Config::default().concurrency(16));
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.

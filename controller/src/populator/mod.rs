@@ -84,8 +84,14 @@ fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim
     Some(ObjectRef::new(name).within(namespace))
 }
 
-/// Runs the populator until the future is dropped.
-pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMetrics) {
+/// Runs the populator until the stop (reconciles in flight finish) or until the future is
+/// dropped.
+pub async fn run(
+    client: Client,
+    config: PopulatorSettings,
+    metrics: PopulatorMetrics,
+    stop: vmdisk_support::process::Stop,
+) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
     let (images, _images_task) = reflect(
         Api::<VMDiskImage>::all(client.clone()),
@@ -107,7 +113,8 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
     let controller = Controller::new(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
-    );
+    )
+    .graceful_shutdown_on(stop.cancelled_owned());
     let claims = controller.store();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
