@@ -1,7 +1,11 @@
 //! The one retry backoff: a delay doubling from a base after each consecutive failure, capped,
 //! with optional full jitter. Registry requests, the agent's warms and the populator's pods
 //! all retry through it, so "how long until the next try" means the same thing everywhere.
+//! [`Failures`] counts consecutive failures per object, for controllers' error policies.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Exponential backoff: `initial` after the first failure, doubling, never above `max`.
@@ -27,6 +31,47 @@ impl Backoff {
     /// Many clients failing together then do not retry together.
     pub fn jittered(&self, failures: u32, rand01: f64) -> Duration {
         self.delay(failures).mul_f64(rand01.clamp(0.0, 1.0))
+    }
+}
+
+/// Consecutive failures per key (an object), each answered with the [`Backoff`] delay: a
+/// controller's error policy calls [`Failures::failed`], its successful reconcile
+/// [`Failures::succeeded`], so one object failing again and again is retried ever more slowly
+/// while the others are not held back.
+#[derive(Debug)]
+pub struct Failures<K> {
+    backoff: Backoff,
+    counts: Mutex<HashMap<K, u32>>,
+}
+
+impl<K: Hash + Eq> Failures<K> {
+    pub fn new(backoff: Backoff) -> Self {
+        Self {
+            backoff,
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one more failure of `key`: its consecutive failures and the delay before the
+    /// next try.
+    pub fn failed(&self, key: K) -> (u32, Duration) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        (*n, self.backoff.delay(*n))
+    }
+
+    /// `key` worked: its next failure starts from the first delay again. True when it had
+    /// failed before (a recovery worth telling once).
+    pub fn succeeded(&self, key: &K) -> bool {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.remove(key).is_some()
+    }
+
+    /// Consecutive failures of `key` so far.
+    pub fn count(&self, key: &K) -> u32 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(key).copied().unwrap_or(0)
     }
 }
 
@@ -58,5 +103,21 @@ mod tests {
     fn a_huge_base_saturates_instead_of_overflowing() {
         let b = Backoff::new(Duration::MAX, Duration::MAX);
         assert_eq!(b.delay(30), Duration::MAX);
+    }
+
+    #[test]
+    fn failures_back_off_per_key_and_reset_on_success() {
+        let f = Failures::new(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)));
+        assert_eq!(f.failed("a"), (1, Duration::from_secs(1)));
+        assert_eq!(f.failed("a"), (2, Duration::from_secs(2)));
+        assert_eq!(f.failed("b"), (1, Duration::from_secs(1)), "per key");
+        assert_eq!(f.failed("a"), (3, Duration::from_secs(4)));
+        assert_eq!(f.failed("a"), (4, Duration::from_secs(8)));
+        assert_eq!(f.failed("a"), (5, Duration::from_secs(8)), "capped");
+        assert!(f.succeeded(&"a"));
+        assert!(!f.succeeded(&"a"), "told once");
+        assert_eq!(f.count(&"a"), 0);
+        assert_eq!(f.failed("a"), (1, Duration::from_secs(1)));
+        assert_eq!(f.count(&"b"), 1);
     }
 }

@@ -26,6 +26,8 @@ use vmdisk_crds::{
     AccessScope, ApiAccess, VMDiskImage, CLAIM_ANNOTATION, COMPONENT_LABEL, POPULATOR_COMPONENT,
 };
 
+use vmdisk_support::Failures;
+
 use crate::metrics::PopulatorMetrics;
 use crate::tasks::{reflect, TaskGuard};
 pub use reconcile::{error_policy, reconcile, Context, PopulatorError};
@@ -84,6 +86,23 @@ fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim
     Some(ObjectRef::new(name).within(namespace))
 }
 
+/// Claims that may wait for a populator pod: those naming a VMDiskImage, not bound yet.
+fn waiting_for_pods(
+    claims: &[Arc<PersistentVolumeClaim>],
+) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+    claims
+        .iter()
+        .filter(|c| decide::referenced_image(c).ok().flatten().is_some())
+        .filter(|c| {
+            c.spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .is_none_or(str::is_empty)
+        })
+        .map(|c| ObjectRef::from_obj(&**c))
+        .collect()
+}
+
 /// Runs the populator until the future is dropped.
 pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMetrics) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
@@ -125,6 +144,7 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
         classes,
         pods,
         metrics,
+        failures: Failures::new(reconcile::ERROR_BACKOFF),
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).
@@ -143,6 +163,7 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
     }
     let _sweeper = TaskGuard::spawn(sweep::sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
+    let claims_for_agents = claims.clone();
     controller
         .watches(
             pods_api,
@@ -171,6 +192,12 @@ pub async fn run(client: Client, config: PopulatorSettings, metrics: PopulatorMe
                     .map(|c| ObjectRef::from_obj(&*c))
                     .collect::<Vec<_>>()
             },
+        )
+        // The agent DaemonSet appearing (or changing) wakes the claims that wait for a pod.
+        .watches(
+            Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
+            move |_| waiting_for_pods(&claims_for_agents.state()),
         )
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
