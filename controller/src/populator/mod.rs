@@ -11,6 +11,8 @@ pub mod objects;
 pub mod reconcile;
 pub mod settings;
 pub mod sweep;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
