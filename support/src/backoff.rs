@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Exponential backoff: `initial` after the first failure, doubling, never above `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +41,8 @@ impl Backoff {
 #[derive(Debug)]
 pub struct Failures<K> {
     backoff: Backoff,
-    counts: Mutex<HashMap<K, u32>>,
+    /// Consecutive failures and when the next try is due.
+    counts: Mutex<HashMap<K, (u32, Instant)>>,
 }
 
 impl<K: Hash + Eq> Failures<K> {
@@ -55,23 +56,39 @@ impl<K: Hash + Eq> Failures<K> {
     /// Counts one more failure of `key`: its consecutive failures and the delay before the
     /// next try.
     pub fn failed(&self, key: K) -> (u32, Duration) {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(key).or_insert(0);
+        let mut counts = self.lock();
+        let (n, due) = counts.entry(key).or_insert((0, Instant::now()));
         *n = n.saturating_add(1);
-        (*n, self.backoff.delay(*n))
+        let delay = self.backoff.delay(*n);
+        *due = Instant::now() + delay;
+        (*n, delay)
+    }
+
+    /// How long `key` still waits before its next try, if it is backing off.
+    pub fn waiting(&self, key: &K) -> Option<Duration> {
+        let (_, due) = *self.lock().get(key)?;
+        due.checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+    }
+
+    /// Forgets the keys `keep` refuses (objects that are gone).
+    pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
+        self.lock().retain(|k, _| keep(k));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, (u32, Instant)>> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// `key` worked: its next failure starts from the first delay again. True when it had
     /// failed before (a recovery worth telling once).
     pub fn succeeded(&self, key: &K) -> bool {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.remove(key).is_some()
+        self.lock().remove(key).is_some()
     }
 
     /// Consecutive failures of `key` so far.
     pub fn count(&self, key: &K) -> u32 {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.get(key).copied().unwrap_or(0)
+        self.lock().get(key).map_or(0, |(n, _)| *n)
     }
 }
 
@@ -119,5 +136,16 @@ mod tests {
         assert_eq!(f.count(&"a"), 0);
         assert_eq!(f.failed("a"), (1, Duration::from_secs(1)));
         assert_eq!(f.count(&"b"), 1);
+        let hour = Duration::from_secs(3600);
+        let slow = Failures::new(Backoff::new(hour, hour));
+        slow.failed("b");
+        assert!(slow.waiting(&"b").is_some_and(|d| d <= hour));
+        assert_eq!(f.waiting(&"c"), None, "never failed");
+        slow.retain(|k| *k != "b");
+        assert_eq!(slow.count(&"b"), 0);
+        assert_eq!(slow.waiting(&"b"), None);
+        let none = Failures::new(Backoff::new(Duration::ZERO, Duration::ZERO));
+        none.failed("a");
+        assert_eq!(none.waiting(&"a"), None, "nothing left to wait");
     }
 }

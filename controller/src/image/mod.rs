@@ -7,6 +7,8 @@
 //! count from the NodeDiskCache objects the agents publish. [`resolve`] and [`status`] are
 //! the pure decisions; [`mod@reconcile`] does the I/O; [`run`] wires the watches.
 
+#[cfg(test)]
+mod convergence;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
@@ -60,20 +62,20 @@ pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
         watcher::Config::default().labels(IMAGE_UID_LABEL),
     );
     let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        resolver: Arc::new(RegistryResolver::default()),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(RegistryResolver::default()),
         caches,
-        copies: copies.clone(),
-        copier: copier.clone(),
-        recorder: Recorder::new(
+        copies.clone(),
+        copier.clone(),
+        Recorder::new(
             client.clone(),
             Reporter {
                 controller: "vmdisk-image-controller".into(),
                 instance: Some(identity.to_string()),
             },
         ),
-    });
+    ));
     // Status aggregates the node caches: an empty store would report no warm nodes.
     if ctx.caches.wait_until_ready().await.is_err() {
         tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
@@ -84,6 +86,7 @@ pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
     let sweep_images = image_store.clone();
+    let sweep_ctx = Arc::clone(&ctx);
     let _sweeper = TaskGuard::spawn(async move {
         loop {
             tokio::time::sleep(COPY_SWEEP).await;
@@ -92,6 +95,13 @@ pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
             {
                 continue;
             }
+            // Backoff records of deleted images go too.
+            sweep_ctx
+                .resolve_failures
+                .retain(|image| sweep_images.get(image).is_some());
+            sweep_ctx
+                .errors
+                .retain(|image| sweep_images.get(image).is_some());
             for name in credentials::orphaned_copies(&copies.state(), &sweep_images.state()) {
                 match copier.delete(&name).await {
                     Ok(()) => {
