@@ -361,12 +361,16 @@ pub(crate) fn step_name(step: &Step) -> &'static str {
 }
 
 /// A JSON patch adding or removing the populator's finalizer, guarded by a `test` of the
-/// current list so a concurrent change makes it fail (and retry) instead of clobbering.
-fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
+/// current list so a concurrent change makes it fail (and retry) instead of clobbering. An
+/// empty list is absent on the server: the guard then tests for `null` (which an absent field
+/// passes), so adding the whole list cannot replace finalizers the store had not seen yet.
+pub(super) fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
     let current = pvc.finalizers().to_vec();
     let ops = if add {
-        if pvc.metadata.finalizers.is_none() {
-            serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
+        if current.is_empty() {
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
         } else {
             serde_json::json!([
                 {"op": "test", "path": "/metadata/finalizers", "value": current},
