@@ -38,8 +38,11 @@ pub fn phase() -> Phase<LocalInstall> {
     Phase {
         name: "local",
         cases: cases(),
-        // Measures latency: alone, after the others.
-        exclusive: cases![crate::latency::pvc_create_latency_with_and_without_the_webhook],
+        // Measures latency, or removes a piece of the installation: alone, after the others.
+        exclusive: cases![
+            crate::latency::pvc_create_latency_with_and_without_the_webhook,
+            crate::settle::a_claim_waiting_for_the_missing_agent_daemonset_is_written_a_handful_of_times,
+        ],
     }
 }
 

@@ -24,6 +24,7 @@ mod images;
 mod installed;
 mod latency;
 mod local;
+mod settle;
 mod support;
 
 use std::future::Future;
