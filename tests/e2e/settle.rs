@@ -256,3 +256,148 @@ pub async fn a_claim_waiting_for_the_missing_agent_daemonset_is_written_a_handfu
     })
     .await;
 }
+
+/// Images per run of the unreachable-registry case (`VMDISK_E2E_UNREACHABLE_IMAGES`).
+fn unreachable_images() -> usize {
+    std::env::var("VMDISK_E2E_UNREACHABLE_IMAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000)
+}
+
+/// CPU seconds (user + system) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<f64>().ok());
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(14).unwrap_or(0.0) + ticks(15).unwrap_or(0.0)) / per_second
+}
+
+fn resolve_warnings(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("cannot resolve the image reference"))
+        .count()
+}
+
+/// Many images whose registry refuses connections: each is tried once per backoff step
+/// (30 s, doubling), its status written once and its Event recorded once, however often the
+/// controller is woken; the figures (log lines, writes, CPU) are printed.
+pub async fn many_images_behind_an_unreachable_registry_back_off(
+    fx: Arc<LocalInstall>,
+    case: Case,
+) {
+    let admin = case.admin();
+    let ns = case.namespace("e2e-unreachable").await;
+    let n = unreachable_images();
+    let images: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
+    let (pid, log) = {
+        let c = fx.controller.lock().unwrap();
+        (c.child.id(), c.log.clone())
+    };
+    let warnings_before = resolve_warnings(&log);
+    let cpu_before = cpu_seconds(pid);
+
+    // Every write to the namespace's images, from before the first is made.
+    let writes = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        BTreeSet<String>,
+    >::new()));
+    let watching = {
+        let writes = Arc::clone(&writes);
+        let stream = watcher(images.clone(), watcher::Config::default());
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = event {
+                    writes
+                        .lock()
+                        .unwrap()
+                        .entry(o.name_any())
+                        .or_default()
+                        .insert(o.resource_version().unwrap_or_default());
+                }
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let admin = admin.clone();
+            let ns = ns.clone();
+            async move {
+                create_image(
+                    &admin,
+                    &ns,
+                    &format!("down-{i}"),
+                    json!({"source": {"registry": {"url": format!("127.0.0.1:1/disks/down-{i}:v1"), "insecure": true}}}),
+                )
+                .await;
+            }
+        })
+        .await;
+    let created = started.elapsed();
+    // Two minutes from the last create: first attempts, then the 30 s and 90 s retries.
+    let window = Duration::from_secs(120);
+    tokio::time::sleep(window).await;
+    let elapsed = started.elapsed();
+    watching.abort();
+    let warnings = resolve_warnings(&log) - warnings_before;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let failed = images
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|i| {
+            i.status.as_ref().and_then(|s| s.phase) == Some(vmdisk_crds::ImagePhase::Failed)
+        })
+        .count();
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), &ns);
+    let events = events.list(&Default::default()).await.unwrap().items;
+    let resolve_failed_events = events
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ResolveFailed"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1)) as usize)
+        .sum::<usize>();
+    let writes = writes.lock().unwrap().clone();
+    // The create is one version; every further one is the controller's write.
+    let status_writes: usize = writes.values().map(|v| v.len().saturating_sub(1)).sum();
+    let most = writes
+        .values()
+        .map(|v| v.len().saturating_sub(1))
+        .max()
+        .unwrap_or(0);
+    let minutes = elapsed.as_secs_f64() / 60.0;
+    println!(
+        "unreachable: {n} images created in {created:.0?}; after {elapsed:.0?}: {failed} Failed, \
+         {warnings} resolve warnings ({:.0}/min), {status_writes} status writes ({:.0}/min, at most \
+         {most} per image), {resolve_failed_events} ResolveFailed Events, controller CPU {cpu:.1} s \
+         ({:.0}% of one core)",
+        warnings as f64 / minutes,
+        status_writes as f64 / minutes,
+        100.0 * cpu / elapsed.as_secs_f64(),
+    );
+    // 10,000 images would outlast the namespace's deletion: they go here, in one request.
+    let _ = images
+        .delete_collection(&DeleteParams::default(), &Default::default())
+        .await;
+    assert_eq!(failed, n, "every image shows the failure");
+    assert!(most <= 1, "an image's status written {most} times");
+    assert!(
+        resolve_failed_events <= n,
+        "{resolve_failed_events} ResolveFailed Events for {n} images"
+    );
+    // Attempts at 0, 30 and 90 s of each image's own clock fit in the window: three at most.
+    assert!(
+        warnings <= 3 * n,
+        "{warnings} resolve warnings for {n} images in {elapsed:?}"
+    );
+}

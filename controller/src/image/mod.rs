@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{controller, watcher, Controller};
 use kube::{Api, Client};
 use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, VMDiskImage, IMAGE_UID_LABEL};
 
@@ -48,6 +48,12 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // Events on VMDiskImages (Resolved, ResolveFailed, PullSecretError).
     ApiAccess::record_events(AccessScope::Cluster),
 ];
+
+/// Images reconciled at once. Unbounded, 10,000 images behind an unreachable registry opened
+/// 10,000 connections together: the process ran out of file descriptors, so the same image
+/// failed with changing messages (each one a status write and an Event) and the API server's
+/// own connections failed too.
+const CONCURRENCY: u16 = 16;
 
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
@@ -81,7 +87,8 @@ pub async fn run(client: Client, credentials_namespace: &str, identity: &str) {
         tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
         return;
     }
-    let controller = Controller::new(images, watcher::Config::default());
+    let controller = Controller::new(images, watcher::Config::default())
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
