@@ -144,6 +144,9 @@ pub mod reasons {
     pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
     /// Populator, on a user PVC: its dataSourceRef names an image in another namespace.
     pub const CROSS_NAMESPACE_REFUSED: &str = "CrossNamespaceRefused";
+    /// Populator, on a user PVC: populator pods cannot be made yet (the cache agent DaemonSet,
+    /// whose image and cache directory they use, is missing).
+    pub const AGENT_NOT_FOUND: &str = "AgentNotFound";
 }
 
 /// Node label key saying "this node's cache holds the image with this digest, ready".

@@ -9,4 +9,4 @@ pub mod pull;
 
 pub use auth::{credential_identity, registry_auth_for, AuthError, DockerConfig};
 pub use options::RegistryOptions;
-pub use pull::{PlatformSpec, PullError, Puller, PullerConfig};
+pub use pull::{PlatformSpec, PullError, Puller, PullerConfig, RetryPolicy};

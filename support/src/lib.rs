@@ -9,5 +9,5 @@ pub mod errors;
 pub mod metrics;
 pub mod process;
 
-pub use backoff::Backoff;
+pub use backoff::{Backoff, Failures};
 pub use errors::error_chain;

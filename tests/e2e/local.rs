@@ -38,9 +38,12 @@ pub fn phase() -> Phase<LocalInstall> {
     Phase {
         name: "local",
         cases: cases(),
-        // Measures latency: alone, after the others; then two more controllers, briefly.
+        // Measures latency, removes a piece of the installation, or starts two more
+        // controllers briefly: alone, after the others.
         exclusive: cases![
             crate::latency::pvc_create_latency_with_and_without_the_webhook,
+            crate::settle::a_claim_waiting_for_the_missing_agent_daemonset_is_written_a_handful_of_times,
+            crate::settle::many_images_behind_an_unreachable_registry_back_off,
             crate::stop::a_stopped_controller_hands_its_lease_to_the_standby,
         ],
     }

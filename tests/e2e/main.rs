@@ -25,6 +25,7 @@ mod images;
 mod installed;
 mod latency;
 mod local;
+mod settle;
 mod stop;
 mod support;
 

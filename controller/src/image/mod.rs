@@ -7,6 +7,8 @@
 //! count from the NodeDiskCache objects the agents publish. [`resolve`] and [`status`] are
 //! the pure decisions; [`mod@reconcile`] does the I/O; [`run`] wires the watches.
 
+#[cfg(test)]
+mod convergence;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
@@ -18,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::{controller, watcher, Controller};
 use kube::{Api, Client};
 use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, VMDiskImage, IMAGE_UID_LABEL};
 
@@ -47,6 +49,12 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess::record_events(AccessScope::Cluster),
 ];
 
+/// Images reconciled at once. Unbounded, 10,000 images behind an unreachable registry opened
+/// 10,000 connections together: the process ran out of file descriptors, so the same image
+/// failed with changing messages (each one a status write and an Event) and the API server's
+/// own connections failed too.
+const CONCURRENCY: u16 = 16;
+
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
 
@@ -66,20 +74,20 @@ pub async fn run(
         watcher::Config::default().labels(IMAGE_UID_LABEL),
     );
     let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        resolver: Arc::new(RegistryResolver::default()),
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Arc::new(RegistryResolver::default()),
         caches,
-        copies: copies.clone(),
-        copier: copier.clone(),
-        recorder: Recorder::new(
+        copies.clone(),
+        copier.clone(),
+        Recorder::new(
             client.clone(),
             Reporter {
                 controller: "vmdisk-image-controller".into(),
                 instance: Some(identity.to_string()),
             },
         ),
-    });
+    ));
     // Status aggregates the node caches: an empty store would report no warm nodes.
     if ctx.caches.wait_until_ready().await.is_err() {
         tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
@@ -87,11 +95,12 @@ pub async fn run(
     }
     let controller = Controller::new(images, watcher::Config::default())
         .graceful_shutdown_on(stop.cancelled_owned())
-        .with_config(kube::runtime::controller::Config::default().concurrency(16));
+        .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
     let sweep_images = image_store.clone();
+    let sweep_ctx = Arc::clone(&ctx);
     let _sweeper = TaskGuard::spawn(async move {
         loop {
             tokio::time::sleep(COPY_SWEEP).await;
@@ -100,6 +109,13 @@ pub async fn run(
             {
                 continue;
             }
+            // Backoff records of deleted images go too.
+            sweep_ctx
+                .resolve_failures
+                .retain(|image| sweep_images.get(image).is_some());
+            sweep_ctx
+                .errors
+                .retain(|image| sweep_images.get(image).is_some());
             for name in credentials::orphaned_copies(&copies.state(), &sweep_images.state()) {
                 match copier.delete(&name).await {
                     Ok(()) => {

@@ -14,9 +14,10 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
 use vmdisk_crds::{credentials_secret_name, reasons, NodeDiskCache, VMDiskImage};
+use vmdisk_support::{Backoff, Failures};
 
-use super::resolve::{needs_resolve, next_poll, DigestResolver};
-use super::status::{aggregate_status, ResolveOutcome};
+use super::resolve::{needs_resolve, next_poll, DigestResolver, RESOLVE_BACKOFF};
+use super::status::{aggregate_status, is_news, ResolveOutcome};
 use crate::credentials::{self, CredentialsCopier};
 
 #[derive(Debug, Error)]
@@ -39,6 +40,37 @@ pub struct Context {
     pub copies: Store<Secret>,
     pub copier: CredentialsCopier,
     pub recorder: Recorder,
+    /// Consecutive failed resolutions per image ([`RESOLVE_BACKOFF`]): no new attempt, log
+    /// line or Event before the image's delay has passed, unless its spec changes.
+    pub resolve_failures: Failures<ObjectRef<VMDiskImage>>,
+    /// Consecutive failed reconciles per image (a status patch refused), [`ERROR_BACKOFF`].
+    pub errors: Failures<ObjectRef<VMDiskImage>>,
+}
+
+/// How long an image whose reconcile failed waits before the next try.
+pub const ERROR_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+
+impl Context {
+    /// A context with empty backoff records.
+    pub fn new(
+        client: Client,
+        resolver: Arc<dyn DigestResolver>,
+        caches: Store<NodeDiskCache>,
+        copies: Store<Secret>,
+        copier: CredentialsCopier,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            resolver,
+            caches,
+            copies,
+            copier,
+            recorder,
+            resolve_failures: Failures::new(RESOLVE_BACKOFF),
+            errors: Failures::new(ERROR_BACKOFF),
+        }
+    }
 }
 
 impl Context {
@@ -59,10 +91,27 @@ impl Context {
 /// Refreshes the credentials copy when due, resolves when due, aggregates, and patches the
 /// status only when it changed.
 pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Action, ImageError> {
+    let key = ObjectRef::from_obj(&*image);
+    let result = reconcile_image(image, &ctx).await;
+    if result.is_ok() {
+        ctx.errors.succeeded(&key);
+    }
+    result
+}
+
+async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Action, ImageError> {
     let namespace = image.namespace().unwrap_or_default();
     let name = image.name_any();
     let now = Utc::now();
-    let resolve_due = needs_resolve(&image, now);
+    let key = ObjectRef::from_obj(&*image);
+    let edited =
+        image.status.as_ref().and_then(|s| s.observed_generation) != image.metadata.generation;
+    if edited {
+        // A new spec may resolve at once, whatever the old one did.
+        ctx.resolve_failures.succeeded(&key);
+    }
+    let backing_off = ctx.resolve_failures.waiting(&key);
+    let resolve_due = backing_off.is_none() && needs_resolve(&image, now);
     let has_pull_secret = image.spec.source.registry.pull_secret_ref.is_some();
     let copy = image.uid().and_then(|uid| {
         ctx.copies
@@ -71,7 +120,11 @@ pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Act
 
     let mut credentials = None;
     let mut failure = None;
-    if has_pull_secret && (resolve_due || credentials::needs_refresh(copy.as_deref(), now)) {
+    let mut secret_failed = false;
+    if has_pull_secret
+        && backing_off.is_none()
+        && (resolve_due || credentials::needs_refresh(copy.as_deref(), now))
+    {
         match ctx.copier.read_source(&image).await {
             Ok(config) => {
                 if let Some(config) = &config {
@@ -86,13 +139,7 @@ pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Act
                 credentials = config;
             }
             Err(message) => {
-                ctx.event(
-                    &image,
-                    EventType::Warning,
-                    reasons::PULL_SECRET_ERROR,
-                    message.clone(),
-                )
-                .await;
+                secret_failed = true;
                 failure = Some(message);
             }
         }
@@ -105,27 +152,49 @@ pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Act
         },
         None => ResolveOutcome::NotAttempted,
     };
+    // One attempt per backoff step, so one log line per step; Events only when the image
+    // does not show the news already.
+    let news = is_news(&image, &outcome);
+    let mut retry_in = backing_off;
     match &outcome {
         ResolveOutcome::Failed { message } => {
-            tracing::warn!(%namespace, %name, %message, "cannot resolve the image reference");
-            ctx.event(
-                &image,
-                EventType::Warning,
-                reasons::RESOLVE_FAILED,
-                message.clone(),
-            )
-            .await;
+            let (failures, delay) = ctx.resolve_failures.failed(key.clone());
+            retry_in = Some(delay);
+            tracing::warn!(%namespace, %name, %message, failures, retry_in = ?delay, "cannot resolve the image reference");
+            if news && secret_failed {
+                ctx.event(
+                    &image,
+                    EventType::Warning,
+                    reasons::PULL_SECRET_ERROR,
+                    message.clone(),
+                )
+                .await;
+            }
+            if news {
+                ctx.event(
+                    &image,
+                    EventType::Warning,
+                    reasons::RESOLVE_FAILED,
+                    message.clone(),
+                )
+                .await;
+            }
         }
-        ResolveOutcome::Resolved { digest } if image.digest() != Some(digest.as_str()) => {
-            ctx.event(
-                &image,
-                EventType::Normal,
-                reasons::RESOLVED,
-                format!("{} resolves to {digest}", image.spec.source.registry.url),
-            )
-            .await;
+        ResolveOutcome::Resolved { digest } => {
+            if ctx.resolve_failures.succeeded(&key) {
+                tracing::info!(%namespace, %name, %digest, "the image reference resolves again");
+            }
+            if news {
+                ctx.event(
+                    &image,
+                    EventType::Normal,
+                    reasons::RESOLVED,
+                    format!("{} resolves to {digest}", image.spec.source.registry.url),
+                )
+                .await;
+            }
         }
-        _ => {}
+        ResolveOutcome::NotAttempted => {}
     }
     let status = aggregate_status(&image, &outcome, &ctx.caches.state(), now);
     if image.status.as_ref() != Some(&status) {
@@ -145,9 +214,11 @@ pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Act
     }
     let mut updated = (*image).clone();
     updated.status = Some(status);
-    Ok(match outcome {
-        ResolveOutcome::Failed { .. } => Action::requeue(Duration::from_secs(30)),
-        _ => {
+    // Backing off: the next try when the delay has passed (a change to the spec comes
+    // sooner, through the watch).
+    Ok(match retry_in {
+        Some(delay) => Action::requeue(delay.max(Duration::from_secs(1))),
+        None => {
             let mut next = next_poll(&updated, now).unwrap_or(Duration::from_secs(600));
             if has_pull_secret {
                 next = next.min(credentials::REFRESH);
@@ -157,9 +228,12 @@ pub async fn reconcile(image: Arc<VMDiskImage>, ctx: Arc<Context>) -> Result<Act
     })
 }
 
-pub fn error_policy(_image: Arc<VMDiskImage>, error: &ImageError, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %crate::error_chain(error), "image reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(15))
+/// A failed reconcile (the status patch refused) is retried after the image's own backoff,
+/// logged once per retry.
+pub fn error_policy(image: Arc<VMDiskImage>, error: &ImageError, ctx: Arc<Context>) -> Action {
+    let (failures, delay) = ctx.errors.failed(ObjectRef::from_obj(&*image));
+    tracing::warn!(error = %crate::error_chain(error), failures, retry_in = ?delay, "image reconcile failed");
+    Action::requeue(delay)
 }
 
 #[cfg(test)]
@@ -193,20 +267,20 @@ mod tests {
             writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply((*c).clone()));
         }
         let (copies, _) = kube::runtime::reflector::store::<Secret>();
-        Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
+        Arc::new(Context::new(
+            client.clone(),
+            Arc::new(resolver),
+            cache_store,
+            copies,
+            CredentialsCopier::new(client.clone(), "vmdisk-credentials"),
+            Recorder::new(
+                client,
                 kube::runtime::events::Reporter {
                     controller: "test".into(),
                     instance: None,
                 },
             ),
-            copier: CredentialsCopier::new(client.clone(), "vmdisk-credentials"),
-            client,
-            resolver: Arc::new(resolver),
-            caches: cache_store,
-            copies,
-        })
+        ))
     }
 
     #[tokio::test]
@@ -290,14 +364,14 @@ mod tests {
             }
         }
         let ctx = context(client, FixedResolver(Err("unused".into())), vec![]);
-        let ctx = Arc::new(Context {
-            resolver: Arc::new(NeedsCredentials),
-            client: ctx.client.clone(),
-            caches: ctx.caches.clone(),
-            copies: ctx.copies.clone(),
-            copier: ctx.copier.clone(),
-            recorder: ctx.recorder.clone(),
-        });
+        let ctx = Arc::new(Context::new(
+            ctx.client.clone(),
+            Arc::new(NeedsCredentials),
+            ctx.caches.clone(),
+            ctx.copies.clone(),
+            ctx.copier.clone(),
+            ctx.recorder.clone(),
+        ));
         let mut img = image("r.io/a/b:1", None, None);
         img.metadata.uid = Some("uid-1".into());
         img.spec.source.registry.pull_secret_ref = Some(vmdisk_crds::SecretRef {
@@ -368,5 +442,119 @@ mod tests {
             message.contains("pull secret vms/gone not found"),
             "{message}"
         );
+    }
+
+    /// Counts its calls; the registry is down.
+    struct Down(std::sync::atomic::AtomicU32);
+
+    impl DigestResolver for Down {
+        fn resolve<'a>(
+            &'a self,
+            _image: &'a VMDiskImage,
+            _credentials: Option<&'a DockerConfig>,
+        ) -> BoxFuture<'a, Result<String, String>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async {
+                Err("registry r.io failed after 1 attempt(s): connection refused".to_string())
+            })
+        }
+    }
+
+    /// Reconciles `times` times, feeding each status patch back into the image as the watch
+    /// would; returns the requests sent.
+    async fn wake(
+        ctx: &Arc<Context>,
+        api: &MockApi,
+        img: &mut VMDiskImage,
+        times: usize,
+    ) -> Vec<crate::testing::Request> {
+        for _ in 0..times {
+            let before = api.requests().len();
+            reconcile(Arc::new(img.clone()), Arc::clone(ctx))
+                .await
+                .unwrap();
+            if let Some(patch) = api.requests()[before..]
+                .iter()
+                .find(|r| r.path.ends_with("/status"))
+            {
+                img.status = Some(serde_json::from_value(patch.body["status"].clone()).unwrap());
+            }
+        }
+        api.requests()
+    }
+
+    fn down_context(client: Client, backoff: Backoff) -> (Arc<Context>, Arc<Down>) {
+        let down = Arc::new(Down(Default::default()));
+        let base = context(client, FixedResolver(Ok(D.into())), vec![]);
+        let ctx = Context {
+            resolve_failures: Failures::new(backoff),
+            ..Context::new(
+                base.client.clone(),
+                Arc::clone(&down) as Arc<dyn DigestResolver>,
+                base.caches.clone(),
+                base.copies.clone(),
+                base.copier.clone(),
+                base.recorder.clone(),
+            )
+        };
+        (Arc::new(ctx), down)
+    }
+
+    fn scripted() -> (Client, MockApi) {
+        MockApi::start(|req| match req.method.as_str() {
+            "POST" => Reply::echo(&req),
+            "PATCH" => Reply::json(
+                200,
+                serde_json::to_value(image("r.io/a/b:1", None, None)).unwrap(),
+            ),
+            _ => Reply::not_found(),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_is_tried_once_per_backoff_step() {
+        let (client, api) = scripted();
+        let (ctx, down) = down_context(client, RESOLVE_BACKOFF);
+        let mut img = image("r.io/a/b:1", None, None);
+        let seen = wake(&ctx, &api, &mut img, 10).await;
+        assert_eq!(
+            down.0.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "woken ten times within the first backoff step: one attempt"
+        );
+        let patches = seen.iter().filter(|r| r.method == "PATCH").count();
+        let events = seen.iter().filter(|r| r.path.ends_with("/events")).count();
+        assert_eq!((patches, events), (1, 1), "{seen:?}");
+        assert_eq!(
+            img.status.unwrap().phase,
+            Some(vmdisk_crds::ImagePhase::Failed)
+        );
+        assert_eq!(
+            ctx.resolve_failures
+                .count(&ObjectRef::new("fedora").within("vms")),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_repeated_is_written_and_told_once() {
+        // Every wake-up is past the backoff (none at all): each one tries the registry, and
+        // none after the first writes the status or records an Event.
+        let (client, api) = scripted();
+        let (ctx, down) = down_context(client, Backoff::new(Duration::ZERO, Duration::ZERO));
+        let mut img = image("r.io/a/b:1", None, None);
+        let seen = wake(&ctx, &api, &mut img, 5).await;
+        assert_eq!(down.0.load(std::sync::atomic::Ordering::Relaxed), 5);
+        let patches = seen.iter().filter(|r| r.method == "PATCH").count();
+        let events = seen.iter().filter(|r| r.path.ends_with("/events")).count();
+        assert_eq!((patches, events), (1, 1), "{seen:?}");
+        // A new spec is tried at once, whatever the backoff.
+        let (client, api) = scripted();
+        let (ctx, down) = down_context(client, RESOLVE_BACKOFF);
+        let mut img = image("r.io/a/b:1", None, None);
+        wake(&ctx, &api, &mut img, 1).await;
+        img.metadata.generation = Some(2);
+        wake(&ctx, &api, &mut img, 3).await;
+        assert_eq!(down.0.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }

@@ -8,7 +8,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use vmdisk_crds::{ImageReference, VMDiskImage};
-use vmdisk_registry::{DockerConfig, Puller, PullerConfig, RegistryOptions};
+use vmdisk_registry::{DockerConfig, Puller, PullerConfig, RegistryOptions, RetryPolicy};
+use vmdisk_support::Backoff;
+
+/// Waits after consecutive failed resolutions of one image: 30 s doubling to 30 min. The
+/// image controller retries through it (per image), so the registry client makes one attempt.
+pub const RESOLVE_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(30), Duration::from_secs(1800));
 
 /// Resolves an image's reference to a digest, with the image's credentials (if any).
 pub trait DigestResolver: Send + Sync + 'static {
@@ -26,9 +32,17 @@ pub struct RegistryResolver {
 }
 
 impl Default for RegistryResolver {
+    /// One attempt per resolution (the controller's per-image backoff retries), one registry
+    /// client per registry and credentials, reused by every image.
     fn default() -> Self {
         Self {
-            puller: Puller::new(PullerConfig::default()),
+            puller: Puller::new(PullerConfig {
+                retry: RetryPolicy {
+                    max_attempts: 1,
+                    ..RetryPolicy::default()
+                },
+                ..PullerConfig::default()
+            }),
         }
     }
 }

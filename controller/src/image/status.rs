@@ -19,9 +19,40 @@ use crate::time::to_timestamp;
 /// What resolution did in this reconcile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ResolveOutcome {
-    Resolved { digest: String },
-    Failed { message: String },
+    Resolved {
+        digest: String,
+    },
+    Failed {
+        message: String,
+    },
+    /// Not due, or backing off after a failure: nothing new is known, so what the last
+    /// attempt said stands.
     NotAttempted,
+}
+
+const RESOLVED: &str = "Resolved";
+const RESOLVE_FAILED: &str = "ResolveFailed";
+
+/// The image's `Resolved` condition when it says the last attempt failed.
+fn last_failure(image: &VMDiskImage) -> Option<&Condition> {
+    image
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == RESOLVED && c.status == "False" && c.reason == RESOLVE_FAILED)
+}
+
+/// True when `outcome` is worth an Event: a failure whose message the image does not show
+/// already (a registry that stays down is told once, not once per retry).
+pub fn is_news(image: &VMDiskImage, outcome: &ResolveOutcome) -> bool {
+    match outcome {
+        ResolveOutcome::Failed { message } => {
+            last_failure(image).is_none_or(|c| &c.message != message)
+        }
+        ResolveOutcome::Resolved { digest } => image.digest() != Some(digest.as_str()),
+        ResolveOutcome::NotAttempted => false,
+    }
 }
 
 fn condition(
@@ -84,35 +115,45 @@ pub fn aggregate_status(
         }
     }
     let warm_nodes = warm.len() as u32;
-    let failed = matches!(outcome, ResolveOutcome::Failed { .. });
+    // Not attempted: a standing failure stays (else the status would flip between the
+    // failure and "not resolved yet" on every reconcile between two attempts).
+    let standing = match outcome {
+        ResolveOutcome::NotAttempted => last_failure(image),
+        _ => None,
+    };
+    let failed = matches!(outcome, ResolveOutcome::Failed { .. }) || standing.is_some();
     let phase = match (&digest, failed, warm_nodes) {
         (None, true, _) => ImagePhase::Failed,
         (None, false, _) => ImagePhase::Pending,
         (Some(_), _, 0) => ImagePhase::Resolved,
         (Some(_), _, _) => ImagePhase::Ready,
     };
-    let resolved_condition = match (outcome, &digest) {
-        (ResolveOutcome::Failed { message }, _) => condition(
+    let resolved_condition = match (outcome, &digest, standing) {
+        (_, _, Some(kept)) => Condition {
+            observed_generation: generation,
+            ..kept.clone()
+        },
+        (ResolveOutcome::Failed { message }, _, _) => condition(
             &previous.conditions,
-            "Resolved",
+            RESOLVED,
             false,
-            "ResolveFailed",
+            RESOLVE_FAILED,
             message.clone(),
             generation,
             now,
         ),
-        (_, Some(d)) => condition(
+        (_, Some(d), _) => condition(
             &previous.conditions,
-            "Resolved",
+            RESOLVED,
             true,
-            "Resolved",
+            RESOLVED,
             format!("{} resolves to {d}", image.spec.source.registry.url),
             generation,
             now,
         ),
-        (_, None) => condition(
+        (_, None, _) => condition(
             &previous.conditions,
-            "Resolved",
+            RESOLVED,
             false,
             "Pending",
             "not resolved yet".into(),

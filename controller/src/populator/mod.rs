@@ -11,6 +11,8 @@ pub mod objects;
 pub mod reconcile;
 pub mod settings;
 pub mod sweep;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -25,6 +27,8 @@ use kube::{Api, Client, ResourceExt};
 use vmdisk_crds::{
     AccessScope, ApiAccess, VMDiskImage, CLAIM_ANNOTATION, COMPONENT_LABEL, POPULATOR_COMPONENT,
 };
+
+use vmdisk_support::Failures;
 
 use crate::metrics::PopulatorMetrics;
 use crate::tasks::{reflect, TaskGuard};
@@ -84,6 +88,23 @@ fn claim_of(object: &impl ResourceExt) -> Option<ObjectRef<PersistentVolumeClaim
     Some(ObjectRef::new(name).within(namespace))
 }
 
+/// Claims that may wait for a populator pod: those naming a VMDiskImage, not bound yet.
+fn waiting_for_pods(
+    claims: &[Arc<PersistentVolumeClaim>],
+) -> Vec<ObjectRef<PersistentVolumeClaim>> {
+    claims
+        .iter()
+        .filter(|c| decide::referenced_image(c).ok().flatten().is_some())
+        .filter(|c| {
+            c.spec
+                .as_ref()
+                .and_then(|s| s.volume_name.as_deref())
+                .is_none_or(str::is_empty)
+        })
+        .map(|c| ObjectRef::from_obj(&**c))
+        .collect()
+}
+
 /// Runs the populator until the stop (reconciles in flight finish) or until the future is
 /// dropped.
 pub async fn run(
@@ -132,6 +153,7 @@ pub async fn run(
         classes,
         pods,
         metrics,
+        failures: Failures::new(reconcile::ERROR_BACKOFF),
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).
@@ -150,6 +172,7 @@ pub async fn run(
     }
     let _sweeper = TaskGuard::spawn(sweep::sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
+    let claims_for_agents = claims.clone();
     controller
         .watches(
             pods_api,
@@ -178,6 +201,12 @@ pub async fn run(
                     .map(|c| ObjectRef::from_obj(&*c))
                     .collect::<Vec<_>>()
             },
+        )
+        // The agent DaemonSet appearing (or changing) wakes the claims that wait for a pod.
+        .watches(
+            Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
+            move |_| waiting_for_pods(&claims_for_agents.state()),
         )
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {

@@ -22,6 +22,7 @@ use vmdisk_crds::{
     MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_FINALIZER,
     PROGRESS_ANNOTATION,
 };
+use vmdisk_support::{Backoff, Failures};
 
 use super::decide::{self, ClassLookup, Note, Observed, Step};
 use super::settings::{PopulatorConfig, PopulatorSettings};
@@ -51,7 +52,13 @@ pub struct Context {
     pub pods: Store<Pod>,
     pub recorder: Recorder,
     pub metrics: PopulatorMetrics,
+    /// Consecutive failed steps per claim: each retried after [`ERROR_BACKOFF`]'s delay.
+    pub failures: Failures<ObjectRef<PersistentVolumeClaim>>,
 }
+
+/// How long a claim whose step failed waits before the next try: doubling per consecutive
+/// failure of that claim, capped.
+pub const ERROR_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
 
 impl Context {
     async fn note(&self, pvc: &PersistentVolumeClaim, note: &Note) {
@@ -125,7 +132,14 @@ pub async fn reconcile(
         namespace = %pvc.namespace().unwrap_or_default(),
         name = %pvc.name_any()
     );
-    reconcile_claim(pvc, ctx).instrument(span).await
+    let key = ObjectRef::from_obj(&*pvc);
+    let result = reconcile_claim(pvc, Arc::clone(&ctx))
+        .instrument(span)
+        .await;
+    if result.is_ok() {
+        ctx.failures.succeeded(&key);
+    }
+    result
 }
 
 async fn reconcile_claim(
@@ -173,6 +187,10 @@ async fn reconcile_claim(
             })?,
         _ => None,
     };
+    let agents = ctx
+        .agents
+        .get(&ObjectRef::new(&ctx.settings.agent_daemonset).within(&ctx.settings.namespace));
+    let resolved = ctx.settings.resolve(agents.as_deref());
     let observed = Observed {
         pvc: &pvc,
         image: image.as_deref(),
@@ -184,29 +202,16 @@ async fn reconcile_claim(
         prime: prime.as_deref(),
         pod: pod.as_deref(),
         pv: pv.as_ref(),
+        agent_missing: resolved.as_ref().err().map(String::as_str),
     };
-    let agents = ctx
-        .agents
-        .get(&ObjectRef::new(&ctx.settings.agent_daemonset).within(&ctx.settings.namespace));
-    let resolved = ctx.settings.resolve(agents.as_deref());
+    // Without the DaemonSet the config's image and cache directory are never used: `decide`
+    // makes no pod while `agent_missing` says why.
     let config = resolved.clone().unwrap_or_else(|_| PopulatorConfig {
         image: String::new(),
         node_cache_dir: String::new(),
         ..PopulatorConfig::default()
     });
-    let mut step = decide::decide(&observed, &config, Utc::now());
-    if let (Step::CreatePod { .. }, Err(message)) = (&step, &resolved) {
-        // No pod without the agents' image and cache directory.
-        step = Step::Annotate {
-            status: decide::PvcStatus {
-                phase: vmdisk_crds::PopulatePhase::Pending,
-                message: message.clone(),
-                progress: None,
-            },
-            note: None,
-            outcome: None,
-        };
-    }
+    let step = decide::decide(&observed, &config, Utc::now());
     if !matches!(step, Step::Ignore | Step::Wait { .. }) {
         tracing::info!(step = step_name(&step), "populator step");
     }
@@ -232,7 +237,7 @@ async fn reconcile_claim(
             status,
             note,
             outcome,
-        } => {
+        } if decide::current_status(&pvc).as_ref() != Some(&status) => {
             let patch = serde_json::json!({"metadata": {"annotations": {
                 PHASE_ANNOTATION: status.phase.as_str(),
                 MESSAGE_ANNOTATION: status.message,
@@ -250,6 +255,9 @@ async fn reconcile_claim(
                 ctx.metrics.observe(outcome.as_str(), seconds);
             }
         }
+        // Already shown (a decision never asks for that, but a write must not wake the next
+        // reconcile for nothing).
+        Step::Annotate { .. } => return Ok(Action::requeue(SAFETY_NET)),
         Step::AddFinalizer => {
             let patch = finalizers_patch(&pvc, true);
             claims
@@ -353,12 +361,16 @@ pub(crate) fn step_name(step: &Step) -> &'static str {
 }
 
 /// A JSON patch adding or removing the populator's finalizer, guarded by a `test` of the
-/// current list so a concurrent change makes it fail (and retry) instead of clobbering.
-fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
+/// current list so a concurrent change makes it fail (and retry) instead of clobbering. An
+/// empty list is absent on the server: the guard then tests for `null` (which an absent field
+/// passes), so adding the whole list cannot replace finalizers the store had not seen yet.
+pub(super) fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
     let current = pvc.finalizers().to_vec();
     let ops = if add {
-        if pvc.metadata.finalizers.is_none() {
-            serde_json::json!([{"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
+        if current.is_empty() {
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
         } else {
             serde_json::json!([
                 {"op": "test", "path": "/metadata/finalizers", "value": current},
@@ -398,16 +410,21 @@ where
     }
 }
 
+/// A failed step is retried after the claim's own backoff: one claim the API server keeps
+/// refusing is neither retried in a hot loop nor logged more than once per backoff step.
 pub fn error_policy(
     pvc: Arc<PersistentVolumeClaim>,
     error: &PopulatorError,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> Action {
+    let (failures, delay) = ctx.failures.failed(ObjectRef::from_obj(&*pvc));
     tracing::warn!(
         namespace = pvc.namespace().unwrap_or_default(),
         name = pvc.name_any(),
         error = %crate::error_chain(error),
-        "populator step failed; retrying"
+        failures,
+        retry_in = ?delay,
+        "populator step failed"
     );
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(delay)
 }

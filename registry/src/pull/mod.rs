@@ -24,6 +24,7 @@ use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use vmdisk_support::Backoff;
 
+mod clients;
 mod error;
 mod manifest;
 mod reader;
@@ -33,6 +34,7 @@ pub use self::manifest::{pick_platform, LayerDescriptor, PlatformSpec, ResolvedI
 pub use self::reader::LayerReader;
 pub use crate::options::RegistryOptions;
 
+use self::clients::{client_key, Clients};
 use self::error::{classify, is_transient};
 use self::manifest::resolved;
 use self::reader::STREAM_CHUNKS;
@@ -72,6 +74,7 @@ struct Inner {
     config: PullerConfig,
     permits: Arc<tokio::sync::Semaphore>,
     downloads_started: AtomicU64,
+    clients: Clients,
 }
 
 #[derive(Clone)]
@@ -92,6 +95,7 @@ impl Puller {
                     config.max_parallel_pulls.max(1),
                 )),
                 downloads_started: AtomicU64::new(0),
+                clients: Clients::default(),
             }),
         }
     }
@@ -99,6 +103,12 @@ impl Puller {
     /// Blob downloads begun (not joined), for tests of sharing.
     pub fn downloads_started(&self) -> u64 {
         self.inner.downloads_started.load(Ordering::Relaxed)
+    }
+
+    /// Registry clients built so far (each reused for requests that agree on registry, TLS
+    /// settings, platform and credentials), for tests of sharing.
+    pub fn clients_built(&self) -> u64 {
+        self.inner.clients.built()
     }
 
     fn parse(reference: &str) -> Result<Reference, PullError> {
@@ -109,11 +119,19 @@ impl Puller {
         })
     }
 
+    /// The client for this registry and these options: built once, then reused.
     fn client(
         &self,
         reference: &Reference,
         options: &RegistryOptions,
     ) -> Result<Client, PullError> {
+        let key = client_key(reference.registry(), options);
+        self.inner
+            .clients
+            .get_or_build(key, || Self::build_client(reference, options))
+    }
+
+    fn build_client(reference: &Reference, options: &RegistryOptions) -> Result<Client, PullError> {
         let mut extra = Vec::new();
         if let Some(pem) = &options.ca_bundle_pem {
             if !String::from_utf8_lossy(pem).contains("BEGIN CERTIFICATE") {
@@ -457,5 +475,11 @@ mod tests {
             p.client(&r, &opts),
             Err(PullError::BadCaBundle(_))
         ));
+        // One TLS client per registry and options, however many requests.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        for _ in 0..3 {
+            p.client(&r, &RegistryOptions::default()).unwrap();
+        }
+        assert_eq!(p.clients_built(), 1);
     }
 }

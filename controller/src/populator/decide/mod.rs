@@ -50,6 +50,9 @@ pub struct Observed<'a> {
     pub pod: Option<&'a Pod>,
     /// The prime's PV, once the prime is bound.
     pub pv: Option<&'a PersistentVolume>,
+    /// Why no populator pod can be made now, if that is so: the cache agent DaemonSet (whose
+    /// image and cache directory the pods use) is missing. Pods already made carry on.
+    pub agent_missing: Option<&'a str>,
 }
 
 /// The user PVC's `vmdisk.io/phase`, `vmdisk.io/message` and `vmdisk.io/progress`.
@@ -158,7 +161,8 @@ pub fn referenced_image(pvc: &PersistentVolumeClaim) -> Result<Option<String>, S
     }
 }
 
-fn current_status(pvc: &PersistentVolumeClaim) -> Option<PvcStatus> {
+/// The status annotations the claim carries now.
+pub fn current_status(pvc: &PersistentVolumeClaim) -> Option<PvcStatus> {
     Some(PvcStatus {
         phase: PopulatePhase::parse(annotation(pvc, PHASE_ANNOTATION)?)?,
         message: annotation(pvc, MESSAGE_ANNOTATION)
@@ -365,6 +369,21 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
         }
         _ => None,
     };
+    // Without the agents' image and cache directory no pod can be made: nothing is started,
+    // and the claim says so once. The DaemonSet's watch wakes the claim when it appears.
+    if let Some(why) = o.agent_missing {
+        return with_status(
+            pvc,
+            status(PopulatePhase::Pending, why, None),
+            Some(Note {
+                reason: reasons::AGENT_NOT_FOUND,
+                action: "WaitForAgent",
+                warning: true,
+                message: format!("{why}: the PVC is filled once it is installed"),
+            }),
+            Step::Wait { requeue: None },
+        );
+    }
     if !has_finalizer(pvc) {
         return Step::AddFinalizer;
     }

@@ -1,5 +1,8 @@
 //! Table tests of [`super::decide`]: each state of a population, restarts between any two
-//! steps, retries, give-ups and aborts, with plain values.
+//! steps, retries, give-ups and aborts, with plain values; [`convergence`] checks that every
+//! decision, carried out, leads to rest.
+
+mod convergence;
 
 use super::*;
 use k8s_openapi::api::core::v1::PersistentVolume;
@@ -114,6 +117,7 @@ fn with_status(
     c
 }
 
+#[derive(Debug, Clone)]
 struct World {
     pvc: PersistentVolumeClaim,
     image: Option<VMDiskImage>,
@@ -121,6 +125,8 @@ struct World {
     prime: Option<PersistentVolumeClaim>,
     pod: Option<Pod>,
     pv: Option<PersistentVolume>,
+    /// Why no populator pod can be made (the agent DaemonSet is missing).
+    agent_missing: Option<String>,
 }
 
 impl World {
@@ -132,6 +138,7 @@ impl World {
             prime: None,
             pod: None,
             pv: None,
+            agent_missing: None,
         }
     }
     fn step(&self) -> Step {
@@ -156,6 +163,7 @@ impl World {
                 prime: self.prime.as_ref(),
                 pod: self.pod.as_ref(),
                 pv: self.pv.as_ref(),
+                agent_missing: self.agent_missing.as_deref(),
             },
             &config(),
             now(),
