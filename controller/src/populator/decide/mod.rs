@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::ResourceExt;
 use vmdisk_crds::{
-    reasons, PopulatePhase, VMDiskImage, DIGEST_ANNOTATION, FAILED_ATTEMPTS_ANNOTATION, GROUP,
-    IMAGE_KIND, MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_FINALIZER, PROGRESS_ANNOTATION,
+    reasons, PopulatePhase, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION, GROUP, IMAGE_KIND,
+    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_FINALIZER, PROGRESS_ANNOTATION,
     SELECTED_NODE_ANNOTATION,
 };
 
@@ -321,7 +321,11 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
             Step::Wait { requeue: None },
         );
     };
-    let Some(digest) = annotation(pvc, DIGEST_ANNOTATION).or(image.digest()) else {
+    // The image's resolved digest, which the image controller verified with the image's own
+    // credentials. A claim's `vmdisk.io/digest` (the webhook's, fixed at creation) names the
+    // same digest; one that differs (set by hand while the image was unresolved, or left
+    // behind by a tag that moved) was never verified for this image and is not used.
+    let Some(digest) = image.digest() else {
         return with_status(
             pvc,
             status(

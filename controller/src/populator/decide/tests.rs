@@ -288,6 +288,38 @@ fn finalizer_first_then_a_prime_copying_the_claim() {
     assert_eq!(a[CLAIM_ANNOTATION], "vms/root");
 }
 
+/// A claim's `vmdisk.io/digest` that is not the image's resolved digest (written by hand
+/// while the image was unresolved, say another team's digest) is not what the pod fills.
+#[test]
+fn a_claims_digest_other_than_the_images_is_not_used() {
+    let forged = format!("sha256:{}", "f".repeat(64));
+    let mut pvc = with_finalizer(claim(json!({})));
+    pvc.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert("vmdisk.io/digest".into(), forged.clone());
+    let mut w = World::new(pvc);
+    w.prime = Some(prime(false, 0, "Pending"));
+    let step = w.step();
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        &status_of(&step).message,
+        Some("0%"),
+    );
+    let Step::CreatePod { pod, .. } = w.step() else {
+        panic!("{:?}", w.step())
+    };
+    let args = pod.spec.unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap()
+        .join(" ");
+    assert!(args.contains(&format!("@{DIGEST} ")), "{args}");
+    assert!(!args.contains(&forged), "{args}");
+}
+
 #[test]
 fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
     let mut w = World::new(with_finalizer(claim(json!({}))));
