@@ -53,7 +53,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
 /// 10,000 connections together: the process ran out of file descriptors, so the same image
 /// failed with changing messages (each one a status write and an Event) and the API server's
 /// own connections failed too.
-const CONCURRENCY: u16 = 16;
+const CONCURRENCY: u16 = 64;
 
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
