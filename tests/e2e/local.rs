@@ -57,6 +57,7 @@ fn cases() -> Vec<CaseDef<LocalInstall>> {
         crate::api::agents_cannot_read_secrets_outside_the_credentials_namespace,
         crate::api::an_agent_cannot_write_another_nodes_objects,
         crate::api::a_claims_digest_cannot_change_after_creation,
+        crate::settle::claims_waiting_for_other_missing_pieces_are_written_a_handful_of_times,
         crate::flow::private_image_is_resolved_warmed_where_selected_and_steers_pods,
         crate::flow::an_agent_killed_mid_warm_finishes_after_restart,
         crate::flow::deleting_an_image_clears_its_label_and_credentials,

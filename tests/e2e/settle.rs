@@ -419,3 +419,137 @@ pub async fn many_images_behind_an_unreachable_registry_back_off(
         "{warnings} resolve warnings for {n} images in {elapsed:?}"
     );
 }
+
+/// The other missing pieces, each behind one claim, counted together for a minute once every
+/// claim shows a phase: an image that does not exist, an image whose registry cannot be
+/// reached (never resolved), a StorageClass that does not exist, a StorageClass without a
+/// provisioner (its prime claim never binds), and a selected node that was deleted. Each claim
+/// is written a handful of times at most, with one message.
+pub async fn claims_waiting_for_other_missing_pieces_are_written_a_handful_of_times(
+    fx: Arc<LocalInstall>,
+    case: Case,
+) {
+    let admin = case.admin();
+    let ns = case.namespace("e2e-missing").await;
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "missing", 16, 4, 3004);
+    push_container_disk(&registry, "disks/missing", "v1", &raw).await;
+    let unplaced = json!({"nodeSelector": {"kubernetes.io/hostname": "no-such-node"}});
+    create_image(
+        &admin,
+        &ns,
+        "resolved",
+        json!({"source": {"registry": {"url": format!("{}/disks/missing:v1", registry.addr), "insecure": true}},
+               "cache": unplaced}),
+    )
+    .await;
+    // Nothing listens on port 1.
+    create_image(
+        &admin,
+        &ns,
+        "unreachable",
+        json!({"source": {"registry": {"url": "127.0.0.1:1/disks/missing:v1", "insecure": true}},
+               "cache": unplaced}),
+    )
+    .await;
+    let images: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
+    wait_for("the image to resolve", WAIT, || {
+        let images = images.clone();
+        async move {
+            let image = images.get("resolved").await.map_err(|e| e.to_string())?;
+            image
+                .digest()
+                .map(|_| ())
+                .ok_or(format!("{:?}", image.status))
+        }
+    })
+    .await;
+    let class_name = format!("{ns}-no-provisioner");
+    let class: StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class_name},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "Immediate",
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(admin.clone())
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    {
+        let admin = admin.clone();
+        let doomed = class_name.clone();
+        case.defer(async move {
+            let _ = Api::<StorageClass>::all(admin)
+                .delete(&doomed, &DeleteParams::default())
+                .await;
+        });
+    }
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), &ns);
+    let cases = [
+        ("image-missing", "absent", "standard", None),
+        ("registry-down", "unreachable", "standard", None),
+        ("class-missing", "resolved", "no-such-class", None),
+        ("no-provisioner", "resolved", class_name.as_str(), None),
+        ("node-deleted", "resolved", "standard", Some("deleted-node")),
+    ];
+    for (name, image, class, node) in cases {
+        let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+            "metadata": {"name": name,
+                         "annotations": node.map(|n| json!({"volume.kubernetes.io/selected-node": n}))},
+            "spec": {"storageClassName": class, "accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": "64Mi"}},
+                     "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": image}}
+        }))
+        .unwrap();
+        claims.create(&PostParams::default(), &claim).await.unwrap();
+    }
+    for (name, ..) in cases {
+        wait_for(&format!("{name} to show a phase"), WAIT, || {
+            let claims = claims.clone();
+            async move {
+                let c = claims.get(name).await.map_err(|e| e.to_string())?;
+                c.annotations()
+                    .get(PHASE_ANNOTATION)
+                    .map(|_| ())
+                    .ok_or(format!("{:?}", c.metadata.annotations))
+            }
+        })
+        .await;
+    }
+    let before: Vec<Option<String>> = futures::future::join_all(cases.iter().map(|(name, ..)| {
+        let claims = claims.clone();
+        async move {
+            claims
+                .get(name)
+                .await
+                .ok()
+                .and_then(|c| c.annotations().get(MESSAGE_ANNOTATION).cloned())
+        }
+    }))
+    .await;
+    let writes = futures::future::join_all(
+        cases
+            .iter()
+            .map(|(name, ..)| count_writes(&admin, &ns, name, QUIET)),
+    )
+    .await;
+    let mut report = Vec::new();
+    for (((name, ..), writes), message) in cases.iter().zip(&writes).zip(&before) {
+        let now = claims
+            .get(name)
+            .await
+            .ok()
+            .and_then(|c| c.annotations().get(MESSAGE_ANNOTATION).cloned());
+        println!("settle: {name}: {writes} write(s) in {QUIET:?}: {message:?}");
+        report.push((name, *writes, message.clone(), now));
+    }
+    for (name, writes, message, now) in report {
+        assert!(
+            writes <= HANDFUL,
+            "{name}: {writes} writes in {QUIET:?} while nothing changed ({message:?})\ncontroller log:\n{}",
+            fx.controller_log()
+        );
+        assert_eq!(message, now, "{name}: one stable message");
+    }
+}
