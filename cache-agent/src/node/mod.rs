@@ -8,6 +8,8 @@
 //! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`]).
 
 mod agent;
+#[cfg(test)]
+mod convergence;
 mod metrics;
 mod plan;
 mod report;
