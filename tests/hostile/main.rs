@@ -88,6 +88,8 @@ fn launcher() {
     };
     let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
     let argv: Vec<String> = serde_json::from_value(spec["argv"].clone()).unwrap();
+    // Reaped by `wait4` below, which `Child` cannot do and still report the rusage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(&argv[0])
         .args(&argv[1..])
         .stdout(std::process::Stdio::null())
