@@ -138,6 +138,7 @@ async fn async_main() {
         baseline_router,
         std::future::pending(),
         Duration::from_secs(1),
+        vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
     ));
 
     let targets = Targets {

@@ -160,6 +160,7 @@ impl BareWebhook {
                 router,
                 std::future::pending(),
                 Duration::from_secs(1),
+                vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
             )
             .await
         });

@@ -125,6 +125,7 @@ impl TestWebhook {
                 let _ = rx.await;
             },
             Duration::from_secs(5),
+            vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
         ));
         Self {
             addr,

@@ -540,6 +540,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
             let _ = stop_rx.await;
         },
         Duration::from_secs(5),
+        vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
     ));
     let mut conn = Connection::open(addr, "localhost", client_config(&ca.cert_pem()))
         .await
@@ -593,5 +594,67 @@ async fn a_body_that_never_arrives_is_answered_408() {
     assert!(
         answer.contains("request body not received within"),
         "{answer}"
+    );
+}
+
+/// At most `max_connections` connections are served at once: the next one waits (its TLS
+/// handshake is not answered) until one closes, then is served as usual.
+#[tokio::test]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    use std::sync::Arc;
+    use vmdisk_tests::certs::{write_secret_dir, TestCa};
+    use vmdisk_tests::https::{client_config, Connection};
+    use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("limit CA");
+    write_secret_dir(dir.path(), &ca.issue(&["localhost"]), 1);
+    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(dir.path())).unwrap();
+    let router = axum::Router::new().route("/ping", axum::routing::post(|| async { "pong" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(vmdisk_webhook::server::serve_tls(
+        listener,
+        server_config(resolver),
+        router,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(1),
+        1,
+    ));
+    let config: Arc<rustls::ClientConfig> = client_config(&ca.cert_pem());
+    let mut first = Connection::open(addr, "localhost", config.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        first
+            .request("POST", "/ping", None, "")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let second = tokio::spawn(Connection::open(addr, "localhost", config));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "a second connection was served beside the first"
+    );
+    drop(first);
+    let mut second = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("served once the first closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        second
+            .request("POST", "/ping", None, "")
+            .await
+            .unwrap()
+            .status,
+        200
     );
 }

@@ -44,6 +44,10 @@ pub struct WebhookArgs {
     #[arg(long, env = "VMDISK_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
 
+    /// Connections served at once; more wait in the kernel's backlog.
+    #[arg(long, env = "VMDISK_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections)]
+    pub max_connections: usize,
+
     /// Seconds to let in-flight requests finish after SIGTERM (a review takes milliseconds;
     /// the process exits at most a second after this).
     #[arg(long, env = "VMDISK_DRAIN_SECONDS", default_value_t = 3)]
@@ -52,6 +56,15 @@ pub struct WebhookArgs {
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+fn parse_max_connections(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "{text:?}: expected a whole number of connections, at least 1"
+        )),
+    }
 }
 
 impl WebhookArgs {
@@ -80,6 +93,8 @@ mod tests {
         assert!(WebhookArgs::try_parse_from(["x", "--filesystem-overhead", "0.9"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--affinity-weight", "0"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--listen", "nope"]).is_err());
+        assert_eq!(a.max_connections, crate::server::DEFAULT_MAX_CONNECTIONS);
+        assert!(WebhookArgs::try_parse_from(["x", "--max-connections", "0"]).is_err());
         // The controllers run in vmdisk-controller.
         assert!(WebhookArgs::try_parse_from(["x", "--controllers=false"]).is_err());
     }

@@ -64,6 +64,7 @@ async fn run(args: WebhookArgs, stop: Stop) -> anyhow::Result<()> {
         router(webhook),
         stop.cancelled_owned(),
         args.drain(),
+        args.max_connections,
     )
     .await;
     for task in background {

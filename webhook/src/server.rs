@@ -1,5 +1,5 @@
-//! The HTTPS accept loop: TCP_NODELAY, TLS via rustls, HTTP/1.1 keep-alive and HTTP/2, and a
-//! graceful drain of in-flight requests on shutdown.
+//! The HTTPS accept loop: TCP_NODELAY, TLS via rustls, HTTP/1.1 keep-alive and HTTP/2, a
+//! bound on open connections, and a graceful drain of in-flight requests on shutdown.
 //!
 //! Written out (rather than hidden in a server crate) because the webhook's added latency is
 //! the product's cost on every PVC and Pod create: Nagle's algorithm alone adds tens of ms
@@ -20,15 +20,23 @@ use tokio_rustls::TlsAcceptor;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `router` over TLS on `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to `drain` for in-flight requests and connections to finish.
+/// Connections served at once by default (`--max-connections`). kube-apiserver keeps a few
+/// keep-alive connections per replica; beyond the bound, new connections wait in the kernel's
+/// backlog instead of each taking a task and a TLS session.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Serves `router` over TLS on `listener`, at most `max_connections` connections at once,
+/// until `shutdown` resolves, then stops accepting and waits up to `drain` for in-flight
+/// requests and connections to finish.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: axum::Router,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
+    max_connections: usize,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -39,6 +47,10 @@ pub async fn serve_tls(
         .header_read_timeout(Duration::from_secs(30));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -59,6 +71,7 @@ pub async fn serve_tls(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
