@@ -619,3 +619,135 @@ pub async fn a_claims_digest_cannot_change_after_creation(_fx: Arc<LocalInstall>
         .await
         .expect("other annotations may change");
 }
+
+/// A user's `selected-node` annotation naming a tainted node does not put the populator pod
+/// (root, with the node cache's hostPath) there: the pod is placed by the scheduler through a
+/// required node affinity, and the scheduler refuses the taint. (Exclusive: the taint would
+/// steer other cases' pods.)
+pub async fn a_selected_node_with_a_taint_gets_no_populator_pod(fx: Arc<LocalInstall>, case: Case) {
+    use vmdisk_tests::disks::make_ext4_raw;
+    use vmdisk_tests::push::push_container_disk;
+    use vmdisk_tests::registry::TestRegistry;
+
+    let admin = case.admin();
+    let ns = case.namespace("e2e-taint").await;
+    let node = fx.fake_nodes()[0].clone();
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let taint = |value: serde_json::Value| Patch::Merge(json!({"spec": {"taints": value}}));
+    let before = nodes
+        .get(&node)
+        .await
+        .unwrap()
+        .spec
+        .unwrap_or_default()
+        .taints;
+    nodes
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &taint(json!([{"key": "e2e.vmdisk.io/dedicated", "value": "other-team", "effect": "NoSchedule"}])),
+        )
+        .await
+        .unwrap();
+    {
+        let nodes = nodes.clone();
+        let node = node.clone();
+        case.defer(async move {
+            let _ = nodes
+                .patch(&node, &PatchParams::default(), &taint(json!(before)))
+                .await;
+        });
+    }
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "taint", 16, 2, 3005);
+    push_container_disk(&registry, "disks/taint", "v1", &raw).await;
+    crate::support::create_image(
+        &admin,
+        &ns,
+        "t",
+        json!({"source": {"registry": {"url": format!("{}/disks/taint:v1", registry.addr), "insecure": true}},
+               "cache": {"nodeSelector": {"kubernetes.io/hostname": "no-such-node"}}}),
+    )
+    .await;
+    let images: Api<vmdisk_crds::VMDiskImage> = Api::namespaced(admin.clone(), &ns);
+    wait_for(
+        "the image to resolve",
+        std::time::Duration::from_secs(120),
+        || {
+            let images = images.clone();
+            async move {
+                let image = images.get("t").await.map_err(|e| e.to_string())?;
+                image
+                    .digest()
+                    .map(|_| ())
+                    .ok_or(format!("{:?}", image.status))
+            }
+        },
+    )
+    .await;
+    // WaitForFirstConsumer: the populator follows the claim's selected node.
+    let class_name = format!("{ns}-wffc");
+    let class: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": class_name},
+        "provisioner": "kubernetes.io/host-path",
+        "volumeBindingMode": "WaitForFirstConsumer",
+    }))
+    .unwrap();
+    let classes: Api<k8s_openapi::api::storage::v1::StorageClass> = Api::all(admin.clone());
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .unwrap();
+    {
+        let doomed = class_name.clone();
+        case.defer(async move {
+            let _ = classes.delete(&doomed, &Default::default()).await;
+        });
+    }
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "root", "annotations": {"volume.kubernetes.io/selected-node": node}},
+        "spec": {"storageClassName": class_name, "accessModes": ["ReadWriteOnce"],
+                 "resources": {"requests": {"storage": "64Mi"}},
+                 "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "t"}}
+    }))
+    .unwrap();
+    let uid = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap()
+        .uid()
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
+    let selector = format!("{}={uid}", vmdisk_crds::CLAIM_UID_LABEL);
+    let refused = wait_for(
+        "the scheduler to refuse the populator pod",
+        std::time::Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                let list = pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let pod = list.items.first().ok_or("no populator pod yet")?;
+                let unschedulable = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == "PodScheduled"))
+                    .filter(|c| c.status == "False")
+                    .and_then(|c| c.message.clone());
+                unschedulable
+                    .map(|m| (pod.clone(), m))
+                    .ok_or(format!("{:?}", pod.status))
+            }
+        },
+    )
+    .await;
+    let (pod, message) = refused;
+    println!("taint: the populator pod for a claim selecting {node} stays unscheduled: {message}");
+    assert_eq!(pod.spec.as_ref().unwrap().node_name, None, "{message}");
+    assert!(message.contains("taint"), "{message}");
+}
