@@ -2,8 +2,10 @@
 //! them: a helper must not outlive its controller, which stops when this replica loses the
 //! leadership.
 
-use futures::StreamExt;
-use kube::runtime::reflector::Store;
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, StreamExt};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
 
@@ -22,8 +24,27 @@ impl Drop for TaskGuard {
     }
 }
 
-/// Spawns a reflector that runs (with kube's default backoff) until the guard is dropped.
-pub fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, TaskGuard)
+/// Reconcile requests derived from a reflector's changes.
+type Subscriber<K> = Box<dyn Fn(&K) + Send + Sync>;
+
+/// One watch of a resource: a store the reconciles read, and triggers for controllers.
+///
+/// A trigger fires only after the change it reports is in the store, so a reconcile it starts
+/// sees that change. kube's `Controller::watches` runs a second, independent watch: its
+/// trigger can arrive before this store has the change, the reconcile then decides on the old
+/// object, and nothing wakes it again until its next requeue (minutes). One watch also halves
+/// what the API server sends.
+pub struct Reflected<K>
+where
+    K: kube::Resource + 'static,
+    K::DynamicType: Eq + std::hash::Hash,
+{
+    store: Store<K>,
+    subscribers: Arc<Mutex<Vec<Subscriber<K>>>>,
+    _task: TaskGuard,
+}
+
+impl<K> Reflected<K>
 where
     K: kube::Resource
         + Clone
@@ -34,17 +55,142 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store::<K>();
-    let task = TaskGuard::spawn(
-        reflector::reflector(writer, watcher(api, config))
-            .default_backoff()
-            .touched_objects()
-            .for_each(|event| {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "watch error; retrying");
+    /// Spawns the reflector; it runs (with kube's default backoff) until dropped.
+    pub fn spawn(api: Api<K>, config: watcher::Config) -> Self {
+        let (store, writer) = reflector::store::<K>();
+        let subscribers: Arc<Mutex<Vec<Subscriber<K>>>> = Arc::default();
+        let notify = Arc::clone(&subscribers);
+        let reader = store.clone();
+        // The first list needs no triggers: a controller reconciles every object it starts with.
+        let mut listed = false;
+        let task = TaskGuard::spawn(
+            reflector::reflector(writer, watcher(api, config))
+                .default_backoff()
+                .for_each(move |event| {
+                    let subscribers = notify.lock().expect("subscribers lock");
+                    match event {
+                        Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o)) => {
+                            subscribers.iter().for_each(|s| s(&o));
+                        }
+                        // A relist (after a lost watch) lands in the store all at once, here.
+                        Ok(watcher::Event::InitDone) if listed => {
+                            for o in reader.state() {
+                                subscribers.iter().for_each(|s| s(&o));
+                            }
+                        }
+                        Ok(watcher::Event::InitDone) => listed = true,
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "watch error; retrying"),
+                    }
+                    futures::future::ready(())
+                }),
+        );
+        Self {
+            store,
+            subscribers,
+            _task: task,
+        }
+    }
+
+    pub fn store(&self) -> Store<K> {
+        self.store.clone()
+    }
+
+    /// Reconcile requests for the objects `mapper` names for each changed object, for
+    /// `Controller::reconcile_on`.
+    pub fn trigger<P, I>(
+        &self,
+        mapper: impl Fn(&K) -> I + Send + Sync + 'static,
+    ) -> impl Stream<Item = ObjectRef<P>> + Send + 'static
+    where
+        P: kube::Resource + 'static,
+        P::DynamicType: Send,
+        I: IntoIterator<Item = ObjectRef<P>>,
+    {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.subscribers
+            .lock()
+            .expect("subscribers lock")
+            .push(Box::new(move |object| {
+                for request in mapper(object) {
+                    let _ = tx.send(request);
                 }
-                futures::future::ready(())
-            }),
-    );
-    (store, task)
+            }));
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|request| (request, rx))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::client::Body;
+    use kube::ResourceExt;
+    use serde_json::json;
+
+    fn config_map(version: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "a", "namespace": "ns", "resourceVersion": version},
+               "data": {"v": version}})
+    }
+
+    /// An API server that lists version 1 and then sends one change (version 2) on the first
+    /// watch; later watches are held open.
+    fn api() -> kube::Client {
+        let (service, mut handle) =
+            tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let mut watched = false;
+            while let Some((request, send)) = handle.next_request().await {
+                let watch = request
+                    .uri()
+                    .query()
+                    .unwrap_or_default()
+                    .contains("watch=true");
+                let body = match (watch, watched) {
+                    (false, _) => json!({"apiVersion": "v1", "kind": "ConfigMapList",
+                        "metadata": {"resourceVersion": "1"}, "items": [config_map("1")]})
+                    .to_string(),
+                    (true, false) => {
+                        watched = true;
+                        json!({"type": "MODIFIED", "object": config_map("2")}).to_string() + "\n"
+                    }
+                    (true, true) => {
+                        held.push(send);
+                        continue;
+                    }
+                };
+                send.send_response(http::Response::new(Body::from(body.into_bytes())));
+            }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn a_trigger_fires_for_changes_after_the_first_list_once_the_store_holds_them() {
+        let reflected = Reflected::spawn(
+            Api::<ConfigMap>::namespaced(api(), "ns"),
+            watcher::Config::default(),
+        );
+        let mapped = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&mapped);
+        let mut trigger = Box::pin(reflected.trigger(move |cm: &ConfigMap| {
+            seen.lock().unwrap().push(cm.resource_version());
+            Some(ObjectRef::<ConfigMap>::from_obj(cm))
+        }));
+        let request = tokio::time::timeout(std::time::Duration::from_secs(10), trigger.next())
+            .await
+            .expect("a trigger for the change")
+            .unwrap();
+        let stored = reflected.store().get(&request).expect("in the store");
+        assert_eq!(stored.resource_version().as_deref(), Some("2"));
+        assert_eq!(
+            *mapped.lock().unwrap(),
+            [Some("2".to_string())],
+            "the first list triggers nothing"
+        );
+    }
 }

@@ -43,32 +43,36 @@ async fn pull_secret(admin: &Client, namespace: &str, registry: &str, user: &str
         .unwrap();
 }
 
-/// Waits until the image is Ready on `warm` nodes; returns it.
+/// Waits until the image is Ready on `node`; returns it. On a timeout the panic shows the
+/// image's last status, the node's NodeDiskCache status and the components' logs.
 async fn wait_ready(fx: &LocalInstall, namespace: &str, name: &str, node: &str) -> VMDiskImage {
     let api: Api<VMDiskImage> = Api::namespaced(fx.admin.clone(), namespace);
-    let what = format!("VMDiskImage {namespace}/{name} Ready on {node}");
-    let image = tokio::time::timeout(
-        WAIT,
-        wait_for(&what, WAIT, || {
-            let api = api.clone();
-            async move {
-                let image = api.get(name).await.map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = String::new();
+    while std::time::Instant::now() < deadline {
+        match api.get(name).await {
+            Ok(image) => {
                 let status = image.status.clone().unwrap_or_default();
-                (status.phase == Some(ImagePhase::Ready))
-                    .then_some(image)
-                    .ok_or(format!("{status:?}"))
+                if status.phase == Some(ImagePhase::Ready) {
+                    return image;
+                }
+                last = format!("{status:?}");
             }
-        }),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cache = Api::<NodeDiskCache>::all(fx.admin.clone())
+        .get_opt(node)
+        .await
+        .map(|c| format!("{:?}", c.and_then(|c| c.status)))
+        .unwrap_or_else(|e| e.to_string());
+    panic!(
+        "VMDiskImage {namespace}/{name} Ready on {node}: last status {last}\nNodeDiskCache {node}: {cache}\nagent log:\n{}\ncontroller log:\n{}\nwebhook log:\n{}",
+        fx.agent_log(node),
+        fx.controller_log(),
+        fx.webhook_log()
     )
-    .await;
-    image.unwrap_or_else(|_| {
-        panic!(
-            "{what}: agent log:\n{}\ncontroller log:\n{}\nwebhook log:\n{}",
-            fx.agent_log(node),
-            fx.controller_log(),
-            fx.webhook_log()
-        )
-    })
 }
 
 /// (node, entry state) of every NodeDiskCache row for `digest`.

@@ -25,7 +25,7 @@ use kube::{Api, Client};
 use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, VMDiskImage, IMAGE_UID_LABEL};
 
 use crate::credentials::{self, CredentialsCopier};
-use crate::tasks::{reflect, TaskGuard};
+use crate::tasks::{Reflected, TaskGuard};
 pub use reconcile::{error_policy, reconcile, Context, ImageError};
 pub use resolve::{needs_resolve, DigestResolver, RegistryResolver};
 pub use status::{aggregate_status, ResolveOutcome};
@@ -67,9 +67,11 @@ pub async fn run(
     stop: vmdisk_support::process::Stop,
 ) {
     let images: Api<VMDiskImage> = Api::all(client.clone());
-    let caches_api: Api<NodeDiskCache> = Api::all(client.clone());
-    let (caches, _caches_task) = reflect(caches_api.clone(), watcher::Config::default());
-    let (copies, _copies_task) = reflect(
+    let caches = Reflected::spawn(
+        Api::<NodeDiskCache>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let copies = Reflected::spawn(
         Api::<Secret>::namespaced(client.clone(), credentials_namespace),
         watcher::Config::default().labels(IMAGE_UID_LABEL),
     );
@@ -77,8 +79,8 @@ pub async fn run(
     let ctx = Arc::new(Context::new(
         client.clone(),
         Arc::new(RegistryResolver::default()),
-        caches,
-        copies.clone(),
+        caches.store(),
+        copies.store(),
         copier.clone(),
         Recorder::new(
             client.clone(),
@@ -100,6 +102,7 @@ pub async fn run(
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
     let sweep_images = image_store.clone();
+    let copies = copies.store();
     let sweep_ctx = Arc::clone(&ctx);
     let _sweeper = TaskGuard::spawn(async move {
         loop {
@@ -129,25 +132,22 @@ pub async fn run(
         }
     });
 
+    // A node's cache changed: re-aggregate the images whose digest it mentions.
+    let cache_changes = caches.trigger(move |cache: &NodeDiskCache| {
+        let digests: Vec<&str> = cache
+            .status
+            .iter()
+            .flat_map(|s| s.entries.iter().map(|e| e.digest.as_str()))
+            .collect();
+        image_store
+            .state()
+            .into_iter()
+            .filter(|i| i.digest().is_some_and(|d| digests.contains(&d)))
+            .map(|i| ObjectRef::from_obj(&*i))
+            .collect::<Vec<_>>()
+    });
     controller
-        // A node's cache changed: re-aggregate the images whose digest it mentions.
-        .watches(
-            caches_api,
-            watcher::Config::default(),
-            move |cache: NodeDiskCache| {
-                let digests: Vec<String> = cache
-                    .status
-                    .iter()
-                    .flat_map(|s| s.entries.iter().map(|e| e.digest.clone()))
-                    .collect();
-                image_store
-                    .state()
-                    .into_iter()
-                    .filter(|i| i.digest().is_some_and(|d| digests.iter().any(|x| x == d)))
-                    .map(|i| ObjectRef::from_obj(&*i))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .reconcile_on(cache_changes)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {

@@ -31,7 +31,7 @@ use vmdisk_crds::{
 use vmdisk_support::Failures;
 
 use crate::metrics::PopulatorMetrics;
-use crate::tasks::{reflect, TaskGuard};
+use crate::tasks::{Reflected, TaskGuard};
 pub use reconcile::{error_policy, reconcile, Context, PopulatorError};
 pub use settings::{PopulatorConfig, PopulatorSettings};
 
@@ -114,20 +114,23 @@ pub async fn run(
     stop: vmdisk_support::process::Stop,
 ) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
-    let (images, _images_task) = reflect(
+    let images = Reflected::spawn(
         Api::<VMDiskImage>::all(client.clone()),
         watcher::Config::default(),
     );
-    let (classes, _classes_task) = reflect(
+    let classes = Reflected::spawn(
         Api::<StorageClass>::all(client.clone()),
         watcher::Config::default(),
     );
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
-    let (pods, _pods_task) = reflect(
-        pods_api.clone(),
+    let pods = Reflected::spawn(
+        Api::<Pod>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().labels(&selector),
     );
-    let (agents, _agents_task) = reflect(
+    let primes = Reflected::spawn(
+        Api::<PersistentVolumeClaim>::namespaced(client.clone(), &config.namespace),
+        watcher::Config::default().labels(&selector),
+    );
+    let agents = Reflected::spawn(
         Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
     );
@@ -147,25 +150,33 @@ pub async fn run(
         ),
         client: client.clone(),
         settings: config.clone(),
-        agents,
+        agents: agents.store(),
         claims: claims.clone(),
-        images,
-        classes,
-        pods,
+        primes: primes.store(),
+        images: images.store(),
+        classes: classes.store(),
+        pods: pods.store(),
         metrics,
         failures: Failures::new(reconcile::ERROR_BACKOFF),
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).
-    let (images_ready, classes_ready, pods_ready, agents_ready) = tokio::join!(
+    let (images_ready, classes_ready, pods_ready, primes_ready, agents_ready) = tokio::join!(
         ctx.images.wait_until_ready(),
         ctx.classes.wait_until_ready(),
         ctx.pods.wait_until_ready(),
+        ctx.primes.wait_until_ready(),
         ctx.agents.wait_until_ready(),
     );
-    if [images_ready, classes_ready, pods_ready, agents_ready]
-        .iter()
-        .any(Result::is_err)
+    if [
+        images_ready,
+        classes_ready,
+        pods_ready,
+        primes_ready,
+        agents_ready,
+    ]
+    .iter()
+    .any(Result::is_err)
     {
         tracing::error!("a watch stopped before its first list; the populator is not started");
         return;
@@ -173,41 +184,31 @@ pub async fn run(
     let _sweeper = TaskGuard::spawn(sweep::sweep_orphans(Arc::clone(&ctx)));
     let waiting_claims = claims.clone();
     let claims_for_agents = claims.clone();
+    // Every trigger fires once its store holds the change, so the reconcile it starts sees it.
+    let pod_changes = pods.trigger(claim_of);
+    let prime_changes = primes.trigger(claim_of);
+    // An image appearing or resolving wakes the claims that wait for it.
+    let image_changes = images.trigger(move |image: &VMDiskImage| {
+        let namespace = image.namespace();
+        let name = image.name_any();
+        waiting_claims
+            .state()
+            .into_iter()
+            .filter(|c| c.namespace() == namespace)
+            .filter(|c| {
+                decide::referenced_image(c).ok().flatten().as_deref() == Some(name.as_str())
+            })
+            .map(|c| ObjectRef::from_obj(&*c))
+            .collect::<Vec<_>>()
+    });
+    // The agent DaemonSet appearing (or changing) wakes the claims that wait for a pod.
+    let agent_changes =
+        agents.trigger(move |_: &DaemonSet| waiting_for_pods(&claims_for_agents.state()));
     controller
-        .watches(
-            pods_api,
-            watcher::Config::default().labels(&selector),
-            |pod| claim_of(&pod),
-        )
-        .watches(
-            Api::<PersistentVolumeClaim>::namespaced(client.clone(), &config.namespace),
-            watcher::Config::default().labels(&selector),
-            |prime| claim_of(&prime),
-        )
-        // An image appearing or resolving wakes the claims that wait for it.
-        .watches(
-            Api::<VMDiskImage>::all(client.clone()),
-            watcher::Config::default(),
-            move |image| {
-                let namespace = image.namespace();
-                let name = image.name_any();
-                waiting_claims
-                    .state()
-                    .into_iter()
-                    .filter(|c| c.namespace() == namespace)
-                    .filter(|c| {
-                        decide::referenced_image(c).ok().flatten().as_deref() == Some(name.as_str())
-                    })
-                    .map(|c| ObjectRef::from_obj(&*c))
-                    .collect::<Vec<_>>()
-            },
-        )
-        // The agent DaemonSet appearing (or changing) wakes the claims that wait for a pod.
-        .watches(
-            Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
-            watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
-            move |_| waiting_for_pods(&claims_for_agents.state()),
-        )
+        .reconcile_on(pod_changes)
+        .reconcile_on(prime_changes)
+        .reconcile_on(image_changes)
+        .reconcile_on(agent_changes)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {

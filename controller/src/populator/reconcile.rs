@@ -18,9 +18,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
 use tracing::Instrument as _;
 use vmdisk_crds::{
-    populator_pod_name, prime_pvc_name, VMDiskImage, COMPONENT_LABEL, FAILED_ATTEMPTS_ANNOTATION,
-    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_FINALIZER,
-    PROGRESS_ANNOTATION,
+    populator_pod_name, prime_pvc_name, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION,
+    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_FINALIZER, PROGRESS_ANNOTATION,
 };
 use vmdisk_support::{Backoff, Failures};
 
@@ -47,6 +46,8 @@ pub struct Context {
     /// The cache agent DaemonSet (one object).
     pub agents: Store<DaemonSet>,
     pub claims: Store<PersistentVolumeClaim>,
+    /// The prime PVCs, in the populator's namespace.
+    pub primes: Store<PersistentVolumeClaim>,
     pub images: Store<VMDiskImage>,
     pub classes: Store<StorageClass>,
     pub pods: Store<Pod>,
@@ -79,7 +80,7 @@ impl Context {
     }
 
     fn prime_of(&self, uid: &str) -> Option<Arc<PersistentVolumeClaim>> {
-        self.claims
+        self.primes
             .get(&ObjectRef::new(&prime_pvc_name(uid)).within(&self.settings.namespace))
     }
 
@@ -91,17 +92,7 @@ impl Context {
     /// Primes are in flight exactly while a population is: the gauge is derived from them, so
     /// it cannot leak when a claim disappears.
     fn update_in_flight(&self) {
-        let primes = self
-            .claims
-            .state()
-            .iter()
-            .filter(|c| {
-                c.namespace().as_deref() == Some(self.settings.namespace.as_str())
-                    && c.labels().get(COMPONENT_LABEL).map(String::as_str)
-                        == Some(POPULATOR_COMPONENT)
-            })
-            .count();
-        self.metrics.set_in_flight(primes as i64);
+        self.metrics.set_in_flight(self.primes.state().len() as i64);
     }
 }
 

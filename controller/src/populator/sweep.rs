@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::{Api, ResourceExt};
-use vmdisk_crds::{COMPONENT_LABEL, POPULATOR_COMPONENT};
 
 use super::reconcile::{delete, Context};
 
@@ -38,21 +37,14 @@ pub async fn sweep_orphans(ctx: Arc<Context>) {
         tokio::time::sleep(ORPHAN_SWEEP).await;
         if ctx.claims.wait_until_ready().await.is_err()
             || ctx.pods.wait_until_ready().await.is_err()
+            || ctx.primes.wait_until_ready().await.is_err()
         {
             continue;
         }
         let claims = ctx.claims.state();
         let live: std::collections::HashSet<String> =
             claims.iter().filter_map(|c| c.uid()).collect();
-        let primes: Vec<&PersistentVolumeClaim> = claims
-            .iter()
-            .map(|c| &**c)
-            .filter(|c| {
-                c.namespace().as_deref() == Some(ctx.settings.namespace.as_str())
-                    && c.labels().get(COMPONENT_LABEL).map(String::as_str)
-                        == Some(POPULATOR_COMPONENT)
-            })
-            .collect();
+        let primes = ctx.primes.state();
         let pods = ctx.pods.state();
         let prime_api: Api<PersistentVolumeClaim> =
             Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
@@ -61,7 +53,7 @@ pub async fn sweep_orphans(ctx: Arc<Context>) {
             tracing::info!(pod = %name, "deleting a populator pod whose claim is gone");
             let _ = delete(&pod_api, &name).await;
         }
-        for name in orphaned(primes.into_iter().map(|p| &p.metadata), &live) {
+        for name in orphaned(primes.iter().map(|p| &p.metadata), &live) {
             tracing::info!(prime = %name, "deleting a prime PVC whose claim is gone");
             let _ = delete(&prime_api, &name).await;
         }

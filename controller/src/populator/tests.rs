@@ -76,7 +76,8 @@ fn context(
     let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "local"},
         "provisioner": "rancher.io/local-path", "volumeBindingMode": "WaitForFirstConsumer"}))
     .unwrap();
-    let (claims, claims_writer) = filled(vec![user, prime]);
+    let (claims, claims_writer) = filled(vec![user]);
+    let (primes, _) = filled(vec![prime]);
     let (agents, agents_writer) = filled::<DaemonSet>(vec![]);
     let ctx = Context {
         recorder: Recorder::new(
@@ -90,6 +91,7 @@ fn context(
         settings,
         agents,
         claims,
+        primes,
         images: filled(vec![image]).0,
         classes: filled(vec![class]).0,
         pods: filled::<Pod>(vec![]).0,
