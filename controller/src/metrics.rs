@@ -14,12 +14,18 @@ pub struct ResultLabels {
     pub result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    pub step: String,
+}
+
 /// The volume populator's metrics: how long populations take by result (failures and aborts
 /// too), how many are in flight, how many pods were retried. Handles share their values, so
 /// clones given to the populator show up on `/metrics`.
 #[derive(Clone, Debug)]
 pub struct PopulatorMetrics {
     duration: Family<ResultLabels, Histogram>,
+    steps: Family<StepLabels, Histogram>,
     in_flight: Gauge,
     retries: Counter,
 }
@@ -31,6 +37,10 @@ impl PopulatorMetrics {
                 // 1 s … ~2.3 h: a warm copy to a cold multi-GiB pull.
                 Histogram::new(exponential_buckets(1.0, 2.0, 14))
             }),
+            steps: Family::new_with_constructor(|| {
+                // 10 ms … ~5 min: a watch event to a cold pull.
+                Histogram::new(exponential_buckets(0.01, 2.0, 16))
+            }),
             in_flight: Default::default(),
             retries: Counter::default(),
         };
@@ -39,6 +49,11 @@ impl PopulatorMetrics {
             "operation_duration_seconds",
             "Time from prime PVC creation to the end of a population, by result (succeeded, failed, aborted)",
             m.duration.clone(),
+        );
+        sub.register(
+            "step_duration_seconds",
+            "Time from the previous step of a population to this one, as the populator saw it (prime, pod, scheduled, started, copied, rebound, bound)",
+            m.steps.clone(),
         );
         sub.register(
             "operations_in_flight",
@@ -57,6 +72,14 @@ impl PopulatorMetrics {
         self.duration
             .get_or_create(&ResultLabels {
                 result: result.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn observe_step(&self, step: &str, seconds: f64) {
+        self.steps
+            .get_or_create(&StepLabels {
+                step: step.to_string(),
             })
             .observe(seconds);
     }

@@ -28,6 +28,9 @@ pub const PROGRESS_ANNOTATION: &str = "vmdisk.io/progress";
 pub const PHASE_ANNOTATION: &str = "vmdisk.io/phase";
 /// Annotation on a VMDiskImage-backed PVC: why it is in its phase, for a person.
 pub const MESSAGE_ANNOTATION: &str = "vmdisk.io/message";
+/// Annotation on a VMDiskImage-backed PVC once filled (or given up): when the populator saw
+/// each step, from its first look (`seen +0.00s, prime +0.01s, …, bound +1.84s; errors 0, …`).
+pub const TIMELINE_ANNOTATION: &str = "vmdisk.io/timeline";
 /// Annotation the populator puts on the PV it filled: `<namespace>/<image>`.
 pub const POPULATED_FROM_ANNOTATION: &str = "vmdisk.io/populated-from";
 /// Annotation on a prime PVC and a populator pod: the user's PVC, `<namespace>/<name>`.

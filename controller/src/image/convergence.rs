@@ -23,9 +23,16 @@ fn now() -> DateTime<Utc> {
 fn outcome(index: u8) -> ResolveOutcome {
     match index {
         0 => ResolveOutcome::NotAttempted,
-        1 => ResolveOutcome::Resolved { digest: D.into() },
+        1 => ResolveOutcome::Resolved {
+            digest: D.into(),
+            disk: None,
+        },
         2 => ResolveOutcome::Resolved {
             digest: OTHER.into(),
+            disk: Some(crate::image::resolve::PeekedDisk {
+                source_format: "qcow2".into(),
+                virtual_size: 10 << 30,
+            }),
         },
         3 => ResolveOutcome::Failed {
             message: "registry r.io failed after 1 attempt(s): connection refused".into(),

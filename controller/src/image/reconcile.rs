@@ -16,7 +16,7 @@ use thiserror::Error;
 use vmdisk_crds::{credentials_secret_name, reasons, NodeDiskCache, VMDiskImage};
 use vmdisk_support::{Backoff, Failures};
 
-use super::resolve::{needs_resolve, next_poll, DigestResolver, RESOLVE_BACKOFF};
+use super::resolve::{needs_resolve, next_poll, DigestResolver, Resolution, RESOLVE_BACKOFF};
 use super::status::{aggregate_status, is_news, ResolveOutcome};
 use crate::credentials::{self, CredentialsCopier};
 
@@ -147,7 +147,7 @@ async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Actio
     let outcome = match failure {
         Some(message) => ResolveOutcome::Failed { message },
         None if resolve_due => match ctx.resolver.resolve(&image, credentials.as_ref()).await {
-            Ok(digest) => ResolveOutcome::Resolved { digest },
+            Ok(Resolution { digest, disk }) => ResolveOutcome::Resolved { digest, disk },
             Err(message) => ResolveOutcome::Failed { message },
         },
         None => ResolveOutcome::NotAttempted,
@@ -180,7 +180,7 @@ async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Actio
                 .await;
             }
         }
-        ResolveOutcome::Resolved { digest } => {
+        ResolveOutcome::Resolved { digest, .. } => {
             if ctx.resolve_failures.succeeded(&key) {
                 tracing::info!(%namespace, %name, %digest, "the image reference resolves again");
             }
@@ -252,8 +252,8 @@ mod tests {
             &'a self,
             _image: &'a VMDiskImage,
             _credentials: Option<&'a DockerConfig>,
-        ) -> BoxFuture<'a, Result<String, String>> {
-            Box::pin(async move { self.0.clone() })
+        ) -> BoxFuture<'a, Result<Resolution, String>> {
+            Box::pin(async move { self.0.clone().map(Resolution::digest_only) })
         }
     }
 
@@ -352,11 +352,11 @@ mod tests {
                 &'a self,
                 _image: &'a VMDiskImage,
                 credentials: Option<&'a DockerConfig>,
-            ) -> BoxFuture<'a, Result<String, String>> {
+            ) -> BoxFuture<'a, Result<Resolution, String>> {
                 Box::pin(async move {
                     match credentials.map(|c| vmdisk_registry::registry_auth_for(c, "r.io")) {
                         Some(oci_client::secrets::RegistryAuth::Basic(u, _)) if u == "u" => {
-                            Ok(D.to_string())
+                            Ok(Resolution::digest_only(D.to_string()))
                         }
                         other => Err(format!("unexpected credentials {other:?}")),
                     }
@@ -452,7 +452,7 @@ mod tests {
             &'a self,
             _image: &'a VMDiskImage,
             _credentials: Option<&'a DockerConfig>,
-        ) -> BoxFuture<'a, Result<String, String>> {
+        ) -> BoxFuture<'a, Result<Resolution, String>> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Box::pin(async {
                 Err("registry r.io failed after 1 attempt(s): connection refused".to_string())

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
+use vmdisk_cache_agent::warm::extract::peek::{peek_disk, PeekError};
+use vmdisk_cache_agent::warm::extract::LayerCompression;
 use vmdisk_crds::{ImageReference, VMDiskImage};
 use vmdisk_registry::{DockerConfig, Puller, PullerConfig, RegistryOptions, RetryPolicy};
 use vmdisk_support::Backoff;
@@ -22,8 +24,34 @@ pub trait DigestResolver: Send + Sync + 'static {
         &'a self,
         image: &'a VMDiskImage,
         credentials: Option<&'a DockerConfig>,
-    ) -> BoxFuture<'a, Result<String, String>>;
+    ) -> BoxFuture<'a, Result<Resolution, String>>;
 }
+
+/// What resolving found: the digest, and the disk's format and virtual size when the first
+/// bytes of its layer tell them (so volumes are sized before any node has warmed the image).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub digest: String,
+    pub disk: Option<PeekedDisk>,
+}
+
+impl Resolution {
+    pub fn digest_only(digest: String) -> Self {
+        Self { digest, disk: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekedDisk {
+    pub source_format: String,
+    pub virtual_size: u64,
+}
+
+/// How much of a layer is fetched to find the disk's header: a qcow2 header cluster is at
+/// most 2 MiB and mostly zeros, a raw disk needs only its tar header.
+const PEEK_BYTES: u64 = 1 << 20;
+/// Layers looked at, from the last one back (a containerDisk's disk is in its last layer).
+const PEEK_LAYERS: usize = 2;
 
 /// Resolves references against their registries with the image's CA bundle, `insecure` flag
 /// and credentials.
@@ -52,16 +80,64 @@ impl DigestResolver for RegistryResolver {
         &'a self,
         image: &'a VMDiskImage,
         credentials: Option<&'a DockerConfig>,
-    ) -> BoxFuture<'a, Result<String, String>> {
+    ) -> BoxFuture<'a, Result<Resolution, String>> {
         Box::pin(async move {
             let source = &image.spec.source.registry;
             let reference = ImageReference::parse(&source.url).map_err(|e| e.to_string())?;
             let options = RegistryOptions::for_source(&reference, source, credentials);
-            self.puller
+            let digest = self
+                .puller
                 .resolve_digest(&reference.to_string(), &options)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            let status = image.status.as_ref();
+            let sized = status.and_then(|s| s.digest.as_deref()) == Some(digest.as_str())
+                && status.and_then(|s| s.virtual_size).is_some();
+            if sized {
+                return Ok(Resolution::digest_only(digest));
+            }
+            let pinned = reference.with_digest(&digest).to_string();
+            let disk = match self.peek(&pinned, &options).await {
+                Ok(disk) => Some(disk),
+                Err(message) => {
+                    tracing::info!(reference = %pinned, %message, "the disk's size is known once a node has warmed it");
+                    None
+                }
+            };
+            Ok(Resolution { digest, disk })
         })
+    }
+}
+
+impl RegistryResolver {
+    /// The disk's format and size from the first bytes of the layer that holds it.
+    async fn peek(&self, pinned: &str, options: &RegistryOptions) -> Result<PeekedDisk, String> {
+        let image = self
+            .puller
+            .resolve(pinned, options)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut why = "the image has no layers".to_string();
+        for layer in image.layers.iter().rev().take(PEEK_LAYERS) {
+            let compression =
+                LayerCompression::from_media_type(&layer.media_type).map_err(|e| e.to_string())?;
+            let start = self
+                .puller
+                .layer_start(&image, layer, options, PEEK_BYTES)
+                .await
+                .map_err(|e| e.to_string())?;
+            match peek_disk(&start, compression) {
+                Ok(disk) => {
+                    return Ok(PeekedDisk {
+                        source_format: disk.source_format.to_string(),
+                        virtual_size: disk.virtual_size,
+                    })
+                }
+                Err(e @ PeekError::NoDisk) => why = format!("layer {}: {e}", layer.digest),
+                Err(e) => return Err(format!("layer {}: {e}", layer.digest)),
+            }
+        }
+        Err(why)
     }
 }
 

@@ -14,6 +14,7 @@ use vmdisk_crds::{
     VMDiskImageStatus,
 };
 
+use super::resolve::PeekedDisk;
 use crate::time::to_timestamp;
 
 /// What resolution did in this reconcile.
@@ -21,6 +22,8 @@ use crate::time::to_timestamp;
 pub enum ResolveOutcome {
     Resolved {
         digest: String,
+        /// The disk as the first bytes of its layer describe it, when they did.
+        disk: Option<PeekedDisk>,
     },
     Failed {
         message: String,
@@ -50,7 +53,7 @@ pub fn is_news(image: &VMDiskImage, outcome: &ResolveOutcome) -> bool {
         ResolveOutcome::Failed { message } => {
             last_failure(image).is_none_or(|c| &c.message != message)
         }
-        ResolveOutcome::Resolved { digest } => image.digest() != Some(digest.as_str()),
+        ResolveOutcome::Resolved { digest, .. } => image.digest() != Some(digest.as_str()),
         ResolveOutcome::NotAttempted => false,
     }
 }
@@ -90,7 +93,7 @@ pub fn aggregate_status(
     let previous = image.status.clone().unwrap_or_default();
     let generation = image.metadata.generation;
     let (digest, last_resolved) = match outcome {
-        ResolveOutcome::Resolved { digest } => (
+        ResolveOutcome::Resolved { digest, .. } => (
             Some(digest.clone()),
             Some(now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ),
@@ -98,8 +101,19 @@ pub fn aggregate_status(
         _ => (previous.digest.clone(), previous.last_resolved.clone()),
     };
     let mut warm = BTreeSet::new();
-    let (mut source_format, mut virtual_size) =
-        (previous.source_format.clone(), previous.virtual_size);
+    // A new digest is a new disk: what was known of the old one goes.
+    let (mut source_format, mut virtual_size) = if previous.digest == digest {
+        (previous.source_format.clone(), previous.virtual_size)
+    } else {
+        (None, None)
+    };
+    if let ResolveOutcome::Resolved {
+        disk: Some(disk), ..
+    } = outcome
+    {
+        source_format = source_format.or_else(|| Some(disk.source_format.clone()));
+        virtual_size = virtual_size.or(Some(disk.virtual_size));
+    }
     if let Some(d) = &digest {
         for cache in caches {
             for e in cache.status.iter().flat_map(|s| s.entries.iter()) {
@@ -213,7 +227,10 @@ mod tests {
         ];
         let s = aggregate_status(
             &img,
-            &ResolveOutcome::Resolved { digest: D.into() },
+            &ResolveOutcome::Resolved {
+                digest: D.into(),
+                disk: None,
+            },
             &caches,
             now,
         );
@@ -274,5 +291,42 @@ mod tests {
             now + chrono::Duration::minutes(5),
         );
         assert_eq!(again, s);
+    }
+
+    #[test]
+    fn a_peeked_disk_sizes_the_image_until_nodes_say_and_a_new_digest_forgets_the_old_size() {
+        let now = Utc::now();
+        let peeked = ResolveOutcome::Resolved {
+            digest: D.into(),
+            disk: Some(PeekedDisk {
+                source_format: "raw".into(),
+                virtual_size: 2 << 30,
+            }),
+        };
+        let cold = aggregate_status(&image("quay.io/a/b:1", None, None), &peeked, &[], now);
+        assert_eq!(cold.phase, Some(ImagePhase::Resolved));
+        assert_eq!(cold.virtual_size, Some(2 << 30));
+        assert_eq!(cold.source_format.as_deref(), Some("raw"));
+
+        let with = image("quay.io/a/b:1", None, Some(cold.clone()));
+        let warm = aggregate_status(
+            &with,
+            &ResolveOutcome::NotAttempted,
+            &[cache("n1", D, CacheEntryState::Ready, DiskFormat::Raw)],
+            now,
+        );
+        assert_eq!(warm.virtual_size, Some(5 << 30), "a node's measure wins");
+
+        let moved = aggregate_status(
+            &image("quay.io/a/b:1", None, Some(warm)),
+            &ResolveOutcome::Resolved {
+                digest: "sha256:moved".into(),
+                disk: None,
+            },
+            &[],
+            now,
+        );
+        assert_eq!(moved.virtual_size, None, "the tag moved to another disk");
+        assert_eq!(moved.source_format, None);
     }
 }

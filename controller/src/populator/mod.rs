@@ -13,6 +13,7 @@ pub mod settings;
 pub mod sweep;
 #[cfg(test)]
 mod tests;
+pub mod timeline;
 
 use std::sync::Arc;
 
@@ -158,6 +159,7 @@ pub async fn run(
         pods: pods.store(),
         metrics,
         failures: Failures::new(reconcile::ERROR_BACKOFF),
+        timelines: Default::default(),
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).

@@ -4,14 +4,16 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimSpec, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::json;
 use vmdisk_crds::{
-    credentials_secret_name, node_cache_label_key, populator_pod_name, prime_pvc_name,
-    usable_disk_bytes, ImageReference, VMDiskImage, ATTEMPT_ANNOTATION, CLAIM_ANNOTATION,
-    CLAIM_UID_LABEL, COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, POPULATED_FROM_ANNOTATION,
-    POPULATOR_COMPONENT, POPULATOR_SERVICE_ACCOUNT, QEMU_UID, SELECTED_NODE_ANNOTATION,
+    credentials_secret_name, format_bytes_quantity, node_cache_label_key, populator_pod_name,
+    prime_pvc_name, usable_disk_bytes, volume_bytes_for_disk, ImageReference, VMDiskImage,
+    ATTEMPT_ANNOTATION, CLAIM_ANNOTATION, CLAIM_UID_LABEL, COMPONENT_LABEL, MANAGED_BY,
+    MANAGED_BY_LABEL, POPULATED_FROM_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_SERVICE_ACCOUNT,
+    QEMU_UID, SELECTED_NODE_ANNOTATION,
 };
 
 use super::PopulatorConfig;
@@ -52,15 +54,45 @@ pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Option<u64> {
     vmdisk_crds::parse_quantity(text).ok()
 }
 
+/// Bytes the prime PVC asks for: the claim's request, or the disk's need when that is more (a
+/// claim admitted before its image's size was known asks for less than the disk). A PV larger
+/// than its claim binds to it all the same.
+pub fn prime_bytes(
+    pvc: &PersistentVolumeClaim,
+    image: &VMDiskImage,
+    config: &PopulatorConfig,
+) -> Option<u64> {
+    let needed = image
+        .status
+        .as_ref()
+        .and_then(|s| s.virtual_size)
+        .map(|disk| volume_bytes_for_disk(disk, !is_block(pvc), config.filesystem_overhead));
+    requested_bytes(pvc).max(needed)
+}
+
 /// The prime PVC: the user's claim without its data source, in vmdisk's namespace, so the
-/// storage class provisions an empty volume (on the selected node, for WaitForFirstConsumer).
+/// storage class provisions an empty volume (on the selected node, for WaitForFirstConsumer),
+/// as large as the disk needs.
 pub fn prime_pvc(
     pvc: &PersistentVolumeClaim,
+    image: &VMDiskImage,
     config: &PopulatorConfig,
     selected_node: Option<&str>,
 ) -> PersistentVolumeClaim {
     let uid = pvc.uid().unwrap_or_default();
-    let spec = pvc.spec.clone().unwrap_or_default();
+    let mut spec = pvc.spec.clone().unwrap_or_default();
+    if let Some(bytes) = prime_bytes(pvc, image, config) {
+        if Some(bytes) > requested_bytes(pvc) {
+            let resources = spec.resources.get_or_insert_with(Default::default);
+            resources
+                .requests
+                .get_or_insert_with(Default::default)
+                .insert(
+                    "storage".to_string(),
+                    Quantity(format_bytes_quantity(bytes)),
+                );
+        }
+    }
     let mut annotations = BTreeMap::from([(CLAIM_ANNOTATION.to_string(), claim_key(pvc))]);
     if let Some(node) = selected_node {
         annotations.insert(SELECTED_NODE_ANNOTATION.to_string(), node.to_string());
@@ -85,10 +117,12 @@ pub fn prime_pvc(
 }
 
 /// The populator pod: `vmdisk-cache-agent populate` from the agent's image, the prime PVC as a
-/// block device or a mount, the node cache mounted. On the selected node for
-/// WaitForFirstConsumer, otherwise preferring nodes whose cache holds the image.
+/// block device or a mount (the disk sized to fit the prime), the node cache mounted. On the
+/// selected node for WaitForFirstConsumer, otherwise preferring nodes whose cache holds the
+/// image.
 pub fn populator_pod(
     pvc: &PersistentVolumeClaim,
+    prime_claim: &PersistentVolumeClaim,
     image: &VMDiskImage,
     digest: &str,
     config: &PopulatorConfig,
@@ -123,7 +157,7 @@ pub fn populator_pod(
         format!("{}/{prime}", config.namespace),
     ];
     if !block {
-        let volume = requested_bytes(pvc).ok_or("the claim requests no storage size")?;
+        let volume = requested_bytes(prime_claim).ok_or("the claim requests no storage size")?;
         args.extend([
             "--size".into(),
             usable_disk_bytes(volume, config.filesystem_overhead).to_string(),

@@ -18,13 +18,15 @@ use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
 use tracing::Instrument as _;
 use vmdisk_crds::{
-    populator_pod_name, prime_pvc_name, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION,
+    populator_pod_name, prime_pvc_name, PopulatePhase, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION,
     MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_FINALIZER, PROGRESS_ANNOTATION,
+    TIMELINE_ANNOTATION,
 };
 use vmdisk_support::{Backoff, Failures};
 
 use super::decide::{self, ClassLookup, Note, Observed, Step};
 use super::settings::{PopulatorConfig, PopulatorSettings};
+use super::timeline::{self, Stage, Timelines};
 use crate::metrics::PopulatorMetrics;
 
 #[derive(Debug, Error)]
@@ -55,6 +57,8 @@ pub struct Context {
     pub metrics: PopulatorMetrics,
     /// Consecutive failed steps per claim: each retried after [`ERROR_BACKOFF`]'s delay.
     pub failures: Failures<ObjectRef<PersistentVolumeClaim>>,
+    /// Where the time of each population in flight went.
+    pub timelines: Timelines,
 }
 
 /// How long a claim whose step failed waits before the next try: doubling per consecutive
@@ -206,6 +210,27 @@ async fn reconcile_claim(
     if !matches!(step, Step::Ignore | Step::Wait { .. }) {
         tracing::info!(step = step_name(&step), "populator step");
     }
+    let key = ObjectRef::from_obj(&*pvc);
+    if !matches!(step, Step::Ignore) {
+        let now = std::time::Instant::now();
+        let seen = timeline::visible_stages(&pvc, prime.as_deref(), pod.as_deref());
+        let acts = !matches!(step, Step::Wait { .. });
+        ctx.timelines.with(&key, now, |t| {
+            seen.into_iter().for_each(|s| t.mark(s, now));
+            if t.look(now, SAFETY_NET) && acts {
+                t.missed_change();
+                tracing::warn!(
+                    step = step_name(&step),
+                    "the safety net found work: a watched change did not wake this claim"
+                );
+            }
+        });
+    }
+    let mark = |stage: Stage| {
+        ctx.timelines.with(&key, std::time::Instant::now(), |t| {
+            t.mark(stage, std::time::Instant::now())
+        })
+    };
     let api_error = |action: &'static str| {
         let (namespace, name) = (namespace.clone(), name.clone());
         move |source| PopulatorError::Api {
@@ -223,16 +248,29 @@ async fn reconcile_claim(
         Step::Ignore => return Ok(Action::await_change()),
         // Waits end on a change to a watched object; the requeue is a safety net for a change
         // seen by the trigger before the store it is read from.
-        Step::Wait { requeue } => return Ok(Action::requeue(requeue.unwrap_or(SAFETY_NET))),
+        Step::Wait { requeue } => {
+            if requeue.is_some() {
+                ctx.timelines
+                    .with(&key, std::time::Instant::now(), |t| t.asked_requeue());
+            }
+            return Ok(Action::requeue(requeue.unwrap_or(SAFETY_NET)));
+        }
         Step::Annotate {
             status,
             note,
             outcome,
         } if decide::current_status(&pvc).as_ref() != Some(&status) => {
+            // The population ends here: its timeline goes with the last status.
+            let ended = matches!(
+                status.phase,
+                PopulatePhase::Succeeded | PopulatePhase::Failed
+            );
+            let timeline = ended.then(|| ctx.timelines.finish(&key)).flatten();
             let patch = serde_json::json!({"metadata": {"annotations": {
                 PHASE_ANNOTATION: status.phase.as_str(),
                 MESSAGE_ANNOTATION: status.message,
                 PROGRESS_ANNOTATION: status.progress,
+                TIMELINE_ANNOTATION: timeline.as_ref().map(|t| t.render()),
             }}});
             claims
                 .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -244,6 +282,12 @@ async fn reconcile_claim(
             if let Some(outcome) = outcome {
                 let seconds = prime.as_deref().map(seconds_since).unwrap_or(0.0);
                 ctx.metrics.observe(outcome.as_str(), seconds);
+            }
+            if let Some(timeline) = timeline {
+                for (stage, took) in timeline.steps().into_iter().skip(1) {
+                    ctx.metrics.observe_step(stage.as_str(), took.as_secs_f64());
+                }
+                tracing::info!(phase = status.phase.as_str(), timeline = %timeline.render(), "population ended");
             }
         }
         // Already shown (a decision never asks for that, but a write must not wake the next
@@ -260,11 +304,17 @@ async fn reconcile_claim(
             create(&primes, &prime)
                 .await
                 .map_err(api_error("creating the prime PVC"))?;
+            mark(Stage::PrimeCreated);
         }
         Step::CreatePod { pod, attempt } => {
             create(&pods, &pod)
                 .await
                 .map_err(api_error("creating the populator pod"))?;
+            mark(Stage::PodCreated);
+            if attempt > 1 {
+                ctx.timelines
+                    .with(&key, std::time::Instant::now(), |t| t.extra_attempts += 1);
+            }
             let node = super::objects::required_node(&pod);
             ctx.note(
                 &pvc,
@@ -308,6 +358,7 @@ async fn reconcile_claim(
                 .patch(&pv, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .map_err(api_error("handing the PV to the claim"))?;
+            mark(Stage::Rebound);
             ctx.note(&pvc, &note).await;
         }
         Step::DeletePrime { outcome } => {
@@ -408,7 +459,10 @@ pub fn error_policy(
     error: &PopulatorError,
     ctx: Arc<Context>,
 ) -> Action {
-    let (failures, delay) = ctx.failures.failed(ObjectRef::from_obj(&*pvc));
+    let key = ObjectRef::from_obj(&*pvc);
+    let (failures, delay) = ctx.failures.failed(key.clone());
+    ctx.timelines
+        .with(&key, std::time::Instant::now(), |t| t.errors += 1);
     tracing::warn!(
         namespace = pvc.namespace().unwrap_or_default(),
         name = pvc.name_any(),

@@ -42,6 +42,9 @@ pub async fn sweep_orphans(ctx: Arc<Context>) {
             continue;
         }
         let claims = ctx.claims.state();
+        // Timelines of claims deleted before their population ended.
+        ctx.timelines
+            .retain(|claim| ctx.claims.get(claim).is_some());
         let live: std::collections::HashSet<String> =
             claims.iter().filter_map(|c| c.uid()).collect();
         let primes = ctx.primes.state();

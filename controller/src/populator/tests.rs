@@ -64,8 +64,6 @@ fn context(
         ..PopulatorSettings::default()
     };
     let user = claim();
-    let prime =
-        super::objects::prime_pvc(&user, &super::PopulatorConfig::default(), Some("node-1"));
     let image: VMDiskImage = serde_json::from_value(json!({
         "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
         "metadata": {"name": "t", "namespace": "vms", "uid": "i-1"},
@@ -73,6 +71,12 @@ fn context(
         "status": {"digest": DIGEST, "phase": "Ready", "warmNodes": 1},
     }))
     .unwrap();
+    let prime = super::objects::prime_pvc(
+        &user,
+        &image,
+        &super::PopulatorConfig::default(),
+        Some("node-1"),
+    );
     let class: StorageClass = serde_json::from_value(json!({"metadata": {"name": "local"},
         "provisioner": "rancher.io/local-path", "volumeBindingMode": "WaitForFirstConsumer"}))
     .unwrap();
@@ -97,6 +101,7 @@ fn context(
         pods: filled::<Pod>(vec![]).0,
         metrics: ControllerMetrics::new().populator,
         failures: Failures::new(ERROR_BACKOFF),
+        timelines: Default::default(),
     };
     (Arc::new(ctx), claims_writer, agents_writer)
 }

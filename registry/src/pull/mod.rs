@@ -28,6 +28,7 @@ mod clients;
 mod error;
 mod manifest;
 mod reader;
+mod start;
 
 pub use self::error::PullError;
 pub use self::manifest::{pick_platform, LayerDescriptor, PlatformSpec, ResolvedImage};

@@ -17,6 +17,7 @@
 
 mod disk;
 mod paths;
+pub mod peek;
 #[cfg(test)]
 mod tests;
 

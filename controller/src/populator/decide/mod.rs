@@ -392,7 +392,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
         return Step::AddFinalizer;
     }
     let Some(prime) = o.prime else {
-        return Step::CreatePrime(Box::new(prime_pvc(pvc, config, node)));
+        return Step::CreatePrime(Box::new(prime_pvc(pvc, image, config, node)));
     };
     // The pod is gone after a failure was counted (or never made): the next attempt.
     let attempt = failed_attempts(prime) + 1;
@@ -401,7 +401,7 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
         format!("populating from VMDiskImage {image_name} (attempt {attempt})"),
         Some("0%"),
     );
-    match populator_pod(pvc, image, digest, config, attempt, node) {
+    match populator_pod(pvc, prime, image, digest, config, attempt, node) {
         Ok(pod) => with_status(
             pvc,
             populating,

@@ -73,7 +73,7 @@ fn pod(phase: &str, attempt: u32, terminated: Option<(i32, &str, &str)>) -> Pod 
 }
 
 fn prime(bound: bool, failed: u32, phase: &str) -> PersistentVolumeClaim {
-    let mut p = prime_pvc(&claim(json!({})), &config(), None);
+    let mut p = prime_pvc(&claim(json!({})), &image(true), &config(), None);
     if bound {
         p.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
     }
@@ -288,6 +288,63 @@ fn finalizer_first_then_a_prime_copying_the_claim() {
     assert_eq!(a[CLAIM_ANNOTATION], "vms/root");
 }
 
+/// A claim admitted before its image's size was known asks for less than the disk: the prime
+/// asks for what the disk needs (the PV is then larger than the claim), and the pod's disk
+/// fits the prime.
+#[test]
+fn a_claim_smaller_than_its_disk_gets_a_prime_and_a_disk_the_disks_size() {
+    let mut w = World::new(with_finalizer(claim(
+        json!({"resources": {"requests": {"storage": "1Mi"}}}),
+    )));
+    let mut sized = image(true);
+    sized.status.as_mut().unwrap().virtual_size = Some(2 << 30);
+    w.image = Some(sized);
+    let Step::CreatePrime(prime) = w.step() else {
+        panic!()
+    };
+    let asked = &prime
+        .spec
+        .as_ref()
+        .unwrap()
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap()["storage"]
+        .0;
+    // 2 GiB × 1.06, rounded up to whole MiB.
+    assert_eq!(asked, &format!("{}Mi", (2048.0f64 * 1.06).ceil() as u64));
+    w.prime = Some(*prime);
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        &status_of(&w.step()).message,
+        Some("0%"),
+    );
+    let Step::CreatePod { pod, .. } = w.step() else {
+        panic!()
+    };
+    let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
+    let size: u64 = args[args.iter().position(|a| a == "--size").unwrap() + 1]
+        .parse()
+        .unwrap();
+    assert!(size >= 2 << 30, "the disk fits: {size}");
+
+    // A claim that asks for more than the disk keeps its size.
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    let mut small = image(true);
+    small.status.as_mut().unwrap().virtual_size = Some(1 << 20);
+    w.image = Some(small);
+    let Step::CreatePrime(prime) = w.step() else {
+        panic!()
+    };
+    assert_eq!(
+        prime.spec.unwrap().resources.unwrap().requests.unwrap()["storage"].0,
+        "1060Mi"
+    );
+}
+
 /// A claim's `vmdisk.io/digest` that is not the image's resolved digest (written by hand
 /// while the image was unresolved, say another team's digest) is not what the pod fills.
 #[test]
@@ -449,7 +506,9 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
 #[test]
 fn a_filesystem_claim_without_a_size_fails_with_a_reason() {
     let mut w = World::new(with_finalizer(claim(json!({"resources": {}}))));
-    w.prime = Some(prime(false, 0, "Pending"));
+    let mut no_size = prime(false, 0, "Pending");
+    no_size.spec.as_mut().unwrap().resources = None;
+    w.prime = Some(no_size);
     let Step::Annotate {
         status,
         outcome: Some(Outcome::Failed),
