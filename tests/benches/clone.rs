@@ -14,7 +14,7 @@ use std::time::Instant;
 use vmdisk_cache_agent::populate::clone::{clone_disk, CloneMethod};
 use vmdisk_tests::bench::{env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content};
-use vmdisk_tests::loopfs::XfsMount;
+use vmdisk_tests::loopfs::LoopMount;
 
 fn main() {
     let disk_mib = env_or("VMDISK_BENCH_DISK_MIB", 2048);
@@ -78,7 +78,7 @@ fn main() {
 /// The median time to clone `src`, copied onto a loop-mounted XFS first, to a new file there.
 fn reflink_secs(src: &std::path::Path, disk_mib: u64, rounds: u64) -> Result<f64, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let xfs = XfsMount::new(dir.path(), disk_mib * 2 + 512)?;
+    let xfs = LoopMount::xfs(dir.path(), disk_mib * 2 + 512)?;
     let entry = xfs.path.join("entry.raw");
     let status = Command::new("cp")
         .arg("--sparse=always")

@@ -25,7 +25,7 @@ use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::RegistryOptions;
 use vmdisk_tests::bench::{child_runtime, child_warmer, env_or, median};
 use vmdisk_tests::disks::{make_ext4_raw, same_content, to_format};
-use vmdisk_tests::loopfs::XfsMount;
+use vmdisk_tests::loopfs::LoopMount;
 use vmdisk_tests::push::push_container_disk;
 use vmdisk_tests::registry::TestRegistry;
 
@@ -174,7 +174,7 @@ fn main() {
     println!("RESULT repeat-boot-copy {copy_line}");
 
     let xfs_dir = tempfile::tempdir_in(work.path()).unwrap();
-    match XfsMount::new(xfs_dir.path(), disk_mib * 3 + 1024) {
+    match LoopMount::xfs(xfs_dir.path(), disk_mib * 3 + 1024) {
         Ok(xfs) => {
             let placement = Placement {
                 name: "xfs (reflink)",

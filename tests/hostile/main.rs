@@ -8,8 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vmdisk_tests::disks::make_ext4_raw;
-use vmdisk_tests::push::{push_blobs, TAR_GZIP};
+use vmdisk_tests::disks::{make_ext4_raw, same_content};
+use vmdisk_tests::loopfs::LoopMount;
+use vmdisk_tests::push::{push_blobs, push_container_disk, TAR_GZIP};
 use vmdisk_tests::registry::TestRegistry;
 
 /// What the issue asks of every hostile image: under 128 MiB of resident memory.
@@ -207,7 +208,95 @@ async fn hostile_images_are_refused_or_warmed_in_bounded_memory() {
         peak,
         Some("inflates to more than"),
     );
+    // A VMDK whose grain directory is 512 MiB (a 32 TiB disk of 512-byte grains), the file
+    // extended with zeros so that the directory lies inside it.
+    let v = vmdk_with_a_huge_grain_directory(work.path());
+    let blob = layer(&[("disk/disk.vmdk", &v)]);
+    let (reference, _) = push_blobs(&registry, "hostile/vmdk", "gd", vec![(blob, TAR_GZIP)]).await;
+    let (ok, stderr, peak) = warm(
+        &reference,
+        &work.path().join("cache-vmdk"),
+        &["--max-disk-size", "64Ti"],
+    );
+    check(
+        "VMDK with a 512 MiB grain directory",
+        ok,
+        &stderr,
+        peak,
+        Some("over the 32 MiB any image needs"),
+    );
+    std::fs::remove_file(&v).unwrap();
     for line in report {
         println!("{line}");
     }
+}
+
+/// A monolithicSparse VMDK whose header claims a 32 TiB disk of 512-byte grains: a grain
+/// directory of 2^27 entries (512 MiB), which the file (zeros past qemu-img's header) holds.
+fn vmdk_with_a_huge_grain_directory(dir: &Path) -> PathBuf {
+    let v = dir.join("huge-gd.vmdk");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse"])
+        .arg(&v)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let f = std::fs::OpenOptions::new().write(true).open(&v).unwrap();
+    f.write_all_at(&(1u64 << 36).to_le_bytes(), 12).unwrap(); // capacity, sectors
+    f.write_all_at(&1u64.to_le_bytes(), 20).unwrap(); // grain size, sectors
+    f.set_len(600 << 20).unwrap();
+    v
+}
+
+/// A disk larger than the free space of a small filesystem: the warm fails with the
+/// filesystem's own words, keeps nothing of it, and the entry already cached there stays
+/// whole; the next warm on that cache works.
+#[tokio::test]
+async fn a_disk_larger_than_the_free_space_fails_cleanly_and_keeps_what_was_cached() {
+    let work = tempfile::tempdir().unwrap();
+    let fs = match LoopMount::ext4(work.path(), 48) {
+        Ok(fs) => fs,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let registry = TestRegistry::start_plain();
+    let cache = fs.path.join("cache");
+    let small = make_ext4_raw(work.path(), "kept", 8, 2, 11);
+    let (kept, _) = push_container_disk(&registry, "full/kept", "1", &small).await;
+    // 64 MiB, 40 MiB of it data that does not compress: more than the filesystem has.
+    let big = make_ext4_raw(work.path(), "big", 64, 40, 12);
+    let (too_big, _) = push_container_disk(&registry, "full/big", "1", &big).await;
+    let other = make_ext4_raw(work.path(), "after", 8, 2, 13);
+    let (after, _) = push_container_disk(&registry, "full/after", "1", &other).await;
+    // The budget is no limit here: the free space is.
+    let budget = ["--budget", "1Ti"];
+    let (ok, stderr, _) = warm(&kept, &cache, &budget);
+    assert!(ok, "{stderr}");
+    let (ok, stderr, peak) = warm(&too_big, &cache, &budget);
+    println!(
+        "full disk: refused in {:.1} MiB peak RSS ({})",
+        peak as f64 / 1024.0,
+        stderr.trim().lines().last().unwrap_or("")
+    );
+    assert!(!ok, "a disk larger than the filesystem was warmed");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    let staging: Vec<_> = std::fs::read_dir(cache.join("staging"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "left in staging: {staging:?}");
+    let entries: Vec<PathBuf> = std::fs::read_dir(cache.join("entries"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        same_content(&small, &entries[0].join("disk.raw")),
+        "the entry cached before is intact"
+    );
+    let (ok, stderr, _) = warm(&after, &cache, &budget);
+    assert!(ok, "the cache keeps serving: {stderr}");
 }

@@ -13,7 +13,7 @@ use vmdisk_cache_agent::warm::{WarmRequest, Warmer};
 use vmdisk_crds::DiskFormat;
 use vmdisk_registry::pull::{Puller, PullerConfig};
 use vmdisk_tests::disks::{allocated, make_ext4_raw, same_content, to_format};
-use vmdisk_tests::loopfs::{is_root, LoopDevice, XfsMount};
+use vmdisk_tests::loopfs::{is_root, LoopDevice, LoopMount};
 use vmdisk_tests::push::{options_for, push_container_disk};
 use vmdisk_tests::registry::TestRegistry;
 use vmdisk_tests::throttle::ThrottledProxy;
@@ -289,7 +289,7 @@ async fn the_owner_cleanup_and_eviction_spare_a_populate_in_progress() {
 #[tokio::test]
 async fn on_xfs_a_warm_populate_is_a_reflink_the_target_can_write_over() {
     let work = tempfile::tempdir().unwrap();
-    let xfs = match XfsMount::new(work.path(), 512) {
+    let xfs = match LoopMount::xfs(work.path(), 512) {
         Ok(xfs) => xfs,
         Err(why) => return println!("skipped: {why}"),
     };

@@ -49,26 +49,33 @@ impl Drop for LoopDevice {
     }
 }
 
-/// An XFS filesystem with reflinks in a sparse file under `dir`, loop-mounted at
-/// `dir/xfs`; unmounted on drop.
-pub struct XfsMount {
+/// A filesystem in a sparse file under `dir`, loop-mounted at `dir/<kind>`; unmounted on drop.
+pub struct LoopMount {
     pub path: PathBuf,
 }
 
-impl XfsMount {
-    pub fn new(dir: &Path, size_mib: u64) -> Result<Self, String> {
+impl LoopMount {
+    /// XFS with reflinks (what makes a cache copy a clone).
+    pub fn xfs(dir: &Path, size_mib: u64) -> Result<Self, String> {
+        Self::new(dir, size_mib, "xfs", &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"])
+    }
+
+    /// A small ext4 (XFS needs at least 300 MiB): for running out of space.
+    pub fn ext4(dir: &Path, size_mib: u64) -> Result<Self, String> {
+        Self::new(dir, size_mib, "ext4", &["mkfs.ext4", "-q", "-F"])
+    }
+
+    fn new(dir: &Path, size_mib: u64, kind: &str, mkfs: &[&str]) -> Result<Self, String> {
         if !is_root() {
             return Err("mounting a filesystem needs root".into());
         }
-        let image = dir.join("xfs.img");
+        let image = dir.join(format!("{kind}.img"));
         let file = std::fs::File::create(&image).map_err(|e| format!("creating {image:?}: {e}"))?;
         file.set_len(size_mib << 20)
             .map_err(|e| format!("sizing {image:?}: {e}"))?;
-        run(Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-m", "reflink=1"])
-            .arg(&image))
-        .map_err(|e| format!("{e} (is xfsprogs installed? .ci/setup installs it)"))?;
-        let path = dir.join("xfs");
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image))
+            .map_err(|e| format!("{e} (is {} installed? .ci/setup installs it)", mkfs[0]))?;
+        let path = dir.join(kind);
         std::fs::create_dir_all(&path).map_err(|e| format!("creating {path:?}: {e}"))?;
         run(Command::new("mount")
             .args(["-o", "loop"])
@@ -78,7 +85,7 @@ impl XfsMount {
     }
 }
 
-impl Drop for XfsMount {
+impl Drop for LoopMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
     }

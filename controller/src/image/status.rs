@@ -120,8 +120,11 @@ pub fn aggregate_status(
                 if &e.digest != d || e.state != CacheEntryState::Ready {
                     continue;
                 }
-                source_format = e.source_format.clone().or(source_format);
-                virtual_size = e.virtual_size.or(virtual_size);
+                // The controller's own reading of the registry stands: one node's report fills
+                // in only what it could not read (formats only qemu-img reads), so a node
+                // cannot resize an image for every tenant.
+                source_format = source_format.or_else(|| e.source_format.clone());
+                virtual_size = virtual_size.or(e.virtual_size);
                 if e.format == image.spec.format {
                     warm.insert(cache.name_any());
                 }
@@ -294,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_peeked_disk_sizes_the_image_until_nodes_say_and_a_new_digest_forgets_the_old_size() {
+    fn a_peeked_disk_sizes_the_image_whatever_nodes_say_and_a_new_digest_forgets_the_old_size() {
         let now = Utc::now();
         let peeked = ResolveOutcome::Resolved {
             digest: D.into(),
@@ -315,7 +318,11 @@ mod tests {
             &[cache("n1", D, CacheEntryState::Ready, DiskFormat::Raw)],
             now,
         );
-        assert_eq!(warm.virtual_size, Some(5 << 30), "a node's measure wins");
+        assert_eq!(
+            warm.virtual_size,
+            Some(2 << 30),
+            "the controller's reading stands over a node's report"
+        );
 
         let moved = aggregate_status(
             &image("quay.io/a/b:1", None, Some(warm)),

@@ -1,0 +1,266 @@
+//! What the installed cases do with claims and images: create, wait for a phase, read Events,
+//! check the clean-up, look at a filled volume from a pod on the real node.
+
+use super::*;
+
+/// Waits until the populator marks claim `namespace/name` Failed; returns its message.
+pub(super) async fn wait_given_up(admin: &Client, namespace: &str, name: &str) -> String {
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), namespace);
+    let failed = wait_for(&format!("claim {name} to be given up"), WAIT, || {
+        let claims = claims.clone();
+        async move {
+            let c = claims.get(name).await.map_err(|e| e.to_string())?;
+            (c.annotations().get("vmdisk.io/phase").map(String::as_str) == Some("Failed"))
+                .then(|| c.clone())
+                .ok_or(format!("{:?}", c.annotations()))
+        }
+    })
+    .await;
+    failed
+        .annotations()
+        .get("vmdisk.io/message")
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub(super) async fn wait_resolved(admin: &Client, namespace: &str, name: &str) -> VMDiskImage {
+    let api: Api<VMDiskImage> = Api::namespaced(admin.clone(), namespace);
+    wait_for(&format!("VMDiskImage {name} resolved"), WAIT, || {
+        let api = api.clone();
+        async move {
+            let i = api.get(name).await.map_err(|e| e.to_string())?;
+            i.digest()
+                .is_some()
+                .then_some(i.clone())
+                .ok_or(format!("{:?}", i.status))
+        }
+    })
+    .await
+}
+
+pub(super) async fn create_pvc(
+    admin: &Client,
+    namespace: &str,
+    pvc: serde_json::Value,
+) -> PersistentVolumeClaim {
+    let pvc: PersistentVolumeClaim = serde_json::from_value(pvc).unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &pvc)
+        .await
+        .unwrap()
+}
+
+/// Waits until the claim is Bound; returns it and how long that took from `since`.
+pub(super) async fn wait_bound(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    since: Instant,
+) -> (PersistentVolumeClaim, Duration) {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), namespace);
+    let pvc = wait_for(&format!("PVC {namespace}/{name} Bound"), WAIT, || {
+        let api = api.clone();
+        async move {
+            let p = api.get(name).await.map_err(|e| e.to_string())?;
+            let bound = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+            bound
+                .then_some(p.clone())
+                .ok_or(format!("{:?} {:?}", p.status, p.metadata.annotations))
+        }
+    })
+    .await;
+    (pvc, since.elapsed())
+}
+
+/// The Events recorded on an object, as (reason, note, times): repeats of an Event with the
+/// same reason and action are one series.
+pub(super) async fn events_of(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+) -> Vec<(String, String, i32)> {
+    let api: Api<Event> = Api::namespaced(admin.clone(), namespace);
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .map(|e| {
+            let times = e.series.as_ref().map_or(1, |s| s.count);
+            (
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+                times,
+            )
+        })
+        .collect()
+}
+
+/// Nothing of the population is left: no prime, no pod, no finalizer.
+pub(super) async fn assert_cleaned_up(admin: &Client, pvc: &PersistentVolumeClaim) {
+    let uid = pvc.uid().unwrap();
+    let primes: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(admin.clone(), &pvc.namespace().unwrap());
+    let name = pvc.name_any();
+    wait_for(
+        "the prime PVC, the populator pod and the finalizer to go",
+        WAIT,
+        || {
+            let (primes, pods, claims, uid, name) = (
+                primes.clone(),
+                pods.clone(),
+                claims.clone(),
+                uid.clone(),
+                name.clone(),
+            );
+            async move {
+                let prime = primes
+                    .get_opt(&vmdisk_crds::prime_pvc_name(&uid))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let pod = pods
+                    .get_opt(&vmdisk_crds::populator_pod_name(&uid))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let finalizer = claims
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .is_some_and(|c| c.finalizers().iter().any(|f| f == POPULATOR_FINALIZER));
+                (prime.is_none() && pod.is_none() && !finalizer)
+                    .then_some(())
+                    .ok_or(format!(
+                        "prime {} pod {} finalizer {finalizer}",
+                        prime.is_some(),
+                        pod.is_some()
+                    ))
+            }
+        },
+    )
+    .await;
+}
+
+/// Runs a pod on the real node that mounts `claim` (a Filesystem mount at /vm, or a Block
+/// device at /dev/vm) and `host_dir` at /src, and runs `script` with the agent image's shell
+/// and qemu-img; returns its log. Fails when the script fails.
+pub(super) async fn check_pod(
+    fx: &Installed,
+    namespace: &str,
+    claim: &str,
+    block: bool,
+    host_dir: &std::path::Path,
+    script: &str,
+) -> String {
+    let name = format!("check-{claim}");
+    let mut container = json!({
+        "name": "check", "image": fx.images.cache_agent, "imagePullPolicy": "IfNotPresent",
+        "command": ["sh", "-c", script],
+        "volumeMounts": [{"name": "src", "mountPath": "/src", "readOnly": true}],
+        "securityContext": {"runAsUser": 0},
+    });
+    if block {
+        container["volumeDevices"] = json!([{"name": "vm", "devicePath": "/dev/vm"}]);
+    } else {
+        container["volumeMounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "vm", "mountPath": "/vm"}));
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", "containers": [container],
+                 "volumes": [{"name": "vm", "persistentVolumeClaim": {"claimName": claim}},
+                             {"name": "src", "hostPath": {"path": host_dir}}]}
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(fx.admin.clone(), namespace);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let phase = wait_for(&format!("pod {name} to finish"), WAIT, || {
+        let pods = pods.clone();
+        let name = name.clone();
+        async move {
+            let p = pods.get(&name).await.map_err(|e| e.to_string())?;
+            match p.status.as_ref().and_then(|s| s.phase.clone()).as_deref() {
+                Some(phase @ ("Succeeded" | "Failed")) => Ok(phase.to_string()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    let log = pods
+        .logs(&name, &Default::default())
+        .await
+        .unwrap_or_default();
+    assert_eq!(phase, "Succeeded", "{name}: {log}");
+    log
+}
+
+/// A containerDisk pushed to the bridge registry: (url as pods see it, local raw source).
+pub(super) async fn disk_image(
+    fx: &Installed,
+    dir: &std::path::Path,
+    name: &str,
+    size_mib: u64,
+    data_mib: u64,
+    seed: u64,
+    qcow2: bool,
+) -> (String, PathBuf) {
+    let raw = make_ext4_raw(dir, name, size_mib, data_mib, seed);
+    let layer = if qcow2 {
+        to_format(&raw, "qcow2", false)
+    } else {
+        raw.clone()
+    };
+    let (reference, _) =
+        push_container_disk(&fx.registry(), &format!("e2e/{name}"), "v1", &layer).await;
+    (reference, raw)
+}
+
+/// Waits for the claim's last status, `Succeeded`, which comes after the clean-up; checks its
+/// timeline: every step seen, and no step refused, no second pod, no change found only by
+/// the populator's safety net (however fast the fill was, any of those fails the case).
+pub(super) async fn succeeded_with_a_clean_timeline(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+) -> PersistentVolumeClaim {
+    let claims = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace);
+    let claim = wait_for("the claim's phase Succeeded", WAIT, || {
+        let claims = claims.clone();
+        async move {
+            let claim = claims.get(name).await.map_err(|e| e.to_string())?;
+            let phase = claim.annotations().get("vmdisk.io/phase").cloned();
+            (phase.as_deref() == Some("Succeeded"))
+                .then_some(claim)
+                .ok_or(format!("phase {phase:?}"))
+        }
+    })
+    .await;
+    let timeline = claim
+        .annotations()
+        .get("vmdisk.io/timeline")
+        .cloned()
+        .unwrap_or_else(|| panic!("{name}: no timeline: {:?}", claim.annotations()));
+    println!("{namespace}/{name} fill timeline: {timeline}");
+    for stage in [
+        "prime +",
+        "pod +",
+        "scheduled +",
+        "copied +",
+        "rebound +",
+        "bound +",
+    ] {
+        assert!(
+            timeline.contains(stage),
+            "{name}: {stage} missing: {timeline}"
+        );
+    }
+    assert!(
+        timeline.ends_with("; errors 0, extra attempts 0, missed changes 0"),
+        "{name}: a retry nobody asked for: {timeline}"
+    );
+    claim
+}
