@@ -236,7 +236,14 @@ async fn hostile_images_are_refused_or_warmed_in_bounded_memory() {
 fn vmdk_with_a_huge_grain_directory(dir: &Path) -> PathBuf {
     let v = dir.join("huge-gd.vmdk");
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicSparse"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+        ])
         .arg(&v)
         .arg("64M")
         .output()

@@ -57,7 +57,12 @@ pub struct LoopMount {
 impl LoopMount {
     /// XFS with reflinks (what makes a cache copy a clone).
     pub fn xfs(dir: &Path, size_mib: u64) -> Result<Self, String> {
-        Self::new(dir, size_mib, "xfs", &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"])
+        Self::new(
+            dir,
+            size_mib,
+            "xfs",
+            &["mkfs.xfs", "-q", "-f", "-m", "reflink=1"],
+        )
     }
 
     /// A small ext4 (XFS needs at least 300 MiB): for running out of space.

@@ -855,3 +855,32 @@ async fn a_pinned_reference_already_cached_needs_no_registry() {
         .await
         .is_err());
 }
+
+/// What the image controller does to size a disk nobody has warmed: the first MiB of the layer
+/// (one Range request to a real registry), inflated as far as it goes, gives the qcow2 header
+/// and a raw disk's entry size.
+#[tokio::test]
+async fn a_disks_size_is_read_from_the_first_mib_of_its_layer() {
+    use vmdisk_cache_agent::warm::extract::peek::peek_disk;
+    use vmdisk_cache_agent::warm::extract::LayerCompression;
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "peek", 96, 8, 41);
+    let qcow2 = to_format(&raw, "qcow2", false);
+    let puller = Puller::new(PullerConfig::default());
+    for (disk, format) in [(&raw, "raw"), (&qcow2, "qcow2")] {
+        let (reference, _) = push_container_disk(&registry, "peek/disk", format, disk).await;
+        let options = options_for(&registry);
+        let image = puller.resolve(&reference, &options).await.unwrap();
+        let layer = image.layers.last().unwrap();
+        let start = puller
+            .layer_start(&image, layer, &options, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(start.len() as u64, layer.size.min(1 << 20), "{format}");
+        let compression = LayerCompression::from_media_type(&layer.media_type).unwrap();
+        let peek = peek_disk(&start, compression).unwrap_or_else(|e| panic!("{format}: {e}"));
+        assert_eq!(peek.source_format, format);
+        assert_eq!(peek.virtual_size, 96 << 20, "{format}");
+    }
+}

@@ -106,10 +106,23 @@ pub(super) async fn a_1mi_claim_of_an_image_no_node_has_warmed_holds_the_whole_d
     let image = wait_resolved(&admin, &ns, "coldsize").await.status.unwrap();
     let logs = || {
         fx.env
-            .kubectl_status(&["-n", INSTALL_NAMESPACE, "logs", "--prefix", "--tail=100", "-l", "app.kubernetes.io/name=vmdisk-controller"])
+            .kubectl_status(&[
+                "-n",
+                INSTALL_NAMESPACE,
+                "logs",
+                "--prefix",
+                "--tail=100",
+                "-l",
+                "app.kubernetes.io/name=vmdisk-controller",
+            ])
             .unwrap_or_else(|e| e)
     };
-    assert_eq!(image.virtual_size, Some(disk_bytes), "{image:?}\n{}", logs());
+    assert_eq!(
+        image.virtual_size,
+        Some(disk_bytes),
+        "{image:?}\n{}",
+        logs()
+    );
     assert_eq!(image.source_format.as_deref(), Some("qcow2"));
     let after = create_pvc(&admin, &ns, claim("after")).await;
     let raised = vmdisk_crds::parse_quantity(

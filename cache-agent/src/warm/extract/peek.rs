@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use super::paths::{normalise, place, Place};
 use super::LayerCompression;
-use crate::warm::decode::{qcow2, vmdk, DecodeError, Layout, MAX_HEADER_BYTES};
+use crate::warm::decode::{self, qcow2, vmdk, DecodeError, Layout, MAX_HEADER_BYTES};
 
 /// How much of a layer is inflated at most while looking for the disk: entries before it are
 /// skipped by reading through them.
@@ -52,7 +52,7 @@ pub fn peek_disk(start: &[u8], compression: LayerCompression) -> Result<DiskPeek
     let mut archive = tar::Archive::new(inflated.take(MAX_PEEK_INFLATED_BYTES));
     let entries = archive.entries().map_err(read_error)?;
     for entry in entries {
-        let entry = entry.map_err(read_error)?;
+        let mut entry = entry.map_err(read_error)?;
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind.is_contiguous()) {
             continue;
@@ -63,11 +63,12 @@ pub fn peek_disk(start: &[u8], compression: LayerCompression) -> Result<DiskPeek
             continue;
         }
         let size = entry.size();
+        // Only as much as the header needs: the disk's data after it may not be in the
+        // fetched bytes.
         let mut head = Vec::new();
-        entry
-            .take(size.min(MAX_HEADER_BYTES as u64))
-            .read_to_end(&mut head)
-            .map_err(read_error)?;
+        read_up_to(&mut entry, &mut head, 512)?;
+        let needed = decode::header_bytes_needed(&head).unwrap_or(512);
+        read_up_to(&mut entry, &mut head, needed.min(MAX_HEADER_BYTES))?;
         return disk_from_header(&head, size);
     }
     Err(PeekError::NoDisk)
@@ -115,6 +116,19 @@ fn disk_from_header(head: &[u8], size: u64) -> Result<DiskPeek, PeekError> {
     })
 }
 
+/// Reads from `entry` until `head` holds `n` bytes or the entry ends.
+fn read_up_to(entry: &mut impl Read, head: &mut Vec<u8>, n: usize) -> Result<(), PeekError> {
+    let missing = n.saturating_sub(head.len()) as u64;
+    entry
+        .take(missing)
+        .read_to_end(head)
+        .map(|_| ())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => PeekError::Truncated,
+            _ => read_error(e),
+        })
+}
+
 /// A prefix cut anywhere ends the inflater and the tar reader in many ways; the warm path,
 /// which reads the whole layer, says which were real damage.
 fn read_error(e: std::io::Error) -> PeekError {
@@ -147,8 +161,18 @@ mod tests {
         let raw = dir.path().join("raw");
         let path = dir.path().join("disk");
         qemu_img(&["create", "-f", "raw", raw.to_str().unwrap(), size]);
+        // Data that does not compress: a prefix holds little more of the disk than its header.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         let mut f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
-        f.write_all(&[0x5a; 1 << 20]).unwrap();
+        f.write_all(&data).unwrap();
         let mut args = vec!["convert", "-O", format];
         args.extend_from_slice(options);
         args.extend([raw.to_str().unwrap(), path.to_str().unwrap()]);
