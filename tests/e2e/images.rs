@@ -15,6 +15,7 @@ pub fn phase() -> Phase<ImagesFixture> {
         name: "images",
         cases: cases![images_are_pushed_and_run_their_binaries],
         exclusive: vec![],
+        benchmark: false,
     }
 }
 

@@ -47,6 +47,7 @@ pub fn phase() -> Phase<LocalInstall> {
             crate::api::a_selected_node_with_a_taint_gets_no_populator_pod,
             crate::stop::a_stopped_controller_hands_its_lease_to_the_standby,
         ],
+        benchmark: false,
     }
 }
 

@@ -28,6 +28,7 @@ mod local;
 mod settle;
 mod stop;
 mod support;
+mod time_to_disk;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -111,6 +112,8 @@ pub struct Phase<F> {
     pub name: &'static str,
     pub cases: Vec<CaseDef<F>>,
     pub exclusive: Vec<CaseDef<F>>,
+    /// A benchmark, not a test: listed as ignored, run only when asked for (`--ignored`).
+    pub benchmark: bool,
 }
 
 type Setup<F> = Pin<Box<dyn Future<Output = Result<F, String>>>>;
@@ -136,6 +139,14 @@ fn run_phase<F: Send + Sync + 'static>(
             .collect();
         libtest_mimic::run(args, trials)
     };
+    let asked = args.ignored || args.include_ignored;
+    if phase.benchmark && (args.list || !asked) {
+        let trials = all
+            .iter()
+            .map(|c| Trial::test(full(c), || Ok(())).with_ignored_flag(true))
+            .collect();
+        return libtest_mimic::run(args, trials);
+    }
     if args.list || !all.iter().any(|c| selected(args, &full(c))) {
         let trials = all
             .iter()
@@ -154,6 +165,7 @@ fn run_phase<F: Send + Sync + 'static>(
             Err(_) => None,
         }
     });
+    let benchmark = phase.benchmark;
     let trials = |cases: Vec<CaseDef<F>>| -> Vec<Trial> {
         cases
             .into_iter()
@@ -184,6 +196,7 @@ fn run_phase<F: Send + Sync + 'static>(
                             .into()
                     })
                 })
+                .with_ignored_flag(benchmark)
             })
             .collect()
     };
@@ -243,6 +256,13 @@ fn main() -> std::process::ExitCode {
             &runtime,
             &args,
             installed::phase(),
+            || Box::pin(async { installed::Installed::setup(support::Env::from_env()?).await }),
+            |fixture| Box::pin(async move { fixture.teardown().await }),
+        ),
+        run_phase(
+            &runtime,
+            &args,
+            time_to_disk::phase(),
             || Box::pin(async { installed::Installed::setup(support::Env::from_env()?).await }),
             |fixture| Box::pin(async move { fixture.teardown().await }),
         ),

@@ -102,19 +102,10 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
         progress,
     )
     .await;
+    // No last report: the populator writes 100% on the user's claim when it hands the volume
+    // over, and waiting here for one more patch only delays the pod's end.
     if let Some(task) = reporter {
-        // One last report, so the PVC says 100% on success.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         task.abort();
-        if result.is_ok() {
-            percent.store(100, std::sync::atomic::Ordering::Relaxed);
-            let last = tokio::spawn(report_progress(
-                args.progress_pvc.clone().unwrap_or_default(),
-                Arc::clone(&percent),
-            ));
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            last.abort();
-        }
     }
     let report = result?;
     Ok(format!(

@@ -4,7 +4,7 @@
 use super::*;
 
 /// Waits until the populator marks claim `namespace/name` Failed; returns its message.
-pub(super) async fn wait_given_up(admin: &Client, namespace: &str, name: &str) -> String {
+pub(crate) async fn wait_given_up(admin: &Client, namespace: &str, name: &str) -> String {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), namespace);
     let failed = wait_for(&format!("claim {name} to be given up"), WAIT, || {
         let claims = claims.clone();
@@ -23,7 +23,7 @@ pub(super) async fn wait_given_up(admin: &Client, namespace: &str, name: &str) -
         .unwrap_or_default()
 }
 
-pub(super) async fn wait_resolved(admin: &Client, namespace: &str, name: &str) -> VMDiskImage {
+pub(crate) async fn wait_resolved(admin: &Client, namespace: &str, name: &str) -> VMDiskImage {
     let api: Api<VMDiskImage> = Api::namespaced(admin.clone(), namespace);
     wait_for(&format!("VMDiskImage {name} resolved"), WAIT, || {
         let api = api.clone();
@@ -38,7 +38,7 @@ pub(super) async fn wait_resolved(admin: &Client, namespace: &str, name: &str) -
     .await
 }
 
-pub(super) async fn create_pvc(
+pub(crate) async fn create_pvc(
     admin: &Client,
     namespace: &str,
     pvc: serde_json::Value,
@@ -51,7 +51,7 @@ pub(super) async fn create_pvc(
 }
 
 /// Waits until the claim is Bound; returns it and how long that took from `since`.
-pub(super) async fn wait_bound(
+pub(crate) async fn wait_bound(
     admin: &Client,
     namespace: &str,
     name: &str,
@@ -74,7 +74,7 @@ pub(super) async fn wait_bound(
 
 /// The Events recorded on an object, as (reason, note, times): repeats of an Event with the
 /// same reason and action are one series.
-pub(super) async fn events_of(
+pub(crate) async fn events_of(
     admin: &Client,
     namespace: &str,
     name: &str,
@@ -98,7 +98,7 @@ pub(super) async fn events_of(
 }
 
 /// Nothing of the population is left: no prime, no pod, no finalizer.
-pub(super) async fn assert_cleaned_up(admin: &Client, pvc: &PersistentVolumeClaim) {
+pub(crate) async fn assert_cleaned_up(admin: &Client, pvc: &PersistentVolumeClaim) {
     let uid = pvc.uid().unwrap();
     let primes: Api<PersistentVolumeClaim> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
     let pods: Api<Pod> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
@@ -146,7 +146,7 @@ pub(super) async fn assert_cleaned_up(admin: &Client, pvc: &PersistentVolumeClai
 /// Runs a pod on the real node that mounts `claim` (a Filesystem mount at /vm, or a Block
 /// device at /dev/vm) and `host_dir` at /src, and runs `script` with the agent image's shell
 /// and qemu-img; returns its log. Fails when the script fails.
-pub(super) async fn check_pod(
+pub(crate) async fn check_pod(
     fx: &Installed,
     namespace: &str,
     claim: &str,
@@ -199,7 +199,7 @@ pub(super) async fn check_pod(
 }
 
 /// A containerDisk pushed to the bridge registry: (url as pods see it, local raw source).
-pub(super) async fn disk_image(
+pub(crate) async fn disk_image(
     fx: &Installed,
     dir: &std::path::Path,
     name: &str,
@@ -222,7 +222,7 @@ pub(super) async fn disk_image(
 /// Waits for the claim's last status, `Succeeded`, which comes after the clean-up; checks its
 /// timeline: every step seen, and no step refused, no second pod, no change found only by
 /// the populator's safety net (however fast the fill was, any of those fails the case).
-pub(super) async fn succeeded_with_a_clean_timeline(
+pub(crate) async fn succeeded_with_a_clean_timeline(
     admin: &Client,
     namespace: &str,
     name: &str,

@@ -35,7 +35,7 @@ use crate::support::{api_error, create_image, wait_for, Env};
 use crate::{cases, Case, Phase};
 
 mod adverse;
-mod claims;
+pub(crate) mod claims;
 mod fill;
 mod install;
 
@@ -64,6 +64,7 @@ pub fn phase() -> Phase<Installed> {
             the_walkthrough_examples_apply_as_they_are,
         ],
         exclusive: cases![an_outage_refuses_only_vmdisk_pvcs_and_says_what_to_do],
+        benchmark: false,
     }
 }
 

@@ -1,0 +1,145 @@
+//! Phase `time_to_disk`, a benchmark (run by `cargo bench --bench time_to_disk`, listed as
+//! ignored otherwise): what a user waits for from `kubectl apply` of a PVC to a Bound claim
+//! holding the disk, on the real node with vmdisk installed as in the `installed` phase.
+//!
+//! One raw disk (`VMDISK_BENCH_DISK_MIB`, default 2048, of which `VMDISK_BENCH_DATA_MIB`,
+//! default 230, is data) warmed on the node; then 20 claims one after the other (warm), one
+//! claim of a second image no node holds (cold), bursts of 20 and 100 claims created at once,
+//! and, as the floor, the copy alone: the cached disk copied sparsely on the same filesystem.
+//! Prints `RESULT time-to-disk warm_p50_s=… warm_p99_s=… cold_s=… burst20_s=… burst100_s=…
+//! copy_s=…`. Every claim's timeline must be clean (no refused step, no second pod, no missed
+//! change), as in the tests.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{DeleteParams, ListParams};
+use kube::Api;
+use serde_json::json;
+use vmdisk_crds::VMDiskImage;
+use vmdisk_tests::bench::env_or;
+
+use crate::installed::claims::{
+    create_pvc, disk_image, succeeded_with_a_clean_timeline, wait_bound, wait_resolved,
+};
+use crate::installed::Installed;
+use crate::support::{create_image, wait_for};
+use crate::{cases, Case, Phase};
+
+pub fn phase() -> Phase<Installed> {
+    Phase {
+        name: "time_to_disk",
+        cases: cases![time_to_disk],
+        exclusive: vec![],
+        benchmark: true,
+    }
+}
+
+/// Creates `names` at once; seconds until the last is Bound, each with a clean timeline.
+async fn burst(admin: &kube::Client, ns: &str, image: &str, names: &[String]) -> f64 {
+    let started = Instant::now();
+    futures::future::join_all(names.iter().map(|name| {
+        create_pvc(admin, ns, json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": image}}, "spec": {}}))
+    }))
+    .await;
+    for name in names {
+        wait_bound(admin, ns, name, started).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    for name in names {
+        succeeded_with_a_clean_timeline(admin, ns, name).await;
+    }
+    took
+}
+
+/// Deletes the namespace's claims (their volumes go with them), to keep the disk free.
+async fn delete_claims(admin: &kube::Client, ns: &str) {
+    Api::<PersistentVolumeClaim>::namespaced(admin.clone(), ns)
+        .delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .unwrap();
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn time_to_disk(fx: Arc<Installed>, case: Case) {
+    let disk_mib = env_or("VMDISK_BENCH_DISK_MIB", 2048);
+    let data_mib = env_or("VMDISK_BENCH_DATA_MIB", 230);
+    let admin = case.admin();
+    let ns = case.namespace("time-to-disk").await;
+    let work = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (url, raw) = disk_image(&fx, work.path(), "warm", disk_mib, data_mib, 501, false).await;
+    create_image(
+        &admin,
+        &ns,
+        "warm",
+        json!({"source": {"registry": {"url": url, "insecure": true}}}),
+    )
+    .await;
+    let images: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
+    wait_for(
+        "the image warm on the real node",
+        std::time::Duration::from_secs(600),
+        || {
+            let images = images.clone();
+            async move {
+                let s = images
+                    .get("warm")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                (s.warm_nodes > 0).then_some(()).ok_or(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+
+    let mut warm = Vec::new();
+    for i in 0..20 {
+        let name = format!("warm-{i:02}");
+        warm.push(burst(&admin, &ns, "warm", &[name]).await);
+    }
+    warm.sort_by(f64::total_cmp);
+    delete_claims(&admin, &ns).await;
+
+    let (cold_url, _) = disk_image(&fx, work.path(), "cold", disk_mib, data_mib, 502, false).await;
+    create_image(&admin, &ns, "cold", json!({"source": {"registry": {"url": cold_url, "insecure": true}}, "cache": {"prefetch": false}})).await;
+    wait_resolved(&admin, &ns, "cold").await;
+    let cold = burst(&admin, &ns, "cold", &["cold".to_string()]).await;
+    delete_claims(&admin, &ns).await;
+
+    let mut bursts = Vec::new();
+    for n in [20usize, 100] {
+        let names: Vec<String> = (0..n).map(|i| format!("burst{n}-{i:03}")).collect();
+        bursts.push(burst(&admin, &ns, "warm", &names).await);
+        delete_claims(&admin, &ns).await;
+    }
+
+    // The floor: the same bytes copied sparsely, one file to another on this filesystem.
+    let copy = work.path().join("copy.raw");
+    let started = Instant::now();
+    let status = std::process::Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&raw)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let copy_s = started.elapsed().as_secs_f64();
+
+    println!(
+        "time-to-disk: a {disk_mib} MiB disk holding {data_mib} MiB; warm claims one after the other: {warm:.2?} s"
+    );
+    println!(
+        "RESULT time-to-disk warm_p50_s={:.2} warm_p99_s={:.2} cold_s={cold:.2} burst20_s={:.2} burst100_s={:.2} copy_s={copy_s:.2}",
+        percentile(&warm, 50.0),
+        percentile(&warm, 99.0),
+        bursts[0],
+        bursts[1],
+    );
+}
