@@ -17,14 +17,11 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 use serde_json::json;
-use vmdisk_crds::VMDiskImage;
 use vmdisk_tests::bench::env_or;
 
-use crate::installed::claims::{
-    create_pvc, disk_image, succeeded_with_a_clean_timeline, wait_bound, wait_resolved,
-};
+use crate::installed::claims::{create_at_once, disk_image, wait_resolved, wait_warm};
 use crate::installed::Installed;
-use crate::support::{create_image, wait_for};
+use crate::support::create_image;
 use crate::{cases, Case, Phase};
 
 pub fn phase() -> Phase<Installed> {
@@ -34,23 +31,6 @@ pub fn phase() -> Phase<Installed> {
         exclusive: vec![],
         benchmark: true,
     }
-}
-
-/// Creates `names` at once; seconds until the last is Bound, each with a clean timeline.
-async fn burst(admin: &kube::Client, ns: &str, image: &str, names: &[String]) -> f64 {
-    let started = Instant::now();
-    futures::future::join_all(names.iter().map(|name| {
-        create_pvc(admin, ns, json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": image}}, "spec": {}}))
-    }))
-    .await;
-    for name in names {
-        wait_bound(admin, ns, name, started).await;
-    }
-    let took = started.elapsed().as_secs_f64();
-    for name in names {
-        succeeded_with_a_clean_timeline(admin, ns, name).await;
-    }
-    took
 }
 
 /// Deletes the namespace's claims (their volumes go with them), to keep the disk free.
@@ -80,29 +60,12 @@ async fn time_to_disk(fx: Arc<Installed>, case: Case) {
         json!({"source": {"registry": {"url": url, "insecure": true}}}),
     )
     .await;
-    let images: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
-    wait_for(
-        "the image warm on the real node",
-        std::time::Duration::from_secs(600),
-        || {
-            let images = images.clone();
-            async move {
-                let s = images
-                    .get("warm")
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .status
-                    .unwrap_or_default();
-                (s.warm_nodes > 0).then_some(()).ok_or(format!("{s:?}"))
-            }
-        },
-    )
-    .await;
+    wait_warm(&admin, &ns, "warm", std::time::Duration::from_secs(600)).await;
 
     let mut warm = Vec::new();
     for i in 0..20 {
         let name = format!("warm-{i:02}");
-        warm.push(burst(&admin, &ns, "warm", &[name]).await);
+        warm.push(create_at_once(&admin, &ns, "warm", &[name]).await.1);
     }
     warm.sort_by(f64::total_cmp);
     delete_claims(&admin, &ns).await;
@@ -110,13 +73,13 @@ async fn time_to_disk(fx: Arc<Installed>, case: Case) {
     let (cold_url, _) = disk_image(&fx, work.path(), "cold", disk_mib, data_mib, 502, false).await;
     create_image(&admin, &ns, "cold", json!({"source": {"registry": {"url": cold_url, "insecure": true}}, "cache": {"prefetch": false}})).await;
     wait_resolved(&admin, &ns, "cold").await;
-    let cold = burst(&admin, &ns, "cold", &["cold".to_string()]).await;
+    let (_, cold) = create_at_once(&admin, &ns, "cold", &["cold".to_string()]).await;
     delete_claims(&admin, &ns).await;
 
     let mut bursts = Vec::new();
     for n in [20usize, 100] {
         let names: Vec<String> = (0..n).map(|i| format!("burst{n}-{i:03}")).collect();
-        bursts.push(burst(&admin, &ns, "warm", &names).await);
+        bursts.push(create_at_once(&admin, &ns, "warm", &names).await.1);
         delete_claims(&admin, &ns).await;
     }
 

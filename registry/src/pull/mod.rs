@@ -332,14 +332,14 @@ impl Puller {
         )
     }
 
-    async fn download(
+    /// What a blob request needs: the image pinned to its platform manifest, this registry's
+    /// client (authenticated), and the layer's descriptor, whose digest is checked for shape.
+    async fn blob_request(
         &self,
         image: &ResolvedImage,
         layer: &LayerDescriptor,
         options: &RegistryOptions,
-        tx: &tokio::sync::mpsc::Sender<Result<Bytes, String>>,
-        progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> Result<u64, PullError> {
+    ) -> Result<(Reference, Client, OciDescriptor), PullError> {
         let reference =
             Self::parse(&image.reference)?.clone_with_digest(image.manifest_digest.clone());
         let hex = layer
@@ -357,13 +357,25 @@ impl Puller {
         client
             .store_auth_if_needed(reference.resolve_registry(), &options.auth)
             .await;
-        let registry = reference.registry().to_string();
         let descriptor = OciDescriptor {
             media_type: layer.media_type.clone(),
             digest: layer.digest.clone(),
             size: layer.size as i64,
             ..OciDescriptor::default()
         };
+        Ok((reference, client, descriptor))
+    }
+
+    async fn download(
+        &self,
+        image: &ResolvedImage,
+        layer: &LayerDescriptor,
+        options: &RegistryOptions,
+        tx: &tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+        progress: Arc<dyn Fn(u64) + Send + Sync>,
+    ) -> Result<u64, PullError> {
+        let (reference, client, descriptor) = self.blob_request(image, layer, options).await?;
+        let registry = reference.registry().to_string();
         let closed = || PullError::Io {
             context: format!("streaming blob {}", layer.digest),
             message: "the consumer stopped reading".into(),

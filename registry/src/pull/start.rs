@@ -5,7 +5,6 @@
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use oci_client::client::BlobResponse;
-use oci_client::manifest::OciDescriptor;
 
 use super::error::classify;
 use super::{LayerDescriptor, PullError, Puller, ResolvedImage};
@@ -21,19 +20,8 @@ impl Puller {
         options: &RegistryOptions,
         max: u64,
     ) -> Result<Bytes, PullError> {
-        let reference =
-            Self::parse(&image.reference)?.clone_with_digest(image.manifest_digest.clone());
-        let client = self.client(&reference, options)?;
-        client
-            .store_auth_if_needed(reference.resolve_registry(), &options.auth)
-            .await;
+        let (reference, client, descriptor) = self.blob_request(image, layer, options).await?;
         let registry = reference.registry().to_string();
-        let descriptor = OciDescriptor {
-            media_type: layer.media_type.clone(),
-            digest: layer.digest.clone(),
-            size: layer.size as i64,
-            ..OciDescriptor::default()
-        };
         let wanted = max.min(layer.size);
         let mut stream = match self
             .with_retries(&registry, || async {

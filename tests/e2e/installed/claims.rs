@@ -264,3 +264,48 @@ pub(crate) async fn succeeded_with_a_clean_timeline(
     );
     claim
 }
+
+/// Waits until at least one node holds the image warm.
+pub(crate) async fn wait_warm(admin: &Client, namespace: &str, name: &str, timeout: Duration) {
+    let api: Api<VMDiskImage> = Api::namespaced(admin.clone(), namespace);
+    wait_for(
+        &format!("VMDiskImage {name} warm on a node"),
+        timeout,
+        || {
+            let api = api.clone();
+            async move {
+                let s = api
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .status
+                    .unwrap_or_default();
+                (s.warm_nodes > 0).then_some(()).ok_or(format!("{s:?}"))
+            }
+        },
+    )
+    .await;
+}
+
+/// Creates claims `names` of `image` at once; returns them and the seconds until the last was
+/// Bound, each with a clean timeline.
+pub(crate) async fn create_at_once(
+    admin: &Client,
+    namespace: &str,
+    image: &str,
+    names: &[String],
+) -> (Vec<PersistentVolumeClaim>, f64) {
+    let started = Instant::now();
+    let created = futures::future::join_all(names.iter().map(|name| {
+        create_pvc(admin, namespace, json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": image}}, "spec": {}}))
+    }))
+    .await;
+    for name in names {
+        wait_bound(admin, namespace, name, started).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    for name in names {
+        succeeded_with_a_clean_timeline(admin, namespace, name).await;
+    }
+    (created, took)
+}

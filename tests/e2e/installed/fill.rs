@@ -334,34 +334,11 @@ pub(super) async fn a_burst_of_claims_of_one_warm_image_all_bind_without_a_retry
         json!({"source": {"registry": {"url": url, "insecure": true}}}),
     )
     .await;
-    wait_for("the image warm on the real node", WAIT, || {
-        let api: Api<VMDiskImage> = Api::namespaced(admin.clone(), &ns);
-        async move {
-            let s = api
-                .get("burst")
-                .await
-                .map_err(|e| e.to_string())?
-                .status
-                .unwrap_or_default();
-            (s.warm_nodes > 0).then_some(()).ok_or(format!("{s:?}"))
-        }
-    })
-    .await;
+    wait_warm(&admin, &ns, "burst", WAIT).await;
     let names: Vec<String> = (0..BURST).map(|i| format!("vm-{i:02}")).collect();
-    let started = Instant::now();
-    let created = futures::future::join_all(names.iter().map(|name| {
-        create_pvc(&admin, &ns, json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": "burst"}}, "spec": {}}))
-    }))
-    .await;
-    for name in &names {
-        wait_bound(&admin, &ns, name, started).await;
-    }
-    println!(
-        "burst: {BURST} claims of one warm image Bound {:.1}s after they were created",
-        started.elapsed().as_secs_f64()
-    );
-    for (name, pvc) in names.iter().zip(&created) {
-        succeeded_with_a_clean_timeline(&admin, &ns, name).await;
+    let (created, took) = create_at_once(&admin, &ns, "burst", &names).await;
+    println!("burst: {BURST} claims of one warm image Bound {took:.1}s after they were created");
+    for pvc in &created {
         assert_cleaned_up(&admin, pvc).await;
     }
 }
