@@ -1,6 +1,7 @@
 //! The controllers' helper tasks (reflectors, sweepers), tied to the controller that started
 //! them: a helper must not outlive its controller, which stops when this replica loses the
-//! leadership.
+//! leadership. [`Reflected`] is how a controller watches anything besides its own objects: one
+//! watch, one store, and triggers that follow the store.
 
 use std::sync::{Arc, Mutex};
 

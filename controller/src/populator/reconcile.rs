@@ -246,8 +246,8 @@ async fn reconcile_claim(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     match step {
         Step::Ignore => return Ok(Action::await_change()),
-        // Waits end on a change to a watched object; the requeue is a safety net for a change
-        // seen by the trigger before the store it is read from.
+        // Waits end on a change to a watched object; the requeue is a safety net that should
+        // find nothing to do (the timeline counts the times it did).
         Step::Wait { requeue } => {
             if requeue.is_some() {
                 ctx.timelines
