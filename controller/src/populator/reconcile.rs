@@ -461,12 +461,15 @@ pub fn error_policy(
 ) -> Action {
     let key = ObjectRef::from_obj(&*pvc);
     let (failures, delay) = ctx.failures.failed(key.clone());
-    ctx.timelines
-        .with(&key, std::time::Instant::now(), |t| t.errors += 1);
+    let message = crate::error_chain(error);
+    ctx.timelines.with(&key, std::time::Instant::now(), |t| {
+        t.errors += 1;
+        t.last_error = Some(message.clone());
+    });
     tracing::warn!(
         namespace = pvc.namespace().unwrap_or_default(),
         name = pvc.name_any(),
-        error = %crate::error_chain(error),
+        error = %message,
         failures,
         retry_in = ?delay,
         "populator step failed"

@@ -92,6 +92,8 @@ pub struct Timeline {
     /// When the safety net will call the claim's reconcile if no watched change does first.
     net_due: Option<Instant>,
     pub errors: u32,
+    /// What the API server said the last time it refused a step.
+    pub last_error: Option<String>,
     pub extra_attempts: u32,
     pub missed_changes: u32,
 }
@@ -103,6 +105,7 @@ impl Timeline {
             marks: Vec::new(),
             net_due: None,
             errors: 0,
+            last_error: None,
             extra_attempts: 0,
             missed_changes: 0,
         }
@@ -150,21 +153,27 @@ impl Timeline {
             .collect()
     }
 
-    /// `seen +0.00s, prime +0.01s, …, bound +1.84s; errors 0, extra attempts 0, safety-net
-    /// wakes 0`: offsets from the first look.
+    /// `seen +0.00s, prime +0.01s, …, bound +1.84s; errors 0, extra attempts 0, missed changes
+    /// 0`: offsets from the first look, then what the API server said the last time it refused
+    /// a step, if it did.
     pub fn render(&self) -> String {
         let marks: Vec<String> = self
             .marks
             .iter()
             .map(|(stage, at)| format!("{} +{:.2}s", stage.as_str(), at.as_secs_f64()))
             .collect();
-        format!(
+        let mut text = format!(
             "{}; errors {}, extra attempts {}, missed changes {}",
             marks.join(", "),
             self.errors,
             self.extra_attempts,
             self.missed_changes
-        )
+        );
+        if let Some(error) = &self.last_error {
+            text.push_str("; last error: ");
+            text.extend(error.chars().take(300));
+        }
+        text
     }
 }
 
@@ -269,6 +278,11 @@ mod tests {
             t.render(),
             "seen +0.00s, prime +0.10s, pod +0.25s; errors 0, extra attempts 0, missed changes 0"
         );
+        t.errors += 1;
+        t.last_error = Some("adding the finalizer: 409 Conflict".into());
+        assert!(t.render().ends_with(
+            "errors 1, extra attempts 0, missed changes 0; last error: adding the finalizer: 409 Conflict"
+        ));
     }
 
     #[test]

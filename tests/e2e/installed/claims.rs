@@ -219,14 +219,17 @@ pub(crate) async fn disk_image(
     (reference, raw)
 }
 
-/// Waits for the claim's last status, `Succeeded`, which comes after the clean-up; checks its
-/// timeline: every step seen, and no step refused, no second pod, no change found only by
-/// the populator's safety net (however fast the fill was, any of those fails the case).
-pub(crate) async fn succeeded_with_a_clean_timeline(
+/// What a timeline that went as it should ends with: no step refused, no second pod, no change
+/// found only by the populator's safety net.
+pub(crate) const CLEAN: &str = "; errors 0, extra attempts 0, missed changes 0";
+
+/// Waits for the claim's last status, `Succeeded`, which comes after the clean-up; returns the
+/// claim and its timeline, which names every step.
+pub(crate) async fn succeeded_with_a_timeline(
     admin: &Client,
     namespace: &str,
     name: &str,
-) -> PersistentVolumeClaim {
+) -> (PersistentVolumeClaim, String) {
     let claims = Api::<PersistentVolumeClaim>::namespaced(admin.clone(), namespace);
     let claim = wait_for("the claim's phase Succeeded", WAIT, || {
         let claims = claims.clone();
@@ -258,8 +261,19 @@ pub(crate) async fn succeeded_with_a_clean_timeline(
             "{name}: {stage} missing: {timeline}"
         );
     }
+    (claim, timeline)
+}
+
+/// [`succeeded_with_a_timeline`], and the timeline is clean (however fast the fill was, a
+/// refused step, a second pod or a missed change fails the case).
+pub(crate) async fn succeeded_with_a_clean_timeline(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+) -> PersistentVolumeClaim {
+    let (claim, timeline) = succeeded_with_a_timeline(admin, namespace, name).await;
     assert!(
-        timeline.ends_with("; errors 0, extra attempts 0, missed changes 0"),
+        timeline.ends_with(CLEAN),
         "{name}: a retry nobody asked for: {timeline}"
     );
     claim
@@ -287,14 +301,14 @@ pub(crate) async fn wait_warm(admin: &Client, namespace: &str, name: &str, timeo
     .await;
 }
 
-/// Creates claims `names` of `image` at once; returns them and the seconds until the last was
-/// Bound, each with a clean timeline.
+/// Creates claims `names` of `image` at once; returns them, the seconds until the last was
+/// Bound, and the timelines that are not clean.
 pub(crate) async fn create_at_once(
     admin: &Client,
     namespace: &str,
     image: &str,
     names: &[String],
-) -> (Vec<PersistentVolumeClaim>, f64) {
+) -> (Vec<PersistentVolumeClaim>, f64, Vec<String>) {
     let started = Instant::now();
     let created = futures::future::join_all(names.iter().map(|name| {
         create_pvc(admin, namespace, json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": image}}, "spec": {}}))
@@ -304,8 +318,12 @@ pub(crate) async fn create_at_once(
         wait_bound(admin, namespace, name, started).await;
     }
     let took = started.elapsed().as_secs_f64();
+    let mut unclean = Vec::new();
     for name in names {
-        succeeded_with_a_clean_timeline(admin, namespace, name).await;
+        let (_, timeline) = succeeded_with_a_timeline(admin, namespace, name).await;
+        if !timeline.ends_with(CLEAN) {
+            unclean.push(format!("{name}: {timeline}"));
+        }
     }
-    (created, took)
+    (created, took, unclean)
 }
