@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use k8s_openapi::api::core::v1::Toleration;
 
 use crate::populator::PopulatorSettings;
 use crate::supervisor::ControllerConfig;
@@ -59,6 +60,13 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
     pub populator_retry_seconds: u64,
 
+    /// Taints populator pods tolerate, as a JSON list of Kubernetes tolerations (for nodes
+    /// tainted for VMs: `[{"key":"dedicated","operator":"Equal","value":"vms","effect":"NoSchedule"}]`).
+    /// A user's claim chooses the node (`volume.kubernetes.io/selected-node`), so every taint
+    /// listed here is one a user can send populator pods past.
+    #[arg(long, env = "VMDISK_POPULATOR_TOLERATIONS", default_value = "[]", value_parser = parse_tolerations)]
+    pub populator_tolerations: Tolerations,
+
     /// This replica's name in leader election (default: `vmdisk-controller-<pid>`).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -66,6 +74,16 @@ pub struct ControllerArgs {
     /// Log format.
     #[arg(long, env = "VMDISK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// `--populator-tolerations`, parsed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tolerations(pub Vec<Toleration>);
+
+fn parse_tolerations(text: &str) -> Result<Tolerations, String> {
+    serde_json::from_str(text)
+        .map(Tolerations)
+        .map_err(|e| format!("not a JSON list of tolerations ({e}); e.g. [{{\"key\":\"dedicated\",\"operator\":\"Equal\",\"value\":\"vms\",\"effect\":\"NoSchedule\"}}]"))
 }
 
 impl ControllerArgs {
@@ -84,6 +102,7 @@ impl ControllerArgs {
                 filesystem_overhead: self.filesystem_overhead,
                 max_attempts: self.populator_max_attempts,
                 retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
+                tolerations: self.populator_tolerations.0.clone(),
             },
         }
     }
@@ -116,5 +135,26 @@ mod tests {
         assert!(ControllerArgs::try_parse_from(["x", "--populator-max-attempts", "0"]).is_err());
         assert!(ControllerArgs::try_parse_from(["x", "--metrics-listen", "nope"]).is_err());
         assert!(ControllerArgs::try_parse_from(["x", "--controllers=true"]).is_err());
+    }
+
+    #[test]
+    fn populator_tolerations_are_a_json_list_of_tolerations() {
+        let a = ControllerArgs::try_parse_from(["x"]).unwrap();
+        assert!(a.controller_config().populator.tolerations.is_empty());
+        let a = ControllerArgs::try_parse_from([
+            "x",
+            "--populator-tolerations",
+            r#"[{"key":"dedicated","operator":"Equal","value":"vms","effect":"NoSchedule"}]"#,
+        ])
+        .unwrap();
+        let t = &a.controller_config().populator.tolerations;
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].key.as_deref(), Some("dedicated"));
+        assert_eq!(t[0].effect.as_deref(), Some("NoSchedule"));
+        let wrong =
+            ControllerArgs::try_parse_from(["x", "--populator-tolerations", "dedicated=vms"])
+                .unwrap_err()
+                .to_string();
+        assert!(wrong.contains("not a JSON list of tolerations"), "{wrong}");
     }
 }

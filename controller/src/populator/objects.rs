@@ -233,6 +233,11 @@ pub fn populator_pod(
             }
         }
     }
+    // Only the taints the platform team listed (`--populator-tolerations`).
+    if !config.tolerations.is_empty() {
+        spec["tolerations"] =
+            serde_json::to_value(&config.tolerations).map_err(|e| e.to_string())?;
+    }
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Toleration;
 
 /// What the populator's decisions need to know.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub struct PopulatorConfig {
     pub max_attempts: u32,
     /// First retry delay; doubles per failure, capped at five minutes.
     pub retry_base: Duration,
+    /// Taints populator pods tolerate (`--populator-tolerations`).
+    pub tolerations: Vec<Toleration>,
 }
 
 impl Default for PopulatorConfig {
@@ -45,6 +48,7 @@ pub struct PopulatorSettings {
     pub filesystem_overhead: f64,
     pub max_attempts: u32,
     pub retry_base: Duration,
+    pub tolerations: Vec<Toleration>,
 }
 
 impl Default for PopulatorSettings {
@@ -61,6 +65,7 @@ impl Default for PopulatorSettings {
             filesystem_overhead: vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD,
             max_attempts: 4,
             retry_base: Duration::from_secs(10),
+            tolerations: Vec::new(),
         }
     }
 }
@@ -111,6 +116,7 @@ impl PopulatorSettings {
             filesystem_overhead: self.filesystem_overhead,
             max_attempts: self.max_attempts,
             retry_base: self.retry_base,
+            tolerations: self.tolerations.clone(),
         })
     }
 }

@@ -142,6 +142,9 @@ impl World {
         }
     }
     fn step(&self) -> Step {
+        self.step_with(&config())
+    }
+    fn step_with(&self, config: &PopulatorConfig) -> Step {
         let class = match (
             &self.class,
             self.pvc
@@ -165,7 +168,7 @@ impl World {
                 pv: self.pv.as_ref(),
                 agent_missing: self.agent_missing.as_deref(),
             },
-            &config(),
+            config,
             now(),
         )
     }
@@ -286,6 +289,36 @@ fn finalizer_first_then_a_prime_copying_the_claim() {
     let a = prime.metadata.annotations.unwrap();
     assert_eq!(a[SELECTED_NODE_ANNOTATION], "node-real");
     assert_eq!(a[CLAIM_ANNOTATION], "vms/root");
+}
+
+/// Populator pods tolerate exactly the taints the platform team listed, none by default.
+#[test]
+fn populator_pods_tolerate_only_the_listed_taints() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(false, 0, "Pending"));
+    w.pvc = with_status(
+        w.pvc.clone(),
+        PopulatePhase::Populating,
+        &status_of(&w.step()).message,
+        Some("0%"),
+    );
+    let Step::CreatePod { pod, .. } = w.step() else {
+        panic!()
+    };
+    assert!(pod.spec.unwrap().tolerations.is_none());
+    let tolerating = PopulatorConfig {
+        tolerations: vec![serde_json::from_value(
+            json!({"key": "dedicated", "operator": "Equal", "value": "vms", "effect": "NoSchedule"}),
+        )
+        .unwrap()],
+        ..config()
+    };
+    let Step::CreatePod { pod, .. } = w.step_with(&tolerating) else {
+        panic!()
+    };
+    let tolerations = pod.spec.unwrap().tolerations.unwrap();
+    assert_eq!(tolerations.len(), 1);
+    assert_eq!(tolerations[0].value.as_deref(), Some("vms"));
 }
 
 /// A claim admitted before its image's size was known asks for less than the disk: the prime
