@@ -95,7 +95,6 @@ impl ControllerArgs {
             identity: self.pod_name.clone().unwrap_or(defaults.identity),
             populator: PopulatorSettings {
                 namespace: self.namespace.clone(),
-                credentials_namespace: self.credentials_namespace.clone(),
                 agent_daemonset: self.agent_daemonset.clone(),
                 image: self.populator_image.clone(),
                 node_cache_dir: self.node_cache_dir.clone(),

@@ -9,6 +9,10 @@
 //! [`REFRESH`] (credential rotation reaches the nodes within that), and deleted once their
 //! image is gone ([`orphaned_copies`]).
 //!
+//! Populator pods read no Secret either: each gets its own copy next to it
+//! ([`CredentialsCopier::write_pod_copy`]), mounted as a volume, so only the kubelet of the node
+//! the pod runs on can read it, and it goes with the population.
+//!
 //! [`copy_is_current`] and [`orphaned_copies`] are the pure decisions; [`CredentialsCopier`]
 //! does the I/O.
 
@@ -18,6 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::ByteString;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
@@ -39,13 +44,20 @@ pub const API_ACCESS: &[ApiAccess] = &[
         &["create", "patch", "delete", "list", "watch"],
         AccessScope::CredentialsNamespace,
     ),
+    // Each populator pod's own copy, next to the pod (garbage-collected with its prime PVC).
+    ApiAccess::new(
+        "",
+        "secrets",
+        &["create", "patch"],
+        AccessScope::InstallNamespace,
+    ),
 ];
 
 /// How often a copy is refreshed from its source even when nothing else happens.
 pub const REFRESH: Duration = Duration::from_secs(300);
 
 const FIELD_MANAGER: &str = "vmdisk-image-controller";
-const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
+pub const DOCKER_CONFIG_KEY: &str = ".dockerconfigjson";
 
 /// True when `copy` already holds `wanted` and was refreshed less than [`REFRESH`] ago.
 pub fn copy_is_current(copy: Option<&Secret>, wanted: &[u8], now: DateTime<Utc>) -> bool {
@@ -170,23 +182,63 @@ impl CredentialsCopier {
                 .map(|s| s.name.as_str())
                 .unwrap_or_default()
         );
-        let copy = Secret {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
-                    (IMAGE_UID_LABEL.to_string(), uid.clone()),
-                ])),
-                annotations: Some(BTreeMap::from([
-                    (CREDENTIALS_SOURCE_ANNOTATION.to_string(), source),
-                    (
-                        CREDENTIALS_SYNCED_ANNOTATION.to_string(),
-                        now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    ),
-                ])),
-                ..Default::default()
-            },
+        let metadata = ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+                (IMAGE_UID_LABEL.to_string(), uid.clone()),
+            ])),
+            annotations: Some(BTreeMap::from([
+                (CREDENTIALS_SOURCE_ANNOTATION.to_string(), source),
+                (
+                    CREDENTIALS_SYNCED_ANNOTATION.to_string(),
+                    now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                ),
+            ])),
+            ..Default::default()
+        };
+        self.apply(metadata, data)
+            .await
+            .map_err(|e| format!("writing credentials copy {}/{name}: {e}", self.namespace))
+    }
+
+    /// Writes `image`'s credentials for one populator pod: Secret `name` in `namespace` (the
+    /// pod's), owned by `owner` (the pod's prime PVC, so it goes when the population ends). The
+    /// pod mounts it, the kubelet of the pod's node reads it (the node authorizer allows a
+    /// node the Secrets its pods use), and the populator's ServiceAccount reads no Secret.
+    pub async fn write_pod_copy(
+        &self,
+        image: &VMDiskImage,
+        namespace: &str,
+        name: &str,
+        owner: OwnerReference,
+    ) -> Result<(), String> {
+        let config = self
+            .read_source(image)
+            .await?
+            .ok_or("the image names no pull secret")?;
+        let metadata = ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([(
+                MANAGED_BY_LABEL.to_string(),
+                MANAGED_BY.to_string(),
+            )])),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        };
+        self.apply(metadata, config.to_json())
+            .await
+            .map_err(|e| format!("writing the populator pod's credentials {namespace}/{name}: {e}"))
+    }
+
+    /// Creates or updates (server-side apply) a `kubernetes.io/dockerconfigjson` Secret.
+    async fn apply(&self, metadata: ObjectMeta, data: Vec<u8>) -> Result<(), kube::Error> {
+        let namespace = metadata.namespace.clone().unwrap_or_default();
+        let name = metadata.name.clone().unwrap_or_default();
+        let secret = Secret {
+            metadata,
             type_: Some("kubernetes.io/dockerconfigjson".into()),
             data: Some(BTreeMap::from([(
                 DOCKER_CONFIG_KEY.to_string(),
@@ -194,17 +246,16 @@ impl CredentialsCopier {
             )])),
             ..Default::default()
         };
-        let mut value = serde_json::to_value(&copy).map_err(|e| e.to_string())?;
+        let mut value = serde_json::to_value(&secret).map_err(kube::Error::SerdeError)?;
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
-        Api::<Secret>::namespaced(self.client.clone(), &self.namespace)
+        Api::<Secret>::namespaced(self.client.clone(), &namespace)
             .patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&value),
             )
-            .await
-            .map_err(|e| format!("writing credentials copy {}/{name}: {e}", self.namespace))?;
+            .await?;
         Ok(())
     }
 

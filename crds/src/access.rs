@@ -71,11 +71,6 @@ impl ApiAccess {
         &["list", "watch"],
         AccessScope::Cluster,
     );
-    /// Reading the image controller's copies of pull credentials, never Secrets elsewhere:
-    /// the agents (warms) and the populator pods (cold fills).
-    pub const READ_CREDENTIAL_COPIES: ApiAccess =
-        ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace);
-
     /// Recording and aggregating Events (`events.k8s.io`) in `scope`.
     pub const fn record_events(scope: AccessScope) -> ApiAccess {
         ApiAccess::new("events.k8s.io", "events", &["create", "patch"], scope)

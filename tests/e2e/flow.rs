@@ -21,27 +21,10 @@ use vmdisk_tests::throttle::ThrottledProxy;
 use vmdisk_webhook::mutate::pvc::volume_bytes_for_disk;
 
 use crate::local::LocalInstall;
-use crate::support::{create_image, wait_for};
+use crate::support::{create_image, pull_secret, wait_for};
 use crate::Case;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A `kubernetes.io/dockerconfigjson` Secret for `registry` (host:port) in `namespace`.
-async fn pull_secret(admin: &Client, namespace: &str, registry: &str, user: &str, password: &str) {
-    use base64::Engine as _;
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    let config = json!({"auths": {registry: {"auth": auth}}}).to_string();
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "registry-credentials"},
-        "type": "kubernetes.io/dockerconfigjson",
-        "stringData": {".dockerconfigjson": config},
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(admin.clone(), namespace)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-}
 
 /// Waits until the image is Ready on `node`; returns it. On a timeout the panic shows the
 /// image's last status, the node's NodeDiskCache status and the components' logs.

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use kube::api::{DeleteParams, PostParams};
 use kube::config::Kubeconfig;
 use kube::{Api, Client};
+use serde_json::json;
 
 pub const KUBECONFIG_ENV: &str = "VMDISK_E2E_KUBECONFIG";
 /// A directory of third-party CRDs to apply before vmdisk (cert-manager, VolumePopulator) on
@@ -141,7 +142,7 @@ impl Env {
             .find(|c| c.name == context.cluster)
             .and_then(|c| c.cluster.clone())
             .expect("the context's cluster");
-        let mut cluster_yaml = serde_json::json!({"server": cluster.server});
+        let mut cluster_yaml = json!({"server": cluster.server});
         if let Some(ca) = &cluster.certificate_authority {
             cluster_yaml["certificate-authority"] = ca.clone().into();
         }
@@ -151,7 +152,7 @@ impl Env {
         if cluster.insecure_skip_tls_verify == Some(true) {
             cluster_yaml["insecure-skip-tls-verify"] = true.into();
         }
-        let doc = serde_json::json!({
+        let doc = json!({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "e2e", "cluster": cluster_yaml}],
             "users": [{"name": name, "user": {"token": token}}],
@@ -207,12 +208,12 @@ pub async fn service_account_token(
     name: &str,
     pod: Option<(&str, &str)>,
 ) -> String {
-    let mut spec = serde_json::json!({"expirationSeconds": 7200});
+    let mut spec = json!({"expirationSeconds": 7200});
     if let Some((pod_name, uid)) = pod {
         spec["boundObjectRef"] =
-            serde_json::json!({"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": uid});
+            json!({"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": uid});
     }
-    let request = serde_json::json!({
+    let request = json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec,
     });
     let api: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
@@ -248,7 +249,7 @@ where
 /// Creates a namespace for one case, labelled for the teardown sweep.
 pub async fn create_namespace(admin: &Client, prefix: &str) -> String {
     let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
+    let ns: Namespace = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {NAMESPACE_LABEL: "true"}}
     }))
     .unwrap();
@@ -355,7 +356,7 @@ pub async fn create_image(
     name: &str,
     spec: serde_json::Value,
 ) -> vmdisk_crds::VMDiskImage {
-    let image: vmdisk_crds::VMDiskImage = serde_json::from_value(serde_json::json!({
+    let image: vmdisk_crds::VMDiskImage = serde_json::from_value(json!({
         "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
         "metadata": {"name": name, "namespace": namespace}, "spec": spec,
     }))
@@ -393,4 +394,27 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, St
         .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A `kubernetes.io/dockerconfigjson` Secret for `registry` (host:port) in `namespace`.
+pub async fn pull_secret(
+    admin: &Client,
+    namespace: &str,
+    registry: &str,
+    user: &str,
+    password: &str,
+) {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let config = json!({"auths": {registry: {"auth": auth}}}).to_string();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "registry-credentials"},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": config},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
 }

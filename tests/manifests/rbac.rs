@@ -141,6 +141,20 @@ fn agents_read_secrets_only_in_the_credentials_namespace() {
     );
 }
 
+/// Populator pods (root, with the node cache's hostPath) read no Secret: their pull
+/// credentials are a Secret volume the node's kubelet mounts.
+#[test]
+fn populator_pods_read_no_secret() {
+    let granted = granted("vmdisk-populator");
+    assert!(!granted.is_empty());
+    assert!(
+        granted
+            .iter()
+            .all(|(_, resource, _, _)| resource != "secrets"),
+        "{granted:?}"
+    );
+}
+
 /// The admission server, which the API server calls over the network, only reads: no
 /// Secrets, no writes of any kind, nothing in vmdisk's own namespaces.
 #[test]

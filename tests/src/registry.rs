@@ -57,6 +57,12 @@ impl TestRegistry {
         Self::start(true, Some((user.to_string(), password.to_string())))
     }
 
+    /// [`TestRegistry::start_tls_htpasswd`] listening on `host` (an address pods reach), with a
+    /// certificate for that address.
+    pub fn start_tls_htpasswd_on(host: &str, user: &str, password: &str) -> Self {
+        Self::start_on(host, true, Some((user.to_string(), password.to_string())))
+    }
+
     fn start(tls: bool, credentials: Option<(String, String)>) -> Self {
         Self::start_on("127.0.0.1", tls, credentials)
     }
@@ -100,7 +106,10 @@ impl TestRegistry {
             self.addr
         );
         if let Some(ca) = &self.tls {
-            let pair = ca.issue(&["127.0.0.1", "localhost"]);
+            let host = self.addr.rsplit_once(':').map_or("127.0.0.1", |(h, _)| h);
+            let mut names = vec![host, "127.0.0.1", "localhost"];
+            names.dedup();
+            let pair = ca.issue(&names);
             let cert = self.dir.path().join("tls.crt");
             let key = self.dir.path().join("tls.key");
             std::fs::write(&cert, pair.cert_pem).unwrap();

@@ -82,17 +82,10 @@ pub struct RegistryArgs {
     /// VMDiskImage's caBundle).
     #[arg(long, env = "VMDISK_CA_BUNDLE", hide_env_values = true)]
     ca_bundle_pem: Option<String>,
-    /// Docker config.json with registry credentials (default: ~/.docker/config.json if present).
-    #[arg(
-        long,
-        env = "DOCKER_CONFIG_FILE",
-        conflicts_with = "credentials_secret"
-    )]
+    /// Docker config.json with registry credentials (default: ~/.docker/config.json if present;
+    /// populator pods mount their own copy of the image's pull secret).
+    #[arg(long, env = "DOCKER_CONFIG_FILE")]
     docker_config: Option<PathBuf>,
-    /// A kubernetes.io/dockerconfigjson Secret, NAMESPACE/NAME, read with the pod's
-    /// in-cluster credentials (the image controller's copy of a VMDiskImage's pull secret).
-    #[arg(long)]
-    credentials_secret: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,17 +13,14 @@ use super::setup::{namespaced, open_store, registry_options, warmer, OpenAs};
 use super::{CacheArgs, RegistryArgs};
 use crate::populate::{populate, PopulateProgress, PopulateRequest};
 
-/// What populate's `--credentials-secret` and `--progress-pvc` ask of the API server (as the
-/// populator pods' `vmdisk-populator` ServiceAccount).
-pub const POPULATOR_API_ACCESS: &[vmdisk_crds::ApiAccess] = &[
-    vmdisk_crds::ApiAccess::READ_CREDENTIAL_COPIES,
-    vmdisk_crds::ApiAccess::new(
-        "",
-        "persistentvolumeclaims",
-        &["patch"],
-        vmdisk_crds::AccessScope::InstallNamespace,
-    ),
-];
+/// What populate's `--progress-pvc` asks of the API server (as the populator pods'
+/// `vmdisk-populator` ServiceAccount; their pull credentials are a mounted Secret).
+pub const POPULATOR_API_ACCESS: &[vmdisk_crds::ApiAccess] = &[vmdisk_crds::ApiAccess::new(
+    "",
+    "persistentvolumeclaims",
+    &["patch"],
+    vmdisk_crds::AccessScope::InstallNamespace,
+)];
 
 /// `populate`, then the termination log.
 pub(super) async fn execute(

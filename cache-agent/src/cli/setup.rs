@@ -87,8 +87,6 @@ pub(super) async fn registry_options(
     };
     let credentials = if !with_credentials {
         None
-    } else if let Some(secret) = &args.credentials_secret {
-        Some(read_credentials_secret(secret).await?)
     } else {
         let config_path = args.docker_config.clone().or_else(|| {
             let p = PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json");
@@ -115,19 +113,4 @@ pub(super) fn namespaced(text: &str, flag: &str) -> anyhow::Result<(String, Stri
         .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
         .map(|(ns, name)| (ns.to_string(), name.to_string()))
         .ok_or_else(|| anyhow::anyhow!("{flag} {text:?}: expected NAMESPACE/NAME"))
-}
-
-async fn read_credentials_secret(secret: &str) -> anyhow::Result<DockerConfig> {
-    let (namespace, name) = namespaced(secret, "--credentials-secret")?;
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API to read --credentials-secret")?;
-    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(client, &namespace);
-    let s = secrets
-        .get(&name)
-        .await
-        .with_context(|| format!("reading Secret {secret}"))?;
-    DockerConfig::from_secret_data(&s.data.unwrap_or_default())
-        .with_context(|| format!("Secret {secret}"))
 }

@@ -35,7 +35,7 @@ pub const API_ACCESS: &[ApiAccess] = &[
     // This node only (a field selector), but RBAC cannot say so.
     ApiAccess::new("", "nodes", &["list", "watch"], AccessScope::Cluster),
     // The image controller's copies of pull credentials; never Secrets elsewhere.
-    ApiAccess::READ_CREDENTIAL_COPIES,
+    ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace),
 ];
 
 /// Live state of warms, for the status report.

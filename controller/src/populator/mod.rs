@@ -160,6 +160,10 @@ pub async fn run(
         metrics,
         failures: Failures::new(reconcile::ERROR_BACKOFF),
         timelines: Default::default(),
+        copier: crate::credentials::CredentialsCopier::new(
+            client.clone(),
+            vmdisk_crds::CREDENTIALS_NAMESPACE,
+        ),
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).

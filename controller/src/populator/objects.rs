@@ -9,19 +9,23 @@ use kube::api::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::json;
 use vmdisk_crds::{
-    credentials_secret_name, format_bytes_quantity, node_cache_label_key, populator_pod_name,
-    prime_pvc_name, usable_disk_bytes, volume_bytes_for_disk, ImageReference, VMDiskImage,
-    ATTEMPT_ANNOTATION, CLAIM_ANNOTATION, CLAIM_UID_LABEL, COMPONENT_LABEL, MANAGED_BY,
-    MANAGED_BY_LABEL, POPULATED_FROM_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_SERVICE_ACCOUNT,
-    QEMU_UID, SELECTED_NODE_ANNOTATION,
+    format_bytes_quantity, node_cache_label_key, populator_pod_name, prime_pvc_name,
+    usable_disk_bytes, volume_bytes_for_disk, ImageReference, VMDiskImage, ATTEMPT_ANNOTATION,
+    CLAIM_ANNOTATION, CLAIM_UID_LABEL, COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
+    POPULATED_FROM_ANNOTATION, POPULATOR_COMPONENT, POPULATOR_SERVICE_ACCOUNT, QEMU_UID,
+    SELECTED_NODE_ANNOTATION,
 };
 
 use super::PopulatorConfig;
+use crate::credentials::DOCKER_CONFIG_KEY;
 
 /// Where the populator pod sees the volume.
 pub const FILESYSTEM_MOUNT: &str = "/target";
 pub const DISK_FILE: &str = "disk.img";
 pub const BLOCK_DEVICE: &str = "/dev/vmdisk-target";
+/// Where the populator pod sees its pull credentials (a Secret volume).
+pub const CREDENTIALS_MOUNT: &str = "/var/run/vmdisk/credentials";
+const CREDENTIALS_VOLUME: &str = "credentials";
 
 fn labels(claim_uid: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -168,18 +172,18 @@ pub fn populator_pod(
     if source.insecure == Some(true) {
         args.push("--insecure".into());
     }
-    if source.pull_secret_ref.is_some() {
-        let copy = credentials_secret_name(&image.uid().unwrap_or_default());
+    let credentials = source.pull_secret_ref.is_some();
+    if credentials {
         args.extend([
-            "--credentials-secret".into(),
-            format!("{}/{copy}", config.credentials_namespace),
+            "--docker-config".into(),
+            format!("{CREDENTIALS_MOUNT}/{DOCKER_CONFIG_KEY}"),
         ]);
     }
     let mut env = vec![json!({"name": "RUST_LOG", "value": "info"})];
     if let Some(pem) = &source.ca_bundle {
         env.push(json!({"name": "VMDISK_CA_BUNDLE", "value": pem}));
     }
-    let device = if block {
+    let mut device = if block {
         json!({"volumeDevices": [{"name": "target", "devicePath": BLOCK_DEVICE}],
                "volumeMounts": [{"name": "cache", "mountPath": config.node_cache_dir},
                                 {"name": "tmp", "mountPath": "/tmp"}]})
@@ -188,6 +192,11 @@ pub fn populator_pod(
                                 {"name": "cache", "mountPath": config.node_cache_dir},
                                 {"name": "tmp", "mountPath": "/tmp"}]})
     };
+    if credentials {
+        device["volumeMounts"].as_array_mut().expect("a list").push(
+            json!({"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_MOUNT, "readOnly": true}),
+        );
+    }
     let mut container = json!({
         "name": "populate",
         "image": config.image,
@@ -217,6 +226,11 @@ pub fn populator_pod(
             {"name": "tmp", "emptyDir": {}},
         ],
     });
+    if credentials {
+        // The pod's own copy (see `credentials_secret_of`), read by the node's kubelet.
+        spec["volumes"].as_array_mut().expect("a list").push(json!(
+            {"name": CREDENTIALS_VOLUME, "secret": {"secretName": populator_pod_name(&uid), "defaultMode": 0o400}}));
+    }
     match node {
         // Through the scheduler, never `nodeName`: the node comes from the claim's
         // `selected-node` annotation, which a user can write too, and the scheduler keeps
@@ -249,6 +263,22 @@ pub fn populator_pod(
         "spec": spec,
     });
     serde_json::from_value(pod).map_err(|e| format!("building the populator pod: {e}"))
+}
+
+/// The Secret a populator pod mounts its pull credentials from, which must exist before the pod
+/// starts (written by the populator, owned by the prime PVC); `None` for an image without a
+/// pull secret.
+pub fn credentials_secret_of(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == CREDENTIALS_VOLUME)?
+        .secret
+        .as_ref()?
+        .secret_name
+        .clone()
 }
 
 /// The node a populator pod is held to (its required node affinity), if any.

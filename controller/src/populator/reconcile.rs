@@ -27,6 +27,7 @@ use vmdisk_support::{Backoff, Failures};
 use super::decide::{self, ClassLookup, Note, Observed, Step};
 use super::settings::{PopulatorConfig, PopulatorSettings};
 use super::timeline::{self, Stage, Timelines};
+use crate::credentials::CredentialsCopier;
 use crate::metrics::PopulatorMetrics;
 
 #[derive(Debug, Error)]
@@ -38,6 +39,12 @@ pub enum PopulatorError {
         name: String,
         #[source]
         source: kube::Error,
+    },
+    #[error("PVC {namespace}/{name}: {message}")]
+    Credentials {
+        namespace: String,
+        name: String,
+        message: String,
     },
 }
 
@@ -59,6 +66,8 @@ pub struct Context {
     pub failures: Failures<ObjectRef<PersistentVolumeClaim>>,
     /// Where the time of each population in flight went.
     pub timelines: Timelines,
+    /// Writes each populator pod's pull credentials.
+    pub copier: CredentialsCopier,
 }
 
 /// How long a claim whose step failed waits before the next try: doubling per consecutive
@@ -307,6 +316,33 @@ async fn reconcile_claim(
             mark(Stage::PrimeCreated);
         }
         Step::CreatePod { pod, attempt } => {
+            // Its credentials first: the kubelet mounts them before the container starts.
+            if let Some(secret) = super::objects::credentials_secret_of(&pod) {
+                // `decide` makes a pod only with both at hand.
+                let owner = prime.as_deref().and_then(|p| p.owner_ref(&()));
+                let written = match (image.as_deref(), owner) {
+                    (Some(image), Some(owner)) => {
+                        ctx.copier
+                            .write_pod_copy(image, &ctx.settings.namespace, &secret, owner)
+                            .await
+                    }
+                    _ => Err("the image or the prime PVC is not known".to_string()),
+                };
+                if let Err(message) = written {
+                    let note = Note {
+                        reason: vmdisk_crds::reasons::PULL_SECRET_ERROR,
+                        action: "CreatePod",
+                        warning: true,
+                        message: format!("the populator pod's pull credentials: {message}"),
+                    };
+                    ctx.note(&pvc, &note).await;
+                    return Err(PopulatorError::Credentials {
+                        namespace,
+                        name,
+                        message,
+                    });
+                }
+            }
             create(&pods, &pod)
                 .await
                 .map_err(api_error("creating the populator pod"))?;

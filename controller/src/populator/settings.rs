@@ -12,8 +12,6 @@ use k8s_openapi::api::core::v1::Toleration;
 pub struct PopulatorConfig {
     /// vmdisk's namespace: prime PVCs and populator pods live here.
     pub namespace: String,
-    /// Where the agents keep the image controller's pull credentials copies.
-    pub credentials_namespace: String,
     /// The cache agent's image (populator pods run `vmdisk-cache-agent populate`).
     pub image: String,
     /// The node cache's hostPath, the same as the agents'.
@@ -39,7 +37,6 @@ impl Default for PopulatorConfig {
 #[derive(Debug, Clone)]
 pub struct PopulatorSettings {
     pub namespace: String,
-    pub credentials_namespace: String,
     /// The cache agent DaemonSet in `namespace`, whose image and `cache` hostPath populator
     /// pods use unless overridden.
     pub agent_daemonset: String,
@@ -55,7 +52,6 @@ impl Default for PopulatorSettings {
     fn default() -> Self {
         Self {
             namespace: vmdisk_crds::INSTALL_NAMESPACE.into(),
-            credentials_namespace: vmdisk_crds::CREDENTIALS_NAMESPACE.into(),
             agent_daemonset: "vmdisk-cache-agent".into(),
             image: Some(format!(
                 "ghcr.io/vmdisk/cache-agent:{}",
@@ -110,7 +106,6 @@ impl PopulatorSettings {
         };
         Ok(PopulatorConfig {
             namespace: self.namespace.clone(),
-            credentials_namespace: self.credentials_namespace.clone(),
             image,
             node_cache_dir,
             filesystem_overhead: self.filesystem_overhead,

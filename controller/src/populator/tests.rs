@@ -84,6 +84,7 @@ fn context(
     let (primes, _) = filled(vec![prime]);
     let (agents, agents_writer) = filled::<DaemonSet>(vec![]);
     let ctx = Context {
+        copier: crate::credentials::CredentialsCopier::new(client.clone(), "vmdisk-credentials"),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

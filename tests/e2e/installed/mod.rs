@@ -38,10 +38,12 @@ mod adverse;
 pub(crate) mod claims;
 mod fill;
 mod install;
+mod teams;
 
 use adverse::*;
 use fill::*;
 use install::*;
+use teams::*;
 
 /// A plain-HTTP registry this machine and the cluster's nodes and pods reach (host:port).
 pub const REGISTRY_ENV: &str = "VMDISK_E2E_REGISTRY";
@@ -56,6 +58,7 @@ pub fn phase() -> Phase<Installed> {
             a_1mi_claim_of_an_image_no_node_has_warmed_holds_the_whole_disk,
             a_burst_of_claims_of_one_warm_image_all_bind_without_a_retry,
             a_block_pvc_is_filled_on_a_local_loop_device,
+            two_teams_on_one_node_never_get_each_others_disk,
             wait_for_first_consumer_follows_the_real_scheduler,
             a_pvc_deleted_mid_way_leaves_nothing_behind,
             a_failing_populator_is_retried_then_given_up,

@@ -235,6 +235,15 @@ impl<'a> PvcMutation<'a> {
             )),
             None => {}
         }
+        // A digest the webhook did not write (the image's is not known yet) is never used.
+        if let Some(given) = pvc.annotation(DIGEST_ANNOTATION) {
+            if out.digest_annotation.is_none() && image.as_ref().and_then(|i| i.digest()).is_none()
+            {
+                warnings.push(format!(
+                    "{DIGEST_ANNOTATION} {given} is ignored: the PVC is filled from the digest VMDiskImage {namespace}/{image_name} resolves to"
+                ));
+            }
+        }
         out.warnings = warnings;
         out
     }
@@ -506,6 +515,25 @@ mod tests {
         assert_eq!(
             out.unwrap().spec.unwrap().data_source_ref.unwrap().name,
             "nope"
+        );
+    }
+
+    #[test]
+    fn a_digest_given_for_an_unresolved_image_is_said_to_be_ignored() {
+        let imgs = Images::with(image("fedora", None, None, None));
+        let forged = format!("sha256:{}", "f".repeat(64));
+        let (_, w) = run(
+            &imgs,
+            pvc(
+                json!({"resources": {"requests": {"storage": "5Gi"}},
+                   "dataSourceRef": {"apiGroup": "vmdisk.io", "kind": "VMDiskImage", "name": "fedora"}}),
+                json!({"vmdisk.io/digest": forged}),
+            ),
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.contains(&forged) && w.contains("ignored")),
+            "{w:?}"
         );
     }
 

@@ -425,7 +425,7 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
     let Step::CreatePod { pod, attempt: 1 } = w.step() else {
         panic!()
     };
-    let spec = pod.spec.unwrap();
+    let spec = pod.spec.clone().unwrap();
     let c = &spec.containers[0];
     assert_eq!(
         c.image.as_deref(),
@@ -447,10 +447,24 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
         args.contains("--owner 107:107") && args.contains("--target /target/disk.img"),
         "{args}"
     );
+    // Its own copy of the pull credentials, mounted (the node's kubelet reads it; the pod's
+    // ServiceAccount reads no Secret).
     assert!(
-        args.contains("--credentials-secret vmdisk-credentials/pull-img-1"),
+        args.contains("--docker-config /var/run/vmdisk/credentials/.dockerconfigjson"),
         "{args}"
     );
+    let pod_name = pod.metadata.name.clone().unwrap();
+    assert_eq!(
+        crate::populator::objects::credentials_secret_of(&pod).as_deref(),
+        Some(pod_name.as_str())
+    );
+    assert!(c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.name == "credentials"
+            && m.mount_path == "/var/run/vmdisk/credentials"
+            && m.read_only == Some(true)));
     assert!(
         args.contains("--progress-pvc vmdisk-system/prime-u-1"),
         "{args}"
