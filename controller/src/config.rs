@@ -56,6 +56,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_MAX_ATTEMPTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub populator_max_attempts: u32,
 
+    /// Populator pods that copy out of one node's cache at once; the others wait for a slot,
+    /// so a burst of claims copies at the disk's pace (0: no bound).
+    #[arg(long, env = "VMDISK_POPULATOR_PARALLEL_COPIES", default_value_t = vmdisk_crds::DEFAULT_PARALLEL_COPIES)]
+    pub populator_parallel_copies: usize,
+
     /// Seconds before the first retry of a failed populator pod (doubling, at most 300).
     #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
     pub populator_retry_seconds: u64,
@@ -100,6 +105,7 @@ impl ControllerArgs {
                 node_cache_dir: self.node_cache_dir.clone(),
                 filesystem_overhead: self.filesystem_overhead,
                 max_attempts: self.populator_max_attempts,
+                parallel_copies: self.populator_parallel_copies,
                 retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
                 tolerations: self.populator_tolerations.0.clone(),
             },

@@ -18,7 +18,7 @@ pub use quantity::{format_bytes_human, format_bytes_quantity, parse_quantity, Qu
 pub use reference::{ImageReference, ReferenceError};
 pub use sizing::{
     parse_filesystem_overhead, usable_disk_bytes, volume_bytes_for_disk,
-    DEFAULT_FILESYSTEM_OVERHEAD,
+    DEFAULT_FILESYSTEM_OVERHEAD, DEFAULT_PARALLEL_COPIES,
 };
 pub use vm_disk_image::*;
 

@@ -39,6 +39,10 @@ pub const CLAIM_ANNOTATION: &str = "vmdisk.io/claim";
 pub const CLAIM_UID_LABEL: &str = "vmdisk.io/claim-uid";
 /// Annotation on a populator pod: which attempt it is (1, 2, ...).
 pub const ATTEMPT_ANNOTATION: &str = "vmdisk.io/attempt";
+/// Annotation on a prime PVC, written by `populate` once the volume holds the disk and is
+/// synced: its one-line summary. The populator hands the volume over on it, without waiting
+/// for the kubelet to report the pod's end.
+pub const POPULATED_ANNOTATION: &str = "vmdisk.io/populated";
 /// Annotation on a prime PVC: how many populator pods failed so far.
 pub const FAILED_ATTEMPTS_ANNOTATION: &str = "vmdisk.io/failed-attempts";
 /// `app.kubernetes.io/component` of prime PVCs and populator pods.

@@ -9,6 +9,10 @@
 /// CDI's default filesystem overhead (6%).
 pub const DEFAULT_FILESYSTEM_OVERHEAD: f64 = 0.06;
 
+/// Populates that copy out of one node's cache at once, by default (the others wait for a
+/// slot): a burst of claims then copies at the disk's pace instead of thrashing it.
+pub const DEFAULT_PARALLEL_COPIES: usize = 4;
+
 const MIB: u64 = 1 << 20;
 const SECTOR: u64 = 512;
 

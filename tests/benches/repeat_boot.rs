@@ -54,6 +54,7 @@ fn child(spec: &str) {
                 target: PathBuf::from(v["target"].as_str().unwrap()),
                 size: v["size"].as_u64(),
                 owner: None,
+                parallel_copies: None,
             },
             Arc::new(|_| {}),
         )

@@ -13,7 +13,7 @@ mod warm;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use vmdisk_crds::DiskFormat;
+use vmdisk_crds::{DiskFormat, DEFAULT_PARALLEL_COPIES};
 
 use crate::populate::parse_owner;
 
@@ -145,6 +145,10 @@ pub enum Mode {
         /// (the populator's prime PVC).
         #[arg(long)]
         progress_pvc: Option<String>,
+        /// At most this many populates copy out of the node's cache at once (the others wait
+        /// for a slot); 0 for no bound.
+        #[arg(long, env = "VMDISK_PARALLEL_COPIES", default_value_t = DEFAULT_PARALLEL_COPIES)]
+        parallel_copies: usize,
         /// Where to write the outcome in one line for Kubernetes (a pod's
         /// terminationMessagePath).
         #[arg(long)]
@@ -215,6 +219,7 @@ pub async fn run_until_stopped(
             size,
             owner,
             progress_pvc,
+            parallel_copies,
             termination_log,
             registry,
         } => {
@@ -226,6 +231,7 @@ pub async fn run_until_stopped(
                 size,
                 owner,
                 progress_pvc,
+                parallel_copies: (parallel_copies > 0).then_some(parallel_copies),
                 registry,
             };
             populate::execute(args, termination_log).await

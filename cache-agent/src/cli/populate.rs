@@ -50,6 +50,7 @@ pub(super) struct PopulateArgs {
     pub(super) size: Option<String>,
     pub(super) owner: Option<(u32, u32)>,
     pub(super) progress_pvc: Option<String>,
+    pub(super) parallel_copies: Option<usize>,
     pub(super) registry: RegistryArgs,
 }
 
@@ -95,17 +96,16 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
             target: args.target.clone(),
             size,
             owner: args.owner,
+            parallel_copies: args.parallel_copies,
         },
         progress,
     )
     .await;
-    // No last report: the populator writes 100% on the user's claim when it hands the volume
-    // over, and waiting here for one more patch only delays the pod's end.
     if let Some(task) = reporter {
         task.abort();
     }
     let report = result?;
-    Ok(format!(
+    let summary = format!(
         "populated {} from {} ({:?}, {} bytes written, {} bytes, {})",
         args.target.display(),
         report.key.digest,
@@ -117,7 +117,34 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
         } else {
             "cold: pulled"
         }
-    ))
+    );
+    // The volume holds the disk, synced: the populator may hand it over now rather than when
+    // the kubelet reports this pod's end (up to a second or more later).
+    if let Some(pvc) = &args.progress_pvc {
+        report_populated(pvc, &summary).await;
+    }
+    Ok(summary)
+}
+
+/// Writes [`vmdisk_crds::POPULATED_ANNOTATION`] on the prime PVC. Best effort: without it the
+/// populator goes by the pod's end, as it always can.
+async fn report_populated(pvc: &str, summary: &str) {
+    let written = async {
+        let (namespace, name) = namespaced(pvc, "--progress-pvc")?;
+        let api: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+            kube::Api::namespaced(kube::Client::try_default().await?, &namespace);
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            vmdisk_crds::PROGRESS_ANNOTATION: "100%",
+            vmdisk_crds::POPULATED_ANNOTATION: summary}}});
+        api.patch(&name, &Default::default(), &kube::api::Patch::Merge(&patch))
+            .await?;
+        anyhow::Ok(())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), written).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "the populated volume was not reported"),
+        Err(_) => tracing::warn!("the populated volume was not reported within 5 s"),
+    }
 }
 
 /// Keeps `vmdisk.io/progress` on a PVC in step with `percent` until aborted.

@@ -54,6 +54,8 @@ pub enum PopulateError {
     },
     #[error("cache entry {0} was evicted before it could be leased")]
     Evicted(EntryKey),
+    #[error("waiting for a copy slot: {0}")]
+    Store(crate::store::StoreError),
     #[error("copy task failed: {0}")]
     Task(String),
 }
@@ -89,6 +91,8 @@ pub struct PopulateRequest {
     pub size: Option<u64>,
     /// Owner of a file target (KubeVirt's qemu runs as 107:107).
     pub owner: Option<(u32, u32)>,
+    /// At most this many populates copy out of the node's cache at once (`None`: no bound).
+    pub parallel_copies: Option<usize>,
 }
 
 /// Where a populate stands, for progress reports.
@@ -171,6 +175,10 @@ pub async fn populate(
         }
     }
     let store = warmer.store();
+    let slot = match request.parallel_copies {
+        Some(slots) => Some(store.copy_slot(slots).await.map_err(PopulateError::Store)?),
+        None => None,
+    };
     let lease = store
         .lease(&key)
         .ok_or_else(|| PopulateError::Evicted(key.clone()))?;
@@ -201,7 +209,7 @@ pub async fn populate(
                 source,
             },
         })?;
-    drop(lease);
+    drop((lease, slot));
     store.touch(&key);
     let mut target_size = report.target_size;
     if !block && request.format == DiskFormat::Qcow2 {

@@ -2,7 +2,9 @@
 //! around one entry: a populate copying an entry holds a [`Lease`] (a shared lock on
 //! `leases/<entry>.lock`, which eviction must take exclusively), and a warm holds
 //! `locks/<entry>.lock`, so one process at a time pulls an entry and the others find it
-//! committed. The locks are `lock`'s `flock`s, which die with their process.
+//! committed. A populate also holds one of the node's copy slots (`slots/copy-<i>.lock`) while
+//! it copies, so that a burst of claims copies at the disk's pace. The locks are `lock`'s
+//! `flock`s, which die with their process.
 
 use super::lock::{self, FileLock};
 use super::{io, CacheStore, EntryKey, StoreError};
@@ -31,6 +33,18 @@ impl CacheStore {
         lock::lock_async(&path, true)
             .await
             .map_err(io(format!("locking {}", path.display())))
+    }
+
+    /// Waits for one of `slots` copy slots of this cache and holds it until the guard drops: at
+    /// most `slots` populates (of any entry, in any process) copy out of the cache at once.
+    pub async fn copy_slot(&self, slots: usize) -> Result<FileLock, StoreError> {
+        let dir = self.root.join("slots");
+        let paths: Vec<_> = (0..slots.max(1))
+            .map(|i| dir.join(format!("copy-{i}.lock")))
+            .collect();
+        lock::lock_any(&paths, true)
+            .await
+            .map_err(io(format!("taking a copy slot in {}", dir.display())))
     }
 
     /// Keeps the entry from eviction (by any process) until the lease is dropped; `None` when

@@ -7,7 +7,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// A held lock; released on drop.
 #[derive(Debug)]
@@ -82,19 +81,78 @@ pub fn lock(path: &Path, exclusive: bool) -> std::io::Result<FileLock> {
     })
 }
 
-/// Waits for the lock without blocking a runtime thread (polls).
+/// Waits for the lock without blocking a runtime thread: the wait runs on a thread of its own
+/// and ends the moment the holder lets go (no polling). Dropping the future abandons the wait;
+/// the thread then lets go of the lock as soon as it gets it.
 pub async fn lock_async(path: &Path, exclusive: bool) -> std::io::Result<FileLock> {
-    loop {
+    lock_any(std::slice::from_ref(&path.to_path_buf()), exclusive).await
+}
+
+/// Waits for whichever of `paths` is free first and holds it: `n` lock files make a counting
+/// semaphore across the processes of a node. Each busy path is waited for on a thread of its
+/// own (a detached one, so that a process may exit while it waits); the first lock taken is
+/// returned, and any taken after it is let go at once.
+pub async fn lock_any(paths: &[PathBuf], exclusive: bool) -> std::io::Result<FileLock> {
+    for path in paths {
         if let Some(lock) = try_lock(path, exclusive)? {
             return Ok(lock);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for path in paths {
+        let (tx, path) = (tx.clone(), path.clone());
+        std::thread::spawn(move || {
+            // Once the first answer was taken the channel is closed: this lock is dropped.
+            let _ = tx.send(lock(&path, exclusive));
+        });
+    }
+    drop(tx);
+    rx.recv()
+        .await
+        .unwrap_or_else(|| Err(std::io::Error::other("no lock to wait for")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// Two slots held: a third taker waits, gets the first one let go (by whichever holder),
+    /// and a slot its other wait took later is let go again at once.
+    #[tokio::test]
+    async fn lock_any_takes_the_first_slot_let_go_and_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let slots: Vec<PathBuf> = (0..2)
+            .map(|i| dir.path().join(format!("{i}.lock")))
+            .collect();
+        let first = lock_any(&slots, true).await.unwrap();
+        let second = lock_any(&slots, true).await.unwrap();
+        assert_ne!(first.path(), second.path());
+        let waiting = tokio::spawn({
+            let slots = slots.clone();
+            async move { lock_any(&slots, true).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "both slots are held");
+        let freed = second.path().to_path_buf();
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the freed slot is taken")
+            .unwrap();
+        assert_eq!(third.path(), freed);
+        // The wait on the other slot ends when it is let go, and lets it go again.
+        let other = first.path().to_path_buf();
+        drop(first);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while try_lock(&other, true).unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned wait kept the slot"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 
     #[test]
     fn exclusive_excludes_and_shared_shares_even_within_a_process() {

@@ -211,6 +211,7 @@ impl CacheStore {
             staging_dir.clone(),
             root.join("leases"),
             root.join("locks"),
+            root.join("slots"),
         ] {
             std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         }

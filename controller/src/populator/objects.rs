@@ -159,6 +159,8 @@ pub fn populator_pod(
         "/dev/termination-log".into(),
         "--progress-pvc".into(),
         format!("{}/{prime}", config.namespace),
+        "--parallel-copies".into(),
+        config.parallel_copies.to_string(),
     ];
     if !block {
         let volume = requested_bytes(prime_claim).ok_or("the claim requests no storage size")?;

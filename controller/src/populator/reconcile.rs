@@ -19,8 +19,8 @@ use thiserror::Error;
 use tracing::Instrument as _;
 use vmdisk_crds::{
     populator_pod_name, prime_pvc_name, PopulatePhase, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION,
-    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATOR_FINALIZER, PROGRESS_ANNOTATION,
-    TIMELINE_ANNOTATION,
+    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATED_ANNOTATION, POPULATOR_FINALIZER,
+    PROGRESS_ANNOTATION, TIMELINE_ANNOTATION,
 };
 use vmdisk_support::{Backoff, Failures};
 
@@ -175,7 +175,10 @@ async fn reconcile_claim(
     let pod_succeeded = pod
         .as_ref()
         .and_then(|p| p.status.as_ref()?.phase.as_deref())
-        == Some("Succeeded");
+        == Some("Succeeded")
+        || prime
+            .as_ref()
+            .is_some_and(|p| p.annotations().contains_key(POPULATED_ANNOTATION));
     let pv = match prime
         .as_ref()
         .and_then(|p| p.spec.as_ref()?.volume_name.clone())
@@ -303,9 +306,12 @@ async fn reconcile_claim(
         // reconcile for nothing).
         Step::Annotate { .. } => return Ok(Action::requeue(SAFETY_NET)),
         Step::AddFinalizer => {
-            let patch = finalizers_patch(&pvc, true);
             claims
-                .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(finalizers_patch(true)),
+                )
                 .await
                 .map_err(api_error("adding the finalizer"))?;
         }
@@ -369,8 +375,10 @@ async fn reconcile_claim(
             .await;
         }
         Step::RecordFailure { attempt, note } => {
+            // A mark of the failed pod's must not make the next pod's work look done.
             let patch = serde_json::json!({"metadata": {"annotations": {
-                FAILED_ATTEMPTS_ANNOTATION: attempt.to_string()}}});
+                FAILED_ATTEMPTS_ANNOTATION: attempt.to_string(),
+                POPULATED_ANNOTATION: null}}});
             primes
                 .patch(
                     &prime_pvc_name(&uid),
@@ -406,9 +414,12 @@ async fn reconcile_claim(
             }
         }
         Step::RemoveFinalizer => {
-            let patch = finalizers_patch(&pvc, false);
             match claims
-                .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(finalizers_patch(false)),
+                )
                 .await
             {
                 Ok(_) => {}
@@ -438,31 +449,15 @@ pub(crate) fn step_name(step: &Step) -> &'static str {
     }
 }
 
-/// A JSON patch adding or removing the populator's finalizer, guarded by a `test` of the
-/// current list so a concurrent change makes it fail (and retry) instead of clobbering. An
-/// empty list is absent on the server: the guard then tests for `null` (which an absent field
-/// passes), so adding the whole list cannot replace finalizers the store had not seen yet.
-pub(super) fn finalizers_patch(pvc: &PersistentVolumeClaim, add: bool) -> json_patch::Patch {
-    let current = pvc.finalizers().to_vec();
-    let ops = if add {
-        if current.is_empty() {
-            serde_json::json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": null},
-                {"op": "add", "path": "/metadata/finalizers", "value": [POPULATOR_FINALIZER]}])
-        } else {
-            serde_json::json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": current},
-                {"op": "add", "path": "/metadata/finalizers/-", "value": POPULATOR_FINALIZER}])
-        }
+/// A strategic merge patch adding or removing the populator's finalizer and no other:
+/// `metadata.finalizers` merges as a set, so neither needs the current list (a store that
+/// lags behind the server cannot make it fail or clobber another controller's finalizer).
+pub(super) fn finalizers_patch(add: bool) -> serde_json::Value {
+    if add {
+        serde_json::json!({"metadata": {"finalizers": [POPULATOR_FINALIZER]}})
     } else {
-        match current.iter().position(|f| f == POPULATOR_FINALIZER) {
-            Some(i) => serde_json::json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": current},
-                {"op": "remove", "path": format!("/metadata/finalizers/{i}")}]),
-            None => serde_json::json!([]),
-        }
-    };
-    serde_json::from_value(ops).expect("a valid JSON patch")
+        serde_json::json!({"metadata": {"$deleteFromPrimitiveList/finalizers": [POPULATOR_FINALIZER]}})
+    }
 }
 
 async fn create<K>(api: &Api<K>, object: &K) -> Result<(), kube::Error>

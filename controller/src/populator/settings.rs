@@ -19,6 +19,8 @@ pub struct PopulatorConfig {
     pub filesystem_overhead: f64,
     /// Pods per PVC before giving up.
     pub max_attempts: u32,
+    /// Populates copying out of one node's cache at once (0: no bound).
+    pub parallel_copies: usize,
     /// First retry delay; doubles per failure, capped at five minutes.
     pub retry_base: Duration,
     /// Taints populator pods tolerate (`--populator-tolerations`).
@@ -44,6 +46,7 @@ pub struct PopulatorSettings {
     pub node_cache_dir: Option<String>,
     pub filesystem_overhead: f64,
     pub max_attempts: u32,
+    pub parallel_copies: usize,
     pub retry_base: Duration,
     pub tolerations: Vec<Toleration>,
 }
@@ -60,6 +63,7 @@ impl Default for PopulatorSettings {
             node_cache_dir: Some("/var/lib/vmdisk/cache".into()),
             filesystem_overhead: vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD,
             max_attempts: 4,
+            parallel_copies: vmdisk_crds::DEFAULT_PARALLEL_COPIES,
             retry_base: Duration::from_secs(10),
             tolerations: Vec::new(),
         }
@@ -110,6 +114,7 @@ impl PopulatorSettings {
             node_cache_dir,
             filesystem_overhead: self.filesystem_overhead,
             max_attempts: self.max_attempts,
+            parallel_copies: self.parallel_copies,
             retry_base: self.retry_base,
             tolerations: self.tolerations.clone(),
         })

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::runtime::reflector::ObjectRef;
+use kube::ResourceExt;
+use vmdisk_crds::POPULATED_ANNOTATION;
 
 /// A step on the way from a claim to a Bound claim holding the disk, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,7 +26,7 @@ pub enum Stage {
     Scheduled,
     /// The pod's container runs (the copy is under way).
     Started,
-    /// The copy is done.
+    /// The copy is done (`populate` said so on the prime, or the pod succeeded).
     PodSucceeded,
     /// The filled PV was handed to the claim.
     Rebound,
@@ -57,6 +59,7 @@ pub fn visible_stages(
     if prime.is_some() {
         stages.push(Stage::PrimeCreated);
     }
+    let populated = prime.is_some_and(|p| p.annotations().contains_key(POPULATED_ANNOTATION));
     if let Some(pod) = pod {
         stages.push(Stage::PodCreated);
         if pod
@@ -68,6 +71,7 @@ pub fn visible_stages(
             stages.push(Stage::Scheduled);
         }
         match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+            _ if populated => stages.extend([Stage::Started, Stage::PodSucceeded]),
             Some("Running") => stages.push(Stage::Started),
             Some("Succeeded") => stages.extend([Stage::Started, Stage::PodSucceeded]),
             _ => {}

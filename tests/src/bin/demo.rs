@@ -131,6 +131,7 @@ async fn cache_demo() -> anyhow::Result<()> {
                 target: target.clone(),
                 size: Some(512 << 20),
                 owner: None,
+                parallel_copies: None,
             },
             Arc::new(|_| {}),
         )

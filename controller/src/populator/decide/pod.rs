@@ -1,13 +1,15 @@
 //! The populator's next step once its pod exists: wait while it runs (mirroring its
-//! progress), hand the filled volume to the user's claim when it succeeded, retry with a
-//! backoff or give up when it failed.
+//! progress), hand the filled volume to the user's claim when it succeeded (or said on the
+//! prime that the volume is filled), retry with a backoff or give up when it failed.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use vmdisk_crds::{reasons, PopulatePhase, ATTEMPT_ANNOTATION, PROGRESS_ANNOTATION};
+use vmdisk_crds::{
+    reasons, PopulatePhase, ATTEMPT_ANNOTATION, POPULATED_ANNOTATION, PROGRESS_ANNOTATION,
+};
 use vmdisk_support::Backoff;
 
 use super::{
@@ -103,11 +105,20 @@ pub(super) fn decide_pod(
         };
     }
     let attempt = pod_attempt(pod);
-    let phase = pod
+    // `populate` says on the prime when the volume holds the disk, synced: that is the end of
+    // the work, whenever the kubelet gets to report the pod's (a failure is still a failure;
+    // a retry's pod starts only after `RecordFailure` cleared the mark).
+    let populated = o.prime.and_then(|p| annotation(p, POPULATED_ANNOTATION));
+    let phase = match pod
         .status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending");
+        .unwrap_or("Pending")
+    {
+        "Failed" => "Failed",
+        _ if populated.is_some() => "Succeeded",
+        phase => phase,
+    };
     match phase {
         "Succeeded" => {
             let Some(prime) = o.prime else {
@@ -150,7 +161,9 @@ pub(super) fn decide_pod(
                             reason: reasons::POPULATOR_FINISHED,
                             action: "Populate",
                             warning: false,
-                            message: pod_end(pod).message,
+                            message: populated
+                                .map(str::to_string)
+                                .unwrap_or_else(|| pod_end(pod).message),
                         },
                     },
                 );

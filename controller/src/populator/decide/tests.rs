@@ -7,7 +7,7 @@ mod convergence;
 use super::*;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use serde_json::json;
-use vmdisk_crds::{ATTEMPT_ANNOTATION, CLAIM_ANNOTATION};
+use vmdisk_crds::{ATTEMPT_ANNOTATION, CLAIM_ANNOTATION, POPULATED_ANNOTATION};
 
 const DIGEST: &str = "sha256:abababababababababababababababababababababababababababababababab";
 
@@ -765,6 +765,52 @@ fn success_hands_the_pv_over_and_waits_for_lost_before_cleaning_up() {
     assert_eq!(w.step(), Step::Ignore);
 }
 
+/// `populate` marks the prime once the volume holds the disk: the volume is handed over then,
+/// while the kubelet has not reported the pod's end yet; the pod is deleted with the clean-up.
+/// A failed pod's mark counts for nothing: the failure is handled as one.
+#[test]
+fn a_prime_marked_populated_is_handed_over_while_the_pod_still_runs() {
+    let mut w = World::new(with_finalizer(with_status(
+        claim(json!({})),
+        PopulatePhase::Populating,
+        "populating from VMDiskImage fedora (attempt 1)",
+        Some("42%"),
+    )));
+    let mut marked = prime(true, 0, "Bound");
+    marked.metadata.annotations.as_mut().unwrap().insert(
+        POPULATED_ANNOTATION.into(),
+        "populated /target/disk.img (warm: cache hit)".into(),
+    );
+    w.prime = Some(marked.clone());
+    w.pod = Some(pod("Running", 1, None));
+    w.pv = Some(pv("vmdisk-system", "prime-u-1", "p-1"));
+    let Step::Annotate { status, .. } = w.step() else {
+        panic!("{:?}", w.step())
+    };
+    assert_eq!(status.phase, PopulatePhase::Rebinding);
+    w.pvc = with_status(w.pvc.clone(), status.phase, &status.message, Some("100%"));
+    let Step::BindPv { note, .. } = w.step() else {
+        panic!("{:?}", w.step())
+    };
+    assert!(note.message.contains("warm: cache hit"), "{}", note.message);
+    // Handed over; once the prime is Lost the still running pod goes.
+    w.pv = Some(pv("vms", "root", "u-1"));
+    let mut lost = marked.clone();
+    lost.status = Some(serde_json::from_value(json!({"phase": "Lost"})).unwrap());
+    w.prime = Some(lost);
+    assert_eq!(w.step(), Step::DeletePod { retry: false });
+
+    // The same mark on a pod that failed: a failure, counted for a retry.
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(marked);
+    w.pod = Some(pod("Failed", 1, Some((1, "boom", "2026-11-24T09:00:00Z"))));
+    assert!(
+        matches!(w.step(), Step::RecordFailure { attempt: 1, .. }),
+        "{:?}",
+        w.step()
+    );
+}
+
 #[test]
 fn a_claim_bound_without_vmdisk_is_left_alone() {
     let mut w = World::new(claim(json!({"volumeName": "static-pv"})));
@@ -849,6 +895,8 @@ fn apply(w: &mut World, step: &Step, pod_exit: &mut Vec<i32>) -> bool {
                 .as_mut()
                 .unwrap()
                 .insert(FAILED_ATTEMPTS_ANNOTATION.into(), attempt.to_string());
+            let annotations = w.prime.as_mut().unwrap().metadata.annotations.as_mut();
+            annotations.unwrap().remove(POPULATED_ANNOTATION);
         }
         Step::DeletePod { .. } => w.pod = None,
         Step::BindPv { .. } => {
