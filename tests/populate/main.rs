@@ -325,3 +325,67 @@ async fn on_xfs_a_warm_populate_is_a_reflink_the_target_can_write_over() {
     let entry = store.get(&key).expect("the entry is cached");
     assert!(same_content(&raw, &entry.disk_path), "the entry changed");
 }
+
+/// `--parallel-copies 1`: while another process holds the node's one copy slot, a warm populate
+/// waits (its target stays empty) and copies the moment the slot is let go.
+#[tokio::test]
+async fn a_populate_waits_for_a_free_copy_slot() {
+    let registry = TestRegistry::start_plain();
+    let work = tempfile::tempdir().unwrap();
+    let raw = make_ext4_raw(work.path(), "slot", 16, 2, 21);
+    let (reference, digest) = push_container_disk(&registry, "disks/slot", "1", &raw).await;
+    let pinned = format!("{reference}@{digest}");
+    let cache = work.path().join("cache");
+    let first = populate(&cache, &pinned, &work.path().join("first.img"), &[]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+
+    // Another populate's copy, as `flock` holding the slot file.
+    let slot = cache.join("slots/copy-0.lock");
+    let mut holder = Command::new("flock")
+        .args(["--exclusive", "--close"])
+        .arg(&slot)
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let free = |slot: &Path| {
+        Command::new("flock")
+            .args(["--nonblock", "--exclusive"])
+            .arg(slot)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    };
+    while free(&slot) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flock never took the slot"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let target = work.path().join("second.img");
+    let waiting = {
+        let (cache, pinned, target) = (cache.clone(), pinned.clone(), target.clone());
+        std::thread::spawn(move || populate(&cache, &pinned, &target, &["--parallel-copies", "1"]))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !waiting.is_finished(),
+        "it copied while the only slot was held"
+    );
+    assert!(
+        std::fs::metadata(&target).map_or(0, |m| m.len()) == 0,
+        "the target was written before a slot was free"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let second = waiting.join().unwrap();
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.termination.contains("warm: cache hit"),
+        "{}",
+        second.termination
+    );
+    assert!(same_content(&raw, &target));
+}
