@@ -68,8 +68,8 @@ async fn warm(
     .await
 }
 
-/// Nothing but complete entries (and records of verified pulls) in the cache root, and an
-/// empty staging area.
+/// Nothing but complete entries (and records of verified pulls, lock and copy-slot files) in the
+/// cache root, and an empty staging area.
 fn assert_clean(root: &Path) {
     let staging: Vec<_> = std::fs::read_dir(root.join("staging")).unwrap().collect();
     assert!(staging.is_empty(), "staging not empty: {staging:?}");
@@ -79,7 +79,7 @@ fn assert_clean(root: &Path) {
         .collect();
     top.sort();
     top.retain(|name| name != "owner.lock" && name != "verified" && name != "attempts");
-    assert_eq!(top, ["entries", "leases", "locks", "staging"]);
+    assert_eq!(top, ["entries", "leases", "locks", "slots", "staging"]);
 }
 
 #[tokio::test]
