@@ -144,6 +144,10 @@ async fn qemu_img(
 ) -> Result<(std::process::ExitStatus, Vec<u8>, String), ConvertError> {
     let mut command = tokio::process::Command::new("qemu-img");
     command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    // The limit is on address space: glibc reserves up to 64 MiB of it per malloc arena, one
+    // per thread of qemu's I/O pool, which could exhaust it (qemu then aborts on
+    // `qemu_thread_create: Resource temporarily unavailable`) long before memory runs short.
+    command.env("MALLOC_ARENA_MAX", "2");
     let cpu_seconds = limit.as_secs();
     // SAFETY: between fork and exec only setrlimit runs: async-signal-safe, no allocation.
     unsafe {
