@@ -61,6 +61,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_PARALLEL_COPIES", default_value_t = vmdisk_crds::DEFAULT_PARALLEL_COPIES)]
     pub populator_parallel_copies: usize,
 
+    /// Who pulls the images that name no `pullMethod`: `pod` (vmdisk, through the node
+    /// cache), `node` (the node's container runtime as an image volume where it can, else
+    /// `pod`) or `nodeOnly`.
+    #[arg(long, env = "VMDISK_DEFAULT_PULL_METHOD", default_value = "pod")]
+    pub default_pull_method: vmdisk_crds::PullMethod,
+
     /// Seconds before the first retry of a failed populator pod (doubling, at most 300).
     #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
     pub populator_retry_seconds: u64,
@@ -106,6 +112,7 @@ impl ControllerArgs {
                 filesystem_overhead: self.filesystem_overhead,
                 max_attempts: self.populator_max_attempts,
                 parallel_copies: self.populator_parallel_copies,
+                default_pull_method: self.default_pull_method,
                 retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
                 tolerations: self.populator_tolerations.0.clone(),
             },

@@ -4,7 +4,8 @@
 //!
 //! Module map: [`supervisor`] runs the controllers while [`leader`] says this replica leads;
 //! [`image`] (resolve, status, reconcile) with [`credentials`]; [`populator`] (decide,
-//! objects, reconcile, sweep); [`tasks`] holds the helpers' tasks; [`metrics`] and [`server`]
+//! objects, reconcile, sweep); [`node_pull`] tells which nodes mount images as volumes;
+//! [`tasks`] holds the helpers' tasks; [`metrics`] and [`server`]
 //! expose `/metrics`, `/healthz` and `/readyz`; [`config`] holds the flags.
 
 pub mod config;
@@ -12,6 +13,7 @@ pub mod credentials;
 pub mod image;
 pub mod leader;
 pub mod metrics;
+pub mod node_pull;
 pub mod populator;
 pub mod server;
 pub mod supervisor;
@@ -30,6 +32,7 @@ pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
         image::API_ACCESS,
         credentials::API_ACCESS,
         leader::API_ACCESS,
+        node_pull::API_ACCESS,
         populator::API_ACCESS,
     ])
 }

@@ -143,16 +143,23 @@ pub fn spawn(
                     let populator_metrics = metrics.populator.clone();
                     let stop = stop.clone();
                     running = Some(tokio::spawn(async move {
+                        // Both controllers read the Nodes' runtimes (`pullMethod: node`).
+                        let runtimes = crate::node_pull::NodeRuntimes::watch(&client).await;
                         tokio::join!(
                             crate::image::run(
                                 client.clone(),
                                 &config.credentials_namespace,
                                 &config.identity,
+                                crate::image::ImageSettings {
+                                    runtimes: runtimes.clone(),
+                                    default_pull_method: config.populator.default_pull_method,
+                                },
                                 stop.clone(),
                             ),
                             crate::populator::run(
                                 client,
                                 config.populator,
+                                runtimes,
                                 populator_metrics,
                                 stop
                             ),

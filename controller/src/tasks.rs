@@ -58,6 +58,16 @@ where
 {
     /// Spawns the reflector; it runs (with kube's default backoff) until dropped.
     pub fn spawn(api: Api<K>, config: watcher::Config) -> Self {
+        Self::spawn_lean(api, config, |_| {})
+    }
+
+    /// [`Self::spawn`], with `strip` dropping what nobody reads from each object before it is
+    /// stored (and handed to the triggers).
+    pub fn spawn_lean(
+        api: Api<K>,
+        config: watcher::Config,
+        strip: impl FnMut(&mut K) + Send + 'static,
+    ) -> Self {
         let (store, writer) = reflector::store::<K>();
         let subscribers: Arc<Mutex<Vec<Subscriber<K>>>> = Arc::default();
         let notify = Arc::clone(&subscribers);
@@ -65,7 +75,7 @@ where
         // The first list needs no triggers: a controller reconciles every object it starts with.
         let mut listed = false;
         let task = TaskGuard::spawn(
-            reflector::reflector(writer, watcher(api, config))
+            reflector::reflector(writer, watcher(api, config).modify(strip))
                 .default_backoff()
                 .for_each(move |event| {
                     let subscribers = notify.lock().expect("subscribers lock");

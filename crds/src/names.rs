@@ -154,6 +154,9 @@ pub mod reasons {
     /// Populator, on a user PVC: populator pods cannot be made yet (the cache agent DaemonSet,
     /// whose image and cache directory they use, is missing).
     pub const AGENT_NOT_FOUND: &str = "AgentNotFound";
+    /// Populator, on a user PVC: its image asks for `pullMethod: node` and no node it may run
+    /// on mounts image volumes; vmdisk pulls it instead.
+    pub const NODE_PULL_UNAVAILABLE: &str = "NodePullUnavailable";
 }
 
 /// Node label key saying "this node's cache holds the image with this digest, ready".

@@ -130,6 +130,52 @@ pub struct RegistrySource {
     /// Talk plain HTTP to the registry. Only for registries on trusted networks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure: Option<bool>,
+    /// Who pulls the image to fill a PVC: `pod` (vmdisk, through the node cache), `node`
+    /// (the node's container runtime, as an image volume of the populator pod, where the
+    /// runtime supports image volumes, otherwise `pod`) or `nodeOnly` (the runtime or
+    /// nothing). Unset: the cluster's default (the controller's `--default-pull-method`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_method: Option<PullMethod>,
+}
+
+/// Who pulls a VMDiskImage to fill a PVC (CDI's `pullMethod`, with a fallback).
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum PullMethod {
+    /// vmdisk's populator pod pulls from the registry into the node cache and copies from it.
+    #[default]
+    Pod,
+    /// The node's container runtime pulls and mounts the image (with the pod's pull secrets,
+    /// the node's credential providers and mirrors); where it cannot, `pod`.
+    Node,
+    /// The node's container runtime, and only it: a PVC fails where no node can.
+    NodeOnly,
+}
+
+impl PullMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullMethod::Pod => "pod",
+            PullMethod::Node => "node",
+            PullMethod::NodeOnly => "nodeOnly",
+        }
+    }
+}
+
+impl std::str::FromStr for PullMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pod" => Ok(PullMethod::Pod),
+            "node" => Ok(PullMethod::Node),
+            "nodeOnly" => Ok(PullMethod::NodeOnly),
+            other => Err(format!(
+                "unsupported pull method {other:?} (use pod, node or nodeOnly)"
+            )),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
@@ -256,6 +302,7 @@ mod tests {
                         pull_secret_ref: None,
                         ca_bundle: None,
                         insecure: None,
+                        pull_method: None,
                     },
                 },
                 format: DiskFormat::Raw,

@@ -82,6 +82,7 @@ mod tests {
             pull_secret_ref: None,
             ca_bundle: Some("-----BEGIN CERTIFICATE-----".into()),
             insecure: None,
+            pull_method: None,
         };
         let o = RegistryOptions::for_source(&reference, &source, Some(&config));
         assert!(!o.insecure);

@@ -117,6 +117,28 @@ pub async fn push_layers(
     .await
 }
 
+/// `sha256:<hex>` of a layer's uncompressed content, streamed (of the blob itself when it does
+/// not decompress or inflates past 4 GiB: the hostile layers some tests push).
+fn diff_id(blob: &[u8], media_type: &str) -> String {
+    use sha2::Digest;
+    use std::io::Read;
+    const MAX: u64 = 4 << 30;
+    let reader: Option<Box<dyn Read + '_>> = match media_type {
+        TAR_GZIP => Some(Box::new(flate2::read::GzDecoder::new(blob))),
+        TAR_ZSTD => zstd::stream::read::Decoder::new(blob)
+            .ok()
+            .map(|d| Box::new(d) as Box<dyn Read>),
+        _ => None,
+    };
+    let mut hasher = sha2::Sha256::new();
+    let inflated = reader.and_then(|r| std::io::copy(&mut r.take(MAX + 1), &mut hasher).ok());
+    let digest = match inflated {
+        Some(n) if n <= MAX => hasher.finalize(),
+        _ => sha2::Sha256::digest(blob),
+    };
+    format!("sha256:{}", hex::encode(digest))
+}
+
 /// Pushes already encoded layer blobs.
 pub async fn push_blobs(
     registry: &TestRegistry,
@@ -127,13 +149,16 @@ pub async fn push_blobs(
     let client = client_for(registry);
     let reference_text = format!("{}/{repo}:{tag}", registry.addr);
     let reference: Reference = reference_text.parse().unwrap();
+    // A runtime (containerd) checks one diff_id per layer: the digest of its uncompressed tar.
+    let diff_ids: Vec<String> = blobs.iter().map(|(data, mt)| diff_id(data, mt)).collect();
     let layers: Vec<ImageLayer> = blobs
         .into_iter()
         .map(|(data, mt)| ImageLayer::new(data, mt.to_string(), None))
         .collect();
     let config = Config::new(
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
-            .to_vec(),
+        serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}}))
+        .unwrap(),
         "application/vnd.oci.image.config.v1+json".to_string(),
         None,
     );

@@ -63,6 +63,12 @@ impl TestRegistry {
         Self::start_on(host, true, Some((user.to_string(), password.to_string())))
     }
 
+    /// Plain HTTP with htpasswd basic auth, listening on `host`: a private registry a node's
+    /// container runtime pulls from (it trusts no test CA).
+    pub fn start_plain_htpasswd_on(host: &str, user: &str, password: &str) -> Self {
+        Self::start_on(host, false, Some((user.to_string(), password.to_string())))
+    }
+
     fn start(tls: bool, credentials: Option<(String, String)>) -> Self {
         Self::start_on("127.0.0.1", tls, credentials)
     }

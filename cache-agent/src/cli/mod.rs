@@ -121,11 +121,16 @@ pub enum Mode {
         registry: RegistryArgs,
     },
     /// Fill a PVC: copy a cache entry (warming it first when the cache is cold) to a target
-    /// file or block device. Shares the cache with a running agent. Exit status 2 means
-    /// retrying cannot help (image missing or refused, disk larger than the volume).
+    /// file or block device, or with --source-dir convert the disk of an image the node's
+    /// runtime mounted. Shares the cache with a running agent. Exit status 2 means retrying
+    /// cannot help (image missing or refused, disk larger than the volume).
     Populate {
         /// Image reference, pinned to a digest.
         image: String,
+        /// Where the node's runtime mounted the image (an image volume, `pullMethod: node`):
+        /// its `disk/` file is converted onto the target; no cache, no registry.
+        #[arg(long)]
+        source_dir: Option<PathBuf>,
         #[command(flatten)]
         cache: CacheArgs,
         /// Format of the cache entry to copy (and of the disk the target receives).
@@ -213,6 +218,7 @@ pub async fn run_until_stopped(
         } => warm::execute(image, cache, format, registry).await,
         Mode::Populate {
             image,
+            source_dir,
             cache,
             format,
             target,
@@ -225,6 +231,7 @@ pub async fn run_until_stopped(
         } => {
             let args = populate::PopulateArgs {
                 image,
+                source_dir,
                 cache,
                 format,
                 target,

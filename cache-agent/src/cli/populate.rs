@@ -11,6 +11,7 @@ use vmdisk_crds::{parse_quantity, DiskFormat};
 
 use super::setup::{namespaced, open_store, registry_options, warmer, OpenAs};
 use super::{CacheArgs, RegistryArgs};
+use crate::populate::mounted::MountedRequest;
 use crate::populate::{populate, PopulateProgress, PopulateRequest};
 
 /// What populate's `--progress-pvc` asks of the API server (as the populator pods'
@@ -44,6 +45,7 @@ pub(super) async fn execute(
 /// The `populate` flags other than `--termination-log`.
 pub(super) struct PopulateArgs {
     pub(super) image: String,
+    pub(super) source_dir: Option<PathBuf>,
     pub(super) cache: CacheArgs,
     pub(super) format: DiskFormat,
     pub(super) target: PathBuf,
@@ -59,8 +61,12 @@ pub(super) struct PopulateArgs {
 async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
     let size = args
         .size
-        .map(|s| parse_quantity(&s).map_err(|e| anyhow::anyhow!("--size: {e}")))
+        .as_deref()
+        .map(|s| parse_quantity(s).map_err(|e| anyhow::anyhow!("--size: {e}")))
         .transpose()?;
+    if let Some(source_dir) = &args.source_dir {
+        return populate_from_mounted(&args, source_dir, size).await;
+    }
     let store = open_store(&args.cache, OpenAs::Guest)?;
     // A warm entry is served to a requester the registry confirmed (see `warm::authorize`),
     // so the credentials are read even then; only NeverVerify serves it without them.
@@ -120,6 +126,45 @@ async fn run_populate(args: PopulateArgs) -> anyhow::Result<String> {
     );
     // The volume holds the disk, synced: the populator may hand it over now rather than when
     // the kubelet reports this pod's end (up to a second or more later).
+    if let Some(pvc) = &args.progress_pvc {
+        report_populated(pvc, &summary).await;
+    }
+    Ok(summary)
+}
+
+/// `populate --source-dir`: the disk of the image the node's runtime mounted, converted onto
+/// the target.
+async fn populate_from_mounted(
+    args: &PopulateArgs,
+    source_dir: &std::path::Path,
+    size: Option<u64>,
+) -> anyhow::Result<String> {
+    let percent = Arc::new(std::sync::atomic::AtomicU8::new(10));
+    let reporter = args
+        .progress_pvc
+        .clone()
+        .map(|pvc| tokio::spawn(report_progress(pvc, Arc::clone(&percent))));
+    let result = crate::populate::mounted::populate_from_mounted(&MountedRequest {
+        source_dir: source_dir.to_path_buf(),
+        format: args.format,
+        target: args.target.clone(),
+        size,
+        owner: args.owner,
+    })
+    .await;
+    if let Some(task) = reporter {
+        task.abort();
+    }
+    let report = result.map_err(crate::populate::PopulateError::Mounted)?;
+    let summary = format!(
+        "populated {} from {} ({} {}, {} bytes, node: image volume {})",
+        args.target.display(),
+        args.image,
+        report.source_format,
+        report.disk.display(),
+        report.target_size,
+        source_dir.display(),
+    );
     if let Some(pvc) = &args.progress_pvc {
         report_populated(pvc, &summary).await;
     }

@@ -40,6 +40,7 @@ fn wanted(i: usize, n: u8, raw: bool, pinned: bool) -> WantedImage {
             pull_secret_ref: None,
             ca_bundle: None,
             insecure: None,
+            pull_method: None,
         },
     }
 }

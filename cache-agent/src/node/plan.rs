@@ -125,6 +125,7 @@ mod tests {
                         pull_secret_ref: None,
                         ca_bundle: None,
                         insecure: None,
+                        pull_method: None,
                     },
                 },
                 format,

@@ -9,6 +9,7 @@
 //! grown with `qemu-img resize`; a disk larger than the volume is refused.
 
 pub mod clone;
+pub mod mounted;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub enum PopulateError {
     Store(crate::store::StoreError),
     #[error("copy task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Mounted(#[from] mounted::MountedError),
 }
 
 impl PopulateError {
@@ -67,6 +70,7 @@ impl PopulateError {
         match self {
             PopulateError::Warm(e) => e.is_permanent(),
             PopulateError::DiskTooLarge { .. } => true,
+            PopulateError::Mounted(e) => e.is_permanent(),
             PopulateError::Clone {
                 source: CloneError::TargetTooSmall { .. },
                 ..

@@ -278,23 +278,32 @@ pub async fn convert(
     dst: &Path,
     target: DiskFormat,
 ) -> Result<(), ConvertError> {
-    // -W: out-of-order writes; -m 8: parallel coroutines; -S 4k: detect zeros, write holes.
-    let args = [
-        "convert",
-        "-W",
-        "-m",
-        "8",
-        "-S",
-        "4k",
-        "-t",
-        "writeback",
+    convert_to(src, src_format, dst, target, false).await
+}
+
+/// [`convert`]; with `existing`, onto `dst` as it is (a block device: not created, its size
+/// kept, and zeros written where the disk has them, since its old content would show through).
+pub async fn convert_to(
+    src: &Path,
+    src_format: &str,
+    dst: &Path,
+    target: DiskFormat,
+    existing: bool,
+) -> Result<(), ConvertError> {
+    // -W: out-of-order writes; -m 8: parallel coroutines; -S 4k: detect zeros, write holes;
+    // -n: the target exists.
+    let mut args = vec!["convert", "-W", "-m", "8", "-S", "4k", "-t", "writeback"];
+    if existing {
+        args.push("-n");
+    }
+    args.extend([
         "-f",
         src_format,
         "-O",
         target.as_str(),
         path_str(src),
         path_str(dst),
-    ];
+    ]);
     let bytes = std::fs::metadata(src).map(|m| m.len()).unwrap_or(0);
     let (status, _, stderr) = qemu_img(&args, time_limit(bytes)).await?;
     if !status.success() {

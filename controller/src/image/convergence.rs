@@ -62,7 +62,7 @@ prop_compose! {
         let mut img = image(&url, Some("10m"), None);
         for (i, h) in history.iter().enumerate() {
             let at = now() - chrono::Duration::minutes(30 - i as i64);
-            img.status = Some(aggregate_status(&img, &outcome(*h), &caches, at));
+            img.status = Some(aggregate_status(&img, &outcome(*h), &caches, None, at));
         }
         if generation_bump {
             img.metadata.generation = Some(2);
@@ -76,26 +76,26 @@ proptest! {
 
     #[test]
     fn a_written_status_is_a_fixed_point((img, latest, caches) in situation()) {
-        let first = aggregate_status(&img, &latest, &caches, now());
+        let first = aggregate_status(&img, &latest, &caches, None, now());
         let mut written = img.clone();
         written.status = Some(first.clone());
         // Woken again with nothing new (a cache watch, the safety net, a backoff step):
         // nothing to write.
         let later = now() + chrono::Duration::minutes(3);
         prop_assert_eq!(
-            &aggregate_status(&written, &ResolveOutcome::NotAttempted, &caches, later),
+            &aggregate_status(&written, &ResolveOutcome::NotAttempted, &caches, None, later),
             &first
         );
         prop_assert!(!is_news(&written, &latest), "told twice: {:?}", latest);
         match &latest {
             // The same failure again: the same status, no Event.
             ResolveOutcome::Failed { .. } => {
-                prop_assert_eq!(&aggregate_status(&written, &latest, &caches, later), &first);
+                prop_assert_eq!(&aggregate_status(&written, &latest, &caches, None, later), &first);
                 prop_assert!(first.phase == Some(ImagePhase::Failed) || first.digest.is_some());
             }
             // A success is written once per resolution (its time), nothing else moves.
             ResolveOutcome::Resolved { .. } => {
-                let again = aggregate_status(&written, &latest, &caches, later);
+                let again = aggregate_status(&written, &latest, &caches, None, later);
                 prop_assert_eq!(
                     VMDiskImageStatus { last_resolved: None, ..again },
                     VMDiskImageStatus { last_resolved: None, ..first.clone() }
@@ -111,14 +111,14 @@ proptest! {
 fn a_registry_that_stays_down_is_one_failed_status_and_one_event() {
     let down = outcome(3);
     let img = image("r.io/a/b:1", None, None);
-    let first = aggregate_status(&img, &down, &[], now());
+    let first = aggregate_status(&img, &down, &[], None, now());
     assert_eq!(first.phase, Some(ImagePhase::Failed));
     let mut written = img.clone();
     written.status = Some(first.clone());
     assert!(!is_news(&written, &down));
     // Between two attempts (backing off) the failure stands; it does not flip to "not
     // resolved yet" and back.
-    let between = aggregate_status(&written, &ResolveOutcome::NotAttempted, &[], now());
+    let between = aggregate_status(&written, &ResolveOutcome::NotAttempted, &[], None, now());
     assert_eq!(between, first);
     // A different failure is news, and a success after it too.
     assert!(is_news(&written, &outcome(4)));

@@ -22,9 +22,12 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{controller, watcher, Controller};
 use kube::{Api, Client};
-use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, VMDiskImage, IMAGE_UID_LABEL};
+use vmdisk_crds::{
+    AccessScope, ApiAccess, NodeDiskCache, PullMethod, VMDiskImage, IMAGE_UID_LABEL,
+};
 
 use crate::credentials::{self, CredentialsCopier};
+use crate::node_pull::NodeRuntimes;
 use crate::tasks::{Reflected, TaskGuard};
 pub use reconcile::{error_policy, reconcile, Context, ImageError};
 pub use resolve::{needs_resolve, DigestResolver, RegistryResolver};
@@ -58,12 +61,21 @@ const CONCURRENCY: u16 = 64;
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
 
+/// What the image controller knows of pull methods: the cluster's default and where the node's
+/// runtime mounts images, for the `NodePull` condition.
+#[derive(Clone)]
+pub struct ImageSettings {
+    pub runtimes: NodeRuntimes,
+    pub default_pull_method: PullMethod,
+}
+
 /// Runs the image controller until the stop (reconciles in flight finish) or until the future
 /// is dropped.
 pub async fn run(
     client: Client,
     credentials_namespace: &str,
     identity: &str,
+    settings: ImageSettings,
     stop: vmdisk_support::process::Stop,
 ) {
     let images: Api<VMDiskImage> = Api::all(client.clone());
@@ -76,23 +88,29 @@ pub async fn run(
         watcher::Config::default().labels(IMAGE_UID_LABEL),
     );
     let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Arc::new(RegistryResolver::default()),
-        caches.store(),
-        copies.store(),
-        copier.clone(),
-        Recorder::new(
+    let runtimes = settings.runtimes.clone();
+    let ctx = Arc::new(Context {
+        pull_methods: Some(settings),
+        ..Context::new(
             client.clone(),
-            Reporter {
-                controller: "vmdisk-image-controller".into(),
-                instance: Some(identity.to_string()),
-            },
-        ),
-    ));
+            Arc::new(RegistryResolver::default()),
+            caches.store(),
+            copies.store(),
+            copier.clone(),
+            Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "vmdisk-image-controller".into(),
+                    instance: Some(identity.to_string()),
+                },
+            ),
+        )
+    });
     // Status aggregates the node caches: an empty store would report no warm nodes.
-    if ctx.caches.wait_until_ready().await.is_err() {
-        tracing::error!("the NodeDiskCache watch stopped before its first list; the image controller is not started");
+    if ctx.caches.wait_until_ready().await.is_err()
+        || runtimes.store().wait_until_ready().await.is_err()
+    {
+        tracing::error!("the NodeDiskCache or Node watch stopped before its first list; the image controller is not started");
         return;
     }
     let controller = Controller::new(images, watcher::Config::default())
@@ -132,6 +150,7 @@ pub async fn run(
         }
     });
 
+    let node_pull_images = image_store.clone();
     // A node's cache changed: re-aggregate the images whose digest it mentions.
     let cache_changes = caches.trigger(move |cache: &NodeDiskCache| {
         let digests: Vec<&str> = cache
@@ -146,8 +165,25 @@ pub async fn run(
             .map(|i| ObjectRef::from_obj(&*i))
             .collect::<Vec<_>>()
     });
+    // A node starting or stopping to mount image volumes: the images its runtime pulls.
+    let default_method = ctx
+        .pull_methods
+        .as_ref()
+        .map(|s| s.default_pull_method)
+        .unwrap_or_default();
+    let node_changes = runtimes.on_change(move || {
+        node_pull_images
+            .state()
+            .into_iter()
+            .filter(|i| {
+                i.spec.source.registry.pull_method.unwrap_or(default_method) != PullMethod::Pod
+            })
+            .map(|i| ObjectRef::from_obj(&*i))
+            .collect::<Vec<_>>()
+    });
     controller
         .reconcile_on(cache_changes)
+        .reconcile_on(node_changes)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
             if let Err(e) = result {

@@ -13,7 +13,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
-use vmdisk_crds::{credentials_secret_name, reasons, NodeDiskCache, VMDiskImage};
+use vmdisk_crds::{credentials_secret_name, reasons, NodeDiskCache, PullMethod, VMDiskImage};
 use vmdisk_support::{Backoff, Failures};
 
 use super::resolve::{needs_resolve, next_poll, DigestResolver, Resolution, RESOLVE_BACKOFF};
@@ -45,6 +45,9 @@ pub struct Context {
     pub resolve_failures: Failures<ObjectRef<VMDiskImage>>,
     /// Consecutive failed reconciles per image (a status patch refused), [`ERROR_BACKOFF`].
     pub errors: Failures<ObjectRef<VMDiskImage>>,
+    /// Where images pulled by the node's runtime can be mounted, for their `NodePull`
+    /// condition (`None`: not reported).
+    pub pull_methods: Option<super::ImageSettings>,
 }
 
 /// How long an image whose reconcile failed waits before the next try.
@@ -69,6 +72,7 @@ impl Context {
             recorder,
             resolve_failures: Failures::new(RESOLVE_BACKOFF),
             errors: Failures::new(ERROR_BACKOFF),
+            pull_methods: None,
         }
     }
 }
@@ -196,7 +200,22 @@ async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Actio
         }
         ResolveOutcome::NotAttempted => {}
     }
-    let status = aggregate_status(&image, &outcome, &ctx.caches.state(), now);
+    let node_pull = ctx.pull_methods.as_ref().and_then(|settings| {
+        let method = image
+            .spec
+            .source
+            .registry
+            .pull_method
+            .unwrap_or(settings.default_pull_method);
+        (method != PullMethod::Pod).then(|| (method, settings.runtimes.node_pull(None)))
+    });
+    let status = aggregate_status(
+        &image,
+        &outcome,
+        &ctx.caches.state(),
+        node_pull.as_ref().map(|(m, n)| (*m, n)),
+        now,
+    );
     if image.status.as_ref() != Some(&status) {
         let api: Api<VMDiskImage> = Api::namespaced(ctx.client.clone(), &namespace);
         api.patch_status(

@@ -1,7 +1,7 @@
 //! The status a VMDiskImage should have, as a pure function of the image, what resolution did
 //! in this reconcile and the NodeDiskCaches the agents publish: phase, digest (a failed
 //! re-resolution keeps the last good one), source format, virtual size, warm nodes, and the
-//! `Resolved` and `Ready` conditions.
+//! `Resolved` and `Ready` conditions, and `NodePull` for images the node's runtime pulls.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -10,9 +10,11 @@ use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
 use vmdisk_crds::{
-    format_bytes_quantity, CacheEntryState, ImagePhase, NodeDiskCache, VMDiskImage,
+    format_bytes_quantity, CacheEntryState, ImagePhase, NodeDiskCache, PullMethod, VMDiskImage,
     VMDiskImageStatus,
 };
+
+use crate::node_pull::NodePull;
 
 use super::resolve::PeekedDisk;
 use crate::time::to_timestamp;
@@ -83,11 +85,58 @@ fn condition(
     }
 }
 
-/// The status this image should have.
+const NODE_PULL: &str = "NodePull";
+
+/// The `NodePull` condition of an image the node's runtime pulls (`pullMethod: node` or
+/// `nodeOnly`): which nodes mount it as an image volume, or why none does and what that means
+/// for its PVCs.
+fn node_pull_condition(
+    previous: &[Condition],
+    method: PullMethod,
+    node_pull: &NodePull,
+    generation: Option<i64>,
+    now: DateTime<Utc>,
+) -> Condition {
+    let (ok, reason, message) = match node_pull {
+        NodePull::Nodes(nodes) => {
+            let shown: Vec<&str> = nodes.iter().take(5).map(String::as_str).collect();
+            let more = nodes.len().saturating_sub(shown.len());
+            (
+                true,
+                "ImageVolumesSupported",
+                format!(
+                    "{} node(s) mount the image as a volume: {}{}",
+                    nodes.len(),
+                    shown.join(", "),
+                    if more > 0 {
+                        format!(" and {more} more")
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        }
+        NodePull::Unavailable(why) => (
+            false,
+            "ImageVolumesUnsupported",
+            match method {
+                PullMethod::NodeOnly => {
+                    format!("{why}: PVCs of this image fail (pullMethod nodeOnly)")
+                }
+                _ => format!("{why}: PVCs of this image are filled through the node cache"),
+            },
+        ),
+    };
+    condition(previous, NODE_PULL, ok, reason, message, generation, now)
+}
+
+/// The status this image should have. `node_pull`: for an image the node's runtime pulls, its
+/// method and where that works.
 pub fn aggregate_status(
     image: &VMDiskImage,
     outcome: &ResolveOutcome,
     caches: &[Arc<NodeDiskCache>],
+    node_pull: Option<(PullMethod, &NodePull)>,
     now: DateTime<Utc>,
 ) -> VMDiskImageStatus {
     let previous = image.status.clone().unwrap_or_default();
@@ -203,7 +252,12 @@ pub fn aggregate_status(
         warm_nodes,
         last_resolved,
         observed_generation: generation,
-        conditions: vec![resolved_condition, ready_condition],
+        conditions: [resolved_condition, ready_condition]
+            .into_iter()
+            .chain(node_pull.map(|(method, where_)| {
+                node_pull_condition(&previous.conditions, method, where_, generation, now)
+            }))
+            .collect(),
     }
 }
 
@@ -235,6 +289,7 @@ mod tests {
                 disk: None,
             },
             &caches,
+            None,
             now,
         );
         assert_eq!(s.phase, Some(ImagePhase::Ready));
@@ -254,6 +309,7 @@ mod tests {
                 message: "registry down".into(),
             },
             &caches,
+            None,
             now + chrono::Duration::minutes(1),
         );
         assert_eq!(failed.digest.as_deref(), Some(D));
@@ -283,6 +339,7 @@ mod tests {
                 message: "401".into(),
             },
             &[],
+            None,
             now,
         );
         assert_eq!(never.phase, Some(ImagePhase::Failed));
@@ -291,6 +348,7 @@ mod tests {
             &with,
             &ResolveOutcome::NotAttempted,
             &caches,
+            None,
             now + chrono::Duration::minutes(5),
         );
         assert_eq!(again, s);
@@ -306,7 +364,7 @@ mod tests {
                 virtual_size: 2 << 30,
             }),
         };
-        let cold = aggregate_status(&image("quay.io/a/b:1", None, None), &peeked, &[], now);
+        let cold = aggregate_status(&image("quay.io/a/b:1", None, None), &peeked, &[], None, now);
         assert_eq!(cold.phase, Some(ImagePhase::Resolved));
         assert_eq!(cold.virtual_size, Some(2 << 30));
         assert_eq!(cold.source_format.as_deref(), Some("raw"));
@@ -316,6 +374,7 @@ mod tests {
             &with,
             &ResolveOutcome::NotAttempted,
             &[cache("n1", D, CacheEntryState::Ready, DiskFormat::Raw)],
+            None,
             now,
         );
         assert_eq!(
@@ -331,9 +390,67 @@ mod tests {
                 disk: None,
             },
             &[],
+            None,
             now,
         );
         assert_eq!(moved.virtual_size, None, "the tag moved to another disk");
         assert_eq!(moved.source_format, None);
+    }
+
+    /// An image the node's runtime pulls says where that works, or why not and what it means
+    /// for its PVCs; the condition keeps its transition time while nothing changes.
+    #[test]
+    fn node_pull_images_say_where_image_volumes_work() {
+        let now = Utc::now();
+        let img = image("quay.io/a/b:1", None, None);
+        let resolved = ResolveOutcome::Resolved {
+            digest: D.into(),
+            disk: None,
+        };
+        let find =
+            |s: &VMDiskImageStatus| s.conditions.iter().find(|c| c.type_ == "NodePull").cloned();
+        assert!(find(&aggregate_status(&img, &resolved, &[], None, now)).is_none());
+        let nodes: Vec<String> = (0..7).map(|i| format!("n{i}")).collect();
+        let able = aggregate_status(
+            &img,
+            &resolved,
+            &[],
+            Some((PullMethod::Node, &NodePull::Nodes(nodes))),
+            now,
+        );
+        let c = find(&able).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "ImageVolumesSupported")
+        );
+        assert_eq!(
+            c.message,
+            "7 node(s) mount the image as a volume: n0, n1, n2, n3, n4 and 2 more"
+        );
+        let why = NodePull::Unavailable("node n0 runs \"containerd://1.6.20\"".into());
+        for (method, tail) in [
+            (PullMethod::Node, "filled through the node cache"),
+            (PullMethod::NodeOnly, "PVCs of this image fail"),
+        ] {
+            let unable = aggregate_status(&img, &resolved, &[], Some((method, &why)), now);
+            let c = find(&unable).unwrap();
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "ImageVolumesUnsupported")
+            );
+            assert!(
+                c.message.contains("containerd://1.6.20") && c.message.contains(tail),
+                "{}",
+                c.message
+            );
+            let later = aggregate_status(
+                &image("quay.io/a/b:1", None, Some(unable.clone())),
+                &ResolveOutcome::NotAttempted,
+                &[],
+                Some((method, &why)),
+                now + chrono::Duration::minutes(5),
+            );
+            assert_eq!(later, unable, "written once");
+        }
     }
 }

@@ -111,6 +111,7 @@ fn waiting_for_pods(
 pub async fn run(
     client: Client,
     config: PopulatorSettings,
+    runtimes: crate::node_pull::NodeRuntimes,
     metrics: PopulatorMetrics,
     stop: vmdisk_support::process::Stop,
 ) {
@@ -164,15 +165,18 @@ pub async fn run(
             client.clone(),
             vmdisk_crds::CREDENTIALS_NAMESPACE,
         ),
+        runtimes,
     });
     // Decisions read these stores: deciding before they are filled takes an image still being
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).
-    let (images_ready, classes_ready, pods_ready, primes_ready, agents_ready) = tokio::join!(
+    let nodes = ctx.runtimes.store();
+    let (images_ready, classes_ready, pods_ready, primes_ready, agents_ready, nodes_ready) = tokio::join!(
         ctx.images.wait_until_ready(),
         ctx.classes.wait_until_ready(),
         ctx.pods.wait_until_ready(),
         ctx.primes.wait_until_ready(),
         ctx.agents.wait_until_ready(),
+        nodes.wait_until_ready(),
     );
     if [
         images_ready,
@@ -180,6 +184,7 @@ pub async fn run(
         pods_ready,
         primes_ready,
         agents_ready,
+        nodes_ready,
     ]
     .iter()
     .any(Result::is_err)

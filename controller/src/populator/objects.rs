@@ -26,6 +26,20 @@ pub const BLOCK_DEVICE: &str = "/dev/vmdisk-target";
 /// Where the populator pod sees its pull credentials (a Secret volume).
 pub const CREDENTIALS_MOUNT: &str = "/var/run/vmdisk/credentials";
 const CREDENTIALS_VOLUME: &str = "credentials";
+/// Where a node-pull populator pod sees the containerDisk (an image volume).
+pub const IMAGE_MOUNT: &str = "/var/run/vmdisk/image";
+const IMAGE_VOLUME: &str = "image";
+
+/// Where the populator pod gets the disk, and so where it may run.
+#[derive(Debug, Clone, Copy)]
+pub enum PodSource<'a> {
+    /// From the node cache (warming it from the registry when cold); on `node` when the
+    /// claim's node is chosen (WaitForFirstConsumer), else preferring nodes that hold the disk.
+    Cache { node: Option<&'a str> },
+    /// From the image mounted by the node's runtime, on one of these nodes (which mount image
+    /// volumes).
+    Runtime { nodes: &'a [String] },
+}
 
 fn labels(claim_uid: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -121,9 +135,8 @@ pub fn prime_pvc(
 }
 
 /// The populator pod: `vmdisk-cache-agent populate` from the agent's image, the prime PVC as a
-/// block device or a mount (the disk sized to fit the prime), the node cache mounted. On the
-/// selected node for WaitForFirstConsumer, otherwise preferring nodes whose cache holds the
-/// image.
+/// block device or a mount (the disk sized to fit the prime), and the source: the node cache
+/// mounted, or the image itself as an image volume (see [`PodSource`]).
 pub fn populator_pod(
     pvc: &PersistentVolumeClaim,
     prime_claim: &PersistentVolumeClaim,
@@ -131,8 +144,9 @@ pub fn populator_pod(
     digest: &str,
     config: &PopulatorConfig,
     attempt: u32,
-    node: Option<&str>,
+    source_of_disk: PodSource,
 ) -> Result<Pod, String> {
+    let on_node = matches!(source_of_disk, PodSource::Runtime { .. });
     let uid = pvc.uid().unwrap_or_default();
     let source = &image.spec.source.registry;
     let reference = ImageReference::parse(&source.url)
@@ -148,20 +162,26 @@ pub fn populator_pod(
     };
     let mut args = vec![
         "populate".to_string(),
-        reference,
+        reference.clone(),
         "--format".into(),
         image.spec.format.to_string(),
-        "--cache-dir".into(),
-        config.node_cache_dir.clone(),
         "--target".into(),
         target,
         "--termination-log".into(),
         "/dev/termination-log".into(),
         "--progress-pvc".into(),
         format!("{}/{prime}", config.namespace),
-        "--parallel-copies".into(),
-        config.parallel_copies.to_string(),
     ];
+    if on_node {
+        args.extend(["--source-dir".into(), IMAGE_MOUNT.into()]);
+    } else {
+        args.extend([
+            "--cache-dir".into(),
+            config.node_cache_dir.clone(),
+            "--parallel-copies".into(),
+            config.parallel_copies.to_string(),
+        ]);
+    }
     if !block {
         let volume = requested_bytes(prime_claim).ok_or("the claim requests no storage size")?;
         args.extend([
@@ -171,30 +191,35 @@ pub fn populator_pod(
             format!("{QEMU_UID}:{QEMU_UID}"),
         ]);
     }
-    if source.insecure == Some(true) {
+    // The node's runtime pulls with its own configuration and the pod's pull secret.
+    if source.insecure == Some(true) && !on_node {
         args.push("--insecure".into());
     }
     let credentials = source.pull_secret_ref.is_some();
-    if credentials {
+    if credentials && !on_node {
         args.extend([
             "--docker-config".into(),
             format!("{CREDENTIALS_MOUNT}/{DOCKER_CONFIG_KEY}"),
         ]);
     }
     let mut env = vec![json!({"name": "RUST_LOG", "value": "info"})];
-    if let Some(pem) = &source.ca_bundle {
+    if let (Some(pem), false) = (&source.ca_bundle, on_node) {
         env.push(json!({"name": "VMDISK_CA_BUNDLE", "value": pem}));
     }
+    let source_mount = if on_node {
+        json!({"name": IMAGE_VOLUME, "mountPath": IMAGE_MOUNT, "readOnly": true})
+    } else {
+        json!({"name": "cache", "mountPath": config.node_cache_dir})
+    };
     let mut device = if block {
         json!({"volumeDevices": [{"name": "target", "devicePath": BLOCK_DEVICE}],
-               "volumeMounts": [{"name": "cache", "mountPath": config.node_cache_dir},
-                                {"name": "tmp", "mountPath": "/tmp"}]})
+               "volumeMounts": [source_mount, {"name": "tmp", "mountPath": "/tmp"}]})
     } else {
         json!({"volumeMounts": [{"name": "target", "mountPath": FILESYSTEM_MOUNT},
-                                {"name": "cache", "mountPath": config.node_cache_dir},
+                                source_mount,
                                 {"name": "tmp", "mountPath": "/tmp"}]})
     };
-    if credentials {
+    if credentials && !on_node {
         device["volumeMounts"].as_array_mut().expect("a list").push(
             json!({"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_MOUNT, "readOnly": true}),
         );
@@ -207,7 +232,10 @@ pub fn populator_pod(
         "args": args,
         "env": env,
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        // A small CPU request: most populates wait on I/O (or a copy slot), and each pod's
+        // request holds its share of the node while it runs: at 100m a 2-core node took 17 of a
+        // burst of 100 at once and the scheduler held back the rest. No CPU limit.
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
         // Root writes the root-owned node cache and gives disk.img to qemu's user; nothing else.
         "securityContext": {"runAsUser": 0, "runAsGroup": 0, "allowPrivilegeEscalation": false,
                             "readOnlyRootFilesystem": true,
@@ -216,6 +244,12 @@ pub fn populator_pod(
     for (k, v) in device.as_object().expect("an object") {
         container[k] = v.clone();
     }
+    let source_volume = if on_node {
+        // Pinned to the resolved digest; the kubelet checks the pod may use it.
+        json!({"name": IMAGE_VOLUME, "image": {"reference": reference, "pullPolicy": "IfNotPresent"}})
+    } else {
+        json!({"name": "cache", "hostPath": {"path": config.node_cache_dir, "type": "DirectoryOrCreate"}})
+    };
     let mut spec = json!({
         "restartPolicy": "Never",
         "serviceAccountName": POPULATOR_SERVICE_ACCOUNT,
@@ -223,24 +257,31 @@ pub fn populator_pod(
         "containers": [container],
         "volumes": [
             {"name": "target", "persistentVolumeClaim": {"claimName": prime}},
-            {"name": "cache", "hostPath": {"path": config.node_cache_dir, "type": "DirectoryOrCreate"}},
+            source_volume,
             // The root filesystem is read-only; qemu-img may want scratch space.
             {"name": "tmp", "emptyDir": {}},
         ],
     });
-    if credentials {
-        // The pod's own copy (see `credentials_secret_of`), read by the node's kubelet.
+    // The pod's own copy of the credentials (see `credentials_secret_of`), read by the node's
+    // kubelet: mounted for `populate` to pull with, or the kubelet's own pull secret.
+    if credentials && on_node {
+        spec["imagePullSecrets"] = json!([{"name": populator_pod_name(&uid)}]);
+    } else if credentials {
         spec["volumes"].as_array_mut().expect("a list").push(json!(
             {"name": CREDENTIALS_VOLUME, "secret": {"secretName": populator_pod_name(&uid), "defaultMode": 0o400}}));
     }
-    match node {
+    let required: Option<Vec<&str>> = match source_of_disk {
+        PodSource::Cache { node } => node.map(|n| vec![n]),
+        PodSource::Runtime { nodes } => Some(nodes.iter().map(String::as_str).collect()),
+    };
+    match required {
         // Through the scheduler, never `nodeName`: the node comes from the claim's
         // `selected-node` annotation, which a user can write too, and the scheduler keeps
         // honouring the node's taints and cordon for this root pod with a hostPath.
-        Some(node) => {
+        Some(nodes) => {
             spec["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchFields": [
-                    {"key": "metadata.name", "operator": "In", "values": [node]}]}]}}});
+                    {"key": "metadata.name", "operator": "In", "values": nodes}]}]}}});
         }
         None => {
             if let Some(key) = node_cache_label_key(digest) {
@@ -271,16 +312,25 @@ pub fn populator_pod(
 /// starts (written by the populator, owned by the prime PVC); `None` for an image without a
 /// pull secret.
 pub fn credentials_secret_of(pod: &Pod) -> Option<String> {
-    pod.spec
-        .as_ref()?
+    let spec = pod.spec.as_ref()?;
+    let mounted = spec
         .volumes
         .iter()
         .flatten()
-        .find(|v| v.name == CREDENTIALS_VOLUME)?
-        .secret
-        .as_ref()?
-        .secret_name
-        .clone()
+        .find(|v| v.name == CREDENTIALS_VOLUME)
+        .and_then(|v| v.secret.as_ref()?.secret_name.clone());
+    mounted.or_else(|| Some(spec.image_pull_secrets.as_ref()?.first()?.name.clone()))
+}
+
+/// True for a pod that mounts the image from the node's runtime (`pullMethod: node`).
+pub fn pulls_on_node(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|v| {
+            v.iter()
+                .any(|v| v.name == IMAGE_VOLUME && v.image.is_some())
+        })
 }
 
 /// The node a populator pod is held to (its required node affinity), if any.

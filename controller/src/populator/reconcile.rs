@@ -18,9 +18,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
 use tracing::Instrument as _;
 use vmdisk_crds::{
-    populator_pod_name, prime_pvc_name, PopulatePhase, VMDiskImage, FAILED_ATTEMPTS_ANNOTATION,
-    MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATED_ANNOTATION, POPULATOR_FINALIZER,
-    PROGRESS_ANNOTATION, TIMELINE_ANNOTATION,
+    populator_pod_name, prime_pvc_name, PopulatePhase, PullMethod, VMDiskImage,
+    FAILED_ATTEMPTS_ANNOTATION, MESSAGE_ANNOTATION, PHASE_ANNOTATION, POPULATED_ANNOTATION,
+    POPULATOR_FINALIZER, PROGRESS_ANNOTATION, SELECTED_NODE_ANNOTATION, TIMELINE_ANNOTATION,
 };
 use vmdisk_support::{Backoff, Failures};
 
@@ -29,6 +29,7 @@ use super::settings::{PopulatorConfig, PopulatorSettings};
 use super::timeline::{self, Stage, Timelines};
 use crate::credentials::CredentialsCopier;
 use crate::metrics::PopulatorMetrics;
+use crate::node_pull::NodeRuntimes;
 
 #[derive(Debug, Error)]
 pub enum PopulatorError {
@@ -68,6 +69,8 @@ pub struct Context {
     pub timelines: Timelines,
     /// Writes each populator pod's pull credentials.
     pub copier: CredentialsCopier,
+    /// Which nodes mount images as volumes (`pullMethod: node`).
+    pub runtimes: NodeRuntimes,
 }
 
 /// How long a claim whose step failed waits before the next try: doubling per consecutive
@@ -198,6 +201,22 @@ async fn reconcile_claim(
         .agents
         .get(&ObjectRef::new(&ctx.settings.agent_daemonset).within(&ctx.settings.namespace));
     let resolved = ctx.settings.resolve(agents.as_deref());
+    // Where the node's runtime could mount the image, for images it pulls: the scheduler's
+    // node for WaitForFirstConsumer, else any node.
+    let method = image
+        .as_deref()
+        .map(|i| decide::pull::pull_method(i, ctx.settings.default_pull_method));
+    let node_pull = method.filter(|m| *m != PullMethod::Pod).map(|_| {
+        let waits_for_consumer = class
+            .as_ref()
+            .and_then(|c| c.volume_binding_mode.as_deref())
+            == Some("WaitForFirstConsumer");
+        let selected = pvc
+            .annotations()
+            .get(SELECTED_NODE_ANNOTATION)
+            .filter(|_| waits_for_consumer);
+        ctx.runtimes.node_pull(selected.map(String::as_str))
+    });
     let observed = Observed {
         pvc: &pvc,
         image: image.as_deref(),
@@ -210,6 +229,7 @@ async fn reconcile_claim(
         pod: pod.as_deref(),
         pv: pv.as_ref(),
         agent_missing: resolved.as_ref().err().map(String::as_str),
+        node_pull: node_pull.as_ref(),
     };
     // Without the DaemonSet the config's image and cache directory are never used: `decide`
     // makes no pod while `agent_missing` says why.

@@ -21,6 +21,8 @@ pub struct PopulatorConfig {
     pub max_attempts: u32,
     /// Populates copying out of one node's cache at once (0: no bound).
     pub parallel_copies: usize,
+    /// Who pulls images that name no `pullMethod`.
+    pub default_pull_method: vmdisk_crds::PullMethod,
     /// First retry delay; doubles per failure, capped at five minutes.
     pub retry_base: Duration,
     /// Taints populator pods tolerate (`--populator-tolerations`).
@@ -47,6 +49,7 @@ pub struct PopulatorSettings {
     pub filesystem_overhead: f64,
     pub max_attempts: u32,
     pub parallel_copies: usize,
+    pub default_pull_method: vmdisk_crds::PullMethod,
     pub retry_base: Duration,
     pub tolerations: Vec<Toleration>,
 }
@@ -64,6 +67,7 @@ impl Default for PopulatorSettings {
             filesystem_overhead: vmdisk_crds::DEFAULT_FILESYSTEM_OVERHEAD,
             max_attempts: 4,
             parallel_copies: vmdisk_crds::DEFAULT_PARALLEL_COPIES,
+            default_pull_method: vmdisk_crds::PullMethod::Pod,
             retry_base: Duration::from_secs(10),
             tolerations: Vec::new(),
         }
@@ -115,6 +119,7 @@ impl PopulatorSettings {
             filesystem_overhead: self.filesystem_overhead,
             max_attempts: self.max_attempts,
             parallel_copies: self.parallel_copies,
+            default_pull_method: self.default_pull_method,
             retry_base: self.retry_base,
             tolerations: self.tolerations.clone(),
         })

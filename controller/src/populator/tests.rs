@@ -103,6 +103,7 @@ fn context(
         metrics: ControllerMetrics::new().populator,
         failures: Failures::new(ERROR_BACKOFF),
         timelines: Default::default(),
+        runtimes: crate::node_pull::NodeRuntimes::fixed(Ok(()), Vec::new()),
     };
     (Arc::new(ctx), claims_writer, agents_writer)
 }

@@ -21,6 +21,9 @@ pub enum Stage {
     /// The populator's first look at the claim.
     Seen,
     PrimeCreated,
+    /// The provisioner bound the prime to a volume (before the pod for classes that bind at
+    /// once, after the pod is scheduled for WaitForFirstConsumer).
+    Provisioned,
     PodCreated,
     /// The scheduler placed the pod.
     Scheduled,
@@ -39,6 +42,7 @@ impl Stage {
         match self {
             Stage::Seen => "seen",
             Stage::PrimeCreated => "prime",
+            Stage::Provisioned => "provisioned",
             Stage::PodCreated => "pod",
             Stage::Scheduled => "scheduled",
             Stage::Started => "started",
@@ -56,8 +60,16 @@ pub fn visible_stages(
     pod: Option<&Pod>,
 ) -> Vec<Stage> {
     let mut stages = vec![Stage::Seen];
-    if prime.is_some() {
+    if let Some(prime) = prime {
         stages.push(Stage::PrimeCreated);
+        if prime
+            .spec
+            .as_ref()
+            .and_then(|s| s.volume_name.as_deref())
+            .is_some_and(|v| !v.is_empty())
+        {
+            stages.push(Stage::Provisioned);
+        }
     }
     let populated = prime.is_some_and(|p| p.annotations().contains_key(POPULATED_ANNOTATION));
     if let Some(pod) = pod {
@@ -120,7 +132,8 @@ impl Timeline {
         if self.marks.iter().all(|(s, _)| *s != stage) {
             self.marks
                 .push((stage, now.saturating_duration_since(self.origin)));
-            self.marks.sort();
+            // In the order they happened: stages seen in one look keep their own order.
+            self.marks.sort_by_key(|&(stage, at)| (at, stage));
         }
     }
 
@@ -259,6 +272,26 @@ mod tests {
                 Stage::PodSucceeded,
                 Stage::Bound
             ]
+        );
+        let bound_prime = claim(Some("pv-prime"));
+        assert_eq!(
+            visible_stages(&c, Some(&bound_prime), None),
+            [Stage::Seen, Stage::PrimeCreated, Stage::Provisioned]
+        );
+    }
+
+    /// WaitForFirstConsumer provisions after the pod is placed: the timeline says so.
+    #[test]
+    fn marks_are_in_the_order_they_happened() {
+        let t0 = Instant::now();
+        let mut t = Timeline::new(t0);
+        t.mark(Stage::Seen, t0);
+        t.mark(Stage::Scheduled, t0 + Duration::from_millis(300));
+        t.mark(Stage::Provisioned, t0 + Duration::from_millis(700));
+        t.mark(Stage::Started, t0 + Duration::from_millis(700));
+        assert_eq!(
+            t.render(),
+            "seen +0.00s, scheduled +0.30s, provisioned +0.70s, started +0.70s; errors 0, extra attempts 0, missed changes 0"
         );
     }
 

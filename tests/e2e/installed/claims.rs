@@ -250,6 +250,7 @@ pub(crate) async fn succeeded_with_a_timeline(
     println!("{namespace}/{name} fill timeline: {timeline}");
     for stage in [
         "prime +",
+        "provisioned +",
         "pod +",
         "scheduled +",
         "copied +",
@@ -326,4 +327,77 @@ pub(crate) async fn create_at_once(
         }
     }
     (created, took, unclean)
+}
+
+/// A StorageClass of local volumes that binds at once (`<ns>-local`), removed when the case
+/// ends.
+pub(crate) async fn local_block_class(admin: &Client, case: &Case, ns: &str) -> String {
+    let class = format!("{ns}-local");
+    let sc: StorageClass = serde_json::from_value(json!({"metadata": {"name": class},
+        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"})).unwrap();
+    Api::<StorageClass>::all(admin.clone())
+        .create(&PostParams::default(), &sc)
+        .await
+        .unwrap();
+    let (admin, doomed) = (admin.clone(), class.clone());
+    case.defer(async move {
+        let _ = Api::<StorageClass>::all(admin)
+            .delete(&doomed, &DeleteParams::default())
+            .await;
+    });
+    class
+}
+
+/// A loop device on the real node (its backing file in `dir`, filled with 0x5a so that any
+/// byte vmdisk leaves unwritten shows) as a local Block PV of `pvc`'s class, reserved for its
+/// prime PVC; `(device, PV name)`. Device and PV go when the case ends.
+pub(crate) async fn loop_pv_for_prime(
+    fx: &Installed,
+    case: &Case,
+    ns: &str,
+    dir: &std::path::Path,
+    pvc: &PersistentVolumeClaim,
+    mib: usize,
+) -> (String, String) {
+    let backing = dir.join(format!("{}.device", pvc.name_any()));
+    std::fs::write(&backing, vec![0x5au8; mib << 20]).unwrap();
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let class = pvc
+        .spec
+        .as_ref()
+        .unwrap()
+        .storage_class_name
+        .clone()
+        .unwrap();
+    let pv_name = format!("{ns}-{}-loop", pvc.name_any());
+    let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": pv_name},
+        "spec": {"capacity": {"storage": format!("{mib}Mi")}, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                 "storageClassName": class, "persistentVolumeReclaimPolicy": "Retain", "local": {"path": device},
+                 "claimRef": {"namespace": INSTALL_NAMESPACE, "name": vmdisk_crds::prime_pvc_name(&pvc.uid().unwrap())},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [fx.real_node]}]}]}}}})).unwrap();
+    Api::<PersistentVolume>::all(fx.admin.clone())
+        .create(&PostParams::default(), &pv)
+        .await
+        .unwrap();
+    let (admin, doomed, loop_device) = (fx.admin.clone(), pv_name.clone(), device.clone());
+    case.defer(async move {
+        let _ = Api::<PersistentVolume>::all(admin)
+            .delete(&doomed, &DeleteParams::default())
+            .await;
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &loop_device])
+            .status();
+    });
+    (device, pv_name)
 }

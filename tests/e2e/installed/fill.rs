@@ -177,34 +177,7 @@ pub(super) async fn a_block_pvc_is_filled_on_a_local_loop_device(fx: Arc<Install
     )
     .await;
     wait_resolved(&admin, &ns, "block").await;
-    let backing = work.path().join("device.img");
-    std::fs::write(&backing, vec![0x5au8; 64 << 20]).unwrap();
-    let out = std::process::Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(&backing)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    {
-        let device = device.clone();
-        case.defer(async move {
-            let _ = std::process::Command::new("losetup")
-                .args(["-d", &device])
-                .status();
-        });
-    }
-    let class = format!("{ns}-local");
-    let sc: StorageClass = serde_json::from_value(json!({"metadata": {"name": class},
-        "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "Immediate", "reclaimPolicy": "Retain"})).unwrap();
-    Api::<StorageClass>::all(admin.clone())
-        .create(&PostParams::default(), &sc)
-        .await
-        .unwrap();
+    let class = local_block_class(&admin, &case, &ns).await;
     let pvc = create_pvc(
         &admin,
         &ns,
@@ -212,29 +185,7 @@ pub(super) async fn a_block_pvc_is_filled_on_a_local_loop_device(fx: Arc<Install
         "spec": {"volumeMode": "Block", "storageClassName": class}}),
     )
     .await;
-    // A static PV binds a claim directly: reserve it for the populator's prime.
-    let pv_name = format!("{ns}-loop");
-    let pv: PersistentVolume = serde_json::from_value(json!({"metadata": {"name": pv_name},
-        "spec": {"capacity": {"storage": "64Mi"}, "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
-                 "storageClassName": class, "persistentVolumeReclaimPolicy": "Retain", "local": {"path": device},
-                 "claimRef": {"namespace": INSTALL_NAMESPACE, "name": vmdisk_crds::prime_pvc_name(&pvc.uid().unwrap())},
-                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [fx.real_node]}]}]}}}})).unwrap();
-    Api::<PersistentVolume>::all(admin.clone())
-        .create(&PostParams::default(), &pv)
-        .await
-        .unwrap();
-    {
-        let (admin, class, pv_name) = (admin.clone(), class.clone(), pv_name.clone());
-        case.defer(async move {
-            let _ = Api::<PersistentVolume>::all(admin.clone())
-                .delete(&pv_name, &DeleteParams::default())
-                .await;
-            let _ = Api::<StorageClass>::all(admin)
-                .delete(&class, &DeleteParams::default())
-                .await;
-        });
-    }
+    let (device, pv_name) = loop_pv_for_prime(&fx, &case, &ns, work.path(), &pvc, 64).await;
     let (bound, took) = wait_bound(&admin, &ns, "disk", Instant::now()).await;
     assert_eq!(
         bound.spec.unwrap().volume_name.as_deref(),

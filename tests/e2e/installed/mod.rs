@@ -38,11 +38,13 @@ mod adverse;
 pub(crate) mod claims;
 mod fill;
 mod install;
+mod node_pull;
 mod teams;
 
 use adverse::*;
 use fill::*;
 use install::*;
+use node_pull::*;
 use teams::*;
 
 /// A plain-HTTP registry this machine and the cluster's nodes and pods reach (host:port).
@@ -59,6 +61,7 @@ pub fn phase() -> Phase<Installed> {
             a_burst_of_claims_of_one_warm_image_all_bind_without_a_retry,
             a_block_pvc_is_filled_on_a_local_loop_device,
             two_teams_on_one_node_never_get_each_others_disk,
+            pull_method_node_fills_from_the_runtime_or_falls_back,
             wait_for_first_consumer_follows_the_real_scheduler,
             a_pvc_deleted_mid_way_leaves_nothing_behind,
             a_failing_populator_is_retried_then_given_up,

@@ -119,6 +119,7 @@ pub(crate) mod tests_support {
                         pull_secret_ref: None,
                         ca_bundle: None,
                         insecure: None,
+                        pull_method: None,
                     },
                 },
                 format: DiskFormat::Raw,

@@ -4,8 +4,9 @@
 //! Nothing is remembered between calls, so a controller restarted between any two steps
 //! picks up where the cluster is. Steps follow kubernetes-csi/lib-volume-populator: wait for
 //! the image (and for WaitForFirstConsumer, the scheduler's node) → finalizer → prime PVC →
-//! populator pod → on success, the PV's claimRef moves to the user's PVC → when the prime is
-//! Lost (the PV controller saw the move) or the PVC is Bound: pod, prime and finalizer go.
+//! (for other classes, the prime Bound) → populator pod → on success, the PV's claimRef moves
+//! to the user's PVC → when the prime is Lost (the PV controller saw the move) or the PVC is
+//! Bound: pod, prime and finalizer go.
 //! Failed pods are retried after a backoff up to a limit; permanent failures stop at once.
 
 use std::time::Duration;
@@ -21,11 +22,14 @@ use vmdisk_crds::{
 };
 
 mod pod;
+pub mod pull;
 
-use super::objects::{populator_pod, prime_pvc};
+use super::objects::{populator_pod, prime_pvc, PodSource};
 use super::PopulatorConfig;
+use crate::node_pull::NodePull;
 use pod::decide_pod;
 pub use pod::retry_backoff;
+pub use pull::PullPlan;
 
 /// Exit status of `vmdisk-cache-agent populate` when retrying cannot help.
 pub const PERMANENT_EXIT_CODE: i32 = 2;
@@ -53,6 +57,9 @@ pub struct Observed<'a> {
     /// Why no populator pod can be made now, if that is so: the cache agent DaemonSet (whose
     /// image and cache directory the pods use) is missing. Pods already made carry on.
     pub agent_missing: Option<&'a str>,
+    /// Where the pod's node could mount the image as a volume, for images pulled by the node
+    /// (`None` for the others).
+    pub node_pull: Option<&'a NodePull>,
 }
 
 /// The user PVC's `vmdisk.io/phase`, `vmdisk.io/message` and `vmdisk.io/progress`.
@@ -388,6 +395,10 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
             Step::Wait { requeue: None },
         );
     }
+    let plan = pull::pull_plan(image, o.node_pull, config);
+    if let PullPlan::Refused(why) = &plan {
+        return give_up(pull::refusal(&image_name, why));
+    }
     if !has_finalizer(pvc) {
         return Step::AddFinalizer;
     }
@@ -398,14 +409,31 @@ pub fn decide(o: &Observed, config: &PopulatorConfig, now: DateTime<Utc>) -> Ste
     let attempt = failed_attempts(prime) + 1;
     let populating = status(
         PopulatePhase::Populating,
-        format!("populating from VMDiskImage {image_name} (attempt {attempt})"),
+        pull::populating_message(&image_name, attempt, &plan, None),
         Some("0%"),
     );
-    match populator_pod(pvc, prime, image, digest, config, attempt, node) {
+    let note = pull::fallback_note(&image_name, &plan);
+    // Where the volume is provisioned without a consumer, the pod follows it: made before
+    // the prime is Bound it would be unschedulable ("unbound immediate PersistentVolumeClaims")
+    // and wait out the scheduler's growing backoff; made after, it is placed at its first try.
+    // The prime's watch wakes the claim when it binds.
+    let provisioned = prime
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty());
+    if node.is_none() && !provisioned {
+        return with_status(pvc, populating, note, Step::Wait { requeue: None });
+    }
+    let source = match &plan {
+        PullPlan::Runtime(nodes) => PodSource::Runtime { nodes },
+        _ => PodSource::Cache { node },
+    };
+    match populator_pod(pvc, prime, image, digest, config, attempt, source) {
         Ok(pod) => with_status(
             pvc,
             populating,
-            None,
+            note,
             Step::CreatePod {
                 pod: Box::new(pod),
                 attempt,

@@ -241,8 +241,12 @@ pub(super) fn decide_pod(
                 .prime
                 .and_then(|p| annotation(p, PROGRESS_ANNOTATION))
                 .unwrap_or("0%");
+            let plan = o
+                .image
+                .map(|image| super::pull::pull_plan(image, o.node_pull, config))
+                .unwrap_or(super::PullPlan::Cache);
             let message = pod_waiting(pod).unwrap_or_else(|| {
-                format!("populating from VMDiskImage {image_name} (attempt {attempt})")
+                super::pull::populating_message(image_name, attempt, &plan, Some(pod))
             });
             with_status(
                 pvc,

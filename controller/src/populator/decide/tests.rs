@@ -3,6 +3,7 @@
 //! decision, carried out, leads to rest.
 
 mod convergence;
+mod pull;
 
 use super::*;
 use k8s_openapi::api::core::v1::PersistentVolume;
@@ -127,6 +128,8 @@ struct World {
     pv: Option<PersistentVolume>,
     /// Why no populator pod can be made (the agent DaemonSet is missing).
     agent_missing: Option<String>,
+    /// Where the node's runtime could mount the image.
+    node_pull: Option<NodePull>,
 }
 
 impl World {
@@ -139,6 +142,7 @@ impl World {
             pod: None,
             pv: None,
             agent_missing: None,
+            node_pull: None,
         }
     }
     fn step(&self) -> Step {
@@ -167,6 +171,7 @@ impl World {
                 pod: self.pod.as_ref(),
                 pv: self.pv.as_ref(),
                 agent_missing: self.agent_missing.as_deref(),
+                node_pull: self.node_pull.as_ref(),
             },
             config,
             now(),
@@ -178,6 +183,39 @@ fn status_of(step: &Step) -> &PvcStatus {
     match step {
         Step::Annotate { status, .. } => status,
         other => panic!("expected an annotation, got {other:?}"),
+    }
+}
+
+/// A prime the provisioner has bound to its PV.
+fn provisioned(mut p: PersistentVolumeClaim) -> PersistentVolumeClaim {
+    p.spec.as_mut().unwrap().volume_name = Some("pv-1".into());
+    p.status = Some(serde_json::from_value(json!({"phase": "Bound"})).unwrap());
+    p
+}
+
+impl World {
+    /// Carries out the status writes `decide` asks for until it makes the populator pod, and
+    /// returns that pod and its attempt.
+    fn pod_step_with(&mut self, config: &PopulatorConfig) -> (Pod, u32) {
+        for _ in 0..3 {
+            match self.step_with(config) {
+                Step::Annotate { status, .. } => {
+                    self.pvc = with_status(
+                        self.pvc.clone(),
+                        status.phase,
+                        &status.message,
+                        status.progress.as_deref(),
+                    )
+                }
+                Step::CreatePod { pod, attempt } => return (*pod, attempt),
+                other => panic!("expected the pod, got {other:?}"),
+            }
+        }
+        panic!("no pod after three status writes")
+    }
+
+    fn pod_step(&mut self) -> (Pod, u32) {
+        self.pod_step_with(&config())
     }
 }
 
@@ -295,16 +333,8 @@ fn finalizer_first_then_a_prime_copying_the_claim() {
 #[test]
 fn populator_pods_tolerate_only_the_listed_taints() {
     let mut w = World::new(with_finalizer(claim(json!({}))));
-    w.prime = Some(prime(false, 0, "Pending"));
-    w.pvc = with_status(
-        w.pvc.clone(),
-        PopulatePhase::Populating,
-        &status_of(&w.step()).message,
-        Some("0%"),
-    );
-    let Step::CreatePod { pod, .. } = w.step() else {
-        panic!()
-    };
+    w.prime = Some(provisioned(prime(false, 0, "Pending")));
+    let (pod, _) = w.pod_step();
     assert!(pod.spec.unwrap().tolerations.is_none());
     let tolerating = PopulatorConfig {
         tolerations: vec![serde_json::from_value(
@@ -313,9 +343,7 @@ fn populator_pods_tolerate_only_the_listed_taints() {
         .unwrap()],
         ..config()
     };
-    let Step::CreatePod { pod, .. } = w.step_with(&tolerating) else {
-        panic!()
-    };
+    let (pod, _) = w.pod_step_with(&tolerating);
     let tolerations = pod.spec.unwrap().tolerations.unwrap();
     assert_eq!(tolerations.len(), 1);
     assert_eq!(tolerations[0].value.as_deref(), Some("vms"));
@@ -348,16 +376,8 @@ fn a_claim_smaller_than_its_disk_gets_a_prime_and_a_disk_the_disks_size() {
         .0;
     // 2 GiB × 1.06, rounded up to whole MiB.
     assert_eq!(asked, &format!("{}Mi", (2048.0f64 * 1.06).ceil() as u64));
-    w.prime = Some(*prime);
-    w.pvc = with_status(
-        w.pvc.clone(),
-        PopulatePhase::Populating,
-        &status_of(&w.step()).message,
-        Some("0%"),
-    );
-    let Step::CreatePod { pod, .. } = w.step() else {
-        panic!()
-    };
+    w.prime = Some(provisioned(*prime));
+    let (pod, _) = w.pod_step();
     let args = pod.spec.unwrap().containers[0].args.clone().unwrap();
     let size: u64 = args[args.iter().position(|a| a == "--size").unwrap() + 1]
         .parse()
@@ -390,17 +410,8 @@ fn a_claims_digest_other_than_the_images_is_not_used() {
         .unwrap()
         .insert("vmdisk.io/digest".into(), forged.clone());
     let mut w = World::new(pvc);
-    w.prime = Some(prime(false, 0, "Pending"));
-    let step = w.step();
-    w.pvc = with_status(
-        w.pvc.clone(),
-        PopulatePhase::Populating,
-        &status_of(&step).message,
-        Some("0%"),
-    );
-    let Step::CreatePod { pod, .. } = w.step() else {
-        panic!("{:?}", w.step())
-    };
+    w.prime = Some(provisioned(prime(false, 0, "Pending")));
+    let (pod, _) = w.pod_step();
     let args = pod.spec.unwrap().containers[0]
         .args
         .clone()
@@ -410,21 +421,33 @@ fn a_claims_digest_other_than_the_images_is_not_used() {
     assert!(!args.contains(&forged), "{args}");
 }
 
+/// With a class that provisions at once, the pod waits for the prime's volume: made earlier
+/// it would be unschedulable and sit out the scheduler's backoff. The wait writes nothing new.
+#[test]
+fn with_an_immediate_class_the_pod_follows_the_provisioned_prime() {
+    let mut w = World::new(with_finalizer(claim(json!({}))));
+    w.prime = Some(prime(false, 0, "Pending"));
+    let populating = status_of(&w.step()).clone();
+    assert_eq!(populating.phase, PopulatePhase::Populating);
+    w.pvc = with_status(
+        w.pvc.clone(),
+        populating.phase,
+        &populating.message,
+        populating.progress.as_deref(),
+    );
+    assert_eq!(w.step(), Step::Wait { requeue: None });
+    w.prime = Some(provisioned(prime(false, 0, "Pending")));
+    assert!(matches!(w.step(), Step::CreatePod { attempt: 1, .. }));
+}
+
 #[test]
 fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
     let mut w = World::new(with_finalizer(claim(json!({}))));
-    w.prime = Some(prime(false, 0, "Pending"));
+    w.prime = Some(provisioned(prime(false, 0, "Pending")));
     let step = w.step();
     assert_eq!(status_of(&step).phase, PopulatePhase::Populating);
-    w.pvc = with_status(
-        w.pvc.clone(),
-        PopulatePhase::Populating,
-        &status_of(&step).message,
-        Some("0%"),
-    );
-    let Step::CreatePod { pod, attempt: 1 } = w.step() else {
-        panic!()
-    };
+    let (pod, attempt) = w.pod_step();
+    assert_eq!(attempt, 1);
     let spec = pod.spec.clone().unwrap();
     let c = &spec.containers[0];
     assert_eq!(
@@ -524,9 +547,7 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
         Some("0%"),
     );
     w.prime = Some(prime(false, 0, "Pending"));
-    let Step::CreatePod { pod, .. } = w.step() else {
-        panic!("{:?}", w.step())
-    };
+    let (pod, _) = w.pod_step();
     assert_eq!(
         crate::populator::objects::required_node(&pod).as_deref(),
         Some("node-real")
@@ -553,7 +574,7 @@ fn the_pod_runs_populate_sized_for_kubevirt_on_the_selected_node() {
 #[test]
 fn a_filesystem_claim_without_a_size_fails_with_a_reason() {
     let mut w = World::new(with_finalizer(claim(json!({"resources": {}}))));
-    let mut no_size = prime(false, 0, "Pending");
+    let mut no_size = provisioned(prime(false, 0, "Pending"));
     no_size.spec.as_mut().unwrap().resources = None;
     w.prime = Some(no_size);
     let Step::Annotate {

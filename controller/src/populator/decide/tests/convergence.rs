@@ -277,8 +277,8 @@ prop_compose! {
             in (0..3u8, any::<bool>(), 0..4u8, any::<bool>(), any::<bool>(), any::<bool>()),
         (prime_state, failed, pod_state, attempt, recent, pv_state)
             in (0..4u8, 0..4u32, 0..7u8, 1..5u32, any::<bool>(), 0..3u8),
-        (agent_missing, status_index, deleting, bound, provisioner)
-            in (any::<bool>(), 0..7u8, any::<bool>(), any::<bool>(), any::<bool>()),
+        (agent_missing, status_index, deleting, bound, provisioner, pull_state)
+            in (any::<bool>(), 0..7u8, any::<bool>(), any::<bool>(), any::<bool>(), 0..4u8),
     ) -> World {
         let mut w = World::new(claim(if block { json!({"volumeMode": "Block"}) } else { json!({}) }));
         w.image = [None, Some(image(false)), Some(image(true))][image_state as usize].clone();
@@ -317,6 +317,17 @@ prop_compose! {
             _ => None,
         };
         w.agent_missing = agent_missing.then(|| AGENT_MISSING.to_string());
+        let unable = || NodePull::Unavailable("node node-real runs \"containerd://1.6.20\"".into());
+        let (method, node_pull) = match pull_state {
+            1 => (Some(vmdisk_crds::PullMethod::Node), Some(NodePull::Nodes(vec!["node-real".into()]))),
+            2 => (Some(vmdisk_crds::PullMethod::Node), Some(unable())),
+            3 => (Some(vmdisk_crds::PullMethod::NodeOnly), Some(unable())),
+            _ => (None, None),
+        };
+        if let Some(image) = w.image.as_mut() {
+            image.spec.source.registry.pull_method = method;
+        }
+        w.node_pull = node_pull;
         if deleting {
             w.pvc.metadata.deletion_timestamp = Some(
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(crate::time::to_timestamp(now())),
