@@ -9,6 +9,8 @@
 //! grown with `qemu-img resize`; a disk larger than the volume is refused.
 
 pub mod clone;
+#[cfg(test)]
+pub(crate) mod loop_device;
 pub mod mounted;
 
 use std::path::{Path, PathBuf};

@@ -63,14 +63,7 @@ impl MountedError {
             | MountedError::NotOneDisk { .. }
             | MountedError::NotAFile { .. }
             | MountedError::DiskTooLarge { .. } => true,
-            MountedError::Convert { source, .. } => matches!(
-                source,
-                ConvertError::BackingFile { .. }
-                    | ConvertError::DataFile { .. }
-                    | ConvertError::ForeignExtent { .. }
-                    | ConvertError::Encrypted
-                    | ConvertError::UnsupportedFormat { .. }
-            ),
+            MountedError::Convert { source, .. } => source.refuses_disk(),
             MountedError::Io { .. } | MountedError::Target { .. } => false,
         }
     }
@@ -295,6 +288,64 @@ mod tests {
                 assert!(allocated < 1 << 20, "sparse: {allocated} bytes allocated");
             }
         }
+    }
+
+    /// A block device is written in place: the disk's zeros too (the device held 0x5a), its
+    /// size kept; a device smaller than the disk is refused untouched.
+    #[tokio::test]
+    async fn a_qcow2_disk_lands_on_a_block_device_zeros_included() {
+        let root = image_root("qcow2", "disk.qcow2");
+        let backing = root.path().join("device");
+        std::fs::write(&backing, vec![0x5au8; 12 << 20]).unwrap();
+        let device = match crate::populate::loop_device::LoopDevice::attach(&backing) {
+            Ok(d) => d,
+            Err(reason) => {
+                eprintln!("skipping the block-device test: {reason}");
+                return;
+            }
+        };
+        let report = populate_from_mounted(&MountedRequest {
+            source_dir: root.path().to_path_buf(),
+            format: DiskFormat::Qcow2,
+            target: device.path().to_path_buf(),
+            size: None,
+            owner: Some((107, 107)),
+        })
+        .await
+        .unwrap();
+        assert_eq!(report.target_size, 12 << 20, "the device's size");
+        let written = std::fs::read(device.path()).unwrap();
+        let seed = std::fs::read(root.path().join("seed.raw")).unwrap();
+        assert_eq!(
+            &written[..8 << 20],
+            seed.as_slice(),
+            "raw on a device, zeros written"
+        );
+        assert!(
+            written[8 << 20..].iter().all(|b| *b == 0x5a),
+            "beyond the disk: untouched"
+        );
+
+        let small_backing = root.path().join("small");
+        std::fs::write(&small_backing, vec![0x5au8; 4 << 20]).unwrap();
+        let small = crate::populate::loop_device::LoopDevice::attach(&small_backing).unwrap();
+        let e = populate_from_mounted(&MountedRequest {
+            source_dir: root.path().to_path_buf(),
+            format: DiskFormat::Raw,
+            target: small.path().to_path_buf(),
+            size: None,
+            owner: None,
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(e, MountedError::DiskTooLarge { room, .. } if room == 4 << 20),
+            "{e}"
+        );
+        assert!(std::fs::read(small.path())
+            .unwrap()
+            .iter()
+            .all(|b| *b == 0x5a));
     }
 
     #[tokio::test]

@@ -54,6 +54,21 @@ pub enum ConvertError {
     },
 }
 
+impl ConvertError {
+    /// True for a disk refused for what it is (a backing or data file, a foreign extent,
+    /// encryption, a format not accepted): trying again cannot help.
+    pub fn refuses_disk(&self) -> bool {
+        matches!(
+            self,
+            ConvertError::BackingFile { .. }
+                | ConvertError::DataFile { .. }
+                | ConvertError::ForeignExtent { .. }
+                | ConvertError::Encrypted
+                | ConvertError::UnsupportedFormat { .. }
+        )
+    }
+}
+
 /// Address space a qemu-img run may use. Its conversions use a few hundred MiB at most; a
 /// hostile image asking for more fails instead of taking the node's memory.
 pub const QEMU_IMG_MEMORY: u64 = 1 << 30;

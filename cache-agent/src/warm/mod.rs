@@ -105,14 +105,7 @@ impl WarmError {
                         ..
                     }
             ),
-            WarmError::Convert { source, .. } => matches!(
-                source,
-                ConvertError::BackingFile { .. }
-                    | ConvertError::DataFile { .. }
-                    | ConvertError::ForeignExtent { .. }
-                    | ConvertError::Encrypted
-                    | ConvertError::UnsupportedFormat { .. }
-            ),
+            WarmError::Convert { source, .. } => source.refuses_disk(),
             WarmError::Poisoned { .. } => true,
             WarmError::Store(_) | WarmError::Io { .. } | WarmError::Task(_) => false,
         }

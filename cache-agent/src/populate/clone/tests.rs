@@ -3,6 +3,7 @@
 
 use super::extents::ZERO_BLOCK;
 use super::*;
+use crate::populate::loop_device::LoopDevice;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -159,37 +160,6 @@ fn zeroing_holes_overwrites_stale_bytes_and_skipping_keeps_them() {
     }
 }
 
-/// A loop device over a file, detached on drop.
-struct LoopDevice(String);
-
-impl LoopDevice {
-    fn attach(backing: &Path) -> Result<Self, String> {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .map_err(|e| format!("cannot run losetup: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(Self(
-            String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        ))
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn block_device_gets_data_in_place_and_is_never_truncated() {
     let dir = tempfile::tempdir().unwrap();
@@ -202,7 +172,7 @@ fn block_device_gets_data_in_place_and_is_never_truncated() {
             return;
         }
     };
-    let dev = Path::new(&device.0);
+    let dev = device.path();
     let src = sparse_file(
         &dir.path().join("src"),
         4 << 20,

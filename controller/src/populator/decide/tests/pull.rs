@@ -32,6 +32,17 @@ fn volume_names(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
+/// With its pod running, the claim keeps the message it was given: only the progress the
+/// pod reports on the prime is news.
+fn keeps_its_message(w: &World, given: &PvcStatus) {
+    match w.step() {
+        Step::Annotate {
+            status, note: None, ..
+        } => assert_eq!(status.message, given.message),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn pod_pulls_through_the_cache_whatever_the_nodes_can() {
     let mut w = pulled_by(
@@ -96,19 +107,8 @@ fn node_mounts_the_pinned_image_with_the_pods_pull_secret_on_a_node_that_can() {
         Some(nodes)
     );
 
-    // The pod runs: the claim keeps the message it was given (only the prime's progress is
-    // news).
     w.pod = Some(pod);
-    match w.step() {
-        Step::Annotate {
-            status: running,
-            note: None,
-            ..
-        } => {
-            assert_eq!(running.message, status.message)
-        }
-        other => panic!("{other:?}"),
-    }
+    keeps_its_message(&w, &status);
 }
 
 #[test]
@@ -133,17 +133,7 @@ fn node_falls_back_to_the_cache_where_no_node_can_and_says_so_once() {
     assert!(!pulls_on_node(&pod));
     assert!(args(&pod).contains("--cache-dir"));
     w.pod = Some(pod);
-    // The pod runs: only its progress (mirrored from the prime) is news, not the message.
-    match w.step() {
-        Step::Annotate {
-            status: running,
-            note: None,
-            ..
-        } => {
-            assert_eq!(running.message, status.message)
-        }
-        other => panic!("{other:?}"),
-    }
+    keeps_its_message(&w, &status);
 }
 
 #[test]
