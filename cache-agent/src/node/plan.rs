@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmdisk_crds::{ImageReference, RegistrySource, VMDiskImage};
+use vmdisk_crds::{ImageReference, PullMethod, RegistrySource, VMDiskImage};
 use vmdisk_support::Backoff;
 
 use crate::store::EntryKey;
@@ -27,7 +27,9 @@ pub struct WantedImage {
 
 /// Images whose cache policy selects a node with `node_labels` and whose digest is resolved.
 /// Unresolved images wait for the image controller: agents never resolve tags themselves, so
-/// every node caches the same digest.
+/// every node caches the same digest. Images that name `pullMethod: node` or `nodeOnly` are not
+/// prefetched: the node's runtime pulls them where it can, and where it cannot (`node` falls
+/// back to the cache) the first PVC warms the entry.
 pub fn wanted_images(
     images: &[Arc<VMDiskImage>],
     node_labels: &BTreeMap<String, String>,
@@ -35,6 +37,13 @@ pub fn wanted_images(
     let mut out: Vec<WantedImage> = images
         .iter()
         .filter(|i| i.spec.cache.selects(node_labels))
+        .filter(|i| {
+            i.spec
+                .source
+                .registry
+                .pull_method
+                .is_none_or(|m| m == PullMethod::Pod)
+        })
         .filter_map(|i| {
             let digest = i.digest()?;
             let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
@@ -169,9 +178,20 @@ mod tests {
             ),
             image("e", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
         ];
+        let mut pulled_by_nodes = Vec::new();
+        for (name, method) in [
+            ("f", PullMethod::Node),
+            ("g", PullMethod::NodeOnly),
+            ("h", PullMethod::Pod),
+        ] {
+            let mut i = image(name, Some(D1), CachePolicy::default(), DiskFormat::Raw);
+            Arc::make_mut(&mut i).spec.source.registry.pull_method = Some(method);
+            pulled_by_nodes.push(i);
+        }
+        let images = [images, pulled_by_nodes].concat();
         let wanted = wanted_images(&images, &labels);
         let names: Vec<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["a", "e"]);
+        assert_eq!(names, ["a", "e", "h"]);
         assert_eq!(
             wanted[0].reference,
             format!("registry.example.com/disks/a:1@{D1}")
