@@ -71,6 +71,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_RETRY_SECONDS", default_value_t = 10)]
     pub populator_retry_seconds: u64,
 
+    /// Seconds a populator pod may take to start while it waits for an image that cannot be
+    /// pulled or a configuration error; then it counts as a failed attempt (retried, then given up).
+    #[arg(long, env = "VMDISK_POPULATOR_START_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..))]
+    pub populator_start_seconds: u64,
+
     /// Taints populator pods tolerate, as a JSON list of Kubernetes tolerations (for nodes
     /// tainted for VMs: `[{"key":"dedicated","operator":"Equal","value":"vms","effect":"NoSchedule"}]`).
     /// A user's claim chooses the node (`volume.kubernetes.io/selected-node`), so every taint
@@ -114,6 +119,7 @@ impl ControllerArgs {
                 parallel_copies: self.populator_parallel_copies,
                 default_pull_method: self.default_pull_method,
                 retry_base: Duration::from_secs(self.populator_retry_seconds.max(1)),
+                start_timeout: Duration::from_secs(self.populator_start_seconds),
                 tolerations: self.populator_tolerations.0.clone(),
             },
         }

@@ -25,6 +25,9 @@ pub struct PopulatorConfig {
     pub default_pull_method: vmdisk_crds::PullMethod,
     /// First retry delay; doubles per failure, capped at five minutes.
     pub retry_base: Duration,
+    /// A pod that has not started this long after it was made, and waits for an image that
+    /// cannot be pulled or a configuration error, counts as a failed attempt.
+    pub start_timeout: Duration,
     /// Taints populator pods tolerate (`--populator-tolerations`).
     pub tolerations: Vec<Toleration>,
 }
@@ -51,6 +54,7 @@ pub struct PopulatorSettings {
     pub parallel_copies: usize,
     pub default_pull_method: vmdisk_crds::PullMethod,
     pub retry_base: Duration,
+    pub start_timeout: Duration,
     pub tolerations: Vec<Toleration>,
 }
 
@@ -69,6 +73,7 @@ impl Default for PopulatorSettings {
             parallel_copies: vmdisk_crds::DEFAULT_PARALLEL_COPIES,
             default_pull_method: vmdisk_crds::PullMethod::Pod,
             retry_base: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(300),
             tolerations: Vec::new(),
         }
     }
@@ -121,6 +126,7 @@ impl PopulatorSettings {
             parallel_copies: self.parallel_copies,
             default_pull_method: self.default_pull_method,
             retry_base: self.retry_base,
+            start_timeout: self.start_timeout,
             tolerations: self.tolerations.clone(),
         })
     }

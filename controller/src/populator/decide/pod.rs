@@ -84,6 +84,43 @@ fn pod_waiting(pod: &Pod) -> Option<String> {
         })
 }
 
+/// A pod that has not started by `config.start_timeout` after it was made and waits for a
+/// reason that does not pass by itself (an image that cannot be pulled, a configuration error)
+/// ends as a failed attempt, so the claim retries and then gives up instead of waiting for ever.
+/// `Err` is when to look again: the pod waits that way but its time is not up yet.
+fn stuck(
+    pod: &Pod,
+    config: &PopulatorConfig,
+    now: DateTime<Utc>,
+) -> Option<Result<PodEnd, Duration>> {
+    let reason = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .find_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())?;
+    let why = match reason.as_str() {
+        "ErrImagePull" | "ImagePullBackOff" => "an image could not be pulled",
+        "InvalidImageName" => "an image name is invalid",
+        "CreateContainerConfigError" | "CreateContainerError" => "its container could not be made",
+        _ => return None,
+    };
+    let created = crate::time::from_timestamp(&pod.metadata.creation_timestamp.as_ref()?.0);
+    let deadline = created + chrono::Duration::from_std(config.start_timeout).ok()?;
+    if now < deadline {
+        return Some(Err((deadline - now).to_std().unwrap_or_default()));
+    }
+    Some(Ok(PodEnd {
+        permanent: false,
+        message: format!(
+            "the populator pod did not start within {} s: {why} ({reason})",
+            config.start_timeout.as_secs()
+        ),
+        finished: Some(deadline),
+    }))
+}
+
 fn pod_attempt(pod: &Pod) -> u32 {
     annotation(pod, ATTEMPT_ANNOTATION)
         .and_then(|a| a.parse().ok())
@@ -109,14 +146,18 @@ pub(super) fn decide_pod(
     // the work, whenever the kubelet gets to report the pod's (a failure is still a failure;
     // a retry's pod starts only after `RecordFailure` cleared the mark).
     let populated = o.prime.and_then(|p| annotation(p, POPULATED_ANNOTATION));
-    let phase = match pod
+    let reported = pod
         .status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-    {
+        .unwrap_or("Pending");
+    let stuck = (reported == "Pending")
+        .then(|| stuck(pod, config, now))
+        .flatten();
+    let phase = match reported {
         "Failed" => "Failed",
         _ if populated.is_some() => "Succeeded",
+        _ if matches!(stuck, Some(Ok(_))) => "Failed",
         phase => phase,
     };
     match phase {
@@ -183,7 +224,10 @@ pub(super) fn decide_pod(
             )
         }
         "Failed" => {
-            let end = pod_end(pod);
+            let end = match &stuck {
+                Some(Ok(end)) => end.clone(),
+                _ => pod_end(pod),
+            };
             let Some(prime) = o.prime else {
                 return Step::DeletePod { retry: false };
             };
@@ -248,11 +292,16 @@ pub(super) fn decide_pod(
             let message = pod_waiting(pod).unwrap_or_else(|| {
                 super::pull::populating_message(image_name, attempt, &plan, Some(pod))
             });
+            // A pod that waits for what may not pass is looked at again at its deadline.
+            let requeue = match stuck {
+                Some(Err(until)) => Some(until),
+                _ => None,
+            };
             with_status(
                 pvc,
                 status(PopulatePhase::Populating, message, Some(progress)),
                 None,
-                Step::Wait { requeue: None },
+                Step::Wait { requeue },
             )
         }
     }

@@ -4,6 +4,7 @@
 
 mod convergence;
 mod pull;
+mod start;
 
 use super::*;
 use k8s_openapi::api::core::v1::PersistentVolume;
