@@ -1,6 +1,7 @@
 //! Command-line flags (each with an environment variable) of `vmdisk-controller`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -13,7 +14,8 @@ use crate::supervisor::ControllerConfig;
 /// pull-credentials copies) and the volume populator, run by one replica at a time under
 /// leader election on the Lease `vmdisk-controller`.
 ///
-/// Serves GET /metrics, /healthz and /readyz over plain HTTP on --metrics-listen.
+/// Serves GET /metrics, /healthz and /readyz over plain HTTP on --metrics-listen, and the
+/// cache agents' credentials over HTTPS on --agent-api-listen.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vmdisk-controller", version, about, long_about = None)]
 pub struct ControllerArgs {
@@ -83,6 +85,21 @@ pub struct ControllerArgs {
     #[arg(long, env = "VMDISK_POPULATOR_TOLERATIONS", default_value = "[]", value_parser = parse_tolerations)]
     pub populator_tolerations: Tolerations,
 
+    /// Address of the agent API (HTTPS): cache agents fetch here the pull credentials of the
+    /// images their node prefetches, proving their node with their pod's token. Off when not
+    /// set; the shipped Deployment serves it on 0.0.0.0:8443.
+    #[arg(long, env = "VMDISK_AGENT_API_LISTEN")]
+    pub agent_api_listen: Option<SocketAddr>,
+
+    /// Directory of the agent API's serving certificate (`tls.crt`, `tls.key`, as a mounted
+    /// `kubernetes.io/tls` Secret), reloaded when it changes.
+    #[arg(
+        long,
+        env = "VMDISK_AGENT_API_CERT_DIR",
+        default_value = "/etc/vmdisk/agent-api-tls"
+    )]
+    pub agent_api_cert_dir: PathBuf,
+
     /// This replica's name in leader election (default: `vmdisk-controller-<pid>`).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -140,6 +157,7 @@ mod tests {
         assert!(config.identity.starts_with("vmdisk-controller-"));
         assert_eq!(config.populator.image, None, "the agent DaemonSet's");
         assert_eq!(config.populator.max_attempts, 4);
+        assert_eq!(a.agent_api_listen, None, "the agent API is asked for");
         let named = ControllerArgs::try_parse_from([
             "x",
             "--pod-name=replica-1",

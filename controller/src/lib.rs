@@ -6,8 +6,10 @@
 //! [`image`] (resolve, status, reconcile) with [`credentials`]; [`populator`] (decide,
 //! objects, reconcile, sweep); [`node_pull`] tells which nodes mount images as volumes;
 //! [`tasks`] holds the helpers' tasks; [`metrics`] and [`server`]
-//! expose `/metrics`, `/healthz` and `/readyz`; [`config`] holds the flags.
+//! expose `/metrics`, `/healthz` and `/readyz`; [`agent_api`] hands each node's cache agent
+//! the pull credentials of what its node prefetches; [`config`] holds the flags.
 
+pub mod agent_api;
 pub mod config;
 pub mod credentials;
 pub mod image;
@@ -31,6 +33,7 @@ pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
     vmdisk_crds::permissions(&[
         image::API_ACCESS,
         credentials::API_ACCESS,
+        agent_api::API_ACCESS,
         leader::API_ACCESS,
         node_pull::API_ACCESS,
         populator::API_ACCESS,

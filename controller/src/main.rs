@@ -1,10 +1,11 @@
-//! `vmdisk-controller`: wires flags → API client → probes and metrics → leader election,
-//! which runs the controllers while this replica leads, until the stop (SIGTERM).
+//! `vmdisk-controller`: wires flags → API client → probes and metrics, the agent API → leader
+//! election, which runs the controllers while this replica leads, until the stop (SIGTERM).
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use vmdisk_controller::agent_api::{self, AgentApi};
 use vmdisk_controller::config::ControllerArgs;
 use vmdisk_controller::metrics::ControllerMetrics;
 use vmdisk_controller::server::router;
@@ -35,6 +36,22 @@ async fn run(args: ControllerArgs, stop: Stop) -> anyhow::Result<()> {
         router(Arc::clone(&metrics), Arc::clone(&leadership)),
         stop.clone().cancelled_owned(),
     ));
+    // The agent API needs no leadership: both replicas serve it.
+    let mut agent_api = match args.agent_api_listen {
+        Some(listen) => {
+            let api = Arc::new(AgentApi::new(
+                client.clone(),
+                &args.namespace,
+                &args.credentials_namespace,
+                metrics.agent_api.clone(),
+            ));
+            let (dir, stop) = (args.agent_api_cert_dir.clone(), stop.clone());
+            tokio::spawn(async move {
+                agent_api::serve(listen, &dir, api, stop.cancelled_owned()).await
+            })
+        }
+        None => tokio::spawn(std::future::pending()),
+    };
     let mut controllers = supervisor::spawn(
         client,
         args.controller_config(),
@@ -43,6 +60,16 @@ async fn run(args: ControllerArgs, stop: Stop) -> anyhow::Result<()> {
         stop.clone(),
     );
     tokio::select! {
+        served = &mut agent_api => {
+            stop.cancel();
+            let _ = controllers.await;
+            let _ = server.await;
+            match served {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the agent API stopped")),
+                Err(e) => Err(anyhow::Error::new(e).context("the agent API stopped")),
+            }
+        }
         served = &mut server => {
             // Only the stop ends the server; anything else is an error, and the stop ends the
             // controllers either way.

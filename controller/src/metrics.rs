@@ -93,10 +93,43 @@ impl PopulatorMetrics {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+/// The agent API's answers, by outcome (granted, unauthenticated, forbidden, not_found,
+/// unavailable): a rise in `forbidden` is a node asking for what it does not hold.
+#[derive(Clone, Debug, Default)]
+pub struct AgentApiMetrics {
+    requests: Family<OutcomeLabels, Counter>,
+}
+
+impl AgentApiMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.sub_registry_with_prefix("agent_api").register(
+            "credentials_requests",
+            "Credential requests of cache agents, by outcome",
+            m.requests.clone(),
+        );
+        m
+    }
+
+    pub fn answered(&self, outcome: &str) {
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+}
+
 /// Every metric of the controller, under the `vmdisk_controller_` prefix.
 pub struct ControllerMetrics {
     registry: Registry,
     pub populator: PopulatorMetrics,
+    pub agent_api: AgentApiMetrics,
     leader: Gauge,
 }
 
@@ -116,9 +149,11 @@ impl ControllerMetrics {
             leader.clone(),
         );
         let populator = PopulatorMetrics::register(&mut registry);
+        let agent_api = AgentApiMetrics::register(&mut registry);
         Self {
             registry,
             populator,
+            agent_api,
             leader,
         }
     }
@@ -145,6 +180,7 @@ mod tests {
         populator.observe("failed", 3.0);
         populator.set_in_flight(2);
         populator.retried();
+        m.agent_api.answered("forbidden");
         m.set_leading(true);
         let text = m.encode();
         for line in [
@@ -152,6 +188,7 @@ mod tests {
             "vmdisk_controller_populator_operations_in_flight 2",
             "vmdisk_controller_populator_retries_total 1",
             "vmdisk_controller_leader 1",
+            r#"vmdisk_controller_agent_api_credentials_requests_total{outcome="forbidden"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing from {text}");
         }

@@ -111,8 +111,19 @@ impl PopulatePhase {
 /// vmdisk's own namespace: the webhook Deployment, the agents, the controllers' Lease.
 pub const INSTALL_NAMESPACE: &str = "vmdisk-system";
 /// Namespace of the per-image pull credentials the image controller copies for the agents.
-/// Agents may read Secrets here and nowhere else; it holds nothing but those copies.
+/// It holds nothing but those copies; only the controller reads it, and it hands each agent
+/// only the copies of what the agent's node prefetches (the controller's agent API).
 pub const CREDENTIALS_NAMESPACE: &str = "vmdisk-credentials";
+/// ServiceAccount of the cache agent DaemonSet.
+pub const CACHE_AGENT_SERVICE_ACCOUNT: &str = "vmdisk-cache-agent";
+/// Audience of the token an agent shows the controller's agent API (a projected
+/// ServiceAccount token bound to the agent's pod, so the API server records its node). A
+/// token for this audience is worthless against the API server, and the API server's tokens
+/// are refused by the agent API.
+pub const AGENT_API_AUDIENCE: &str = "vmdisk-controller";
+/// Path of the agent API that answers an image's pull credentials:
+/// `GET /v1/credentials/<namespace>/<image>`.
+pub const AGENT_API_CREDENTIALS_PATH: &str = "/v1/credentials";
 /// `app.kubernetes.io/managed-by` value on every object vmdisk creates.
 pub const MANAGED_BY: &str = "vmdisk";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";

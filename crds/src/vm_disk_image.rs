@@ -276,6 +276,21 @@ impl VMDiskImage {
         self.status.as_ref()?.digest.as_deref()
     }
 
+    /// Whether the cache agent of a node with `node_labels` prefetches this image: its cache
+    /// policy selects the node and the image is pulled by pods (`pullMethod` `node` and
+    /// `nodeOnly` are left to the node's runtime). The agents' plan and the controller's
+    /// credentials endpoint (which gives a node only the credentials of what it prefetches)
+    /// both ask this.
+    pub fn prefetched_on(&self, node_labels: &BTreeMap<String, String>) -> bool {
+        self.spec.cache.selects(node_labels)
+            && self
+                .spec
+                .source
+                .registry
+                .pull_method
+                .is_none_or(|m| m == PullMethod::Pod)
+    }
+
     /// Bytes a PVC must at least hold for the disk itself: the larger of the disk's virtual size
     /// (once known) and `spec.size`. `None` when neither is known.
     pub fn required_disk_bytes(&self) -> Result<Option<u64>, QuantityError> {

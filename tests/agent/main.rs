@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{json, Value};
-use vmdisk_cache_agent::node::{Agent, AgentMetrics, NodeReporter};
+use vmdisk_cache_agent::node::{Agent, AgentMetrics, CredentialsSource, NodeReporter};
 use vmdisk_cache_agent::store::{Budget, CacheStore};
 use vmdisk_cache_agent::warm::extract::ExtractLimits;
 use vmdisk_cache_agent::warm::Warmer;
@@ -123,7 +123,11 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
     let agent = Agent {
         client: client.clone(),
         node_name: "node-a".into(),
-        credentials_namespace: "vmdisk-credentials".into(),
+        credentials: CredentialsSource {
+            url: None,
+            ca_file: work.path().join("ca.crt"),
+            token_file: work.path().join("token"),
+        },
         warmer: Warmer::new(
             Arc::clone(&store),
             Puller::new(PullerConfig::default()),

@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use axum::routing::post;
 use axum::Router;
+use vmdisk_support::https::serve_tls;
+use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver};
 use vmdisk_tests::bench::env_or;
 use vmdisk_tests::https::{client_config, Connection};
 use vmdisk_tests::webhook::{as_sent, fixtures, sample_catalog_yaml, TestWebhook};
-use vmdisk_webhook::server::serve_tls;
-use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
 struct RoundResult {
     requests: u64,
@@ -138,7 +138,7 @@ async fn async_main() {
         baseline_router,
         std::future::pending(),
         Duration::from_secs(1),
-        vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
+        vmdisk_support::https::DEFAULT_MAX_CONNECTIONS,
     ));
 
     let targets = Targets {

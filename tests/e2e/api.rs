@@ -6,7 +6,7 @@ use std::sync::Arc;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::{Api, Client, ResourceExt};
@@ -16,7 +16,7 @@ use vmdisk_crds::{
 };
 
 use crate::local::LocalInstall;
-use crate::support::{api_error, client_from, service_account_token, wait_for};
+use crate::support::{api_error, client_from, wait_for};
 use crate::Case;
 
 fn image_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
@@ -404,59 +404,9 @@ pub async fn the_webhook_cannot_touch_secrets_volumes_or_claims(fx: Arc<LocalIns
 }
 
 /// A client with the token of the cache agent's DaemonSet pod on `node`.
-async fn agent_client(fx: &LocalInstall, node: &str, name: &str) -> Client {
-    let pods: Api<Pod> = Api::namespaced(fx.admin.clone(), INSTALL_NAMESPACE);
-    let pod = pods
-        .list(
-            &ListParams::default()
-                .labels("app.kubernetes.io/name=vmdisk-cache-agent")
-                .fields(&format!("spec.nodeName={node}")),
-        )
-        .await
-        .unwrap()
-        .items
-        .remove(0);
-    let token = service_account_token(
-        &fx.admin,
-        INSTALL_NAMESPACE,
-        "vmdisk-cache-agent",
-        Some((&pod.name_any(), &pod.uid().unwrap())),
-    )
-    .await;
+pub(crate) async fn agent_client(fx: &LocalInstall, node: &str, name: &str) -> Client {
+    let token = fx.agent_token(node, None).await;
     client_from(&fx.env.kubeconfig_with_token(fx.work.path(), name, &token)).await
-}
-
-/// With a node's agent token, Secrets are readable in the credentials namespace only.
-pub async fn agents_cannot_read_secrets_outside_the_credentials_namespace(
-    fx: Arc<LocalInstall>,
-    case: Case,
-) {
-    let ns = case.namespace("e2e-secrets").await;
-    let secret: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "database-password"}, "stringData": {"password": "hunter2"}
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(case.admin().clone(), &ns)
-        .create(&PostParams::default(), &secret)
-        .await
-        .unwrap();
-    let node = fx.nodes[0].clone();
-    let agent = agent_client(&fx, &node, "secrets-probe").await;
-    for namespace in [ns.as_str(), INSTALL_NAMESPACE, "default", "kube-system"] {
-        let e = api_error(
-            Api::<Secret>::namespaced(agent.clone(), namespace)
-                .get("database-password")
-                .await,
-        );
-        assert_eq!(e.code, 403, "agent read a Secret in {namespace}: {e:?}");
-    }
-    // Where it may read: an absent copy is a 404, not a 403.
-    let e = api_error(
-        Api::<Secret>::namespaced(agent.clone(), CREDENTIALS_NAMESPACE)
-            .get("pull-does-not-exist")
-            .await,
-    );
-    assert_eq!(e.code, 404, "{e:?}");
 }
 
 /// RBAC lets agents patch NodeDiskCaches and Nodes; the ValidatingAdmissionPolicy holds each

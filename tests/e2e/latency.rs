@@ -43,9 +43,9 @@ use vmdisk_crds::{
     format_bytes_quantity, parse_quantity, volume_bytes_for_disk, DEFAULT_FILESYSTEM_OVERHEAD,
     IMAGE_LABEL,
 };
+use vmdisk_support::https::serve_tls;
+use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver};
 use vmdisk_tests::certs::{write_secret_dir, TestCa};
-use vmdisk_webhook::server::serve_tls;
-use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
 use crate::local::LocalInstall;
 use crate::support::{create_image, wait_for};
@@ -160,7 +160,7 @@ impl BareWebhook {
                 router,
                 std::future::pending(),
                 Duration::from_secs(1),
-                vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
+                vmdisk_support::https::DEFAULT_MAX_CONNECTIONS,
             )
             .await
         });

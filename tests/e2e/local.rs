@@ -26,12 +26,15 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use tempfile::TempDir;
 use vmdisk_crds::{
-    NodeDiskCache, VMDiskImage, CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE, NODE_CACHE_LABEL_PREFIX,
+    NodeDiskCache, VMDiskImage, AGENT_API_AUDIENCE, CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE,
+    NODE_CACHE_LABEL_PREFIX,
 };
 use vmdisk_tests::certs::TestCa;
 use vmdisk_tests::https::{client_config, Connection};
 
-use crate::support::{service_account_token, wait_for, Env, Process, NAMESPACE_LABEL};
+use crate::support::{
+    service_account_token, service_account_token_for, wait_for, Env, Process, NAMESPACE_LABEL,
+};
 use crate::{cases, CaseDef, Phase};
 
 pub fn phase() -> Phase<LocalInstall> {
@@ -56,7 +59,7 @@ fn cases() -> Vec<CaseDef<LocalInstall>> {
         crate::api::crds_refuse_invalid_images_with_their_messages,
         crate::api::rbac_grants_exactly_what_the_components_use,
         crate::api::the_webhook_cannot_touch_secrets_volumes_or_claims,
-        crate::api::agents_cannot_read_secrets_outside_the_credentials_namespace,
+        crate::credentials::agents_read_no_secret_and_get_only_their_nodes_credentials,
         crate::api::an_agent_cannot_write_another_nodes_objects,
         crate::api::a_claims_digest_cannot_change_after_creation,
         crate::settle::claims_waiting_for_other_missing_pieces_are_written_a_handful_of_times,
@@ -83,6 +86,12 @@ pub struct LocalInstall {
     pub agents: Mutex<BTreeMap<String, LocalAgent>>,
     /// Fake nodes first (pods there never run), then real ones.
     pub nodes: Vec<String>,
+    /// The controller's agent API (`https://127.0.0.1:<port>`) and the CA file its
+    /// certificate is checked with.
+    pub agent_api_url: String,
+    pub agent_api_ca: PathBuf,
+    /// The controller's plain-HTTP endpoint (`/metrics`, `/readyz`).
+    pub controller_metrics: SocketAddr,
 }
 
 fn free_port(host: &str) -> u16 {
@@ -157,9 +166,21 @@ impl LocalInstall {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
             .parse()
             .unwrap();
+        // Its agent API, with a certificate of the suite's CA.
+        let agent_api = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        let agent_api_url = format!("https://{agent_api}");
+        let agent_api_tls = work.path().join("agent-api-tls");
+        std::fs::create_dir_all(&agent_api_tls).unwrap();
+        let pair = ca.issue(&["127.0.0.1"]);
+        std::fs::write(agent_api_tls.join("tls.crt"), &pair.cert_pem).unwrap();
+        std::fs::write(agent_api_tls.join("tls.key"), &pair.key_pem).unwrap();
+        let agent_api_ca = work.path().join("agent-api-ca.crt");
+        std::fs::write(&agent_api_ca, ca.cert_pem()).unwrap();
         let mut command = Command::new(env.binary("vmdisk-controller"));
         command
             .args(["--metrics-listen", &metrics.to_string()])
+            .args(["--agent-api-listen", &agent_api, "--agent-api-cert-dir"])
+            .arg(&agent_api_tls)
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAME", "e2e-local-controller")
             .env("RUST_LOG", "info,vmdisk_controller=debug");
@@ -218,6 +239,17 @@ impl LocalInstall {
             .await;
             let kubeconfig =
                 env.kubeconfig_with_token(work.path(), &format!("agent-{node}"), &token);
+            // What the kubelet projects into the agent's pod for the agent API.
+            let api_token = service_account_token_for(
+                &admin,
+                INSTALL_NAMESPACE,
+                "vmdisk-cache-agent",
+                Some((&pod.name_any(), &pod.uid().unwrap())),
+                Some(AGENT_API_AUDIENCE),
+            )
+            .await;
+            let api_token_file = work.path().join(format!("agent-api-token-{node}"));
+            std::fs::write(&api_token_file, api_token).unwrap();
             let cache_dir = work.path().join(format!("cache-{node}"));
             let command = vec![
                 "run".to_string(),
@@ -231,6 +263,12 @@ impl LocalInstall {
                 "127.0.0.1:0".into(),
                 "--resync-seconds".into(),
                 "5".into(),
+                "--credentials-url".into(),
+                agent_api_url.clone(),
+                "--credentials-ca".into(),
+                agent_api_ca.display().to_string(),
+                "--credentials-token".into(),
+                api_token_file.display().to_string(),
             ];
             let mut agent = LocalAgent {
                 process: None,
@@ -249,7 +287,41 @@ impl LocalInstall {
             controller: Mutex::new(controller),
             agents: Mutex::new(agents),
             nodes,
+            agent_api_url,
+            agent_api_ca,
+            controller_metrics: metrics,
         })
+    }
+
+    /// A token of the cache agent DaemonSet's pod on `node` (its node recorded by the API
+    /// server), for `audience` (the API server's when `None`).
+    pub async fn agent_token(&self, node: &str, audience: Option<&str>) -> String {
+        let pod = Api::<Pod>::namespaced(self.admin.clone(), INSTALL_NAMESPACE)
+            .list(
+                &ListParams::default()
+                    .labels("app.kubernetes.io/name=vmdisk-cache-agent")
+                    .fields(&format!("spec.nodeName={node}")),
+            )
+            .await
+            .unwrap()
+            .items
+            .remove(0);
+        service_account_token_for(
+            &self.admin,
+            INSTALL_NAMESPACE,
+            "vmdisk-cache-agent",
+            Some((&pod.name_any(), &pod.uid().unwrap())),
+            audience,
+        )
+        .await
+    }
+
+    /// The controller's `/metrics` text.
+    pub async fn controller_metrics(&self) -> String {
+        match crate::support::http_get(self.controller_metrics, "/metrics").await {
+            Ok((200, body)) => body,
+            other => panic!("the controller's /metrics: {other:?}"),
+        }
     }
 
     /// The fake nodes (pods bound there never run), for placement tests.

@@ -20,6 +20,7 @@
 //! - `local`'s last case stops a controller with SIGTERM (`stop`).
 
 mod api;
+mod credentials;
 mod flow;
 mod images;
 mod installed;

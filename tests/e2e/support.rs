@@ -208,7 +208,21 @@ pub async fn service_account_token(
     name: &str,
     pod: Option<(&str, &str)>,
 ) -> String {
+    service_account_token_for(admin, namespace, name, pod, None).await
+}
+
+/// As [`service_account_token`], for `audience` instead of the API server's.
+pub async fn service_account_token_for(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    pod: Option<(&str, &str)>,
+    audience: Option<&str>,
+) -> String {
     let mut spec = json!({"expirationSeconds": 7200});
+    if let Some(audience) = audience {
+        spec["audiences"] = json!([audience]);
+    }
     if let Some((pod_name, uid)) = pod {
         spec["boundObjectRef"] =
             json!({"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": uid});

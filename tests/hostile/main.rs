@@ -3,7 +3,7 @@
 //! than they hold are refused (or warmed) with the child staying under 128 MiB, whatever they
 //! claim, and each refusal names its reason.
 
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -207,6 +207,31 @@ async fn hostile_images_are_refused_or_warmed_in_bounded_memory() {
         &stderr,
         peak,
         Some("inflates to more than"),
+    );
+    // A PAX extension header claiming 1 GiB ahead of the disk (1 MiB of gzip): the tar crate
+    // would hold it whole before yielding the entry; refused at 1 MiB.
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    let mut pax = tar::Header::new_ustar();
+    pax.set_path("PaxHeaders/disk.img").unwrap();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_size(1 << 30);
+    pax.set_mode(0o644);
+    pax.set_cksum();
+    builder
+        .append(&pax, std::io::repeat(b'1').take(1 << 30))
+        .unwrap();
+    let mut file = std::fs::File::open(&disk).unwrap();
+    builder.append_file("disk/disk.img", &mut file).unwrap();
+    let blob = builder.into_inner().unwrap().finish().unwrap();
+    let (reference, _) = push_blobs(&registry, "hostile/pax", "1g", vec![(blob, TAR_GZIP)]).await;
+    let (ok, stderr, peak) = warm(&reference, &work.path().join("cache-pax"), &[]);
+    check(
+        "a 1 GiB PAX extension header",
+        ok,
+        &stderr,
+        peak,
+        Some("tar extension headers (GNU long names, PAX records) over 1048576 bytes"),
     );
     // A VMDK whose grain directory is 512 MiB (a 32 TiB disk of 512-byte grains), the file
     // extended with zeros so that the directory lies inside it.

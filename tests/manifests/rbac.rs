@@ -124,35 +124,21 @@ fn populator_pod_rbac_is_exactly_what_populate_uses() {
     );
 }
 
+/// The node-side accounts read no Secret at all: agents get the credentials of what their
+/// node prefetches from the controller's agent API, and populator pods (root, with the node
+/// cache's hostPath) mount theirs as a Secret volume the node's kubelet reads.
 #[test]
-fn agents_read_secrets_only_in_the_credentials_namespace() {
-    let secrets: Vec<_> = granted("vmdisk-cache-agent")
-        .into_iter()
-        .filter(|(_, resource, _, _)| resource == "secrets")
-        .collect();
-    assert_eq!(
-        secrets,
-        vec![(
-            "".to_string(),
-            "secrets".to_string(),
-            "get".to_string(),
-            vmdisk_crds::AccessScope::CredentialsNamespace
-        )]
-    );
-}
-
-/// Populator pods (root, with the node cache's hostPath) read no Secret: their pull
-/// credentials are a Secret volume the node's kubelet mounts.
-#[test]
-fn populator_pods_read_no_secret() {
-    let granted = granted("vmdisk-populator");
-    assert!(!granted.is_empty());
-    assert!(
-        granted
-            .iter()
-            .all(|(_, resource, _, _)| resource != "secrets"),
-        "{granted:?}"
-    );
+fn agents_and_populator_pods_read_no_secret() {
+    for account in ["vmdisk-cache-agent", "vmdisk-populator"] {
+        let granted = granted(account);
+        assert!(!granted.is_empty(), "{account}");
+        assert!(
+            granted
+                .iter()
+                .all(|(_, resource, _, _)| resource != "secrets"),
+            "{account}: {granted:?}"
+        );
+    }
 }
 
 /// The admission server, which the API server calls over the network, only reads: no

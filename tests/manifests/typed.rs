@@ -58,6 +58,9 @@ pub struct CertificateSpec {
     pub private_key: Option<PrivateKey>,
     #[serde(default)]
     pub dns_names: Option<Vec<String>>,
+    /// cert-manager's key usages (`server auth`, `client auth`, ...).
+    #[serde(default)]
+    pub usages: Option<Vec<String>>,
     pub issuer_ref: IssuerRef,
 }
 

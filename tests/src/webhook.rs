@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use vmdisk_support::https::serve_tls;
+use vmdisk_support::tls::{server_config, CertPaths, CertWatch, ReloadingCertResolver};
 use vmdisk_webhook::catalog::file::{CatalogWatch, FileCatalog};
 use vmdisk_webhook::mutate::MutationConfig;
 use vmdisk_webhook::routes::{router, Webhook};
-use vmdisk_webhook::server::serve_tls;
-use vmdisk_webhook::tls::{server_config, CertPaths, CertWatch, ReloadingCertResolver};
 
 use crate::certs::{write_secret_dir, TestCa};
 use crate::https::{client_config, Connection};
@@ -125,7 +125,7 @@ impl TestWebhook {
                 let _ = rx.await;
             },
             Duration::from_secs(5),
-            vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
+            vmdisk_support::https::DEFAULT_MAX_CONNECTIONS,
         ));
         Self {
             addr,

@@ -505,9 +505,9 @@ async fn shutdown_drains_and_stops_accepting() {
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() {
     use std::sync::Arc;
+    use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver};
     use vmdisk_tests::certs::{write_secret_dir, TestCa};
     use vmdisk_tests::https::{client_config, Connection};
-    use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
@@ -532,7 +532,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(vmdisk_webhook::server::serve_tls(
+    let server = tokio::spawn(vmdisk_support::https::serve_tls(
         listener,
         server_config(resolver),
         router,
@@ -540,7 +540,7 @@ async fn shutdown_lets_in_flight_requests_finish() {
             let _ = stop_rx.await;
         },
         Duration::from_secs(5),
-        vmdisk_webhook::server::DEFAULT_MAX_CONNECTIONS,
+        vmdisk_support::https::DEFAULT_MAX_CONNECTIONS,
     ));
     let mut conn = Connection::open(addr, "localhost", client_config(&ca.cert_pem()))
         .await
@@ -602,9 +602,9 @@ async fn a_body_that_never_arrives_is_answered_408() {
 #[tokio::test]
 async fn connections_over_the_limit_wait_for_a_free_slot() {
     use std::sync::Arc;
+    use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver};
     use vmdisk_tests::certs::{write_secret_dir, TestCa};
     use vmdisk_tests::https::{client_config, Connection};
-    use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
@@ -615,7 +615,7 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(vmdisk_webhook::server::serve_tls(
+    tokio::spawn(vmdisk_support::https::serve_tls(
         listener,
         server_config(resolver),
         router,

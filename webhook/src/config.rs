@@ -45,7 +45,7 @@ pub struct WebhookArgs {
     pub max_body_bytes: usize,
 
     /// Connections served at once; more wait in the kernel's backlog.
-    #[arg(long, env = "VMDISK_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections)]
+    #[arg(long, env = "VMDISK_MAX_CONNECTIONS", default_value_t = vmdisk_support::https::DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections)]
     pub max_connections: usize,
 
     /// Seconds to let in-flight requests finish after SIGTERM (a review takes milliseconds;
@@ -93,7 +93,10 @@ mod tests {
         assert!(WebhookArgs::try_parse_from(["x", "--filesystem-overhead", "0.9"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--affinity-weight", "0"]).is_err());
         assert!(WebhookArgs::try_parse_from(["x", "--listen", "nope"]).is_err());
-        assert_eq!(a.max_connections, crate::server::DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            a.max_connections,
+            vmdisk_support::https::DEFAULT_MAX_CONNECTIONS
+        );
         assert!(WebhookArgs::try_parse_from(["x", "--max-connections", "0"]).is_err());
         // The controllers run in vmdisk-controller.
         assert!(WebhookArgs::try_parse_from(["x", "--controllers=false"]).is_err());

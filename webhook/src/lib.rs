@@ -4,19 +4,16 @@
 //! Module map: [`admission`] decodes AdmissionReviews with serde, holds the policy (what is
 //! mutated) and the object views, and encodes answers; [`mutate`] holds the pure decisions
 //! (what patch a PVC or Pod gets); [`catalog`] keeps VMDiskImages and labelled PVCs in memory
-//! (from the API server, or from a directory of YAML); [`tls`] loads and hot-reloads the
-//! serving certificate; [`server`] is the HTTPS accept loop; [`routes`] is the HTTP side
-//! (limits, status codes, metrics, probes).
+//! (from the API server, or from a directory of YAML); [`routes`] is the HTTP side
+//! (limits, status codes, metrics, probes). The serving certificate and the HTTPS accept loop
+//! are shared with the controller: `vmdisk_support::{tls, https}`.
 
 pub mod admission;
 pub mod catalog;
 pub mod config;
-pub mod dir_watch;
 pub mod metrics;
 pub mod mutate;
 pub mod routes;
-pub mod server;
-pub mod tls;
 
 pub use vmdisk_support::error_chain;
 

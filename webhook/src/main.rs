@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use vmdisk_support::https::serve_tls;
 use vmdisk_support::process::{self, bind, Stop};
+use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver};
 use vmdisk_webhook::catalog::{file::FileCatalog, kube::KubeCatalog, ImageCatalog};
 use vmdisk_webhook::config::WebhookArgs;
 use vmdisk_webhook::metrics::WebhookMetrics;
 use vmdisk_webhook::routes::{router, Webhook};
-use vmdisk_webhook::server::serve_tls;
-use vmdisk_webhook::tls::{server_config, CertPaths, ReloadingCertResolver};
 
 fn main() -> std::process::ExitCode {
     let args = WebhookArgs::parse();

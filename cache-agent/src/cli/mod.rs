@@ -104,9 +104,26 @@ pub enum Mode {
         /// Seconds between full resyncs even without changes.
         #[arg(long, default_value_t = 60)]
         resync_seconds: u64,
-        /// Namespace where the image controller keeps copies of the images' pull credentials.
-        #[arg(long, env = "VMDISK_CREDENTIALS_NAMESPACE", default_value = vmdisk_crds::CREDENTIALS_NAMESPACE)]
-        credentials_namespace: String,
+        /// The controller's agent API, where the agent fetches the pull credentials of the
+        /// images its node prefetches (e.g. https://vmdisk-controller.vmdisk-system.svc:8443).
+        /// Without it, images that name a pull secret are not prefetched.
+        #[arg(long, env = "VMDISK_CREDENTIALS_URL")]
+        credentials_url: Option<String>,
+        /// The CA (PEM) that issued the agent API's certificate.
+        #[arg(
+            long,
+            env = "VMDISK_CREDENTIALS_CA",
+            default_value = "/var/run/vmdisk/agent-api/ca.crt"
+        )]
+        credentials_ca: PathBuf,
+        /// This pod's ServiceAccount token for audience vmdisk-controller (a projected volume),
+        /// shown to the agent API.
+        #[arg(
+            long,
+            env = "VMDISK_CREDENTIALS_TOKEN",
+            default_value = "/var/run/vmdisk/agent-api/token"
+        )]
+        credentials_token: PathBuf,
     },
     /// Warm one image into a cache directory, with progress (for a person at a terminal).
     Warm {
@@ -198,14 +215,21 @@ pub async fn run_until_stopped(
             node_name,
             metrics_listen,
             resync_seconds,
-            credentials_namespace,
+            credentials_url,
+            credentials_ca,
+            credentials_token,
         } => {
+            let credentials = crate::node::CredentialsSource {
+                url: credentials_url,
+                ca_file: credentials_ca,
+                token_file: credentials_token,
+            };
             run::execute(
                 cache,
                 node_name,
                 metrics_listen,
                 resync_seconds,
-                credentials_namespace,
+                credentials,
                 stop,
             )
             .await

@@ -14,7 +14,7 @@ pub(super) async fn execute(
     node_name: String,
     metrics_listen: std::net::SocketAddr,
     resync_seconds: u64,
-    credentials_namespace: String,
+    credentials: crate::node::CredentialsSource,
     stop: vmdisk_support::process::Stop,
 ) -> anyhow::Result<()> {
     let store = open_store(&cache, OpenAs::Owner)?;
@@ -35,7 +35,7 @@ pub(super) async fn execute(
     crate::node::Agent {
         client,
         node_name,
-        credentials_namespace,
+        credentials,
         warmer,
         reporter,
         metrics,

@@ -11,18 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
-use vmdisk_crds::{
-    credentials_secret_name, reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference,
-    VMDiskImage,
-};
-use vmdisk_registry::{DockerConfig, RegistryOptions};
+use vmdisk_crds::{reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference, VMDiskImage};
+use vmdisk_registry::RegistryOptions;
 
+use super::credentials::CredentialsSource;
 use super::plan::{plan, wanted_images, RetryState, WantedImage, WARM_BACKOFF};
 use super::report::{node_cache_status, CacheEntryView, NodeReporter};
 use super::AgentMetrics;
@@ -34,8 +32,6 @@ pub const API_ACCESS: &[ApiAccess] = &[
     ApiAccess::WATCH_VMDISKIMAGES,
     // This node only (a field selector), but RBAC cannot say so.
     ApiAccess::new("", "nodes", &["list", "watch"], AccessScope::Cluster),
-    // The image controller's copies of pull credentials; never Secrets elsewhere.
-    ApiAccess::new("", "secrets", &["get"], AccessScope::CredentialsNamespace),
 ];
 
 /// Live state of warms, for the status report.
@@ -55,8 +51,8 @@ struct AgentState {
 pub struct Agent {
     pub client: Client,
     pub node_name: String,
-    /// Where the image controller keeps the copies of pull credentials.
-    pub credentials_namespace: String,
+    /// The controller's agent API, for the pull credentials of prefetched images.
+    pub credentials: CredentialsSource,
     pub warmer: Warmer,
     pub reporter: NodeReporter,
     pub metrics: Arc<AgentMetrics>,
@@ -303,36 +299,25 @@ impl Agent {
         warms.spawn(warm.instrument(span));
     }
 
-    /// Registry options for a wanted image, with the credentials copy the image controller
-    /// made for it when the image names a pull secret.
+    /// Registry options for a wanted image, with its pull credentials from the controller's
+    /// agent API when the image names a pull secret.
     async fn registry_options(&self, wanted: &WantedImage) -> Result<RegistryOptions, String> {
         let reference = ImageReference::parse(&wanted.reference).map_err(|e| e.to_string())?;
         let credentials = match &wanted.source.pull_secret_ref {
             None => None,
-            Some(secret_ref) => {
-                let name = credentials_secret_name(&wanted.uid);
-                let secrets: Api<Secret> =
-                    Api::namespaced(self.client.clone(), &self.credentials_namespace);
-                let copy = secrets
-                    .get_opt(&name)
+            Some(_) => Some(
+                self.credentials
+                    .fetch(&self.client, &wanted.namespace, &wanted.name)
                     .await
                     .map_err(|e| {
                         format!(
-                            "reading the credentials of {}/{} ({}/{name}): {e}",
-                            wanted.namespace, wanted.name, self.credentials_namespace
+                            "the pull credentials of {}/{}: {}",
+                            wanted.namespace,
+                            wanted.name,
+                            crate::error_chain(&e)
                         )
-                    })?
-                    .ok_or_else(|| {
-                        format!(
-                            "the credentials of {}/{} (pull secret {}) are not copied to {}/{name} yet; the image controller does that",
-                            wanted.namespace, wanted.name, secret_ref.name, self.credentials_namespace
-                        )
-                    })?;
-                Some(
-                    DockerConfig::from_secret_data(&copy.data.unwrap_or_default())
-                        .map_err(|e| format!("{}/{name}: {e}", self.credentials_namespace))?,
-                )
-            }
+                    })?,
+            ),
         };
         Ok(RegistryOptions::for_source(
             &reference,

@@ -5,11 +5,13 @@
 //! to start now, the retry backoff), then `agent` (the [`Agent`] loop: reflectors on the
 //! VMDiskImages and this Node, the store's entry watcher, the warms), then `report` (the
 //! NodeDiskCache status and node labels, computed by pure functions and written by
-//! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`]).
+//! [`NodeReporter`], and Events) and `metrics` ([`AgentMetrics`]). `credentials` fetches the
+//! pull credentials of prefetched images from the controller's agent API.
 
 mod agent;
 #[cfg(test)]
 mod convergence;
+mod credentials;
 mod metrics;
 mod plan;
 mod report;
@@ -17,8 +19,13 @@ mod report;
 use vmdisk_crds::ApiAccess;
 
 pub use self::agent::Agent;
+pub use self::credentials::{CredentialsError, CredentialsSource};
 pub use self::metrics::AgentMetrics;
 pub use self::report::NodeReporter;
 
 /// Everything the run loop and its reports ask of the API server.
-pub(crate) const API_ACCESS: &[&[ApiAccess]] = &[agent::API_ACCESS, report::API_ACCESS];
+pub(crate) const API_ACCESS: &[&[ApiAccess]] = &[
+    agent::API_ACCESS,
+    report::API_ACCESS,
+    credentials::API_ACCESS,
+];

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmdisk_crds::{ImageReference, PullMethod, RegistrySource, VMDiskImage};
+use vmdisk_crds::{ImageReference, RegistrySource, VMDiskImage};
 use vmdisk_support::Backoff;
 
 use crate::store::EntryKey;
@@ -36,14 +36,7 @@ pub fn wanted_images(
 ) -> Vec<WantedImage> {
     let mut out: Vec<WantedImage> = images
         .iter()
-        .filter(|i| i.spec.cache.selects(node_labels))
-        .filter(|i| {
-            i.spec
-                .source
-                .registry
-                .pull_method
-                .is_none_or(|m| m == PullMethod::Pod)
-        })
+        .filter(|i| i.prefetched_on(node_labels))
         .filter_map(|i| {
             let digest = i.digest()?;
             let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
@@ -113,7 +106,8 @@ pub fn plan(
 mod tests {
     use super::*;
     use vmdisk_crds::{
-        CachePolicy, DiskFormat, ImageSource, RegistrySource, VMDiskImageSpec, VMDiskImageStatus,
+        CachePolicy, DiskFormat, ImageSource, PullMethod, RegistrySource, VMDiskImageSpec,
+        VMDiskImageStatus,
     };
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";

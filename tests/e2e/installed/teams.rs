@@ -41,6 +41,24 @@ pub(super) async fn two_teams_on_one_node_never_get_each_others_disk(
     )
     .await;
     wait_warm(&admin, &team_a, "secret", WAIT).await;
+    // The agent pod had A's credentials from the controller's agent API (it reads no Secret),
+    // reached through the Service's EndpointSlices: this cluster has no DNS or kube-proxy.
+    let logs = fx.env.kubectl(&[
+        "logs",
+        "-n",
+        INSTALL_NAMESPACE,
+        "-l",
+        "app.kubernetes.io/name=vmdisk-controller",
+        "--tail=-1",
+    ]);
+    assert!(
+        logs.lines().any(|l| l.contains("credentials requested")
+            && l.contains(&format!("{team_a}/secret"))
+            && l.contains(&fx.real_node)
+            && l.contains("granted")),
+        "no granted credentials request of {team_a}/secret from {} in the controllers' logs",
+        fx.real_node
+    );
     let claim = |name: &str, image: &str| json!({"metadata": {"name": name, "annotations": {"vmdisk.io/image": image}}, "spec": {}});
     let first = create_pvc(&admin, &team_a, claim("first", "secret")).await;
     wait_bound(&admin, &team_a, "first", Instant::now()).await;

@@ -15,8 +15,8 @@ use thiserror::Error;
 use vmdisk_crds::VMDiskImage;
 
 use super::{CatalogSnapshot, ImageCatalog};
-use crate::dir_watch::DirWatch;
 use crate::mutate::ImageLookup;
+use vmdisk_support::dir_watch::DirWatch;
 
 #[derive(Debug, Error)]
 pub enum FileCatalogError {

@@ -80,6 +80,8 @@ pub enum ExtractError {
         limit: u64,
         slack: u64,
     },
+    #[error("layer {layer} has tar extension headers (GNU long names, PAX records) over {limit} bytes before one entry; refused")]
+    HeadersTooLarge { layer: usize, limit: u64 },
     #[error("layer {layer} is not a valid {compression} tar stream: {source}")]
     Corrupt {
         layer: usize,
@@ -217,6 +219,10 @@ struct Capped<R> {
     inner: R,
     left: u64,
     exceeded: Rc<Cell<bool>>,
+    /// While the tar crate looks for the next entry: what it may still read. It buffers GNU
+    /// long names and PAX records whole, so these bytes are memory.
+    between_entries: Rc<Cell<Option<u64>>>,
+    headers_exceeded: Rc<Cell<bool>>,
 }
 
 impl<R: Read> Read for Capped<R> {
@@ -227,9 +233,23 @@ impl<R: Read> Read for Capped<R> {
             return Err(std::io::Error::other("layer inflates past its limit"));
         }
         self.left -= n as u64;
+        if let Some(left) = self.between_entries.get() {
+            if n as u64 > left {
+                self.headers_exceeded.set(true);
+                return Err(std::io::Error::other(
+                    "tar extension headers past their limit",
+                ));
+            }
+            self.between_entries.set(Some(left - n as u64));
+        }
         Ok(n)
     }
 }
+
+/// What the headers between two entries may take: the 512-byte headers, padding, and the GNU
+/// long names and PAX records the tar crate reads into memory before it yields the entry
+/// (libarchive refuses such headers over 1 MiB too).
+pub const MAX_ENTRY_HEADER_BYTES: u64 = 1 << 20;
 
 /// Applies `layers` (files) in order and writes the single disk they hold into
 /// `staging_dir`, as it is in the image. `progress` receives the compressed bytes consumed.
@@ -285,8 +305,15 @@ pub fn extract_disk_from(
             count: Rc::clone(&count),
         };
         let exceeded = Rc::new(Cell::new(false));
+        let between_entries = Rc::new(Cell::new(None));
+        let headers_exceeded = Rc::new(Cell::new(false));
         let corrupt = |source| {
-            if exceeded.get() {
+            if headers_exceeded.get() {
+                ExtractError::HeadersTooLarge {
+                    layer,
+                    limit: MAX_ENTRY_HEADER_BYTES,
+                }
+            } else if exceeded.get() {
                 ExtractError::LayerTooLarge {
                     layer,
                     limit: limits.max_layer_inflated_bytes(),
@@ -311,120 +338,135 @@ pub fn extract_disk_from(
             inner: inflated,
             left: limits.max_layer_inflated_bytes(),
             exceeded: Rc::clone(&exceeded),
+            between_entries: Rc::clone(&between_entries),
+            headers_exceeded: Rc::clone(&headers_exceeded),
         };
         let mut archive = tar::Archive::new(reader);
-        let entries = archive.entries().map_err(corrupt)?;
-        for entry in entries {
+        let mut entries = archive.entries().map_err(corrupt)?;
+        loop {
+            between_entries.set(Some(MAX_ENTRY_HEADER_BYTES));
+            let next = entries.next();
+            between_entries.set(None);
+            let Some(entry) = next else { break };
             let mut entry = entry.map_err(corrupt)?;
-            let header_path = entry.path_bytes().into_owned();
-            let parts = normalise(layer, &header_path)?;
-            let entry_name = parts.join("/");
-            let kind = entry.header().entry_type();
-            let file_name = parts.last().cloned().unwrap_or_default();
+            'entry: {
+                let header_path = entry.path_bytes().into_owned();
+                let parts = normalise(layer, &header_path)?;
+                let entry_name = parts.join("/");
+                let kind = entry.header().entry_type();
+                let file_name = parts.last().cloned().unwrap_or_default();
 
-            // Whiteouts (OCI image spec, layer changesets).
-            if let Some(hidden) = file_name.strip_prefix(".wh.") {
-                let dir = &parts[..parts.len() - 1];
-                if dir.len() == 1 && dir[0] == "disk" {
-                    if hidden == ".wh..opq" {
+                // Whiteouts (OCI image spec, layer changesets).
+                if let Some(hidden) = file_name.strip_prefix(".wh.") {
+                    let dir = &parts[..parts.len() - 1];
+                    if dir.len() == 1 && dir[0] == "disk" {
+                        if hidden == ".wh..opq" {
+                            for (_, (p, _)) in std::mem::take(&mut disks) {
+                                let _ = std::fs::remove_file(p);
+                            }
+                        } else if let Some((p, _)) = disks.remove(hidden) {
+                            let _ = std::fs::remove_file(p);
+                        }
+                    } else if dir.is_empty() && hidden == "disk" {
                         for (_, (p, _)) in std::mem::take(&mut disks) {
                             let _ = std::fs::remove_file(p);
                         }
-                    } else if let Some((p, _)) = disks.remove(hidden) {
-                        let _ = std::fs::remove_file(p);
                     }
-                } else if dir.is_empty() && hidden == "disk" {
-                    for (_, (p, _)) in std::mem::take(&mut disks) {
-                        let _ = std::fs::remove_file(p);
-                    }
+                    break 'entry;
                 }
-                continue;
-            }
 
-            if kind.is_symlink() || kind.is_hard_link() {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .unwrap_or_default();
-                let target_text = String::from_utf8_lossy(&target).into_owned();
-                if !link_stays_inside(&parts, &target, kind.is_hard_link()) {
-                    return Err(ExtractError::EscapingLink {
-                        layer,
-                        entry: entry_name,
-                        target: target_text,
-                    });
-                }
-                let target_parts = normalise(layer, &target).unwrap_or_default();
-                let touches_disk = !matches!(place(&parts), Place::Elsewhere)
-                    || (kind.is_hard_link() && !matches!(place(&target_parts), Place::Elsewhere));
-                if touches_disk {
-                    return Err(ExtractError::LinkInDisk {
-                        layer,
-                        entry: entry_name,
-                    });
-                }
-                continue;
-            }
-            if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-                return Err(ExtractError::DeviceNode {
-                    layer,
-                    entry: entry_name,
-                });
-            }
-            let regular = kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse();
-            if !regular {
-                continue; // directories, pax/GNU metadata entries
-            }
-            match place(&parts) {
-                Place::Elsewhere | Place::DiskDir => continue,
-                Place::NestedInDisk => {
-                    return Err(ExtractError::NestedDiskFile {
-                        layer,
-                        entry: entry_name,
-                    })
-                }
-                Place::Disk(name) => {
-                    let size = entry.size();
-                    if size > limits.max_disk_bytes {
-                        return Err(ExtractError::DiskTooLarge {
+                if kind.is_symlink() || kind.is_hard_link() {
+                    let target = entry
+                        .link_name_bytes()
+                        .map(|t| t.into_owned())
+                        .unwrap_or_default();
+                    let target_text = String::from_utf8_lossy(&target).into_owned();
+                    if !link_stays_inside(&parts, &target, kind.is_hard_link()) {
+                        return Err(ExtractError::EscapingLink {
                             layer,
                             entry: entry_name,
-                            size,
-                            limit: limits.max_disk_bytes,
+                            target: target_text,
                         });
                     }
-                    // Names are a single normal component (checked above), so this stays
-                    // inside disk_dir.
-                    let out_path = disk_dir.join(&name);
-                    let decoded = write_disk(&mut entry, size, &out_path, target, limits, &mut buf)
-                        .map_err(|failure| match failure {
-                            WriteFailure::Read(e)
-                                if exceeded.get()
-                                    || e.kind() == std::io::ErrorKind::InvalidData
-                                    || e.kind() == std::io::ErrorKind::UnexpectedEof =>
-                            {
-                                corrupt(e)
-                            }
-                            WriteFailure::Read(e) => ExtractError::Io {
-                                context: format!("reading layer {layer}"),
-                                source: e,
-                            },
-                            WriteFailure::Write(e) => ExtractError::Io {
-                                context: format!("writing {}", out_path.display()),
-                                source: e,
-                            },
-                            WriteFailure::Disk(source) => ExtractError::Disk { layer, source },
-                            WriteFailure::TooLarge(size) => ExtractError::DiskTooLarge {
+                    let target_parts = normalise(layer, &target).unwrap_or_default();
+                    let touches_disk = !matches!(place(&parts), Place::Elsewhere)
+                        || (kind.is_hard_link()
+                            && !matches!(place(&target_parts), Place::Elsewhere));
+                    if touches_disk {
+                        return Err(ExtractError::LinkInDisk {
+                            layer,
+                            entry: entry_name,
+                        });
+                    }
+                    break 'entry;
+                }
+                if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+                    return Err(ExtractError::DeviceNode {
+                        layer,
+                        entry: entry_name,
+                    });
+                }
+                let regular = kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse();
+                if !regular {
+                    break 'entry; // directories, pax/GNU metadata entries
+                }
+                match place(&parts) {
+                    Place::Elsewhere | Place::DiskDir => break 'entry,
+                    Place::NestedInDisk => {
+                        return Err(ExtractError::NestedDiskFile {
+                            layer,
+                            entry: entry_name,
+                        })
+                    }
+                    Place::Disk(name) => {
+                        let size = entry.size();
+                        if size > limits.max_disk_bytes {
+                            return Err(ExtractError::DiskTooLarge {
                                 layer,
-                                entry: entry_name.clone(),
+                                entry: entry_name,
                                 size,
                                 limit: limits.max_disk_bytes,
-                            },
-                        })?;
-                    disks.insert(name, (out_path, decoded));
-                    progress(consumed_before + count.get());
+                            });
+                        }
+                        // Names are a single normal component (checked above), so this stays
+                        // inside disk_dir.
+                        let out_path = disk_dir.join(&name);
+                        let decoded =
+                            write_disk(&mut entry, size, &out_path, target, limits, &mut buf)
+                                .map_err(|failure| match failure {
+                                    WriteFailure::Read(e)
+                                        if exceeded.get()
+                                            || e.kind() == std::io::ErrorKind::InvalidData
+                                            || e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                                    {
+                                        corrupt(e)
+                                    }
+                                    WriteFailure::Read(e) => ExtractError::Io {
+                                        context: format!("reading layer {layer}"),
+                                        source: e,
+                                    },
+                                    WriteFailure::Write(e) => ExtractError::Io {
+                                        context: format!("writing {}", out_path.display()),
+                                        source: e,
+                                    },
+                                    WriteFailure::Disk(source) => {
+                                        ExtractError::Disk { layer, source }
+                                    }
+                                    WriteFailure::TooLarge(size) => ExtractError::DiskTooLarge {
+                                        layer,
+                                        entry: entry_name.clone(),
+                                        size,
+                                        limit: limits.max_disk_bytes,
+                                    },
+                                })?;
+                        disks.insert(name, (out_path, decoded));
+                        progress(consumed_before + count.get());
+                    }
                 }
             }
+            // What the entry's handling left unread is read here, outside the headers' budget:
+            // the tar crate's own skip to the next header is then only padding.
+            std::io::copy(&mut entry, &mut std::io::sink()).map_err(corrupt)?;
         }
         // Read the layer to its end (tar padding, the compressed stream's trailer): a
         // verifying download ends, and checks its digest, only there.

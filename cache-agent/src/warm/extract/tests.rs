@@ -397,6 +397,55 @@ fn a_layer_inflating_far_past_its_disk_is_refused() {
     .unwrap();
 }
 
+/// A PAX extension record of `len` bytes (`path` of a junk file), ahead of entry `path`.
+fn with_pax_path(builder: &mut tar::Builder<Vec<u8>>, len: usize) {
+    let value = "j".repeat(len);
+    builder
+        .append_pax_extensions([("path", value.as_bytes())])
+        .unwrap();
+    raw_entry(builder, "junk/x", tar::EntryType::Regular, None, b"junk");
+}
+
+#[test]
+fn extension_headers_are_bounded_and_skipped_entries_are_not_counted_as_headers() {
+    let s = Setup::new();
+    let disk = disk_bytes(1 << 20);
+    // A long name within the bound, and a 6 MiB file nobody uses: the file is read outside
+    // the headers' budget.
+    let mut b = tar::Builder::new(Vec::new());
+    with_pax_path(&mut b, 512 << 10);
+    raw_entry(
+        &mut b,
+        "junk/big",
+        tar::EntryType::Regular,
+        None,
+        &vec![7u8; 6 << 20],
+    );
+    raw_entry(&mut b, "disk/d", tar::EntryType::Regular, None, &disk);
+    let ok = gzip(&b.into_inner().unwrap());
+    let extracted = s.run(&[s.layer(0, &ok, LayerCompression::Gzip)]).unwrap();
+    assert_eq!(std::fs::read(&extracted.path).unwrap(), disk);
+
+    // A 2 MiB PAX record (a hostile layer may claim gigabytes: the tar crate would hold them
+    // all): refused at the bound, with the layer named.
+    let s = Setup::new();
+    let mut b = tar::Builder::new(Vec::new());
+    with_pax_path(&mut b, 2 << 20);
+    raw_entry(&mut b, "disk/d", tar::EntryType::Regular, None, &disk);
+    let hostile = gzip(&b.into_inner().unwrap());
+    match s.run(&[s.layer(0, &hostile, LayerCompression::Gzip)]) {
+        Err(e @ ExtractError::HeadersTooLarge { layer: 0, limit }) => {
+            assert_eq!(limit, MAX_ENTRY_HEADER_BYTES);
+            assert!(
+                e.to_string()
+                    .contains("over 1048576 bytes before one entry"),
+                "{e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn corrupt_streams_are_reported_per_layer() {
     let s = Setup::new();
