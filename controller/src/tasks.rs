@@ -10,6 +10,29 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
 
+/// A controller of `api`'s objects as kube's `Controller::new` makes it, but whose store keeps
+/// them without their `managedFields` (nothing reads them; they are often half an object).
+pub fn lean_controller<K>(api: Api<K>, config: watcher::Config) -> kube::runtime::Controller<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin,
+{
+    let (reader, writer) = reflector::store();
+    let objects = reflector::reflector(
+        writer,
+        watcher(api, config).modify(|o: &mut K| vmdisk_crds::strip_managed_fields(o.meta_mut())),
+    )
+    .default_backoff()
+    .applied_objects();
+    kube::runtime::Controller::for_stream(objects, reader)
+}
+
 /// A spawned helper, stopped when dropped.
 pub struct TaskGuard(tokio::task::JoinHandle<()>);
 
@@ -56,9 +79,12 @@ where
         + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    /// Spawns the reflector; it runs (with kube's default backoff) until dropped.
+    /// Spawns the reflector; it runs (with kube's default backoff) until dropped. The store
+    /// keeps objects without their `managedFields`, which nothing reads.
     pub fn spawn(api: Api<K>, config: watcher::Config) -> Self {
-        Self::spawn_lean(api, config, |_| {})
+        Self::spawn_lean(api, config, |o| {
+            vmdisk_crds::strip_managed_fields(o.meta_mut())
+        })
     }
 
     /// [`Self::spawn`], with `strip` dropping what nobody reads from each object before it is

@@ -26,6 +26,7 @@ mod images;
 mod installed;
 mod latency;
 mod local;
+mod scale;
 mod settle;
 mod stop;
 mod support;
@@ -258,6 +259,13 @@ fn main() -> std::process::ExitCode {
             &args,
             installed::phase(),
             || Box::pin(async { installed::Installed::setup(support::Env::from_env()?).await }),
+            |fixture| Box::pin(async move { fixture.teardown().await }),
+        ),
+        run_phase(
+            &runtime,
+            &args,
+            scale::phase(),
+            || Box::pin(async { local::LocalInstall::setup(support::Env::from_env()?).await }),
             |fixture| Box::pin(async move { fixture.teardown().await }),
         ),
         run_phase(

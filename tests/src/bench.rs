@@ -1,5 +1,6 @@
-//! Small helpers the benchmarks share: settings from the environment, medians, and the setup of
-//! the child processes that run vmdisk's side (so each reports its own peak RSS).
+//! Small helpers the benchmarks share: settings from the environment, medians, the setup of
+//! the child processes that run vmdisk's side (so each reports its own peak RSS), and the
+//! run of an e2e benchmark phase on a cluster started for it.
 
 use std::sync::Arc;
 
@@ -39,6 +40,54 @@ pub fn child_warmer(store: CacheStore) -> Warmer {
         Puller::new(PullerConfig::default()),
         ExtractLimits::default(),
     )
+}
+
+/// Runs the e2e suite's benchmark phase `phase` (release build) on a cluster started for it
+/// by `.ci/with-cluster` (the shared cluster script beside the checkout) and stopped again: what
+/// `cargo bench --bench <phase>` does for the benchmarks that need a cluster. Skips, saying
+/// why, without the cluster script or root.
+pub fn run_cluster_phase(phase: &str) {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if !root.join("../shared/k8s/cluster").exists() {
+        println!(
+            "{phase}: skipped: no cluster script at ../shared/k8s/cluster beside the checkout"
+        );
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("{phase}: skipped: the cluster's real node and the image builds need root");
+        return;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--workspace", "--bins"])
+        .status()
+        .unwrap();
+    assert!(built.success(), "cargo build --release failed");
+    let ran = std::process::Command::new("bash")
+        .current_dir(&root)
+        .arg(".ci/with-cluster")
+        .arg(&cargo)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "vmdisk-tests",
+            "--test",
+            "e2e",
+            "--",
+            "--ignored",
+            "--nocapture",
+            &format!("{phase}::"),
+        ])
+        .status()
+        .unwrap();
+    assert!(ran.success(), "the {phase} phase failed");
 }
 
 #[cfg(test)]

@@ -107,7 +107,7 @@ pub enum Mode {
         /// The controller's agent API, where the agent fetches the pull credentials of the
         /// images its node prefetches (e.g. https://vmdisk-controller.vmdisk-system.svc:8443).
         /// Without it, images that name a pull secret are not prefetched.
-        #[arg(long, env = "VMDISK_CREDENTIALS_URL")]
+        #[arg(long, env = "VMDISK_CREDENTIALS_URL", value_parser = crate::node::parse_credentials_url)]
         credentials_url: Option<String>,
         /// The CA (PEM) that issued the agent API's certificate.
         #[arg(

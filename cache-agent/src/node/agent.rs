@@ -83,16 +83,20 @@ impl Agent {
         let wake = Arc::new(tokio::sync::Notify::new());
         let w = Arc::clone(&wake);
         watches.push(tokio::spawn(
-            reflector::reflector(writer, watcher(images_api, watcher::Config::default()))
-                .default_backoff()
-                .touched_objects()
-                .for_each(move |event| {
-                    if let Err(e) = &event {
-                        tracing::warn!(error = %e, "VMDiskImage watch error; retrying");
-                    }
-                    w.notify_one();
-                    futures::future::ready(())
-                }),
+            reflector::reflector(
+                writer,
+                watcher(images_api, watcher::Config::default())
+                    .modify(VMDiskImage::strip_for_catalog),
+            )
+            .default_backoff()
+            .touched_objects()
+            .for_each(move |event| {
+                if let Err(e) = &event {
+                    tracing::warn!(error = %e, "VMDiskImage watch error; retrying");
+                }
+                w.notify_one();
+                futures::future::ready(())
+            }),
         ));
         let nodes: Api<Node> = Api::all(self.client.clone());
         let (node_store, node_writer) = reflector::store::<Node>();
@@ -103,7 +107,8 @@ impl Agent {
                 watcher(
                     nodes,
                     watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
-                ),
+                )
+                .modify(vmdisk_crds::strip_node_to_labels),
             )
             .default_backoff()
             .touched_objects()

@@ -155,6 +155,13 @@ impl CredentialsSource {
     }
 }
 
+/// `--credentials-url`, checked when the flags are read: an `https://host[:port]` URL.
+pub fn parse_url(url: &str) -> Result<String, String> {
+    host_and_port(url)
+        .map(|_| url.to_string())
+        .ok_or_else(|| format!("{url:?} is not an https://host[:port] URL (e.g. https://vmdisk-controller.vmdisk-system.svc:8443)"))
+}
+
 /// The host and port of an `https://host[:port]` URL (443 by default).
 fn host_and_port(url: &str) -> Option<(String, u16)> {
     let rest = url.strip_prefix("https://")?;
@@ -263,6 +270,10 @@ mod tests {
         );
         assert_eq!(host_and_port("http://c.example:80"), None);
         assert_eq!(host_and_port("https://:80"), None);
+        assert!(parse_url("http://c.ns.svc:8443")
+            .unwrap_err()
+            .contains("not an https://host[:port] URL"));
+        assert!(parse_url("https://c.ns.svc:x").is_err());
         assert_eq!(
             service_of("vmdisk-controller.vmdisk-system.svc"),
             Some(("vmdisk-controller", "vmdisk-system"))

@@ -19,7 +19,9 @@ mod report;
 use vmdisk_crds::ApiAccess;
 
 pub use self::agent::Agent;
-pub use self::credentials::{CredentialsError, CredentialsSource};
+pub use self::credentials::{
+    parse_url as parse_credentials_url, CredentialsError, CredentialsSource,
+};
 pub use self::metrics::AgentMetrics;
 pub use self::report::NodeReporter;
 

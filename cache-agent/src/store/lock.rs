@@ -112,6 +112,20 @@ pub async fn lock_any(paths: &[PathBuf], exclusive: bool) -> std::io::Result<Fil
         .unwrap_or_else(|| Err(std::io::Error::other("no lock to wait for")))
 }
 
+/// For tests: `f` again until it gives a value, for up to a second. A lock just let go may stay
+/// held for a moment by a process another test of the same binary forks: the child shares the
+/// lock's open file until it execs (close-on-exec is not close-on-fork).
+#[cfg(test)]
+pub(crate) fn soon<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    for _ in 0..50 {
+        if let Some(v) = f() {
+            return v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    f().unwrap_or_else(|| panic!("{what}: still not so after a second"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,11 +176,11 @@ mod tests {
         let b = try_lock(&path, false).unwrap().unwrap();
         assert!(try_lock(&path, true).unwrap().is_none(), "readers hold it");
         drop((a, b));
-        let writer = try_lock(&path, true).unwrap().unwrap();
+        let writer = soon("the readers let go", || try_lock(&path, true).unwrap());
         assert!(try_lock(&path, false).unwrap().is_none());
         assert!(try_lock(&path, true).unwrap().is_none());
         drop(writer);
-        assert!(try_lock(&path, true).unwrap().is_some());
+        soon("the writer let go", || try_lock(&path, true).unwrap());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! cleanup, owners and guests, leases against eviction, single-flight warms, and crashes (a
 //! child process killed at chosen points, then the cache reopened).
 
+use super::lock::soon;
 use super::meta::META_FILE;
 use super::*;
 use chrono::Utc;
@@ -64,17 +65,15 @@ fn is_empty_dir(path: &Path) -> bool {
     std::fs::read_dir(path).unwrap().next().is_none()
 }
 
+/// Opens the cache as its owner; a store this test just dropped may still own it for a moment
+/// (see [`soon`]).
 fn open(root: &Path, budget: u64) -> (CacheStore, OpenReport) {
-    // A test that reopens a store it just dropped can find the owner lock still held for a
-    // moment: a process another test forks shares the lock's open file until it execs (the
-    // descriptor is close-on-exec, not close-on-fork).
-    for _ in 0..50 {
+    soon("the previous owner let go", || {
         match CacheStore::open(root, Budget::Bytes(budget)) {
-            Err(StoreError::Owned(_)) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            other => return other.unwrap(),
+            Err(StoreError::Owned(_)) => None,
+            other => Some(other.unwrap()),
         }
-    }
-    CacheStore::open(root, Budget::Bytes(budget)).unwrap()
+    })
 }
 
 #[test]
@@ -377,7 +376,10 @@ fn budget_evicts_lru_and_keeps_pinned_and_leased() {
     );
     assert!(!store.remove(&k3).unwrap(), "a leased entry is not removed");
     drop(lease);
-    assert_eq!(store.make_room(700 << 10).unwrap(), vec![k3.clone()]);
+    assert_eq!(
+        soon("the lease let go", || store.make_room(700 << 10).ok()),
+        vec![k3.clone()]
+    );
     assert!(store.get(&k2).is_some(), "pinned survives");
     assert!(
         store.lease(&k3).is_none(),
@@ -407,8 +409,11 @@ fn one_owner_per_cache_and_any_number_of_guests() {
         "guests never evict"
     );
     drop(owner);
-    let (next, _) = CacheStore::open_shared(dir.path(), Budget::Bytes(1 << 30)).unwrap();
-    assert_eq!(next.role(), StoreRole::Owner, "nobody owns it any more");
+    // Nobody owns it any more.
+    soon("the owner let go", || {
+        let (next, _) = CacheStore::open_shared(dir.path(), Budget::Bytes(1 << 30)).unwrap();
+        (next.role() == StoreRole::Owner).then_some(next)
+    });
 }
 
 #[test]

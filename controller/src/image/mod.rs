@@ -20,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{controller, watcher, Controller};
+use kube::runtime::{controller, watcher};
 use kube::{Api, Client};
 use vmdisk_crds::{
     AccessScope, ApiAccess, NodeDiskCache, PullMethod, VMDiskImage, IMAGE_UID_LABEL,
@@ -113,7 +113,7 @@ pub async fn run(
         tracing::error!("the NodeDiskCache or Node watch stopped before its first list; the image controller is not started");
         return;
     }
-    let controller = Controller::new(images, watcher::Config::default())
+    let controller = crate::tasks::lean_controller(images, watcher::Config::default())
         .graceful_shutdown_on(stop.cancelled_owned())
         .with_config(controller::Config::default().concurrency(CONCURRENCY));
     let image_store = controller.store();

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{watcher, Controller};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use vmdisk_crds::{
     AccessScope, ApiAccess, VMDiskImage, CLAIM_ANNOTATION, COMPONENT_LABEL, POPULATOR_COMPONENT,
@@ -136,7 +136,7 @@ pub async fn run(
         Api::<DaemonSet>::namespaced(client.clone(), &config.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", config.agent_daemonset)),
     );
-    let controller = Controller::new(
+    let controller = crate::tasks::lean_controller(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )

@@ -73,7 +73,8 @@ impl KubeCatalog {
             watcher(
                 Api::<VMDiskImage>::all(client.clone()),
                 watcher::Config::default(),
-            ),
+            )
+            .modify(VMDiskImage::strip_for_catalog),
         )
         .default_backoff()
         .touched_objects();
@@ -82,7 +83,8 @@ impl KubeCatalog {
             watcher(
                 Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client),
                 watcher::Config::default().labels(IMAGE_LABEL),
-            ),
+            )
+            .modify(|claim| vmdisk_crds::strip_metadata_to(&mut claim.metadata, &[IMAGE_LABEL])),
         )
         .default_backoff()
         .touched_objects();
