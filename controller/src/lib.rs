@@ -16,6 +16,7 @@ pub mod image;
 pub mod leader;
 pub mod metrics;
 pub mod node_pull;
+pub mod placement;
 pub mod populator;
 pub mod server;
 pub mod supervisor;
@@ -32,6 +33,7 @@ pub use vmdisk_support::error_chain;
 pub fn api_access() -> std::collections::BTreeSet<vmdisk_crds::Permission> {
     vmdisk_crds::permissions(&[
         image::API_ACCESS,
+        placement::API_ACCESS,
         credentials::API_ACCESS,
         agent_api::API_ACCESS,
         leader::API_ACCESS,

@@ -125,11 +125,68 @@ impl AgentApiMetrics {
     }
 }
 
+/// Placement's rounds and the node lists they wrote: how long deciding every node's list takes
+/// as the cluster grows, and how many lists each change rewrites.
+#[derive(Clone, Debug)]
+pub struct PlacementMetrics {
+    rounds: Histogram,
+    writes: Family<ResultLabels, Counter>,
+    omitted: Gauge,
+}
+
+impl Default for PlacementMetrics {
+    fn default() -> Self {
+        Self {
+            // 1 ms … ~16 s.
+            rounds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            writes: Family::default(),
+            omitted: Gauge::default(),
+        }
+    }
+}
+
+impl PlacementMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let sub = registry.sub_registry_with_prefix("placement");
+        sub.register(
+            "round_duration_seconds",
+            "Time to decide every node's image list and write those that changed",
+            m.rounds.clone(),
+        );
+        sub.register(
+            "list_writes",
+            "Node image lists written, by result (written, failed)",
+            m.writes.clone(),
+        );
+        sub.register(
+            "omitted_images",
+            "Images left out of full node lists, summed over the nodes, at the last round",
+            m.omitted.clone(),
+        );
+        m
+    }
+
+    pub fn observe_round(&self, seconds: f64, omitted: i64) {
+        self.rounds.observe(seconds);
+        self.omitted.set(omitted);
+    }
+
+    pub fn wrote(&self, result: &str) {
+        self.writes
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
 /// Every metric of the controller, under the `vmdisk_controller_` prefix.
 pub struct ControllerMetrics {
     registry: Registry,
     pub populator: PopulatorMetrics,
     pub agent_api: AgentApiMetrics,
+    pub placement: PlacementMetrics,
     leader: Gauge,
 }
 
@@ -150,10 +207,12 @@ impl ControllerMetrics {
         );
         let populator = PopulatorMetrics::register(&mut registry);
         let agent_api = AgentApiMetrics::register(&mut registry);
+        let placement = PlacementMetrics::register(&mut registry);
         Self {
             registry,
             populator,
             agent_api,
+            placement,
             leader,
         }
     }

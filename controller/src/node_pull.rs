@@ -133,12 +133,15 @@ pub fn node_pull<'a>(
     }
 }
 
-/// The fields of a Node the node-pull decision reads (versions, cordon); the rest (images,
-/// conditions, labels, managed fields) is dropped before a Node is stored.
+/// The fields of a Node the node-pull decision (versions, cordon) and placement (labels) read;
+/// the rest (images, conditions, annotations, managed fields, vmdisk's own `cache.vmdisk.io/`
+/// labels, one per cached image) is dropped before a Node is stored.
 pub fn strip_node(node: &mut Node) {
     node.metadata.managed_fields = None;
     node.metadata.annotations = None;
-    node.metadata.labels = None;
+    if let Some(labels) = node.metadata.labels.as_mut() {
+        labels.retain(|k, _| !k.starts_with(vmdisk_crds::NODE_CACHE_LABEL_PREFIX));
+    }
     let unschedulable = node.spec.as_ref().and_then(|s| s.unschedulable);
     node.spec = unschedulable.map(|u| k8s_openapi::api::core::v1::NodeSpec {
         unschedulable: Some(u),
@@ -212,6 +215,31 @@ impl NodeRuntimes {
     pub fn node_pull(&self, only: Option<&str>) -> NodePull {
         let nodes = self.nodes.state();
         node_pull(&self.server, nodes.iter().map(|n| &**n), only)
+    }
+
+    /// Notifies `wake` whenever a node appears, goes or changes its labels (placement), not on
+    /// every heartbeat.
+    pub fn on_labels_change(&self, wake: Arc<tokio::sync::Notify>) {
+        let Some(watch) = &self.watch else {
+            return;
+        };
+        type Labels = Option<std::collections::BTreeMap<String, String>>;
+        let known: Mutex<HashMap<String, Labels>> = Mutex::default();
+        let store = self.nodes.clone();
+        watch.on_change(move |node: &Node| {
+            let mut known = known.lock().expect("node labels lock");
+            let name = node.name_any();
+            let changed = match store.get(&ObjectRef::from_obj(node)) {
+                Some(now) => {
+                    known.insert(name, now.metadata.labels.clone()).as_ref()
+                        != Some(&now.metadata.labels)
+                }
+                None => known.remove(&name).is_some(),
+            };
+            if changed {
+                wake.notify_one();
+            }
+        });
     }
 
     /// Fires `wake()`'s requests whenever a node starts or stops mounting image volumes (a
@@ -346,12 +374,25 @@ mod tests {
     }
 
     #[test]
-    fn a_stored_node_keeps_only_its_versions() {
+    fn a_stored_node_keeps_only_its_versions_and_labels() {
         let mut n = node("n", "v1.36.2", "containerd://2.3.4");
-        n.metadata.labels = Some([("a".to_string(), "b".to_string())].into());
+        n.metadata.labels = Some(
+            [
+                ("a".to_string(), "b".to_string()),
+                (
+                    vmdisk_crds::node_cache_label_key(&format!("sha256:{}", "ab".repeat(32)))
+                        .unwrap(),
+                    "ready".to_string(),
+                ),
+            ]
+            .into(),
+        );
         n.status.as_mut().unwrap().images = Some(vec![Default::default(); 50]);
         strip_node(&mut n);
-        assert!(n.metadata.labels.is_none());
+        assert_eq!(
+            n.metadata.labels,
+            Some([("a".to_string(), "b".to_string())].into())
+        );
         assert!(n.status.as_ref().unwrap().images.is_none());
         assert!(node_supports(&n).is_ok());
     }

@@ -141,6 +141,7 @@ pub fn spawn(
                     tracing::info!(%identity, "became leader; starting the controllers");
                     let (client, config) = (client.clone(), config.clone());
                     let populator_metrics = metrics.populator.clone();
+                    let placement_metrics = metrics.placement.clone();
                     let stop = stop.clone();
                     running = Some(tokio::spawn(async move {
                         // Both controllers read the Nodes' runtimes (`pullMethod: node`).
@@ -153,6 +154,7 @@ pub fn spawn(
                                 crate::image::ImageSettings {
                                     runtimes: runtimes.clone(),
                                     default_pull_method: config.populator.default_pull_method,
+                                    placement: placement_metrics,
                                 },
                                 stop.clone(),
                             ),

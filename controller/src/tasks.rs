@@ -12,7 +12,14 @@ use kube::Api;
 
 /// A controller of `api`'s objects as kube's `Controller::new` makes it, but whose store keeps
 /// them without their `managedFields` (nothing reads them; they are often half an object).
-pub fn lean_controller<K>(api: Api<K>, config: watcher::Config) -> kube::runtime::Controller<K>
+/// `strip` drops what nobody reads besides (see `vmdisk_crds::lean`); `on_event` sees each
+/// watch event once the store holds it.
+pub fn lean_controller<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut strip: impl FnMut(&mut K) + Send + 'static,
+    mut on_event: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> kube::runtime::Controller<K>
 where
     K: kube::Resource
         + Clone
@@ -26,9 +33,17 @@ where
     let (reader, writer) = reflector::store();
     let objects = reflector::reflector(
         writer,
-        watcher(api, config).modify(|o: &mut K| vmdisk_crds::strip_managed_fields(o.meta_mut())),
+        watcher(api, config).modify(move |o: &mut K| {
+            vmdisk_crds::strip_managed_fields(o.meta_mut());
+            strip(o);
+        }),
     )
     .default_backoff()
+    .inspect(move |event| {
+        if let Ok(event) = event {
+            on_event(event);
+        }
+    })
     .applied_objects();
     kube::runtime::Controller::for_stream(objects, reader)
 }
@@ -133,6 +148,14 @@ where
         self.store.clone()
     }
 
+    /// Calls `f` with each changed (or deleted) object, once the store holds the change.
+    pub fn on_change(&self, f: impl Fn(&K) + Send + Sync + 'static) {
+        self.subscribers
+            .lock()
+            .expect("subscribers lock")
+            .push(Box::new(f));
+    }
+
     /// Reconcile requests for the objects `mapper` names for each changed object, for
     /// `Controller::reconcile_on`.
     pub fn trigger<P, I>(
@@ -145,14 +168,11 @@ where
         I: IntoIterator<Item = ObjectRef<P>>,
     {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        self.subscribers
-            .lock()
-            .expect("subscribers lock")
-            .push(Box::new(move |object| {
-                for request in mapper(object) {
-                    let _ = tx.send(request);
-                }
-            }));
+        self.on_change(move |object| {
+            for request in mapper(object) {
+                let _ = tx.send(request);
+            }
+        });
         futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|request| (request, rx))
         })

@@ -63,8 +63,8 @@ impl ApiAccess {
 
 /// Accesses more than one component needs, declared once.
 impl ApiAccess {
-    /// Watching every VMDiskImage (a reflector): the webhook's catalog, the image controller
-    /// and each cache agent.
+    /// Watching every VMDiskImage (a reflector): the webhook's catalog and the image
+    /// controller (agents watch only their own node's list).
     pub const WATCH_VMDISKIMAGES: ApiAccess = ApiAccess::new(
         "vmdisk.io",
         "vmdiskimages",

@@ -110,6 +110,12 @@ impl PopulatePhase {
 
 /// vmdisk's own namespace: the webhook Deployment, the agents, the controllers' Lease.
 pub const INSTALL_NAMESPACE: &str = "vmdisk-system";
+/// ConfigMap in vmdisk's namespace listing the images every node holds (those without a
+/// `cache.nodeSelector`), written by the controller and watched by every agent: one write
+/// reaches all nodes, where per-node lists would take one write per node.
+pub const EVERY_NODE_LIST: &str = "vmdisk-every-node-images";
+/// The ConfigMap key holding that list (JSON, `DesiredImage`s).
+pub const EVERY_NODE_LIST_KEY: &str = "images.json";
 /// Namespace of the per-image pull credentials the image controller copies for the agents.
 /// It holds nothing but those copies; only the controller reads it, and it hands each agent
 /// only the copies of what the agent's node prefetches (the controller's agent API).
@@ -148,6 +154,8 @@ pub mod reasons {
     pub const RESOLVE_FAILED: &str = "ResolveFailed";
     /// Image controller, on a VMDiskImage: its pull secret is missing or malformed.
     pub const PULL_SECRET_ERROR: &str = "PullSecretError";
+    /// Controller, on a NodeDiskCache: more images select the node than its list holds.
+    pub const NODE_LIST_FULL: &str = "NodeListFull";
     /// Agent, on its NodeDiskCache: a warm failed (retried with backoff).
     pub const WARM_FAILED: &str = "WarmFailed";
     /// Agent, on its NodeDiskCache: an entry was deleted or altered behind its back.

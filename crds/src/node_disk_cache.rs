@@ -1,11 +1,13 @@
-//! `NodeDiskCache`: one per node (name = node name), written only by that node's agent.
+//! `NodeDiskCache`: one per node (name = node name). Its spec's image list is what the
+//! controller asks the node to hold (written only by the controller); its status is what the
+//! node's agent holds (written only by that agent).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::vm_disk_image::DiskFormat;
+use crate::vm_disk_image::{DiskFormat, VMDiskImage};
 
 /// What a node's cache holds and how full it is.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -25,6 +27,60 @@ use crate::vm_disk_image::DiskFormat;
 pub struct NodeDiskCacheSpec {
     /// The node this cache lives on (equal to metadata.name).
     pub node_name: String,
+    /// The images this node should hold, decided by the controller from every VMDiskImage's
+    /// cache policy and this node's labels: the agent reads this list, not the images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<DesiredImage>,
+    /// Images that select this node but did not fit in `images` (the list's size is bounded
+    /// so that the object stays far below the API server's limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omitted_images: Option<u32>,
+}
+
+/// One image a node should hold: what the agent needs to warm it, nothing more.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DesiredImage {
+    /// The VMDiskImage's namespace.
+    pub namespace: String,
+    /// The VMDiskImage's name.
+    pub name: String,
+    /// The resolved digest every node caches.
+    pub digest: String,
+    pub format: DiskFormat,
+    /// Never evicted by the cache's budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
+    /// The image's reference as its VMDiskImage names it (pulled by `digest`).
+    pub url: String,
+    /// The image names a pull secret: the agent asks the controller's agent API for its
+    /// credentials (the secret's name is not the agent's business).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pull_secret: bool,
+    /// PEM bundle of CAs to trust for the registry (the image's `caBundle`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<String>,
+    /// Plain HTTP to the registry (the image's `insecure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
+}
+
+impl DesiredImage {
+    /// The list entry of a resolved image; `None` before it has a digest.
+    pub fn of(image: &VMDiskImage) -> Option<Self> {
+        let source = &image.spec.source.registry;
+        Some(Self {
+            namespace: image.metadata.namespace.clone()?,
+            name: image.metadata.name.clone()?,
+            digest: image.digest()?.to_string(),
+            format: image.spec.format,
+            pinned: image.spec.cache.pinned,
+            url: source.url.clone(),
+            pull_secret: source.pull_secret_ref.is_some(),
+            ca_bundle: source.ca_bundle.clone(),
+            insecure: source.insecure,
+        })
+    }
 }
 
 /// State of one cache entry.
@@ -92,4 +148,58 @@ pub struct NodeDiskCacheStatus {
     pub entries: Vec<CacheEntryStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node holding 1,000 images, each listed (with a pull secret and a registry of 40
+    /// characters) and reported Ready with every optional field: how large the object gets,
+    /// against the API server's limit of 1.5 MiB.
+    #[test]
+    fn a_thousand_entries_stay_far_below_the_object_size_limit() {
+        let digest = |i: usize| format!("sha256:{i:064x}");
+        let mut cache = NodeDiskCache::new(
+            "node-with-a-long-name-0123456789.example.internal",
+            NodeDiskCacheSpec {
+                node_name: "node-with-a-long-name-0123456789.example.internal".into(),
+                images: (0..1000)
+                    .map(|i| DesiredImage {
+                        namespace: format!("team-{:02}", i % 50),
+                        name: format!("fedora-cloud-base-{i}"),
+                        digest: digest(i),
+                        format: DiskFormat::Qcow2,
+                        pinned: i % 10 == 0,
+                        url: format!("registry.example.internal:5000/containerdisks/fedora:{i}"),
+                        pull_secret: true,
+                        ca_bundle: None,
+                        insecure: None,
+                    })
+                    .collect(),
+                omitted_images: None,
+            },
+        );
+        cache.status = Some(NodeDiskCacheStatus {
+            entry_count: 1000,
+            entries: (0..1000)
+                .map(|i| CacheEntryStatus {
+                    digest: digest(i),
+                    format: DiskFormat::Qcow2,
+                    state: CacheEntryState::Ready,
+                    progress: None,
+                    source_format: Some("qcow2".into()),
+                    virtual_size: Some(10 << 30),
+                    allocated_size: Some(2 << 30),
+                    last_used: Some("2026-12-03T10:00:00Z".into()),
+                    pinned: i % 10 == 0,
+                    message: None,
+                })
+                .collect(),
+            ..Default::default()
+        });
+        let bytes = serde_json::to_vec(&cache).unwrap().len();
+        println!("a NodeDiskCache with 1,000 listed and reported entries: {bytes} bytes");
+        assert!(bytes < 1536 * 1024 / 3, "{bytes} bytes");
+    }
 }

@@ -1,6 +1,7 @@
 //! The agent's `run` loop end to end with kube's mocked API client (no API server can run
-//! here) and a real registry: it sees a VMDiskImage, warms it by its resolved digest,
-//! publishes its NodeDiskCache status and labels its own node, and writes nothing else.
+//! here) and a real registry: it sees an image in its node's list (its NodeDiskCache's spec,
+//! the only thing it watches), warms it by its resolved digest, publishes its NodeDiskCache
+//! status and labels its own node, and writes nothing else.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,8 @@ use vmdisk_tests::registry::TestRegistry;
 
 #[derive(Default)]
 struct Cluster {
-    image: Value,
+    /// The node's list, as the controller wrote it.
+    list: Value,
     node_labels: BTreeMap<String, String>,
     cache_status: Option<Value>,
     writes: Vec<String>,
@@ -63,11 +65,22 @@ async fn apiserver(
             st.writes.push(format!("{method} {path}"));
         }
         let response = match (method.as_str(), path.as_str()) {
-            ("GET", "/apis/vmdisk.io/v1alpha1/vmdiskimages") => reply(&json!({
-                "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImageList",
-                "metadata": {"resourceVersion": "10"}, "items": [st.image.clone()]})),
-            ("GET", "/api/v1/nodes") => reply(&json!({
-                "apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "10"}, "items": [node(&st)]})),
+            ("GET", "/apis/vmdisk.io/v1alpha1/nodediskcaches") => {
+                assert!(
+                    uri.contains("fieldSelector=metadata.name%3Dnode-a"),
+                    "{uri}"
+                );
+                reply(&json!({
+                    "apiVersion": "vmdisk.io/v1alpha1", "kind": "NodeDiskCacheList",
+                    "metadata": {"resourceVersion": "10"},
+                    "items": [{"apiVersion": "vmdisk.io/v1alpha1", "kind": "NodeDiskCache",
+                               "metadata": {"name": "node-a", "resourceVersion": "9"},
+                               "spec": {"nodeName": "node-a", "images": [st.list.clone()]}}]}))
+            }
+            // No image for every node here.
+            ("GET", "/api/v1/namespaces/vmdisk-system/configmaps") => reply(&json!({
+                "apiVersion": "v1", "kind": "ConfigMapList", "metadata": {"resourceVersion": "10"},
+                "items": []})),
             ("GET", "/api/v1/nodes/node-a") => reply(&node(&st)),
             ("PATCH", "/api/v1/nodes/node-a") => {
                 for (k, v) in body["metadata"]["labels"]
@@ -105,13 +118,8 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
     let raw = make_ext4_raw(work.path(), "agent", 24, 3, 55);
     let (reference, digest) = push_container_disk(&registry, "disks/agent", "1", &raw).await;
     let state = Arc::new(Mutex::new(Cluster {
-        image: json!({
-            "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
-            "metadata": {"name": "fedora", "namespace": "vms", "resourceVersion": "3", "uid": "img-1"},
-            "spec": {"source": {"registry": {"url": reference, "insecure": true}}, "format": "raw",
-                     "cache": {"pinned": true}},
-            "status": {"digest": digest}
-        }),
+        list: json!({"namespace": "vms", "name": "fedora", "digest": digest, "format": "raw",
+                     "pinned": true, "url": reference, "insecure": true}),
         node_labels: [("kubernetes.io/hostname".to_string(), "node-a".to_string())].into(),
         ..Default::default()
     }));

@@ -520,6 +520,36 @@ pub async fn an_agent_cannot_write_another_nodes_objects(fx: Arc<LocalInstall>, 
         )
         .await
         .expect("own NodeDiskCache");
+    // The list of images its node should hold is the controller's to write: adding an image
+    // of its choosing, or emptying the list, is refused.
+    let not_the_list = "a vmdisk cache agent may not write the list of images its node should hold";
+    let someone_elses = json!({"namespace": "team-b", "name": "secret-disk",
+        "digest": format!("sha256:{}", "c".repeat(64)), "format": "raw",
+        "url": "registry.example.com/team-b/disk:1"});
+    for (what, patch) in [
+        (
+            "an image added",
+            json!({"spec": {"images": [someone_elses]}}),
+        ),
+        (
+            "a count of omitted images",
+            json!({"spec": {"omittedImages": 3}}),
+        ),
+    ] {
+        let e = api_error(
+            caches
+                .patch(&own, &PatchParams::default(), &Patch::Merge(patch))
+                .await,
+        );
+        assert!(e.message.contains(not_the_list), "{what}: {e:?}");
+    }
+    // What an agent reads of the images is its own node's list: it cannot list VMDiskImages.
+    let e = api_error(
+        Api::<vmdisk_crds::VMDiskImage>::all(agent.clone())
+            .list(&kube::api::ListParams::default().limit(1))
+            .await,
+    );
+    assert_eq!(e.code, 403, "{e:?}");
 }
 
 /// A claim's `vmdisk.io/digest` is fixed at creation: changing, removing or adding it later is

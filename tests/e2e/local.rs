@@ -41,13 +41,14 @@ pub fn phase() -> Phase<LocalInstall> {
     Phase {
         name: "local",
         cases: cases(),
-        // Measures latency, removes a piece of the installation, or starts two more
-        // controllers briefly: alone, after the others.
+        // Measures latency, removes a piece of the installation, starts two more
+        // controllers briefly, or adds 30 nodes: alone, after the others.
         exclusive: cases![
             crate::latency::pvc_create_latency_with_and_without_the_webhook,
             crate::settle::a_claim_waiting_for_the_missing_agent_daemonset_is_written_a_handful_of_times,
             crate::settle::many_images_behind_an_unreachable_registry_back_off,
             crate::api::a_selected_node_with_a_taint_gets_no_populator_pod,
+            crate::placement::agents_get_only_their_nodes_images_and_images_converge,
             crate::stop::a_stopped_controller_hands_its_lease_to_the_standby,
         ],
         benchmark: false,

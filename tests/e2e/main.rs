@@ -21,11 +21,13 @@
 
 mod api;
 mod credentials;
+mod fleet;
 mod flow;
 mod images;
 mod installed;
 mod latency;
 mod local;
+mod placement;
 mod scale;
 mod settle;
 mod stop;

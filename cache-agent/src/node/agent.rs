@@ -1,7 +1,9 @@
-//! The DaemonSet's `run` mode: keep this node's cache holding what the VMDiskImages ask for.
+//! The DaemonSet's `run` mode: keep this node's cache holding what the controller asks of it.
 //!
 //! The [`Agent`] loop feeds the pure plan (`plan`: what is wanted here, what is pinned, what
-//! to warm now) from reflectors and the store, runs the warms, and reports, until the stop:
+//! to warm now) from the watch of this node's own NodeDiskCache (whose spec lists the images
+//! the controller decided this node holds: the agent never lists the cluster's images), of the
+//! list of images every node holds (one ConfigMap for all agents) and from the store, runs the warms, and reports, until the stop:
 //! then the watches and the report loop end and the warms in flight are dropped (a dropped
 //! warm removes its staging directory; what a killed process leaves, the next start cleans),
 //! to start again at the next start.
@@ -11,17 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument as _;
-use vmdisk_crds::{reasons, AccessScope, ApiAccess, CacheEntryState, ImageReference, VMDiskImage};
+use vmdisk_crds::{
+    reasons, AccessScope, ApiAccess, CacheEntryState, DesiredImage, ImageReference, NodeDiskCache,
+    EVERY_NODE_LIST, INSTALL_NAMESPACE,
+};
 use vmdisk_registry::RegistryOptions;
 
 use super::credentials::CredentialsSource;
-use super::plan::{plan, wanted_images, RetryState, WantedImage, WARM_BACKOFF};
+use super::plan::{every_node_images, plan, wanted_images, RetryState, WantedImage, WARM_BACKOFF};
 use super::report::{node_cache_status, CacheEntryView, NodeReporter};
 use super::AgentMetrics;
 use crate::store::{watch_entries, EntryChange, EntryKey};
@@ -29,10 +34,25 @@ use crate::warm::{WarmProgress, WarmRequest, Warmer};
 
 /// What the run loop asks of the API server (besides the reports' `API_ACCESS`).
 pub const API_ACCESS: &[ApiAccess] = &[
-    ApiAccess::WATCH_VMDISKIMAGES,
-    // This node only (a field selector), but RBAC cannot say so.
-    ApiAccess::new("", "nodes", &["list", "watch"], AccessScope::Cluster),
+    // This node's NodeDiskCache only (a field selector), but RBAC cannot say so.
+    ApiAccess::new(
+        "vmdisk.io",
+        "nodediskcaches",
+        &["list", "watch"],
+        AccessScope::Cluster,
+    ),
+    // The images every node holds (`EVERY_NODE_LIST`, watched by name).
+    ApiAccess::new(
+        "",
+        "configmaps",
+        &["list", "watch"],
+        AccessScope::InstallNamespace,
+    ),
 ];
+
+/// The shortest time between two reports (status and labels): a node finishing 50 warms in a
+/// second writes twice or three times, not 50 times.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
 
 /// Live state of warms, for the status report.
 #[derive(Debug, Clone)]
@@ -78,46 +98,25 @@ impl Agent {
 
     /// The loop: never returns.
     async fn keep_cache(&self, warms: &mut JoinSet<()>, watches: &mut Vec<JoinHandle<()>>) {
-        let images_api: Api<VMDiskImage> = Api::all(self.client.clone());
-        let (images, writer) = reflector::store::<VMDiskImage>();
         let wake = Arc::new(tokio::sync::Notify::new());
-        let w = Arc::clone(&wake);
-        watches.push(tokio::spawn(
-            reflector::reflector(
-                writer,
-                watcher(images_api, watcher::Config::default())
-                    .modify(VMDiskImage::strip_for_catalog),
-            )
-            .default_backoff()
-            .touched_objects()
-            .for_each(move |event| {
-                if let Err(e) = &event {
-                    tracing::warn!(error = %e, "VMDiskImage watch error; retrying");
-                }
-                w.notify_one();
-                futures::future::ready(())
-            }),
-        ));
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        let (node_store, node_writer) = reflector::store::<Node>();
-        let w = Arc::clone(&wake);
-        watches.push(tokio::spawn(
-            reflector::reflector(
-                node_writer,
-                watcher(
-                    nodes,
-                    watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
-                )
-                .modify(vmdisk_crds::strip_node_to_labels),
-            )
-            .default_backoff()
-            .touched_objects()
-            .for_each(move |_| {
-                w.notify_one();
-                futures::future::ready(())
-            }),
-        ));
-        let _ = images.wait_until_ready().await;
+        // This node's list (its NodeDiskCache without the status: a report of the agent's own
+        // comes back without waking it) and the images every node holds.
+        let (lists, watch) = watch_named(
+            Api::<NodeDiskCache>::all(self.client.clone()),
+            &self.node_name,
+            |c: &mut NodeDiskCache| c.status = None,
+            Arc::clone(&wake),
+        );
+        watches.push(watch);
+        let (every, watch) = watch_named(
+            Api::<ConfigMap>::namespaced(self.client.clone(), INSTALL_NAMESPACE),
+            EVERY_NODE_LIST,
+            |_: &mut ConfigMap| {},
+            Arc::clone(&wake),
+        );
+        watches.push(watch);
+        let _ = lists.wait_until_ready().await;
+        let _ = every.wait_until_ready().await;
         if let Err(e) = self.reporter.ensure_cache_object().await {
             tracing::error!(error = %e, "cannot create this node's NodeDiskCache; will retry");
         }
@@ -130,11 +129,29 @@ impl Agent {
                 None
             }
         };
+        // Reports are coalesced: at most one each REPORT_EVERY, the rest folded into the next.
+        let mut last_report: Option<Instant> = None;
+        let mut report_due: Option<tokio::time::Instant> = None;
         loop {
             // Finished warms leave their (empty) results behind.
             while warms.try_join_next().is_some() {}
-            self.iterate(&images, &node_store, &state, &wake, warms)
-                .await;
+            let wanted = self.iterate(&lists, &every, &state, &wake, warms).await;
+            match last_report {
+                Some(at) if at.elapsed() < REPORT_EVERY => {
+                    report_due.get_or_insert_with(|| (at + REPORT_EVERY).into());
+                }
+                _ => {
+                    self.report(&state, &wanted).await;
+                    last_report = Some(Instant::now());
+                    report_due = None;
+                }
+            }
+            let due = async {
+                match report_due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let changed = async {
                 match lost.as_mut() {
                     Some((_, rx)) => rx.recv().await,
@@ -157,24 +174,33 @@ impl Agent {
                     None => {}
                 },
                 () = tokio::time::sleep(self.resync) => {}
+                () = due => {}
             }
         }
     }
 
     async fn iterate(
         &self,
-        images: &Store<VMDiskImage>,
-        nodes: &Store<Node>,
+        lists: &Store<NodeDiskCache>,
+        every: &Store<ConfigMap>,
         state: &Arc<Mutex<AgentState>>,
         wake: &Arc<tokio::sync::Notify>,
         warms: &mut JoinSet<()>,
-    ) {
-        let node_labels = nodes
+    ) -> HashSet<String> {
+        let mut listed: Vec<DesiredImage> = lists
             .state()
             .first()
-            .and_then(|n| n.metadata.labels.clone())
+            .map(|c| c.spec.images.clone())
             .unwrap_or_default();
-        let wanted = wanted_images(&images.state(), &node_labels);
+        if let Some(map) = every.state().first() {
+            match every_node_images(map) {
+                Ok(images) => listed.extend(images),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the every-node list cannot be read; only this node's own list is warmed")
+                }
+            }
+        }
+        let wanted = wanted_images(&listed);
         let store = self.warmer.store();
         match store.clean_abandoned_staging() {
             Ok(r) if r.removed_staging > 0 => {
@@ -197,8 +223,7 @@ impl Agent {
             self.start_warm(w, Arc::clone(state), Arc::clone(wake), warms)
                 .await;
         }
-        let wanted_digests = wanted.iter().map(|w| w.key.digest.clone()).collect();
-        self.report(state, &wanted_digests).await;
+        wanted.iter().map(|w| w.key.digest.clone()).collect()
     }
 
     async fn start_warm(
@@ -308,9 +333,9 @@ impl Agent {
     /// agent API when the image names a pull secret.
     async fn registry_options(&self, wanted: &WantedImage) -> Result<RegistryOptions, String> {
         let reference = ImageReference::parse(&wanted.reference).map_err(|e| e.to_string())?;
-        let credentials = match &wanted.source.pull_secret_ref {
-            None => None,
-            Some(_) => Some(
+        let credentials = match wanted.pull_secret {
+            false => None,
+            true => Some(
                 self.credentials
                     .fetch(&self.client, &wanted.namespace, &wanted.name)
                     .await
@@ -324,9 +349,10 @@ impl Agent {
                     })?,
             ),
         };
-        Ok(RegistryOptions::for_source(
+        Ok(RegistryOptions::new(
             &reference,
-            &wanted.source,
+            wanted.insecure,
+            wanted.ca_bundle.as_ref().map(|pem| pem.as_bytes().to_vec()),
             credentials.as_ref(),
         ))
     }
@@ -357,6 +383,63 @@ impl Agent {
         );
         self.reporter.report(&status, &ready).await;
     }
+}
+
+/// Watches the object `name` of `api` into a store (without its managed fields and what
+/// `strip` drops), waking `wake` whenever what is kept changes.
+fn watch_named<K>(
+    api: Api<K>,
+    name: &str,
+    mut strip: impl FnMut(&mut K) + Send + 'static,
+    wake: Arc<tokio::sync::Notify>,
+) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store::<K>();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let mut last: Option<serde_json::Value> = None;
+    let watch = tokio::spawn(
+        reflector::reflector(
+            writer,
+            watcher(
+                api,
+                watcher::Config::default().fields(&format!("metadata.name={name}")),
+            )
+            .modify(move |o: &mut K| {
+                vmdisk_crds::strip_managed_fields(o.meta_mut());
+                strip(o);
+            }),
+        )
+        .default_backoff()
+        .touched_objects()
+        .for_each(move |event| {
+            match &event {
+                Err(e) => tracing::warn!(%kind, error = %e, "watch error; retrying"),
+                Ok(object) => {
+                    // What is kept, without the version the API server bumps on every write.
+                    let mut kept = serde_json::to_value(object).ok();
+                    if let Some(meta) = kept.as_mut().and_then(|v| v.get_mut("metadata")) {
+                        meta["resourceVersion"] = serde_json::Value::Null;
+                    }
+                    if last != kept {
+                        last = kept;
+                        wake.notify_one();
+                    }
+                }
+            }
+            futures::future::ready(())
+        }),
+    );
+    (store, watch)
 }
 
 fn record_failure(state: &Arc<Mutex<AgentState>>, key: &EntryKey, message: String) {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use proptest::prelude::*;
-use vmdisk_crds::{DiskFormat, RegistrySource};
+use vmdisk_crds::DiskFormat;
 
 use super::plan::{plan, RetryState, WantedImage, WARM_BACKOFF};
 use crate::store::EntryKey;
@@ -28,20 +28,15 @@ fn wanted(i: usize, n: u8, raw: bool, pinned: bool) -> WantedImage {
     WantedImage {
         namespace: "vms".into(),
         name: format!("image-{i}"),
-        uid: format!("uid-{i}"),
         key: key(n, raw),
         reference: format!(
             "registry.example.com/disk@sha256:{}",
             format!("{n:02x}").repeat(32)
         ),
         pinned,
-        source: RegistrySource {
-            url: "registry.example.com/disk:1".into(),
-            pull_secret_ref: None,
-            ca_bundle: None,
-            insecure: None,
-            pull_method: None,
-        },
+        pull_secret: false,
+        ca_bundle: None,
+        insecure: false,
     }
 }
 

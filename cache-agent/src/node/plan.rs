@@ -1,12 +1,12 @@
 //! What this node should hold, and what to start now: pure decisions over plain values (the
-//! VMDiskImages, this node's labels, what is cached, what is running, per-entry backoff), so
-//! the run loop in `agent` only gathers those values and carries the plan out.
+//! list the controller wrote for this node, what is cached, what is running, per-entry
+//! backoff), so the run loop in `agent` only gathers those values and carries the plan out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use vmdisk_crds::{ImageReference, RegistrySource, VMDiskImage};
+use k8s_openapi::api::core::v1::ConfigMap;
+use vmdisk_crds::{DesiredImage, ImageReference, EVERY_NODE_LIST_KEY};
 use vmdisk_support::Backoff;
 
 use crate::store::EntryKey;
@@ -16,46 +16,50 @@ use crate::store::EntryKey;
 pub struct WantedImage {
     pub namespace: String,
     pub name: String,
-    /// The VMDiskImage's UID: names its credentials copy.
-    pub uid: String,
     pub key: EntryKey,
     /// The reference pinned to the resolved digest: every node pulls the same bits.
     pub reference: String,
     pub pinned: bool,
-    pub source: RegistrySource,
+    /// The image names a pull secret (its credentials come from the agent API).
+    pub pull_secret: bool,
+    pub ca_bundle: Option<String>,
+    pub insecure: bool,
 }
 
-/// Images whose cache policy selects a node with `node_labels` and whose digest is resolved.
-/// Unresolved images wait for the image controller: agents never resolve tags themselves, so
-/// every node caches the same digest. Images that name `pullMethod: node` or `nodeOnly` are not
-/// prefetched: the node's runtime pulls them where it can, and where it cannot (`node` falls
-/// back to the cache) the first PVC warms the entry.
-pub fn wanted_images(
-    images: &[Arc<VMDiskImage>],
-    node_labels: &BTreeMap<String, String>,
-) -> Vec<WantedImage> {
-    let mut out: Vec<WantedImage> = images
+/// The images of this node's list (its NodeDiskCache's spec, written by the controller from
+/// the VMDiskImages' cache policies and this node's labels: only resolved images, pulled
+/// through the cache). An entry whose reference does not parse is skipped.
+pub fn wanted_images(list: &[DesiredImage]) -> Vec<WantedImage> {
+    let mut out: Vec<WantedImage> = list
         .iter()
-        .filter(|i| i.prefetched_on(node_labels))
         .filter_map(|i| {
-            let digest = i.digest()?;
-            let reference = ImageReference::parse(&i.spec.source.registry.url).ok()?;
+            let reference = ImageReference::parse(&i.url).ok()?;
             Some(WantedImage {
-                namespace: i.metadata.namespace.clone().unwrap_or_default(),
-                name: i.metadata.name.clone().unwrap_or_default(),
-                uid: i.metadata.uid.clone().unwrap_or_default(),
+                namespace: i.namespace.clone(),
+                name: i.name.clone(),
                 key: EntryKey {
-                    digest: digest.to_string(),
-                    format: i.spec.format,
+                    digest: i.digest.clone(),
+                    format: i.format,
                 },
-                reference: reference.with_digest(digest).to_string(),
-                pinned: i.spec.cache.pinned,
-                source: i.spec.source.registry.clone(),
+                reference: reference.with_digest(&i.digest).to_string(),
+                pinned: i.pinned,
+                pull_secret: i.pull_secret,
+                ca_bundle: i.ca_bundle.clone(),
+                insecure: i.insecure.unwrap_or(false),
             })
         })
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
+}
+
+/// The images of the every-node list (the controller's ConfigMap `EVERY_NODE_LIST`, a JSON
+/// array under `EVERY_NODE_LIST_KEY`); none when it has no such key.
+pub fn every_node_images(map: &ConfigMap) -> Result<Vec<DesiredImage>, serde_json::Error> {
+    match map.data.as_ref().and_then(|d| d.get(EVERY_NODE_LIST_KEY)) {
+        Some(json) => serde_json::from_str(json),
+        None => Ok(Vec::new()),
+    }
 }
 
 /// Backoff after failed warms, per entry.
@@ -105,87 +109,37 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmdisk_crds::{
-        CachePolicy, DiskFormat, ImageSource, PullMethod, RegistrySource, VMDiskImageSpec,
-        VMDiskImageStatus,
-    };
+    use vmdisk_crds::DiskFormat;
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
-    fn image(
-        name: &str,
-        digest: Option<&str>,
-        cache: CachePolicy,
-        format: DiskFormat,
-    ) -> Arc<VMDiskImage> {
-        let mut i = VMDiskImage::new(
-            name,
-            VMDiskImageSpec {
-                source: ImageSource {
-                    registry: RegistrySource {
-                        url: format!("registry.example.com/disks/{name}:1"),
-                        pull_secret_ref: None,
-                        ca_bundle: None,
-                        insecure: None,
-                        pull_method: None,
-                    },
-                },
-                format,
-                size: None,
-                storage_class_name: None,
-                access_modes: None,
-                cache,
-                poll_interval: None,
-            },
-        );
-        i.metadata.namespace = Some("vms".into());
-        i.status = Some(VMDiskImageStatus {
-            digest: digest.map(str::to_string),
-            ..Default::default()
-        });
-        Arc::new(i)
-    }
-
-    fn selector(k: &str, v: &str) -> CachePolicy {
-        CachePolicy {
-            node_selector: Some([(k.to_string(), v.to_string())].into()),
-            ..CachePolicy::default()
+    fn image(name: &str, digest: &str, pinned: bool, format: DiskFormat) -> DesiredImage {
+        DesiredImage {
+            namespace: "vms".into(),
+            name: name.into(),
+            digest: digest.into(),
+            format,
+            pinned,
+            url: format!("registry.example.com/disks/{name}:1"),
+            pull_secret: false,
+            ca_bundle: None,
+            insecure: None,
         }
     }
 
     #[test]
-    fn wanted_follows_selectors_digests_and_prefetch() {
-        let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
-        let images = vec![
-            image("a", Some(D1), selector("zone", "a"), DiskFormat::Raw),
-            image("b", Some(D2), selector("zone", "b"), DiskFormat::Raw),
-            image("c", None, CachePolicy::default(), DiskFormat::Raw),
-            image(
-                "d",
-                Some(D2),
-                CachePolicy {
-                    prefetch: false,
-                    ..CachePolicy::default()
-                },
-                DiskFormat::Raw,
-            ),
-            image("e", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
+    fn wanted_pins_references_to_the_listed_digest_and_skips_bad_ones() {
+        let mut bad = image("bad", D1, false, DiskFormat::Raw);
+        bad.url = "not a reference".into();
+        let list = vec![
+            image("e", D2, false, DiskFormat::Qcow2),
+            bad,
+            image("a", D1, false, DiskFormat::Raw),
         ];
-        let mut pulled_by_nodes = Vec::new();
-        for (name, method) in [
-            ("f", PullMethod::Node),
-            ("g", PullMethod::NodeOnly),
-            ("h", PullMethod::Pod),
-        ] {
-            let mut i = image(name, Some(D1), CachePolicy::default(), DiskFormat::Raw);
-            Arc::make_mut(&mut i).spec.source.registry.pull_method = Some(method);
-            pulled_by_nodes.push(i);
-        }
-        let images = [images, pulled_by_nodes].concat();
-        let wanted = wanted_images(&images, &labels);
+        let wanted = wanted_images(&list);
         let names: Vec<&str> = wanted.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["a", "e", "h"]);
+        assert_eq!(names, ["a", "e"]);
         assert_eq!(
             wanted[0].reference,
             format!("registry.example.com/disks/a:1@{D1}")
@@ -194,19 +148,31 @@ mod tests {
     }
 
     #[test]
+    fn the_every_node_list_reads_back_what_the_controller_wrote_and_refuses_garbage() {
+        let list = vec![image("a", D1, true, DiskFormat::Raw)];
+        let mut map = ConfigMap::default();
+        assert!(every_node_images(&map).unwrap().is_empty());
+        map.data = Some(
+            [(
+                EVERY_NODE_LIST_KEY.to_string(),
+                serde_json::to_string(&list).unwrap(),
+            )]
+            .into(),
+        );
+        assert_eq!(every_node_images(&map).unwrap(), list);
+        map.data = Some([(EVERY_NODE_LIST_KEY.to_string(), "{not json".to_string())].into());
+        assert!(every_node_images(&map).is_err());
+    }
+
+    #[test]
     fn plan_skips_cached_running_backing_off_and_duplicates() {
-        let labels = BTreeMap::new();
-        let pinned = CachePolicy {
-            pinned: true,
-            ..CachePolicy::default()
-        };
         let images = vec![
-            image("a", Some(D1), pinned.clone(), DiskFormat::Raw),
-            image("a-again", Some(D1), CachePolicy::default(), DiskFormat::Raw),
-            image("b", Some(D2), CachePolicy::default(), DiskFormat::Raw),
-            image("c", Some(D2), CachePolicy::default(), DiskFormat::Qcow2),
+            image("a", D1, true, DiskFormat::Raw),
+            image("a-again", D1, false, DiskFormat::Raw),
+            image("b", D2, false, DiskFormat::Raw),
+            image("c", D2, false, DiskFormat::Qcow2),
         ];
-        let wanted = wanted_images(&images, &labels);
+        let wanted = wanted_images(&images);
         let now = Instant::now();
         let p = plan(
             &wanted,

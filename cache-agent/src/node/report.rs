@@ -151,6 +151,7 @@ impl NodeReporter {
             &self.node_name,
             NodeDiskCacheSpec {
                 node_name: self.node_name.clone(),
+                ..Default::default()
             },
         );
         if let Some(owner) = node.controller_owner_ref(&()).or_else(|| {

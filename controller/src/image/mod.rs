@@ -13,6 +13,7 @@ pub mod reconcile;
 pub mod resolve;
 pub mod status;
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,9 +22,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use vmdisk_crds::{
-    AccessScope, ApiAccess, NodeDiskCache, PullMethod, VMDiskImage, IMAGE_UID_LABEL,
+    AccessScope, ApiAccess, CacheEntryState, DiskFormat, NodeDiskCache, PullMethod, VMDiskImage,
+    IMAGE_UID_LABEL,
 };
 
 use crate::credentials::{self, CredentialsCopier};
@@ -58,6 +60,10 @@ pub const API_ACCESS: &[ApiAccess] = &[
 /// own connections failed too.
 const CONCURRENCY: u16 = 64;
 
+/// Changes to one image arriving together (300 nodes reporting it warm within a second) make
+/// one reconcile and one status write, not one each.
+const STATUS_DEBOUNCE: Duration = Duration::from_millis(200);
+
 /// How often orphaned credentials copies are looked for.
 const COPY_SWEEP: Duration = Duration::from_secs(10);
 
@@ -67,6 +73,8 @@ const COPY_SWEEP: Duration = Duration::from_secs(10);
 pub struct ImageSettings {
     pub runtimes: NodeRuntimes,
     pub default_pull_method: PullMethod,
+    /// Placement runs with the image controller; its metrics.
+    pub placement: crate::metrics::PlacementMetrics,
 }
 
 /// Runs the image controller until the stop (reconciles in flight finish) or until the future
@@ -89,6 +97,7 @@ pub async fn run(
     );
     let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
     let runtimes = settings.runtimes.clone();
+    let placement_metrics = settings.placement.clone();
     let ctx = Arc::new(Context {
         pull_methods: Some(settings),
         ..Context::new(
@@ -113,9 +122,35 @@ pub async fn run(
         tracing::error!("the NodeDiskCache or Node watch stopped before its first list; the image controller is not started");
         return;
     }
-    let controller = crate::tasks::lean_controller(images, watcher::Config::default())
-        .graceful_shutdown_on(stop.cancelled_owned())
-        .with_config(controller::Config::default().concurrency(CONCURRENCY));
+    let placement_wake = Arc::new(tokio::sync::Notify::new());
+    let wake = Arc::clone(&placement_wake);
+    // Placement reads an image's digest, format, source and cache policy: it is woken when
+    // one of these changes, not by every status write.
+    let mut placed: HashMap<String, u64> = HashMap::new();
+    let controller = crate::tasks::lean_controller(
+        images,
+        watcher::Config::default(),
+        |_| {},
+        move |event: &watcher::Event<VMDiskImage>| {
+            let changed = match event {
+                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => {
+                    let f = placement_fingerprint(i);
+                    placed.insert(i.uid().unwrap_or_default(), f) != Some(f)
+                }
+                watcher::Event::Delete(i) => placed.remove(&i.uid().unwrap_or_default()).is_some(),
+                watcher::Event::Init | watcher::Event::InitDone => false,
+            };
+            if changed {
+                wake.notify_one();
+            }
+        },
+    )
+    .graceful_shutdown_on(stop.cancelled_owned())
+    .with_config(
+        controller::Config::default()
+            .concurrency(CONCURRENCY)
+            .debounce(STATUS_DEBOUNCE),
+    );
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
@@ -150,18 +185,69 @@ pub async fn run(
         }
     });
 
+    // Which node holds which image: every agent's list, kept current.
+    runtimes.on_labels_change(Arc::clone(&placement_wake));
+    let wake = Arc::clone(&placement_wake);
+    let lists = caches.store();
+    let known_lists: std::sync::Mutex<HashMap<String, u64>> = Default::default();
+    caches.on_change(move |cache: &NodeDiskCache| {
+        // A NodeDiskCache appearing (an agent started), going, or its list changed by
+        // someone else; not the agents' status reports.
+        let now = lists
+            .get(&ObjectRef::from_obj(cache))
+            .map(|c| list_fingerprint(&c));
+        let mut known = known_lists.lock().expect("known lists lock");
+        let changed = match now {
+            Some(f) => known.insert(cache.name_any(), f) != Some(f),
+            None => known.remove(&cache.name_any()).is_some(),
+        };
+        if changed {
+            wake.notify_one();
+        }
+    });
+    let _placement = TaskGuard::spawn(
+        crate::placement::Placement {
+            client: client.clone(),
+            images: image_store.clone(),
+            nodes: runtimes.store(),
+            caches: caches.store(),
+            recorder: ctx.recorder.clone(),
+            wake: placement_wake,
+            metrics: placement_metrics,
+        }
+        .run(),
+    );
+
     let node_pull_images = image_store.clone();
-    // A node's cache changed: re-aggregate the images whose digest it mentions.
+    // A node's cache changed: re-aggregate the images whose ready entries on it changed
+    // (not on progress reports: with 300 nodes, each report would wake every image).
+    let known_ready: std::sync::Mutex<HashMap<String, ReadyEntries>> = Default::default();
+    let cache_store = caches.store();
     let cache_changes = caches.trigger(move |cache: &NodeDiskCache| {
-        let digests: Vec<&str> = cache
-            .status
-            .iter()
-            .flat_map(|s| s.entries.iter().map(|e| e.digest.as_str()))
+        let now = cache_store
+            .get(&ObjectRef::from_obj(cache))
+            .map(|c| ready_entries(&c))
+            .unwrap_or_default();
+        let before = {
+            let mut known = known_ready.lock().expect("known entries lock");
+            if now.is_empty() {
+                known.remove(&cache.name_any())
+            } else {
+                known.insert(cache.name_any(), now.clone())
+            }
+            .unwrap_or_default()
+        };
+        let changed: HashSet<&str> = before
+            .symmetric_difference(&now)
+            .map(|e| e.0.as_str())
             .collect();
+        if changed.is_empty() {
+            return Vec::new();
+        }
         image_store
             .state()
             .into_iter()
-            .filter(|i| i.digest().is_some_and(|d| digests.contains(&d)))
+            .filter(|i| i.digest().is_some_and(|d| changed.contains(d)))
             .map(|i| ObjectRef::from_obj(&*i))
             .collect::<Vec<_>>()
     });
@@ -192,6 +278,52 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+}
+
+/// What of a node's cache the images' status reads: its Ready entries (digest, format, and
+/// what the node read of the disk).
+type ReadyEntries = BTreeSet<(String, DiskFormat, Option<String>, Option<u64>)>;
+
+fn ready_entries(cache: &NodeDiskCache) -> ReadyEntries {
+    cache
+        .status
+        .iter()
+        .flat_map(|s| s.entries.iter())
+        .filter(|e| e.state == CacheEntryState::Ready)
+        .map(|e| {
+            (
+                e.digest.clone(),
+                e.format,
+                e.source_format.clone(),
+                e.virtual_size,
+            )
+        })
+        .collect()
+}
+
+/// A hash of a NodeDiskCache's list, to tell its changes from the agent's status reports.
+fn list_fingerprint(cache: &NodeDiskCache) -> u64 {
+    fingerprint(&cache.spec)
+}
+
+/// A hash of what placement reads of an image.
+fn placement_fingerprint(image: &VMDiskImage) -> u64 {
+    fingerprint(&(
+        image.digest(),
+        &image.spec.format,
+        &image.spec.source,
+        &image.spec.cache,
+        image.metadata.deletion_timestamp.is_some(),
+    ))
+}
+
+fn fingerprint(value: &impl serde::Serialize) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(value)
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
 }
 
 /// Objects the image controller's tests share.
@@ -227,6 +359,7 @@ pub(crate) mod test_objects {
             node,
             NodeDiskCacheSpec {
                 node_name: node.into(),
+                ..Default::default()
             },
         );
         c.status = Some(NodeDiskCacheStatus {

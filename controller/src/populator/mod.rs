@@ -106,6 +106,30 @@ fn waiting_for_pods(
         .collect()
 }
 
+/// What the populator keeps of a claim that is not its concern (no VMDiskImage as its data
+/// source, no finalizer of its own): its identity only. Every PVC of the cluster is watched
+/// (nothing selects on a dataSourceRef), and most are other claims.
+pub fn strip_unrelated_claim(pvc: &mut PersistentVolumeClaim) {
+    let ours = !matches!(decide::referenced_image(pvc), Ok(None))
+        || pvc
+            .finalizers()
+            .iter()
+            .any(|f| f == vmdisk_crds::POPULATOR_FINALIZER);
+    if !ours {
+        let meta = std::mem::take(&mut pvc.metadata);
+        *pvc = PersistentVolumeClaim {
+            metadata: kube::api::ObjectMeta {
+                name: meta.name,
+                namespace: meta.namespace,
+                uid: meta.uid,
+                resource_version: meta.resource_version,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+    }
+}
+
 /// Runs the populator until the stop (reconciles in flight finish) or until the future is
 /// dropped.
 pub async fn run(
@@ -116,9 +140,10 @@ pub async fn run(
     stop: vmdisk_support::process::Stop,
 ) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
-    let images = Reflected::spawn(
+    let images = Reflected::spawn_lean(
         Api::<VMDiskImage>::all(client.clone()),
         watcher::Config::default(),
+        VMDiskImage::strip_for_catalog,
     );
     let classes = Reflected::spawn(
         Api::<StorageClass>::all(client.clone()),
@@ -139,6 +164,8 @@ pub async fn run(
     let controller = crate::tasks::lean_controller(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
+        strip_unrelated_claim,
+        |_| {},
     )
     .graceful_shutdown_on(stop.cancelled_owned());
     let claims = controller.store();

@@ -197,3 +197,23 @@ fn the_finalizer_patches_name_only_the_populators_finalizer() {
         json!({"metadata": {"$deleteFromPrimitiveList/finalizers": [vmdisk_crds::POPULATOR_FINALIZER]}})
     );
 }
+
+#[test]
+fn a_claim_without_a_vmdiskimage_is_stored_as_its_name_only() {
+    let mut ours = claim();
+    super::strip_unrelated_claim(&mut ours);
+    assert_eq!(ours, claim(), "a claim naming an image is kept whole");
+    let mut other = claim();
+    other.spec.as_mut().unwrap().data_source_ref = None;
+    other.metadata.finalizers = None;
+    super::strip_unrelated_claim(&mut other);
+    assert_eq!(other.name_any(), "root");
+    assert_eq!(other.metadata.uid.as_deref(), Some("u-1"));
+    assert!(other.spec.is_none() && other.metadata.annotations.is_none());
+    // A claim the populator still holds (its finalizer) is kept whole.
+    let mut held = claim();
+    held.spec.as_mut().unwrap().data_source_ref = None;
+    let before = held.clone();
+    super::strip_unrelated_claim(&mut held);
+    assert_eq!(held, before);
+}
