@@ -1,6 +1,7 @@
 //! A stand-in for the Kubernetes API server over plain HTTP, for running the shipped binaries
-//! where no cluster runs: collections list what it holds (VMDiskImages; everything else is
-//! empty), watches stay open without an event, `GET` of a Node returns one, writes are
+//! where no cluster runs: collections list what it holds (VMDiskImages, and a NodeDiskCache
+//! whose list names every one of them for the node a field selector asks for; everything
+//! else is empty), watches stay open without an event, `GET` of a Node returns one, writes are
 //! echoed, and the one Lease is kept, so a controller can lead and release it. Nothing is
 //! validated: it answers just enough for a binary to start its loops.
 
@@ -100,6 +101,24 @@ pub fn images_at(registry: &str, count: usize) -> Vec<Value> {
         .collect()
 }
 
+/// The NodeDiskCache a `fieldSelector=metadata.name=<node>` list asks for, listing every image
+/// as the controller's placement would for a node they all select.
+fn node_list(query: &str, images: &[Value]) -> Option<Value> {
+    let node = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("fieldSelector=metadata.name%3D"))?;
+    let listed: Vec<vmdisk_crds::DesiredImage> = images
+        .iter()
+        .filter_map(|i| serde_json::from_value::<vmdisk_crds::VMDiskImage>(i.clone()).ok())
+        .filter_map(|i| vmdisk_crds::DesiredImage::of(&i))
+        .collect();
+    Some(
+        json!({"apiVersion": "vmdisk.io/v1alpha1", "kind": "NodeDiskCache",
+                "metadata": {"name": node, "resourceVersion": "1"},
+                "spec": {"nodeName": node, "images": listed}}),
+    )
+}
+
 fn reply(status: StatusCode, body: &Value) -> Response {
     (
         status,
@@ -162,10 +181,10 @@ async fn answer(
             );
         }
         if is_collection(&segments) {
-            let items = if segments.last() == Some(&"vmdiskimages") {
-                st.images.clone()
-            } else {
-                Vec::new()
+            let items = match segments.last() {
+                Some(&"vmdiskimages") => st.images.clone(),
+                Some(&"nodediskcaches") => node_list(query, &st.images).into_iter().collect(),
+                _ => Vec::new(),
             };
             return reply(
                 StatusCode::OK,
