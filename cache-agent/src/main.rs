@@ -5,7 +5,7 @@ use vmdisk_cache_agent::cli::{run_until_stopped, Cli};
 use vmdisk_support::process::{self, Stop};
 
 fn main() -> std::process::ExitCode {
-    vmdisk_cache_agent::tune_allocator();
+    vmdisk_support::allocator::tune_allocator();
     let cli = Cli::parse();
     process::init_logging(process::LogFormat::Text);
     let _ = rustls::crypto::ring::default_provider().install_default();

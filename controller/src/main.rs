@@ -14,6 +14,7 @@ use vmdisk_support::metrics::serve;
 use vmdisk_support::process::{self, Stop};
 
 fn main() -> std::process::ExitCode {
+    vmdisk_support::allocator::tune_allocator();
     let args = ControllerArgs::parse();
     process::run_main("vmdisk-controller", supervisor::FINISH_WITHIN, |stop| {
         run(args, stop)

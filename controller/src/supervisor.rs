@@ -146,9 +146,17 @@ pub fn spawn(
                     running = Some(tokio::spawn(async move {
                         // Both controllers read the Nodes' runtimes (`pullMethod: node`).
                         let runtimes = crate::node_pull::NodeRuntimes::watch(&client).await;
+                        // One watch and one store of the VMDiskImages for both: the image
+                        // controller is driven by it, the populator and placement read it.
+                        let images = crate::tasks::Reflected::spawn_shared(
+                            kube::Api::<vmdisk_crds::VMDiskImage>::all(client.clone()),
+                            kube::runtime::watcher::Config::default(),
+                            vmdisk_crds::VMDiskImage::strip_for_controller,
+                        );
                         tokio::join!(
                             crate::image::run(
                                 client.clone(),
+                                &images,
                                 &config.credentials_namespace,
                                 &config.identity,
                                 crate::image::ImageSettings {
@@ -160,6 +168,7 @@ pub fn spawn(
                             ),
                             crate::populator::run(
                                 client,
+                                &images,
                                 config.populator,
                                 runtimes,
                                 populator_metrics,

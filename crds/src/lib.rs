@@ -13,7 +13,7 @@ pub mod sizing;
 pub mod vm_disk_image;
 
 pub use access::{permissions, AccessScope, ApiAccess, Permission};
-pub use lean::{strip_managed_fields, strip_metadata_to, strip_node_to_labels};
+pub use lean::{strip_managed_fields, strip_metadata_to};
 pub use names::*;
 pub use node_disk_cache::*;
 pub use quantity::{format_bytes_human, format_bytes_quantity, parse_quantity, QuantityError};

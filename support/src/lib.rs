@@ -6,6 +6,7 @@
 //! Nothing here knows about Kubernetes objects or disks; the API types and names live in
 //! `vmdisk-crds`.
 
+pub mod allocator;
 pub mod backoff;
 pub mod dir_watch;
 pub mod errors;

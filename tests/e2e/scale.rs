@@ -157,6 +157,16 @@ pub async fn scale(fx: Arc<LocalInstall>, case: Case) {
     let large = env_or("VMDISK_BENCH_SCALE_IMAGES", 10_000) as usize;
     let node_count = env_or("VMDISK_BENCH_SCALE_NODES", 300) as usize;
     let registry = TestRegistry::start_plain();
+    // The agent measured below, before it has any image: what watching costs alone.
+    let agent_pid = {
+        let agents = fx.agents.lock().unwrap();
+        agents[&fx.nodes[0]].process.as_ref().unwrap().child.id()
+    };
+    let agent_idle = rss_mib(agent_pid);
+    println!(
+        "scale: the agent of {} holds {agent_idle:.1} MiB before any image",
+        fx.nodes[0]
+    );
     // The cluster's own nodes (real agents) are pools p0…; simulated ones follow.
     let nodes_api: Api<Node> = Api::all(admin.clone());
     for (i, node) in fx.nodes.iter().enumerate() {
@@ -282,10 +292,7 @@ pub async fn scale(fx: Arc<LocalInstall>, case: Case) {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let webhook = rss_mib(fx.webhook.lock().unwrap().child.id());
         let controller = rss_mib(controller_pid);
-        let agent = {
-            let agents = fx.agents.lock().unwrap();
-            rss_mib(agents[&fx.nodes[0]].process.as_ref().unwrap().child.id())
-        };
+        let agent = rss_mib(agent_pid);
         let (admission_p50, admission_p99) = admission_ms(&admin, &namespaces[0]).await;
         let ndc_max = ndc_bytes_max(&admin).await;
         println!(

@@ -25,7 +25,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 
 /// A benchmark child's runtime, set up as the agent's `main` sets up its own.
 pub fn child_runtime() -> tokio::runtime::Runtime {
-    vmdisk_cache_agent::tune_allocator();
+    vmdisk_support::allocator::tune_allocator();
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -14,6 +14,7 @@ use vmdisk_webhook::metrics::WebhookMetrics;
 use vmdisk_webhook::routes::{router, Webhook};
 
 fn main() -> std::process::ExitCode {
+    vmdisk_support::allocator::tune_allocator();
     let args = WebhookArgs::parse();
     // The drain, and a second for the rest of the stop.
     let finish_within = args.drain() + std::time::Duration::from_secs(1);

@@ -81,12 +81,12 @@ pub struct ImageSettings {
 /// is dropped.
 pub async fn run(
     client: Client,
+    images: &Reflected<VMDiskImage>,
     credentials_namespace: &str,
     identity: &str,
     settings: ImageSettings,
     stop: vmdisk_support::process::Stop,
 ) {
-    let images: Api<VMDiskImage> = Api::all(client.clone());
     let caches = Reflected::spawn(
         Api::<NodeDiskCache>::all(client.clone()),
         watcher::Config::default(),
@@ -122,35 +122,37 @@ pub async fn run(
         tracing::error!("the NodeDiskCache or Node watch stopped before its first list; the image controller is not started");
         return;
     }
+    let Some(controller) = images.controller() else {
+        tracing::error!("the VMDiskImage watch already drives a controller; the image controller is not started");
+        return;
+    };
+    let controller = controller
+        .graceful_shutdown_on(stop.cancelled_owned())
+        .with_config(
+            controller::Config::default()
+                .concurrency(CONCURRENCY)
+                .debounce(STATUS_DEBOUNCE),
+        );
     let placement_wake = Arc::new(tokio::sync::Notify::new());
     let wake = Arc::clone(&placement_wake);
     // Placement reads an image's digest, format, source and cache policy: it is woken when
     // one of these changes, not by every status write.
-    let mut placed: HashMap<String, u64> = HashMap::new();
-    let controller = crate::tasks::lean_controller(
-        images,
-        watcher::Config::default(),
-        |_| {},
-        move |event: &watcher::Event<VMDiskImage>| {
-            let changed = match event {
-                watcher::Event::Apply(i) | watcher::Event::InitApply(i) => {
-                    let f = placement_fingerprint(i);
-                    placed.insert(i.uid().unwrap_or_default(), f) != Some(f)
-                }
-                watcher::Event::Delete(i) => placed.remove(&i.uid().unwrap_or_default()).is_some(),
-                watcher::Event::Init | watcher::Event::InitDone => false,
-            };
-            if changed {
-                wake.notify_one();
-            }
-        },
-    )
-    .graceful_shutdown_on(stop.cancelled_owned())
-    .with_config(
-        controller::Config::default()
-            .concurrency(CONCURRENCY)
-            .debounce(STATUS_DEBOUNCE),
-    );
+    let placed: std::sync::Mutex<HashMap<String, u64>> = Default::default();
+    let stored = images.store();
+    images.on_change(move |image: &VMDiskImage| {
+        let uid = image.uid().unwrap_or_default();
+        let now = stored
+            .get(&ObjectRef::from_obj(image))
+            .map(|i| placement_fingerprint(&i));
+        let mut placed = placed.lock().expect("placed lock");
+        let changed = match now {
+            Some(f) => placed.insert(uid, f) != Some(f),
+            None => placed.remove(&uid).is_some(),
+        };
+        if changed {
+            wake.notify_one();
+        }
+    });
     let image_store = controller.store();
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.

@@ -79,10 +79,22 @@ pub struct Placement {
 impl Placement {
     /// Keeps every agent's list current; never returns (dropped with the image controller).
     pub async fn run(self) {
+        // Deciding from a store still being listed would empty every node's list.
+        let (images, nodes, caches) = tokio::join!(
+            self.images.wait_until_ready(),
+            self.nodes.wait_until_ready(),
+            self.caches.wait_until_ready()
+        );
+        if images.is_err() || nodes.is_err() || caches.is_err() {
+            tracing::error!("a watch stopped before its first list; placement is not started");
+            return;
+        }
         let mut written: HashMap<String, (NodeList, Instant)> = HashMap::new();
         let mut every_node: Option<NodeList> = None;
+        let mut candidates = plan::Candidates::default();
         loop {
-            self.round(&mut written, &mut every_node).await;
+            self.round(&mut candidates, &mut written, &mut every_node)
+                .await;
             tokio::select! {
                 () = self.wake.notified() => {}
                 // Applied again: unchanged, the API server writes nothing; changed by
@@ -96,12 +108,13 @@ impl Placement {
     /// Decides every node's list and writes those that changed.
     async fn round(
         &self,
+        candidates: &mut plan::Candidates,
         written: &mut HashMap<String, (NodeList, Instant)>,
         every_node: &mut Option<NodeList>,
     ) {
         let started = Instant::now();
-        let candidates = plan::candidates(&self.images.state());
-        let every = plan::every_node_list(&candidates);
+        candidates.update(&self.images.state());
+        let every = candidates.every_node_list();
         if every_node.as_ref() != Some(&every) {
             let result = self.write_every_node(&every).await;
             self.metrics
@@ -127,10 +140,8 @@ impl Placement {
             let Some(node) = self.nodes.get(&ObjectRef::new(&name)) else {
                 continue;
             };
-            let list = plan::node_list(
-                &candidates,
-                node.metadata.labels.as_ref().unwrap_or(&Default::default()),
-            );
+            let list =
+                candidates.node_list(node.metadata.labels.as_ref().unwrap_or(&Default::default()));
             omitted += i64::from(list.omitted);
             let current = NodeList {
                 images: cache.spec.images.clone(),

@@ -3,23 +3,74 @@
 //! only its own list, so an agent never lists the cluster's images. Images for every node
 //! (no `cache.nodeSelector`) go to one list all agents read: one write for 300 nodes, not 300.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use vmdisk_crds::{DesiredImage, PullMethod, VMDiskImage};
 
 /// The most a node's list may take, serialized. The API server refuses objects over 1.5 MiB;
 /// the list leaves the rest for the agent's status (about 300 bytes an entry).
 pub const MAX_LIST_BYTES: usize = 512 * 1024;
 
-/// An image some node may be asked to hold, with what its list entry costs.
+/// An image some node may be asked to hold, with what its list entry costs. It keeps no
+/// reference to the image (a kept `Arc` would hold every replaced version in memory).
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    image: Arc<VMDiskImage>,
     entry: DesiredImage,
     bytes: usize,
-    /// No node selector: on the every-node list, not on the nodes' own.
-    every_node: bool,
+    created: Option<Time>,
+    /// `None` (or empty): on the every-node list, not on the nodes' own.
+    selector: Option<BTreeMap<String, String>>,
+}
+
+impl Candidate {
+    /// The image's candidate: resolved (agents never resolve tags, so every node caches the
+    /// same digest), prefetched, filled through the node cache (`pullMethod` `node` and
+    /// `nodeOnly` images are pulled by the node's runtime) and not being deleted.
+    fn of(image: &VMDiskImage) -> Option<Self> {
+        if image.metadata.deletion_timestamp.is_some()
+            || !image.spec.cache.prefetch
+            || !image
+                .spec
+                .source
+                .registry
+                .pull_method
+                .is_none_or(|m| m == PullMethod::Pod)
+        {
+            return None;
+        }
+        let entry = DesiredImage::of(image)?;
+        let bytes = serde_json::to_vec(&entry).map_or(usize::MAX, |v| v.len() + 1);
+        Some(Self {
+            entry,
+            bytes,
+            created: image.metadata.creation_timestamp.clone(),
+            selector: image
+                .spec
+                .cache
+                .node_selector
+                .clone()
+                .filter(|s| !s.is_empty()),
+        })
+    }
+
+    /// Who keeps a place when a list is full: pinned images first, then the oldest.
+    fn rank(&self) -> (bool, Option<&Time>, &str, &str) {
+        (
+            !self.entry.pinned,
+            self.created.as_ref(),
+            &self.entry.namespace,
+            &self.entry.name,
+        )
+    }
+
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_some_and(|s| {
+            s.iter()
+                .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+        })
+    }
 }
 
 /// A node's list.
@@ -31,68 +82,126 @@ pub struct NodeList {
     pub omitted: u32,
 }
 
-/// The images any node may be asked to hold: resolved (agents never resolve tags, so every
-/// node caches the same digest), prefetched and filled through the node cache (`pullMethod`
-/// `node` and `nodeOnly` images are pulled by the node's runtime). Ordered by who keeps a place
-/// when a node's list is full: pinned images first, then the oldest.
-pub fn candidates(images: &[Arc<VMDiskImage>]) -> Vec<Candidate> {
-    let mut out: Vec<Candidate> = images
-        .iter()
-        .filter(|i| i.metadata.deletion_timestamp.is_none())
-        .filter(|i| {
-            i.spec.cache.prefetch
-                && i.spec
-                    .source
-                    .registry
-                    .pull_method
-                    .is_none_or(|m| m == PullMethod::Pod)
-        })
-        .filter_map(|i| {
-            let entry = DesiredImage::of(i)?;
-            let bytes = serde_json::to_vec(&entry).map_or(usize::MAX, |v| v.len() + 1);
-            let every_node = i
-                .spec
-                .cache
-                .node_selector
-                .as_ref()
-                .is_none_or(|s| s.is_empty());
-            Some(Candidate {
-                image: Arc::clone(i),
-                entry,
-                bytes,
-                every_node,
-            })
-        })
-        .collect();
-    out.sort_by(|a, b| {
-        let key = |c: &Candidate| {
-            (
-                !c.entry.pinned,
-                c.image.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                c.entry.namespace.clone(),
-                c.entry.name.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
-    out
+/// The candidates, kept from round to round: an image is looked at again only when its
+/// resourceVersion changed, and a node's list is drawn from the images whose selector names
+/// one of the node's labels, not from all of them. At 10,000 images and 300 nodes, deciding
+/// every list from scratch took about 190 ms of CPU per round.
+#[derive(Debug, Default)]
+pub struct Candidates {
+    /// By uid: the resourceVersion looked at, and the candidate (`None`: not one).
+    seen: HashMap<String, (String, Option<Arc<Candidate>>)>,
+    /// Priority order (see [`Candidate::rank`]).
+    ordered: Vec<Arc<Candidate>>,
+    /// Positions in `ordered` of the images with a selector, under the first of its labels.
+    by_label: HashMap<(String, String), Vec<usize>>,
 }
 
-/// The own list of the node with `labels`: every candidate with a node selector that selects
-/// it, in priority order until [`MAX_LIST_BYTES`].
-pub fn node_list(candidates: &[Candidate], labels: &BTreeMap<String, String>) -> NodeList {
-    within(
-        candidates
+impl Candidates {
+    /// Takes in the images as they are now; `true` when a candidate changed.
+    pub fn update(&mut self, images: &[Arc<VMDiskImage>]) -> bool {
+        let mut changed = false;
+        let mut present = std::collections::HashSet::with_capacity(images.len());
+        for image in images {
+            let uid = image.metadata.uid.clone().unwrap_or_else(|| {
+                format!(
+                    "{}/{}",
+                    image.metadata.namespace.as_deref().unwrap_or_default(),
+                    image.metadata.name.as_deref().unwrap_or_default()
+                )
+            });
+            let version = image.metadata.resource_version.clone().unwrap_or_default();
+            match self.seen.get_mut(&uid) {
+                Some((seen, _)) if *seen == version => {}
+                Some(slot) => {
+                    let candidate = Candidate::of(image).map(Arc::new);
+                    // A status write leaves the candidate as it was (and the indexed one).
+                    if !same(&slot.1, &candidate) {
+                        changed = true;
+                        slot.1 = candidate;
+                    }
+                    slot.0 = version;
+                }
+                None => {
+                    let candidate = Candidate::of(image).map(Arc::new);
+                    changed |= candidate.is_some();
+                    self.seen.insert(uid.clone(), (version, candidate));
+                }
+            }
+            present.insert(uid);
+        }
+        self.seen.retain(|uid, (_, candidate)| {
+            let keep = present.contains(uid);
+            changed |= !keep && candidate.is_some();
+            keep
+        });
+        if changed {
+            self.index();
+        }
+        changed
+    }
+
+    fn index(&mut self) {
+        self.ordered = self.seen.values().filter_map(|(_, c)| c.clone()).collect();
+        self.ordered.sort_by(|a, b| a.rank().cmp(&b.rank()));
+        self.by_label.clear();
+        for (position, c) in self.ordered.iter().enumerate() {
+            if let Some((k, v)) = c.selector.as_ref().and_then(|s| s.iter().next()) {
+                self.by_label
+                    .entry((k.clone(), v.clone()))
+                    .or_default()
+                    .push(position);
+            }
+        }
+    }
+
+    /// How many images some node may hold.
+    pub fn len(&self) -> usize {
+        self.ordered.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ordered.is_empty()
+    }
+
+    /// The own list of the node with `labels`: every candidate with a node selector that
+    /// selects it, in priority order until [`MAX_LIST_BYTES`].
+    pub fn node_list(&self, labels: &BTreeMap<String, String>) -> NodeList {
+        let mut positions: Vec<usize> = labels
             .iter()
-            .filter(|c| !c.every_node && c.image.prefetched_on(labels)),
-        MAX_LIST_BYTES,
-    )
+            .filter_map(|(k, v)| self.by_label.get(&(k.clone(), v.clone())))
+            .flatten()
+            .copied()
+            .filter(|&p| self.ordered[p].selects(labels))
+            .collect();
+        positions.sort_unstable();
+        within(
+            positions.into_iter().map(|p| &*self.ordered[p]),
+            MAX_LIST_BYTES,
+        )
+    }
+
+    /// The list every node holds besides its own: the candidates without a node selector, in
+    /// priority order until [`MAX_LIST_BYTES`].
+    pub fn every_node_list(&self) -> NodeList {
+        within(
+            self.ordered
+                .iter()
+                .filter(|c| c.selector.is_none())
+                .map(|c| &**c),
+            MAX_LIST_BYTES,
+        )
+    }
 }
 
-/// The list every node holds besides its own: the candidates without a node selector, in
-/// priority order until [`MAX_LIST_BYTES`].
-pub fn every_node_list(candidates: &[Candidate]) -> NodeList {
-    within(candidates.iter().filter(|c| c.every_node), MAX_LIST_BYTES)
+/// The same candidate (or the same absence), by what a list reads of it.
+fn same(a: &Option<Arc<Candidate>>, b: &Option<Arc<Candidate>>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.entry == b.entry && a.created == b.created && a.selector == b.selector
+        }
+        _ => false,
+    }
 }
 
 fn within<'a>(candidates: impl Iterator<Item = &'a Candidate>, budget: usize) -> NodeList {
@@ -135,6 +244,12 @@ mod tests {
         )
     }
 
+    fn candidates(images: &[Arc<VMDiskImage>]) -> Candidates {
+        let mut c = Candidates::default();
+        c.update(images);
+        c
+    }
+
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -175,15 +290,15 @@ mod tests {
             Arc::new(by_runtime),
         ];
         let c = candidates(&images);
-        assert_eq!(names(&node_list(&c, &labels(&[("pool", "gpu")]))), ["gpu"]);
-        assert!(node_list(&c, &labels(&[("pool", "cpu")])).images.is_empty());
-        assert!(node_list(&c, &BTreeMap::new()).images.is_empty());
+        assert_eq!(names(&c.node_list(&labels(&[("pool", "gpu")]))), ["gpu"]);
+        assert!(c.node_list(&labels(&[("pool", "cpu")])).images.is_empty());
+        assert!(c.node_list(&BTreeMap::new()).images.is_empty());
         // Without a selector (or with an empty one): on the list every node reads.
         assert_eq!(
-            names(&every_node_list(&c)),
+            names(&c.every_node_list()),
             ["empty-selector", "everywhere"]
         );
-        let entry = &every_node_list(&c).images[1];
+        let entry = &c.every_node_list().images[1];
         assert_eq!(entry.digest, D);
         assert_eq!(entry.url, "r.io/vms/everywhere:1");
         assert!(!entry.pull_secret);
@@ -202,12 +317,12 @@ mod tests {
             ),
         ];
         let c = candidates(&images);
-        let one = c[0].bytes;
-        let list = within(c.iter(), one + c[1].bytes);
+        let ordered: Vec<&Candidate> = c.ordered.iter().map(|c| &**c).collect();
+        let list = within(ordered.iter().copied(), ordered[0].bytes + ordered[1].bytes);
         assert_eq!(names(&list), ["old", "pinned-new"]);
         assert_eq!(list.omitted, 1);
         assert!(list.images.iter().any(|i| i.pinned));
-        let all = every_node_list(&c);
+        let all = c.every_node_list();
         assert_eq!((all.images.len(), all.omitted), (3, 0));
     }
 
@@ -223,9 +338,97 @@ mod tests {
                 )
             })
             .collect();
-        let list = every_node_list(&candidates(&images));
+        let list = candidates(&images).every_node_list();
         assert_eq!((list.images.len(), list.omitted), (1000, 0));
         let bytes = serde_json::to_vec(&list.images).unwrap().len();
         assert!(bytes < MAX_LIST_BYTES, "{bytes} bytes");
+    }
+
+    fn versioned(
+        name: &str,
+        version: &str,
+        cache: serde_json::Value,
+        digest: &str,
+    ) -> Arc<VMDiskImage> {
+        let mut i = (*image(name, "2026-01-01T00:00:00Z", cache, Some(digest))).clone();
+        i.metadata.uid = Some(format!("uid-{name}"));
+        i.metadata.resource_version = Some(version.into());
+        Arc::new(i)
+    }
+
+    #[test]
+    fn an_image_is_looked_at_again_only_when_its_version_changes() {
+        const E: &str = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd";
+        let gpu = json!({"nodeSelector": {"pool": "gpu"}});
+        let mut c = Candidates::default();
+        assert!(c.update(&[versioned("a", "1", gpu.clone(), D)]));
+        assert!(
+            !c.update(&[versioned("a", "1", gpu.clone(), D)]),
+            "nothing new"
+        );
+        // The same version is not looked at again (a version names one content).
+        assert!(!c.update(&[versioned("a", "1", gpu.clone(), E)]));
+        // A status write: a new version, the same candidate.
+        assert!(!c.update(&[versioned("a", "2", gpu.clone(), D)]));
+        // A new digest.
+        assert!(c.update(&[versioned("a", "3", gpu.clone(), E)]));
+        let gpu_node = labels(&[("pool", "gpu")]);
+        assert_eq!(c.node_list(&gpu_node).images[0].digest, E);
+        // The image now selects other nodes.
+        assert!(c.update(&[versioned(
+            "a",
+            "4",
+            json!({"nodeSelector": {"pool": "cpu"}}),
+            E
+        )]));
+        assert!(c.node_list(&gpu_node).images.is_empty());
+        assert_eq!(names(&c.node_list(&labels(&[("pool", "cpu")]))), ["a"]);
+        // Gone from the store: gone from every list.
+        assert!(c.update(&[]));
+        assert!(c.is_empty());
+        assert!(!c.update(&[]));
+    }
+
+    #[test]
+    fn the_index_picks_what_a_scan_of_every_image_picks() {
+        // Selectors of one or two labels over a small set of keys and values, nodes with
+        // every combination: each node's list must be what matching every image gives.
+        let keys = ["pool", "zone", "gpu"];
+        let values = ["a", "b", "c"];
+        let mut images = Vec::new();
+        for i in 0..300usize {
+            let mut selector = serde_json::Map::new();
+            selector.insert(keys[i % 3].into(), values[(i / 3) % 3].into());
+            if i % 2 == 0 {
+                selector.insert(keys[(i + 1) % 3].into(), values[(i / 9) % 3].into());
+            }
+            let cache = if i % 17 == 0 {
+                json!({})
+            } else {
+                json!({"nodeSelector": selector, "pinned": i % 5 == 0})
+            };
+            let created = format!("2026-01-{:02}T00:00:00Z", 1 + i % 28);
+            images.push(image(&format!("image-{i:03}"), &created, cache, Some(D)));
+        }
+        let c = candidates(&images);
+        let mut checked = 0;
+        for pool in values {
+            for zone in values {
+                for gpu in ["a", "none"] {
+                    let mut node = labels(&[("pool", pool), ("zone", zone), ("host", "n")]);
+                    if gpu != "none" {
+                        node.insert("gpu".into(), gpu.into());
+                    }
+                    let scanned = within(
+                        c.ordered.iter().filter(|x| x.selects(&node)).map(|x| &**x),
+                        MAX_LIST_BYTES,
+                    );
+                    let indexed = c.node_list(&node);
+                    assert_eq!(indexed, scanned, "node {node:?}");
+                    checked += indexed.images.len();
+                }
+            }
+        }
+        assert!(checked > 100, "the nodes were selected {checked} times");
     }
 }

@@ -134,17 +134,13 @@ pub fn strip_unrelated_claim(pvc: &mut PersistentVolumeClaim) {
 /// dropped.
 pub async fn run(
     client: Client,
+    images: &Reflected<VMDiskImage>,
     config: PopulatorSettings,
     runtimes: crate::node_pull::NodeRuntimes,
     metrics: PopulatorMetrics,
     stop: vmdisk_support::process::Stop,
 ) {
     let selector = format!("{COMPONENT_LABEL}={POPULATOR_COMPONENT}");
-    let images = Reflected::spawn_lean(
-        Api::<VMDiskImage>::all(client.clone()),
-        watcher::Config::default(),
-        VMDiskImage::strip_for_catalog,
-    );
     let classes = Reflected::spawn(
         Api::<StorageClass>::all(client.clone()),
         watcher::Config::default(),
