@@ -5,13 +5,14 @@
 //! Module map: [`supervisor`] runs the controllers while [`leader`] says this replica leads;
 //! [`image`] (resolve, status, reconcile) with [`credentials`]; [`populator`] (decide,
 //! objects, reconcile, sweep); [`node_pull`] tells which nodes mount images as volumes;
-//! [`tasks`] holds the helpers' tasks; [`metrics`] and [`server`]
+//! [`tasks`] holds the helpers' tasks; [`events`] records Events with bounded memory; [`metrics`] and [`server`]
 //! expose `/metrics`, `/healthz` and `/readyz`; [`agent_api`] hands each node's cache agent
 //! the pull credentials of what its node prefetches; [`config`] holds the flags.
 
 pub mod agent_api;
 pub mod config;
 pub mod credentials;
+pub mod events;
 pub mod image;
 pub mod leader;
 pub mod metrics;

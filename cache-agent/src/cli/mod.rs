@@ -90,8 +90,9 @@ pub struct RegistryArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Mode {
-    /// DaemonSet mode: warm the VMDiskImages whose cache policy selects this node, evict, and
-    /// report the node's cache (NodeDiskCache, node labels, metrics).
+    /// DaemonSet mode: warm the images the controller lists for this node (its NodeDiskCache
+    /// and the every-node list), evict, and report the node's cache (NodeDiskCache, node
+    /// labels, metrics).
     Run {
         #[command(flatten)]
         cache: CacheArgs,

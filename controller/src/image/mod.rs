@@ -17,9 +17,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::Recorder;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{controller, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -137,19 +138,14 @@ pub async fn run(
     let wake = Arc::clone(&placement_wake);
     // Placement reads an image's digest, format, source and cache policy: it is woken when
     // one of these changes, not by every status write.
-    let placed: std::sync::Mutex<HashMap<String, u64>> = Default::default();
+    let placed = LastSeen::default();
     let stored = images.store();
     images.on_change(move |image: &VMDiskImage| {
         let uid = image.uid().unwrap_or_default();
         let now = stored
             .get(&ObjectRef::from_obj(image))
             .map(|i| placement_fingerprint(&i));
-        let mut placed = placed.lock().expect("placed lock");
-        let changed = match now {
-            Some(f) => placed.insert(uid, f) != Some(f),
-            None => placed.remove(&uid).is_some(),
-        };
-        if changed {
+        if placed.replace(uid, now) != now {
             wake.notify_one();
         }
     });
@@ -191,19 +187,14 @@ pub async fn run(
     runtimes.on_labels_change(Arc::clone(&placement_wake));
     let wake = Arc::clone(&placement_wake);
     let lists = caches.store();
-    let known_lists: std::sync::Mutex<HashMap<String, u64>> = Default::default();
+    let known_lists = LastSeen::default();
     caches.on_change(move |cache: &NodeDiskCache| {
         // A NodeDiskCache appearing (an agent started), going, or its list changed by
         // someone else; not the agents' status reports.
         let now = lists
             .get(&ObjectRef::from_obj(cache))
             .map(|c| list_fingerprint(&c));
-        let mut known = known_lists.lock().expect("known lists lock");
-        let changed = match now {
-            Some(f) => known.insert(cache.name_any(), f) != Some(f),
-            None => known.remove(&cache.name_any()).is_some(),
-        };
-        if changed {
+        if known_lists.replace(cache.name_any(), now) != now {
             wake.notify_one();
         }
     });
@@ -223,22 +214,16 @@ pub async fn run(
     let node_pull_images = image_store.clone();
     // A node's cache changed: re-aggregate the images whose ready entries on it changed
     // (not on progress reports: with 300 nodes, each report would wake every image).
-    let known_ready: std::sync::Mutex<HashMap<String, ReadyEntries>> = Default::default();
+    let known_ready = LastSeen::default();
     let cache_store = caches.store();
     let cache_changes = caches.trigger(move |cache: &NodeDiskCache| {
         let now = cache_store
             .get(&ObjectRef::from_obj(cache))
             .map(|c| ready_entries(&c))
             .unwrap_or_default();
-        let before = {
-            let mut known = known_ready.lock().expect("known entries lock");
-            if now.is_empty() {
-                known.remove(&cache.name_any())
-            } else {
-                known.insert(cache.name_any(), now.clone())
-            }
-            .unwrap_or_default()
-        };
+        let before = known_ready
+            .replace(cache.name_any(), (!now.is_empty()).then(|| now.clone()))
+            .unwrap_or_default();
         let changed: HashSet<&str> = before
             .symmetric_difference(&now)
             .map(|e| e.0.as_str())
@@ -280,6 +265,26 @@ pub async fn run(
             futures::future::ready(())
         })
         .await;
+}
+
+/// The last value seen of each object (by name or uid), to tell a change from a repeat.
+struct LastSeen<V>(std::sync::Mutex<HashMap<String, V>>);
+
+impl<V> Default for LastSeen<V> {
+    fn default() -> Self {
+        Self(Default::default())
+    }
+}
+
+impl<V> LastSeen<V> {
+    /// Records `now` for `key` (`None`: the object is gone) and returns what was seen before.
+    fn replace(&self, key: String, now: Option<V>) -> Option<V> {
+        let mut seen = self.0.lock().expect("last seen lock");
+        match now {
+            Some(v) => seen.insert(key, v),
+            None => seen.remove(&key),
+        }
+    }
 }
 
 /// What of a node's cache the images' status reads: its Ready entries (digest, format, and

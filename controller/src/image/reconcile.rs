@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::events::Recorder;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use thiserror::Error;
