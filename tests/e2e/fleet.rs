@@ -257,8 +257,12 @@ pub async fn push_tiny_disks(
     let mut references = Vec::new();
     for chunk in indices.chunks(4 * IN_FLIGHT) {
         let pushed = futures::future::join_all(chunk.iter().map(|&i| async move {
+            // Its own bytes, so its own digest: no other image (of this or another
+            // repository) is already cached on some node under it.
             let mut disk = vec![0u8; 4096];
             disk[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let name = repo.as_bytes();
+            disk[8..8 + name.len().min(4088)].copy_from_slice(&name[..name.len().min(4088)]);
             let layer = LayerSpec {
                 entries: vec![("disk/disk.img".into(), disk)],
                 media_type: TAR_GZIP,

@@ -73,28 +73,37 @@ pub async fn create_and_converge(
     let converged: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen = Arc::clone(&converged);
     let watch_want = want.clone();
-    let watch = tokio::spawn(
-        watcher(
-            Api::<VMDiskImage>::all(admin.clone()),
-            watcher::Config::default().labels(&format!("{SET_LABEL}={set}")),
-        )
-        .default_backoff()
-        .applied_objects()
-        .for_each(move |image| {
-            if let Ok(image) = image {
-                let key = format!(
-                    "{}/{}",
-                    image.namespace().unwrap_or_default(),
-                    image.name_any()
-                );
-                let warm = image.status.as_ref().map_or(0, |s| s.warm_nodes);
-                if watch_want.get(&key).is_some_and(|w| warm >= *w) {
-                    seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
-                }
+    // Where each image's time went, for the slowest: its digest in the status, its first
+    // node list, its first node's report of it ready.
+    let stages: Arc<std::sync::Mutex<Stages>> = Arc::default();
+    let image_stages = Arc::clone(&stages);
+    let (watch, images_listed) = watch_listed(
+        Api::<VMDiskImage>::all(admin.clone()),
+        watcher::Config::default().labels(&format!("{SET_LABEL}={set}")),
+        move |image: VMDiskImage| {
+            let key = format!(
+                "{}/{}",
+                image.namespace().unwrap_or_default(),
+                image.name_any()
+            );
+            let warm = image.status.as_ref().map_or(0, |s| s.warm_nodes);
+            if let Some(digest) = image.status.as_ref().and_then(|s| s.digest.clone()) {
+                image_stages.lock().unwrap().resolved(&key, digest);
             }
-            futures::future::ready(())
-        }),
+            if watch_want.get(&key).is_some_and(|w| warm >= *w) {
+                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
+            }
+        },
     );
+    let cache_stages = Arc::clone(&stages);
+    let (caches, caches_listed) = watch_listed(
+        Api::<NodeDiskCache>::all(admin.clone()),
+        watcher::Config::default(),
+        move |cache: NodeDiskCache| cache_stages.lock().unwrap().cache(&cache),
+    );
+    // A watch still making its first list (at 10,000 images, seconds) would see the first
+    // images late and charge the list's time to them.
+    let _ = tokio::join!(images_listed, caches_listed);
     let mut created: HashMap<String, Instant> = HashMap::new();
     match pace {
         Some(pace) => {
@@ -147,15 +156,117 @@ pub async fn create_and_converge(
     )
     .await;
     watch.abort();
+    caches.abort();
     let converged = converged.lock().unwrap();
-    images
+    let timed: Vec<(Planned, f64)> = images
         .iter()
         .map(|p| {
             let k = format!("{}/{}", p.namespace, p.name);
             let s = converged[&k].saturating_duration_since(created[&k]);
             (p.clone(), s.as_secs_f64())
         })
-        .collect()
+        .collect();
+    let mut slowest: Vec<&(Planned, f64)> = timed.iter().collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let stages = stages.lock().unwrap();
+    for (p, s) in slowest.into_iter().take(3) {
+        let k = format!("{}/{}", p.namespace, p.name);
+        let at = |t: Option<Instant>| {
+            t.map_or("-".to_string(), |t| {
+                format!(
+                    "{:.2}s",
+                    t.saturating_duration_since(created[&k]).as_secs_f64()
+                )
+            })
+        };
+        let (resolved, listed, reported) = stages.of(&k);
+        println!(
+            "{set}: slow {k} ({:?}): counted at {s:.2}s; digest at {}, first listed at {}, first reported ready at {}",
+            p.pool,
+            at(resolved),
+            at(listed),
+            at(reported)
+        );
+    }
+    timed
+}
+
+/// Watches `api`, handing `f` each object as it is listed and as it changes; the receiver
+/// fires once the first list is done.
+fn watch_listed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut f: impl FnMut(K) + Send + 'static,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Receiver<()>,
+)
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    let (listed, on_listed) = tokio::sync::oneshot::channel();
+    let mut listed = Some(listed);
+    let task = tokio::spawn(
+        watcher(api, config)
+            .default_backoff()
+            .for_each(move |event| {
+                match event {
+                    Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => f(o),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(listed) = listed.take() {
+                            let _ = listed.send(());
+                        }
+                    }
+                    _ => {}
+                }
+                futures::future::ready(())
+            }),
+    );
+    (task, on_listed)
+}
+
+/// When each image (by `namespace/name`) was first seen resolved, on a node's list, and
+/// reported ready by a node.
+#[derive(Default)]
+struct Stages {
+    digests: HashMap<String, String>,
+    resolved: HashMap<String, Instant>,
+    listed: HashMap<String, Instant>,
+    /// By digest: reports carry no image name.
+    reported: HashMap<String, Instant>,
+}
+
+impl Stages {
+    fn resolved(&mut self, key: &str, digest: String) {
+        self.resolved
+            .entry(key.to_string())
+            .or_insert_with(Instant::now);
+        self.digests.insert(key.to_string(), digest);
+    }
+
+    fn cache(&mut self, cache: &NodeDiskCache) {
+        let now = Instant::now();
+        for i in &cache.spec.images {
+            self.listed
+                .entry(format!("{}/{}", i.namespace, i.name))
+                .or_insert(now);
+        }
+        for e in cache.status.iter().flat_map(|s| s.entries.iter()) {
+            if e.state == vmdisk_crds::CacheEntryState::Ready {
+                self.reported.entry(e.digest.clone()).or_insert(now);
+            }
+        }
+    }
+
+    fn of(&self, key: &str) -> (Option<Instant>, Option<Instant>, Option<Instant>) {
+        (
+            self.resolved.get(key).copied(),
+            self.listed.get(key).copied(),
+            self.digests
+                .get(key)
+                .and_then(|d| self.reported.get(d).copied()),
+        )
+    }
 }
 
 /// The `p`-quantile of sorted values.

@@ -259,6 +259,7 @@ pub async fn scale(fx: Arc<LocalInstall>, case: Case) {
             .collect();
         probes_made += PROBES + EVERY_NODE_PROBES;
         let controller_pid = fx.controller.lock().unwrap().child.id();
+        println!("scale: probing convergence at {size} images (controller pid {controller_pid})");
         let cpu_before = cpu_s(controller_pid);
         let seconds = |v: Vec<(Planned, f64)>| {
             let mut s: Vec<f64> = v.into_iter().map(|(_, s)| s).collect();

@@ -90,6 +90,12 @@ impl Placement {
             tracing::error!("a watch stopped before its first list; placement is not started");
             return;
         }
+        tracing::info!(
+            images = self.images.state().len(),
+            nodes = self.nodes.state().len(),
+            caches = self.caches.state().len(),
+            "placement started"
+        );
         let mut written: HashMap<String, (NodeList, Instant)> = HashMap::new();
         let mut every_node: Option<NodeList> = None;
         let mut candidates = plan::Candidates::default();
@@ -184,7 +190,11 @@ impl Placement {
                 }
             }
         }
-        written.retain(|name, _| caches.iter().any(|c| c.name_any() == *name));
+        let present: std::collections::HashSet<&str> = caches
+            .iter()
+            .filter_map(|c| c.metadata.name.as_deref())
+            .collect();
+        written.retain(|name, _| present.contains(name.as_str()));
         self.metrics
             .observe_round(started.elapsed().as_secs_f64(), omitted);
         if count > 0 {

@@ -224,12 +224,13 @@ pub async fn run(
     let prime_changes = primes.trigger(claim_of);
     // An image appearing or resolving wakes the claims that wait for it.
     let image_changes = images.trigger(move |image: &VMDiskImage| {
-        let namespace = image.namespace();
+        let namespace = image.metadata.namespace.as_deref();
         let name = image.name_any();
+        // Most claims are not vmdisk's (stripped to their identity): the cheap tests first.
         waiting_claims
             .state()
             .into_iter()
-            .filter(|c| c.namespace() == namespace)
+            .filter(|c| c.spec.is_some() && c.metadata.namespace.as_deref() == namespace)
             .filter(|c| {
                 decide::referenced_image(c).ok().flatten().as_deref() == Some(name.as_str())
             })
