@@ -153,20 +153,6 @@ pub fn spawn(
                             kube::runtime::watcher::Config::default(),
                             vmdisk_crds::VMDiskImage::strip_for_controller,
                         );
-                        // kube's `Store::wait_until_ready` wakes only the last of several
-                        // tasks waiting at once (its oneshot keeps one waker): the others wait
-                        // for ever. Both controllers and placement wait for these two stores,
-                        // so one task waits for them first; once a wait has seen a store
-                        // ready, every later wait returns at once.
-                        let (image_store, node_store) = (images.store(), runtimes.store());
-                        let (images_ready, nodes_ready) = tokio::join!(
-                            image_store.wait_until_ready(),
-                            node_store.wait_until_ready()
-                        );
-                        if images_ready.is_err() || nodes_ready.is_err() {
-                            tracing::error!("the VMDiskImage or Node watch stopped before its first list; the controllers are not started");
-                            return;
-                        }
                         tokio::join!(
                             crate::image::run(
                                 client.clone(),

@@ -66,6 +66,27 @@ impl Drop for TaskGuard {
 /// Changes a shared store holds for its controller before the watch waits for it.
 const SHARED_BUFFER: usize = 1024;
 
+/// How often a [`ready`] wait looks at its store again.
+const READY_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Waits until `store` holds its first list; fails if its watch stopped before. kube's
+/// `Store::wait_until_ready` wakes only the last of several tasks waiting on one store at once
+/// (its oneshot keeps one waker) and the others wait for ever: placement once did, behind the
+/// populator, and no node list was written. This wait looks again every [`READY_RECHECK`], so
+/// any number of tasks may wait on one store. Every wait of the controllers goes through it.
+pub async fn ready<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        tokio::select! {
+            ready = store.wait_until_ready() => return ready,
+            () = tokio::time::sleep(READY_RECHECK) => {}
+        }
+    }
+}
+
 /// Reconcile requests derived from a reflector's changes.
 type Subscriber<K> = Box<dyn Fn(&K) + Send + Sync>;
 
@@ -266,6 +287,28 @@ mod tests {
             }
         });
         kube::Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn every_task_waiting_for_a_store_sees_it_ready() {
+        let (store, mut writer) = reflector::store::<ConfigMap>();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { ready(&store).await.is_ok() })
+            })
+            .collect();
+        // All three are waiting before the first list lands.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        for waiter in waiters {
+            let seen = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter left waiting")
+                .unwrap();
+            assert!(seen);
+        }
     }
 
     #[tokio::test]

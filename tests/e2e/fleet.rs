@@ -261,8 +261,8 @@ pub async fn push_tiny_disks(
             // repository) is already cached on some node under it.
             let mut disk = vec![0u8; 4096];
             disk[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let name = repo.as_bytes();
-            disk[8..8 + name.len().min(4088)].copy_from_slice(&name[..name.len().min(4088)]);
+            let name = &repo.as_bytes()[..repo.len().min(4088)];
+            disk[8..8 + name.len()].copy_from_slice(name);
             let layer = LayerSpec {
                 entries: vec![("disk/disk.img".into(), disk)],
                 media_type: TAR_GZIP,

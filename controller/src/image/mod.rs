@@ -117,8 +117,8 @@ pub async fn run(
         )
     });
     // Status aggregates the node caches: an empty store would report no warm nodes.
-    if ctx.caches.wait_until_ready().await.is_err()
-        || runtimes.store().wait_until_ready().await.is_err()
+    if crate::tasks::ready(&ctx.caches).await.is_err()
+        || crate::tasks::ready(&runtimes.store()).await.is_err()
     {
         tracing::error!("the NodeDiskCache or Node watch stopped before its first list; the image controller is not started");
         return;
@@ -158,8 +158,8 @@ pub async fn run(
     let _sweeper = TaskGuard::spawn(async move {
         loop {
             tokio::time::sleep(COPY_SWEEP).await;
-            if copies.wait_until_ready().await.is_err()
-                || sweep_images.wait_until_ready().await.is_err()
+            if crate::tasks::ready(&copies).await.is_err()
+                || crate::tasks::ready(&sweep_images).await.is_err()
             {
                 continue;
             }

@@ -82,9 +82,9 @@ impl Placement {
     pub async fn run(self) {
         // Deciding from a store still being listed would empty every node's list.
         let (images, nodes, caches) = tokio::join!(
-            self.images.wait_until_ready(),
-            self.nodes.wait_until_ready(),
-            self.caches.wait_until_ready()
+            crate::tasks::ready(&self.images),
+            crate::tasks::ready(&self.nodes),
+            crate::tasks::ready(&self.caches)
         );
         if images.is_err() || nodes.is_err() || caches.is_err() {
             tracing::error!("a watch stopped before its first list; placement is not started");

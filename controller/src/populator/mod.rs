@@ -195,12 +195,12 @@ pub async fn run(
     // listed for a missing one (a new leader did, and the claim then waited for the safety net).
     let nodes = ctx.runtimes.store();
     let (images_ready, classes_ready, pods_ready, primes_ready, agents_ready, nodes_ready) = tokio::join!(
-        ctx.images.wait_until_ready(),
-        ctx.classes.wait_until_ready(),
-        ctx.pods.wait_until_ready(),
-        ctx.primes.wait_until_ready(),
-        ctx.agents.wait_until_ready(),
-        nodes.wait_until_ready(),
+        crate::tasks::ready(&ctx.images),
+        crate::tasks::ready(&ctx.classes),
+        crate::tasks::ready(&ctx.pods),
+        crate::tasks::ready(&ctx.primes),
+        crate::tasks::ready(&ctx.agents),
+        crate::tasks::ready(&nodes),
     );
     if [
         images_ready,

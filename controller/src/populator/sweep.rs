@@ -35,9 +35,9 @@ pub const ORPHAN_SWEEP: Duration = Duration::from_secs(30);
 pub async fn sweep_orphans(ctx: Arc<Context>) {
     loop {
         tokio::time::sleep(ORPHAN_SWEEP).await;
-        if ctx.claims.wait_until_ready().await.is_err()
-            || ctx.pods.wait_until_ready().await.is_err()
-            || ctx.primes.wait_until_ready().await.is_err()
+        if crate::tasks::ready(&ctx.claims).await.is_err()
+            || crate::tasks::ready(&ctx.pods).await.is_err()
+            || crate::tasks::ready(&ctx.primes).await.is_err()
         {
             continue;
         }
