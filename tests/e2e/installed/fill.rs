@@ -287,10 +287,15 @@ pub(super) async fn a_burst_of_claims_of_one_warm_image_all_bind_without_a_retry
     .await;
     wait_warm(&admin, &ns, "burst", WAIT).await;
     let names: Vec<String> = (0..BURST).map(|i| format!("vm-{i:02}")).collect();
-    let (created, took, unclean) = create_at_once(&admin, &ns, "burst", &names).await;
+    let filled = create_at_once(&admin, &ns, "burst", &names).await;
+    let unclean = filled.unclean();
     assert!(unclean.is_empty(), "retries nobody asked for: {unclean:#?}");
-    println!("burst: {BURST} claims of one warm image Bound {took:.1}s after they were created");
-    for pvc in &created {
+    println!(
+        "burst: {BURST} claims of one warm image Bound {:.1}s after they were created; steps (median/last, s): {}",
+        filled.seconds,
+        filled.steps()
+    );
+    for pvc in &filled.created {
         assert_cleaned_up(&admin, pvc).await;
     }
 }
