@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{DeleteParams, ListParams};
 use kube::Api;
 use serde_json::json;
@@ -22,7 +22,7 @@ use vmdisk_tests::bench::env_or;
 
 use crate::installed::claims::{create_at_once, disk_image, wait_resolved, wait_warm};
 use crate::installed::Installed;
-use crate::support::create_image;
+use crate::support::{create_image, wait_for};
 use crate::{cases, Case, Phase};
 
 pub fn phase() -> Phase<Installed> {
@@ -34,12 +34,40 @@ pub fn phase() -> Phase<Installed> {
     }
 }
 
-/// Deletes the namespace's claims (their volumes go with them), to keep the disk free.
+/// Deletes the namespace's claims and waits until their volumes are gone too: the disk is
+/// free again, the next measurement does not share the cluster with their deletion, and a
+/// benchmark that ends leaves no volume behind on the node.
 async fn delete_claims(admin: &kube::Client, ns: &str) {
     Api::<PersistentVolumeClaim>::namespaced(admin.clone(), ns)
         .delete_collection(&DeleteParams::default(), &ListParams::default())
         .await
         .unwrap();
+    let volumes = Api::<PersistentVolume>::all(admin.clone());
+    wait_for(
+        &format!("the volumes of {ns}'s claims deleted"),
+        std::time::Duration::from_secs(300),
+        || {
+            let volumes = volumes.clone();
+            async move {
+                let left = volumes
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .into_iter()
+                    .filter(|pv| {
+                        pv.spec
+                            .as_ref()
+                            .and_then(|s| s.claim_ref.as_ref())
+                            .and_then(|c| c.namespace.as_deref())
+                            == Some(ns)
+                    })
+                    .count();
+                (left == 0).then_some(()).ok_or(format!("{left} left"))
+            }
+        },
+    )
+    .await;
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
