@@ -116,8 +116,13 @@ fn floor(spec: &str) {
             .resolve(v["reference"].as_str().unwrap(), &options)
             .await
             .unwrap();
-        let (mut reader, task) =
-            puller.stream_layer(&image, &image.layers[0], &options, Arc::new(|_| {}));
+        let (mut reader, task) = puller.stream_layer(
+            &image,
+            &image.layers[0],
+            &options,
+            vmdisk_registry::pull::LayerSources::registry_only(),
+            Arc::new(|_| {}),
+        );
         tokio::task::spawn_blocking(move || reader.drain().unwrap())
             .await
             .unwrap();

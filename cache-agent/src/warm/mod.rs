@@ -35,7 +35,21 @@ use self::convert::ConvertError;
 use self::extract::{ExtractError, ExtractLimits};
 pub(crate) use self::sparse::is_zero;
 use crate::store::{CacheEntry, CacheStore, StoreError};
-use vmdisk_registry::pull::{PullError, Puller, RegistryOptions};
+use vmdisk_registry::pull::{
+    LayerDescriptor, LayerSources, PullError, Puller, RegistryOptions, ResolvedImage,
+};
+
+/// Where a warm's layers may come from besides their registry, and where a copy of each goes
+/// (the `peers` room; without it a warm asks the registry alone). `excluded` names the nodes
+/// whose bytes already failed a digest check in this warm.
+pub trait LayerSourcing: Send + Sync {
+    fn sources<'a>(
+        &'a self,
+        image: &'a ResolvedImage,
+        layer: &'a LayerDescriptor,
+        excluded: &'a [String],
+    ) -> BoxFuture<'a, LayerSources>;
+}
 
 #[derive(Debug, Error)]
 pub enum WarmError {
@@ -150,6 +164,8 @@ pub struct WarmOutcome {
     /// False when the entry was already cached.
     pub pulled: bool,
     pub bytes_pulled: u64,
+    /// Of `bytes_pulled`, those other nodes' agents sent.
+    pub bytes_from_peers: u64,
     /// Download, digest, inflation and extraction, which overlap (and qcow2 or VMDK decoding to raw).
     pub pull_seconds: f64,
     /// qemu-img inspection, conversion and check, where still needed.
@@ -182,6 +198,7 @@ pub struct Warmer {
     puller: Puller,
     limits: ExtractLimits,
     verify: VerifyPolicy,
+    sourcing: Option<Arc<dyn LayerSourcing>>,
     /// Keyed by reference, format and the requester's credential identity: requesters with
     /// different credentials never share a warm (nor its answer).
     in_flight: Arc<Mutex<HashMap<WarmKey, SharedWarm>>>,
@@ -194,8 +211,15 @@ impl Warmer {
             puller,
             limits,
             verify: VerifyPolicy::default(),
+            sourcing: None,
             in_flight: Arc::default(),
         }
+    }
+
+    /// Layers asked of peers first, and copied for them (see [`LayerSourcing`]).
+    pub fn with_peers(mut self, sourcing: Arc<dyn LayerSourcing>) -> Self {
+        self.sourcing = Some(sourcing);
+        self
     }
 
     /// Whether cache hits are verified with the registry (default: always, trusted a day).

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vmdisk_crds::DiskFormat;
-use vmdisk_registry::pull::{PullError, ResolvedImage};
+use vmdisk_registry::pull::{LayerSources, PullError, ResolvedImage};
+
+/// Times a warm streams its layers again without peers whose bytes failed the digest.
+const MAX_EXCLUDED_PEERS: usize = 4;
 
 use super::convert;
 use super::decode;
@@ -38,6 +41,7 @@ impl Warmer {
                 entry,
                 pulled: false,
                 bytes_pulled: 0,
+                bytes_from_peers: 0,
                 pull_seconds: 0.0,
                 convert_seconds: 0.0,
                 stages: [
@@ -110,11 +114,27 @@ impl Warmer {
             DiskFormat::Raw => DiskTarget::Raw,
             DiskFormat::Qcow2 => DiskTarget::AsIs,
         };
-        let mut dir = "extract";
-        let (extracted, bytes_pulled) = loop {
-            let attempt = self
-                .stream_disk(&image, &request, &staging, dir, target, &progress)
-                .await?;
+        let mut dir = "extract".to_string();
+        // Nodes whose bytes failed the digest: the layers are streamed again without them.
+        let mut excluded: Vec<String> = Vec::new();
+        let (extracted, (bytes_pulled, bytes_from_peers)) = loop {
+            let attempt = match self
+                .stream_disk(
+                    &image, &request, &staging, &dir, target, &excluded, &progress,
+                )
+                .await
+            {
+                Err(WarmError::Pull {
+                    source: PullError::PeerCorrupt { peers, digest },
+                    ..
+                }) if excluded.len() < MAX_EXCLUDED_PEERS => {
+                    tracing::warn!(%digest, ?peers, "peers sent bytes that failed the digest; streaming again without them");
+                    excluded.extend(peers);
+                    dir = format!("extract-{}", excluded.len());
+                    continue;
+                }
+                other => other?,
+            };
             match attempt {
                 (
                     Err(ExtractError::Disk {
@@ -125,7 +145,7 @@ impl Warmer {
                 ) if target == DiskTarget::Raw => {
                     tracing::warn!(%why, "streaming decode gave up; pulling again for qemu-img");
                     target = DiskTarget::AsIs;
-                    dir = "extract-as-is";
+                    dir = "extract-as-is".to_string();
                 }
                 (extracted, bytes_pulled) => {
                     let extracted = extracted.map_err(|source| WarmError::Extract {
@@ -206,6 +226,7 @@ impl Warmer {
             entry,
             pulled: true,
             bytes_pulled,
+            bytes_from_peers,
             pull_seconds,
             convert_seconds,
             stages: [
@@ -221,7 +242,8 @@ impl Warmer {
     /// Streams every layer of `image` into the extraction, writing the disk for `target` in
     /// `dir` of `staging`. The extraction's own failure is returned for the caller to judge; a download
     /// failure that caused it is returned as the error instead, since it is the cause. Also
-    /// returns the bytes downloaded.
+    /// returns the bytes downloaded, and of them those peers sent.
+    #[allow(clippy::too_many_arguments)]
     async fn stream_disk(
         &self,
         image: &ResolvedImage,
@@ -229,8 +251,9 @@ impl Warmer {
         staging: &StagingDir,
         dir: &str,
         target: DiskTarget,
+        excluded: &[String],
         progress: &ProgressFn,
-    ) -> Result<(Result<ExtractedDisk, ExtractError>, u64), WarmError> {
+    ) -> Result<(Result<ExtractedDisk, ExtractError>, (u64, u64)), WarmError> {
         let reference = &request.reference;
         let total = image.total_layer_bytes;
         let mut sources = Vec::new();
@@ -254,9 +277,17 @@ impl Warmer {
                     })
                 })
             };
-            let (reader, task) =
-                self.puller
-                    .stream_layer(image, layer, &request.registry, layer_progress);
+            let layer_sources = match &self.sourcing {
+                Some(sourcing) => sourcing.sources(image, layer, excluded).await,
+                None => LayerSources::registry_only(),
+            };
+            let (reader, task) = self.puller.stream_layer(
+                image,
+                layer,
+                &request.registry,
+                layer_sources,
+                layer_progress,
+            );
             sources.push(LayerSource {
                 reader: Box::new(reader),
                 compression,
@@ -273,10 +304,13 @@ impl Warmer {
         .map_err(|e| WarmError::Task(e.to_string()))?;
         // A failed download is the cause of whatever the extraction saw; a finished extraction
         // read every layer to its end, so each download has checked its digest.
-        let mut bytes_pulled = 0;
+        let (mut bytes_pulled, mut from_peers) = (0, 0);
         for task in downloads {
             match task.await.map_err(|e| WarmError::Task(e.to_string()))? {
-                Ok(n) => bytes_pulled += n,
+                Ok(n) => {
+                    bytes_pulled += n.bytes;
+                    from_peers += n.from_peers;
+                }
                 Err(source) if extracted.is_ok() || !matches!(source, PullError::Io { .. }) => {
                     return Err(WarmError::Pull {
                         reference: reference.clone(),
@@ -286,6 +320,6 @@ impl Warmer {
                 Err(_) => {} // the extraction stopped reading: its own error says why
             }
         }
-        Ok((extracted, bytes_pulled))
+        Ok((extracted, (bytes_pulled, from_peers)))
     }
 }

@@ -20,6 +20,8 @@ pub enum PullError {
     },
     #[error("blob {digest} does not match its digest (got {actual}); the download was discarded")]
     DigestMismatch { digest: String, actual: String },
+    #[error("blob {digest} does not match its digest after peers {peers:?} sent part of it; the download was discarded")]
+    PeerCorrupt { digest: String, peers: Vec<String> },
     #[error("registry {registry} failed after {attempts} attempts: {message}")]
     Transient {
         registry: String,

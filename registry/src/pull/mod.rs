@@ -15,10 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciManifest};
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
@@ -26,13 +23,17 @@ use vmdisk_crds::ImageReference;
 use vmdisk_support::Backoff;
 
 mod clients;
+mod download;
 mod error;
 mod manifest;
+pub mod peers;
 mod reader;
 mod start;
 
+pub use self::download::Downloaded;
 pub use self::error::PullError;
 pub use self::manifest::{pick_platform, LayerDescriptor, PlatformSpec, ResolvedImage};
+pub use self::peers::{BlobSink, LayerSources, Peer, PeerClient};
 pub use self::reader::LayerReader;
 pub use crate::options::RegistryOptions;
 
@@ -323,15 +324,20 @@ impl Puller {
     /// the whole blob. The SHA-256 is computed on the way and checked at the end; the reader
     /// fails instead of ending when it does not match, so a consumer that read to the end has
     /// read exactly the published bytes. An interrupted download resumes with an HTTP Range
-    /// request (transient errors retried with backoff and full jitter). The task's result is
-    /// the typed outcome; the reader only carries messages.
+    /// request (transient errors retried with backoff and full jitter). `sources` names peers
+    /// asked first (see [`peers`]) and a copy of the blob for this node's own peers. The
+    /// task's result is the typed outcome; the reader only carries messages.
     pub fn stream_layer(
         &self,
         image: &ResolvedImage,
         layer: &LayerDescriptor,
         options: &RegistryOptions,
+        sources: LayerSources,
         progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> (LayerReader, tokio::task::JoinHandle<Result<u64, PullError>>) {
+    ) -> (
+        LayerReader,
+        tokio::task::JoinHandle<Result<Downloaded, PullError>>,
+    ) {
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
         self.inner.downloads_started.fetch_add(1, Ordering::Relaxed);
         let me = self.clone();
@@ -339,7 +345,9 @@ impl Puller {
         let layer = layer.clone();
         let options = options.clone();
         let task = tokio::spawn(async move {
-            let result = me.download(&image, &layer, &options, &tx, progress).await;
+            let result = me
+                .download(&image, &layer, &options, sources, &tx, progress)
+                .await;
             if let Err(e) = &result {
                 // The consumer sees the failure where the data would have ended.
                 let _ = tx.send(Err(e.to_string())).await;
@@ -388,107 +396,6 @@ impl Puller {
             ..OciDescriptor::default()
         };
         Ok((reference, client, descriptor))
-    }
-
-    async fn download(
-        &self,
-        image: &ResolvedImage,
-        layer: &LayerDescriptor,
-        options: &RegistryOptions,
-        tx: &tokio::sync::mpsc::Sender<Result<Bytes, String>>,
-        progress: Arc<dyn Fn(u64) + Send + Sync>,
-    ) -> Result<u64, PullError> {
-        let (reference, client, descriptor) = self.blob_request(image, layer, options).await?;
-        let registry = reference.registry().to_string();
-        let closed = || PullError::Io {
-            context: format!("streaming blob {}", layer.digest),
-            message: "the consumer stopped reading".into(),
-        };
-        let policy = self.inner.config.retry;
-        let mut hasher = Sha256::new();
-        let mut offset: u64 = 0;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            // Always a Range request: the registry then skips its own digest check of a full
-            // response, and a resume is the same request from further on.
-            let result: Result<(), PullError> = async {
-                let (mut stream, mut skip) = match client
-                    .pull_blob_stream_partial(&reference, &descriptor, offset, None)
-                    .await
-                    .map_err(|e| classify(&registry, &image.reference, e))?
-                {
-                    BlobResponse::Partial(s) => (s.stream, 0),
-                    // The registry ignored the Range: drop what was already passed on.
-                    BlobResponse::Full(s) => (s.stream, offset),
-                };
-                if offset > 0 {
-                    tracing::info!(digest = %layer.digest, offset, "resuming blob download");
-                }
-                while let Some(chunk) = stream.next().await {
-                    let mut chunk = chunk.map_err(|e| PullError::Transient {
-                        registry: registry.clone(),
-                        attempts: 1,
-                        message: format!("reading blob {}: {e}", layer.digest),
-                    })?;
-                    if skip > 0 {
-                        let n = skip.min(chunk.len() as u64) as usize;
-                        chunk = chunk.slice(n..);
-                        skip -= n as u64;
-                        if chunk.is_empty() {
-                            continue;
-                        }
-                    }
-                    if offset + chunk.len() as u64 > layer.size {
-                        return Err(PullError::DigestMismatch {
-                            digest: layer.digest.clone(),
-                            actual: format!("a blob longer than its {} bytes", layer.size),
-                        });
-                    }
-                    hasher.update(&chunk);
-                    offset += chunk.len() as u64;
-                    tx.send(Ok(chunk)).await.map_err(|_| closed())?;
-                    progress(offset);
-                }
-                if offset < layer.size {
-                    return Err(PullError::Transient {
-                        registry: registry.clone(),
-                        attempts: 1,
-                        message: format!(
-                            "blob {} ended after {offset} of {} bytes",
-                            layer.digest, layer.size
-                        ),
-                    });
-                }
-                Ok(())
-            }
-            .await;
-            match result {
-                Ok(()) => {
-                    let actual = hex_sha256(&hasher);
-                    if actual != layer.digest {
-                        return Err(PullError::DigestMismatch {
-                            digest: layer.digest.clone(),
-                            actual,
-                        });
-                    }
-                    return Ok(offset);
-                }
-                Err(e) if is_transient(&e) && attempt < policy.max_attempts => {
-                    let delay = policy.backoff.jittered(attempt, rand::random::<f64>());
-                    tracing::warn!(digest = %layer.digest, attempt, error = %e, ?delay, "blob download interrupted; will resume");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(PullError::Transient { message, .. }) => {
-                    return Err(PullError::Transient {
-                        registry,
-                        attempts: attempt,
-                        message,
-                    })
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
