@@ -4,7 +4,9 @@
 //! reports the node's cache state, and fills PVCs from the cache (`populate`).
 
 pub mod cli;
+pub mod identity;
 pub mod node;
+pub mod peer;
 pub mod populate;
 pub mod store;
 pub mod warm;

@@ -127,6 +127,8 @@ pub const CACHE_AGENT_SERVICE_ACCOUNT: &str = "vmdisk-cache-agent";
 /// token for this audience is worthless against the API server, and the API server's tokens
 /// are refused by the agent API.
 pub const AGENT_API_AUDIENCE: &str = "vmdisk-controller";
+/// The audience of the token an agent shows another node's agent to fetch a blob (peers).
+pub const PEER_AUDIENCE: &str = "vmdisk-peer";
 /// Path of the agent API that answers an image's pull credentials:
 /// `GET /v1/credentials/<namespace>/<image>`.
 pub const AGENT_API_CREDENTIALS_PATH: &str = "/v1/credentials";

@@ -144,6 +144,10 @@ pub struct NodeDiskCacheStatus {
     pub budget_quantity: Option<String>,
     #[serde(default)]
     pub entry_count: u32,
+    /// `https://<address>:<port>` where this node's agent serves its peers the layers of the
+    /// entries it holds or is warming; absent when peers are off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<CacheEntryStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

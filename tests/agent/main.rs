@@ -144,6 +144,7 @@ async fn run_mode_warms_reports_and_labels_its_own_node() {
         reporter: NodeReporter::new(client, "node-a".into()),
         metrics: Arc::new(AgentMetrics::new()),
         resync: Duration::from_millis(200),
+        peer_endpoint: None,
     };
     let task = tokio::spawn(agent.run(vmdisk_support::process::Stop::new()));
     let label = node_cache_label_key(&digest).unwrap();

@@ -27,7 +27,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use tempfile::TempDir;
 use vmdisk_crds::{
     NodeDiskCache, VMDiskImage, AGENT_API_AUDIENCE, CREDENTIALS_NAMESPACE, INSTALL_NAMESPACE,
-    NODE_CACHE_LABEL_PREFIX,
+    NODE_CACHE_LABEL_PREFIX, PEER_AUDIENCE,
 };
 use vmdisk_tests::certs::TestCa;
 use vmdisk_tests::https::{client_config, Connection};
@@ -42,7 +42,8 @@ pub fn phase() -> Phase<LocalInstall> {
         name: "local",
         cases: cases(),
         // Measures latency, removes a piece of the installation, starts two more
-        // controllers briefly, or adds 30 nodes: alone, after the others.
+        // controllers briefly, adds 30 nodes, or has every agent pull at once: alone, after
+        // the others.
         exclusive: cases![
             crate::latency::pvc_create_latency_with_and_without_the_webhook,
             crate::settle::a_claim_waiting_for_the_missing_agent_daemonset_is_written_a_handful_of_times,
@@ -50,6 +51,7 @@ pub fn phase() -> Phase<LocalInstall> {
             crate::api::a_selected_node_with_a_taint_gets_no_populator_pod,
             crate::placement::agents_get_only_their_nodes_images_and_images_converge,
             crate::stop::a_stopped_controller_hands_its_lease_to_the_standby,
+            crate::peers::peers_warm_a_new_image_with_one_registry_pull_and_survive_its_puller,
         ],
         benchmark: false,
     }
@@ -67,6 +69,7 @@ fn cases() -> Vec<CaseDef<LocalInstall>> {
         crate::flow::private_image_is_resolved_warmed_where_selected_and_steers_pods,
         crate::flow::an_agent_killed_mid_warm_finishes_after_restart,
         crate::flow::deleting_an_image_clears_its_label_and_credentials,
+        crate::peers::peers_serve_only_agents_of_nodes_asked_to_hold_the_image,
     ]
 }
 
@@ -93,7 +96,14 @@ pub struct LocalInstall {
     pub agent_api_ca: PathBuf,
     /// The controller's plain-HTTP endpoint (`/metrics`, `/readyz`).
     pub controller_metrics: SocketAddr,
+    /// Each agent's peer address (a loopback address of its own), and the CA of the
+    /// certificate they all serve peers with.
+    pub peer_addrs: BTreeMap<String, SocketAddr>,
+    pub peer_ca: String,
 }
+
+/// The name the agents' peer certificate carries (as `certs/` issues it).
+pub const PEER_SERVER_NAME: &str = "vmdisk-peer.vmdisk-system.svc";
 
 fn free_port(host: &str) -> u16 {
     std::net::TcpListener::bind((host, 0))
@@ -208,7 +218,15 @@ impl LocalInstall {
         let nodes: Vec<String> = nodes.iter().map(|n| n.name_any()).collect();
         let pods: Api<Pod> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
         let mut agents = BTreeMap::new();
-        for node in &nodes {
+        // Peers: one certificate for every agent, as certs/ issues it, with the CA beside it.
+        let peer_tls = work.path().join("peer-tls");
+        std::fs::create_dir_all(&peer_tls).unwrap();
+        let peer_pair = ca.issue(&[PEER_SERVER_NAME]);
+        std::fs::write(peer_tls.join("tls.crt"), &peer_pair.cert_pem).unwrap();
+        std::fs::write(peer_tls.join("tls.key"), &peer_pair.key_pem).unwrap();
+        std::fs::write(peer_tls.join("ca.crt"), ca.cert_pem()).unwrap();
+        let mut peer_addrs = BTreeMap::new();
+        for (i, node) in nodes.iter().enumerate() {
             let pod = wait_for(
                 &format!("the cache agent DaemonSet pod on {node}"),
                 Duration::from_secs(60),
@@ -251,6 +269,22 @@ impl LocalInstall {
             .await;
             let api_token_file = work.path().join(format!("agent-api-token-{node}"));
             std::fs::write(&api_token_file, api_token).unwrap();
+            // And for its peers, on a loopback address of its own.
+            let peer_token = service_account_token_for(
+                &admin,
+                INSTALL_NAMESPACE,
+                "vmdisk-cache-agent",
+                Some((&pod.name_any(), &pod.uid().unwrap())),
+                Some(PEER_AUDIENCE),
+            )
+            .await;
+            let peer_token_file = work.path().join(format!("peer-token-{node}"));
+            std::fs::write(&peer_token_file, peer_token).unwrap();
+            let peer_host = format!("127.0.0.{}", 10 + i);
+            let peer_addr: SocketAddr = format!("{peer_host}:{}", free_port(&peer_host))
+                .parse()
+                .unwrap();
+            peer_addrs.insert(node.clone(), peer_addr);
             let cache_dir = work.path().join(format!("cache-{node}"));
             let command = vec![
                 "run".to_string(),
@@ -270,6 +304,16 @@ impl LocalInstall {
                 agent_api_ca.display().to_string(),
                 "--credentials-token".into(),
                 api_token_file.display().to_string(),
+                "--peer-listen".into(),
+                peer_addr.to_string(),
+                "--peer-advertise".into(),
+                format!("https://{peer_addr}"),
+                "--peer-tls-dir".into(),
+                peer_tls.display().to_string(),
+                "--peer-token".into(),
+                peer_token_file.display().to_string(),
+                "--peer-seed-wait-seconds".into(),
+                "10".into(),
             ];
             let mut agent = LocalAgent {
                 process: None,
@@ -291,6 +335,8 @@ impl LocalInstall {
             agent_api_url,
             agent_api_ca,
             controller_metrics: metrics,
+            peer_addrs,
+            peer_ca: ca.cert_pem(),
         })
     }
 
@@ -342,6 +388,36 @@ impl LocalInstall {
     pub fn kill_agent(&self, node: &str) {
         if let Some(p) = &mut self.agents.lock().unwrap().get_mut(node).unwrap().process {
             p.kill();
+        }
+    }
+
+    /// Restarts every agent, with peers on or off (their `--peer-*` flags dropped).
+    pub fn restart_agents(&self, peers: bool) {
+        let mut agents = self.agents.lock().unwrap();
+        for (node, agent) in agents.iter_mut() {
+            if let Some(p) = &mut agent.process {
+                p.kill();
+            }
+            let mut command = agent.command.clone();
+            if !peers {
+                let mut kept = Vec::new();
+                let mut args = command.into_iter();
+                while let Some(arg) = args.next() {
+                    if arg.starts_with("--peer-") {
+                        args.next();
+                    } else {
+                        kept.push(arg);
+                    }
+                }
+                command = kept;
+            }
+            let configured = LocalAgent {
+                process: None,
+                cache_dir: agent.cache_dir.clone(),
+                command,
+                kubeconfig: agent.kubeconfig.clone(),
+            };
+            agent.process = Some(spawn_agent(&self.env, self.work.path(), node, &configured));
         }
     }
 

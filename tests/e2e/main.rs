@@ -23,10 +23,12 @@ mod api;
 mod credentials;
 mod fleet;
 mod flow;
+mod herd;
 mod images;
 mod installed;
 mod latency;
 mod local;
+mod peers;
 mod placement;
 mod scale;
 mod settle;
@@ -267,6 +269,13 @@ fn main() -> std::process::ExitCode {
             &runtime,
             &args,
             scale::phase(),
+            || Box::pin(async { local::LocalInstall::setup(support::Env::from_env()?).await }),
+            |fixture| Box::pin(async move { fixture.teardown().await }),
+        ),
+        run_phase(
+            &runtime,
+            &args,
+            herd::phase(),
             || Box::pin(async { local::LocalInstall::setup(support::Env::from_env()?).await }),
             |fixture| Box::pin(async move { fixture.teardown().await }),
         ),

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use vmdisk_registry::pull::{
-    BlobSink, Downloaded, LayerSources, Peer, PeerClient, PullError, Puller, PullerConfig,
-    ResolvedImage,
+    BlobSink, Downloaded, LayerSources, Peer, PeerClient, PeerConnect, PullError, Puller,
+    PullerConfig, ResolvedImage,
 };
 use vmdisk_tests::disks::pseudo_random;
 use vmdisk_tests::push::{options_for, push_layers, LayerSpec, TAR};
@@ -34,6 +34,8 @@ enum Behaviour {
     Refuses,
     /// Sends the headers, then nothing.
     Stalls,
+    /// 503 to the first request (serving as many as it may), then serves.
+    BusyAtFirst,
 }
 
 struct TestPeer {
@@ -50,7 +52,10 @@ async fn serve_blob(
     UrlPath(digest): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    peer.requests.fetch_add(1, Ordering::SeqCst);
+    let nth = peer.requests.fetch_add(1, Ordering::SeqCst);
+    if peer.behaviour == Behaviour::BusyAtFirst && nth == 0 {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
+    }
     let shown = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -158,14 +163,16 @@ async fn setup() -> Setup {
 fn client(token: &str) -> PeerClient {
     let token = token.to_string();
     PeerClient {
-        http: reqwest::Client::builder()
-            .use_preconfigured_tls(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-            .build()
-            .unwrap(),
+        connect: PeerConnect::Client(
+            reqwest::Client::builder()
+                .use_preconfigured_tls(
+                    rustls::ClientConfig::builder()
+                        .with_root_certificates(rustls::RootCertStore::empty())
+                        .with_no_client_auth(),
+                )
+                .build()
+                .unwrap(),
+        ),
         token: Arc::new(move || Ok(token.clone())),
         stall: Duration::from_secs(2),
     }
@@ -327,4 +334,15 @@ async fn without_peers_the_registry_serves_the_blob_as_before() {
     assert!(read.unwrap() == s.blob);
     assert!(*copy.bytes.lock().unwrap() == s.blob);
     assert_eq!(registry_bytes(&s), size);
+}
+
+#[tokio::test]
+async fn a_busy_peer_is_asked_again_before_the_registry() {
+    let s = setup().await;
+    let (busy, state) = peer(&s, "node-b", Behaviour::BusyAtFirst).await;
+    let (outcome, read, _) = download(&s, vec![busy]).await;
+    assert_eq!(outcome.unwrap().from_peers, s.blob.len() as u64);
+    assert!(read.unwrap() == s.blob);
+    assert_eq!(state.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(s.registry.blob_gets(&s.image.layers[0].digest), 0);
 }

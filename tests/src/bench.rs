@@ -47,6 +47,12 @@ pub fn child_warmer(store: CacheStore) -> Warmer {
 /// `cargo bench --bench <phase>` does for the benchmarks that need a cluster. Skips, saying
 /// why, without the cluster script or root.
 pub fn run_cluster_phase(phase: &str) {
+    run_cluster_phase_with(phase, &[]);
+}
+
+/// [`run_cluster_phase`], with `env` set for `.ci/with-cluster` and the suite (e.g.
+/// `VMDISK_FAKE_NODES`).
+pub fn run_cluster_phase_with(phase: &str, env: &[(&str, String)]) {
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -71,6 +77,7 @@ pub fn run_cluster_phase(phase: &str) {
     assert!(built.success(), "cargo build --release failed");
     let ran = std::process::Command::new("bash")
         .current_dir(&root)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg(".ci/with-cluster")
         .arg(&cargo)
         .args([

@@ -1,6 +1,7 @@
 //! A TCP proxy that slows what a server sends, so a test can act while a pull is under way
 //! (kill an agent mid-warm, delete a PVC mid-populate) instead of racing a local registry that
-//! answers in milliseconds. TLS passes through untouched.
+//! answers in milliseconds, and counts what the server sent (how many bytes left a registry).
+//! TLS passes through untouched.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ pub struct ThrottledProxy {
     /// `host:port` to use instead of the target's.
     pub addr: String,
     bytes_per_second: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,10 +27,13 @@ impl ThrottledProxy {
         let rate = Arc::new(AtomicU64::new(bytes_per_second));
         let target = target.to_string();
         let shared = Arc::clone(&rate);
+        let sent = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&sent);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let target = target.clone();
                 let rate = Arc::clone(&shared);
+                let counted = Arc::clone(&counted);
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&target).await else {
                         return;
@@ -49,6 +54,7 @@ impl ThrottledProxy {
                         if client_write.write_all(&buf[..n]).await.is_err() {
                             break;
                         }
+                        counted.fetch_add(n as u64, Ordering::Relaxed);
                         let limit = rate.load(Ordering::Relaxed).max(1);
                         tokio::time::sleep(Duration::from_secs_f64(n as f64 / limit as f64)).await;
                     }
@@ -60,8 +66,14 @@ impl ThrottledProxy {
         Self {
             addr,
             bytes_per_second: rate,
+            sent,
             task,
         }
+    }
+
+    /// Bytes the server sent through the proxy so far (headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Changes the rate for data sent from now on (e.g. to let a test finish quickly).

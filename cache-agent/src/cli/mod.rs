@@ -88,6 +88,57 @@ pub struct RegistryArgs {
     docker_config: Option<PathBuf>,
 }
 
+/// Peers: this node's agent serves the layers it holds or is pulling to other nodes' agents,
+/// and fetches from them before the registry.
+#[derive(Debug, Args, Clone)]
+pub struct PeerArgs {
+    /// Where to serve peers (e.g. 0.0.0.0:9443). Without it, peers are off: this node
+    /// neither serves nor asks them, and pulls from registries only.
+    #[arg(long, env = "VMDISK_PEER_LISTEN")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The URL other agents reach this one at, written to the NodeDiskCache status
+    /// (default: https://$POD_IP:<the listen port>).
+    #[arg(long, env = "VMDISK_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// Directory of the peers' serving certificate (`tls.crt`, `tls.key`, reloaded when they
+    /// change) and of the CA (`ca.crt`) that issued every agent's.
+    #[arg(
+        long,
+        env = "VMDISK_PEER_TLS_DIR",
+        default_value = "/var/run/vmdisk/peer-tls"
+    )]
+    pub peer_tls_dir: PathBuf,
+    /// The name every agent's peer certificate carries, checked when asking a peer.
+    #[arg(
+        long,
+        env = "VMDISK_PEER_SERVER_NAME",
+        default_value = "vmdisk-peer.vmdisk-system.svc"
+    )]
+    pub peer_server_name: String,
+    /// This pod's ServiceAccount token for audience vmdisk-peer (a projected volume), shown
+    /// to peers.
+    #[arg(
+        long,
+        env = "VMDISK_PEER_TOKEN",
+        default_value = "/var/run/vmdisk/peer/token"
+    )]
+    pub peer_token: PathBuf,
+    /// Peers this node serves at once; more get 503 and ask elsewhere.
+    #[arg(long, env = "VMDISK_PEER_MAX_UPLOADS", default_value_t = 4)]
+    pub peer_max_uploads: usize,
+    /// Bytes per second this node sends its peers, over all uploads (a quantity: `100Mi`);
+    /// unlimited without it.
+    #[arg(long, env = "VMDISK_PEER_UPLOAD_RATE")]
+    pub peer_upload_rate: Option<String>,
+    /// How long a node waits for the node elected to pull a new image from the registry to
+    /// start, before it pulls from the registry itself.
+    #[arg(long, env = "VMDISK_PEER_SEED_WAIT_SECONDS", default_value_t = 20)]
+    pub peer_seed_wait_seconds: u64,
+    /// How long a layer's copy is kept for peers after it was last read.
+    #[arg(long, env = "VMDISK_PEER_KEEP_SECONDS", default_value_t = 600)]
+    pub peer_keep_seconds: u64,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Mode {
     /// DaemonSet mode: warm the images the controller lists for this node (its NodeDiskCache
@@ -125,6 +176,8 @@ pub enum Mode {
             default_value = "/var/run/vmdisk/agent-api/token"
         )]
         credentials_token: PathBuf,
+        #[command(flatten)]
+        peers: PeerArgs,
     },
     /// Warm one image into a cache directory, with progress (for a person at a terminal).
     Warm {
@@ -219,6 +272,7 @@ pub async fn run_until_stopped(
             credentials_url,
             credentials_ca,
             credentials_token,
+            peers,
         } => {
             let credentials = crate::node::CredentialsSource {
                 url: credentials_url,
@@ -231,6 +285,7 @@ pub async fn run_until_stopped(
                 metrics_listen,
                 resync_seconds,
                 credentials,
+                peers,
                 stop,
             )
             .await

@@ -77,6 +77,9 @@ pub struct Agent {
     pub reporter: NodeReporter,
     pub metrics: Arc<AgentMetrics>,
     pub resync: Duration,
+    /// Where this node's agent serves its peers (its NodeDiskCache status says it); `None`
+    /// when peers are off.
+    pub peer_endpoint: Option<String>,
 }
 
 impl Agent {
@@ -263,6 +266,7 @@ impl Agent {
         let key = wanted.key.clone();
         let progress_state = Arc::clone(&state);
         let progress_key = key.clone();
+        let progress_wake = Arc::clone(&wake);
         let progress = Arc::new(move |p: WarmProgress| {
             let (s, fraction) = match p {
                 WarmProgress::Resolving => (CacheEntryState::Pulling, None),
@@ -284,6 +288,13 @@ impl Agent {
                 .running
                 .get_mut(&progress_key)
             {
+                // A new state, and every tenth of a pull, is reported at once (peers look for
+                // nodes pulling an image, and ask those that have bytes); other progress
+                // waits for the next report.
+                let tenth = |p: Option<f64>| p.map(|p| (p * 10.0) as u32);
+                if r.state != s || tenth(r.progress) != tenth(fraction) {
+                    progress_wake.notify_one();
+                }
                 r.state = s;
                 r.progress = fraction;
             }
@@ -295,6 +306,7 @@ impl Agent {
                     if outcome.pulled {
                         metrics.cache_miss();
                         metrics.observe_pull(outcome.bytes_pulled, outcome.pull_seconds);
+                        metrics.observe_from_peers(outcome.bytes_from_peers);
                         metrics.observe_convert(outcome.convert_seconds);
                     } else {
                         metrics.cache_hit();
@@ -375,12 +387,13 @@ impl Agent {
         self.metrics
             .set_cache(store.used_bytes(), store.budget_bytes(), ready.len() as u64);
         self.metrics.set_evictions(store.evictions());
-        let status = node_cache_status(
+        let mut status = node_cache_status(
             &views,
             store.capacity_bytes(),
             store.budget_bytes(),
             store.used_bytes(),
         );
+        status.peer_endpoint = self.peer_endpoint.clone();
         self.reporter.report(&status, &ready).await;
     }
 }

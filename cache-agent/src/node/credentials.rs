@@ -225,8 +225,8 @@ fn read(path: &Path) -> Result<Vec<u8>, CredentialsError> {
     })
 }
 
-/// TLS that trusts only the CA in `ca_file`.
-fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, CredentialsError> {
+/// TLS that trusts only the CA in `ca_file` (the agent API's, and the peers').
+pub(crate) fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, CredentialsError> {
     let bad = |message: String| CredentialsError::BadCa {
         path: ca_file.to_path_buf(),
         message,

@@ -2,6 +2,7 @@
 //! failures, durations, cache size), served by `vmdisk_support::metrics`.
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -11,6 +12,9 @@ use vmdisk_support::metrics::Exposition;
 pub struct AgentMetrics {
     registry: Registry,
     bytes_pulled: Counter,
+    bytes_from_peers: Counter,
+    peer_bytes_served: Counter,
+    peer_requests: Family<Vec<(&'static str, &'static str)>, Counter>,
     hits: Counter,
     misses: Counter,
     evictions: Counter,
@@ -33,6 +37,9 @@ impl AgentMetrics {
         let mut registry = Registry::with_prefix("vmdisk_cache");
         let m = Self {
             bytes_pulled: Counter::default(),
+            bytes_from_peers: Counter::default(),
+            peer_bytes_served: Counter::default(),
+            peer_requests: Family::default(),
             hits: Counter::default(),
             misses: Counter::default(),
             evictions: Counter::default(),
@@ -46,8 +53,23 @@ impl AgentMetrics {
         };
         registry.register(
             "bytes_pulled",
-            "Bytes downloaded from registries",
+            "Bytes of layers downloaded, from registries and peers",
             m.bytes_pulled.clone(),
+        );
+        registry.register(
+            "bytes_from_peers",
+            "Of the bytes pulled, those other nodes' agents sent",
+            m.bytes_from_peers.clone(),
+        );
+        registry.register(
+            "peer_bytes_served",
+            "Bytes of layers this node sent other nodes' agents",
+            m.peer_bytes_served.clone(),
+        );
+        registry.register(
+            "peer_requests",
+            "Requests of other nodes' agents, by outcome (served, unauthenticated, not_held, not_asked, bad_range, busy, unavailable)",
+            m.peer_requests.clone(),
         );
         registry.register(
             "hits",
@@ -79,6 +101,21 @@ impl AgentMetrics {
         registry.register("budget_bytes", "Bytes the cache may use", m.budget.clone());
         registry.register("entries", "Cache entries", m.entries.clone());
         Self { registry, ..m }
+    }
+
+    /// Of a warm's pulled bytes, those peers sent.
+    pub fn observe_from_peers(&self, bytes: u64) {
+        self.bytes_from_peers.inc_by(bytes);
+    }
+
+    pub fn peer_bytes_served(&self, bytes: u64) {
+        self.peer_bytes_served.inc_by(bytes);
+    }
+
+    pub fn peer_request(&self, outcome: &'static str) {
+        self.peer_requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
     }
 
     pub fn cache_hit(&self) {

@@ -11,8 +11,8 @@
 mod agent;
 #[cfg(test)]
 mod convergence;
-mod credentials;
-mod metrics;
+pub(crate) mod credentials;
+pub mod metrics;
 mod plan;
 mod report;
 
@@ -23,6 +23,7 @@ pub use self::credentials::{
     parse_url as parse_credentials_url, CredentialsError, CredentialsSource,
 };
 pub use self::metrics::AgentMetrics;
+pub(crate) use self::plan::every_node_images;
 pub use self::report::NodeReporter;
 
 /// Everything the run loop and its reports ask of the API server.
@@ -30,4 +31,6 @@ pub(crate) const API_ACCESS: &[&[ApiAccess]] = &[
     agent::API_ACCESS,
     report::API_ACCESS,
     credentials::API_ACCESS,
+    crate::peer::server::API_ACCESS,
+    crate::peer::sourcing::API_ACCESS,
 ];

@@ -88,6 +88,7 @@ pub fn node_cache_status(
         used_quantity: Some(format_bytes_quantity(used)),
         budget_quantity: Some(format_bytes_quantity(budget)),
         entry_count: rows.len() as u32,
+        peer_endpoint: None,
         entries: rows,
         conditions: Vec::new(),
     }

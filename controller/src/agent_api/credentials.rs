@@ -14,9 +14,9 @@ use kube::{Api, ResourceExt};
 use thiserror::Error;
 use vmdisk_crds::{credentials_secret_name, VMDiskImage};
 
-use super::identity::AgentIdentity;
 use super::AgentApi;
 use crate::credentials::DOCKER_CONFIG_KEY;
+use vmdisk_cache_agent::identity::AgentIdentity;
 
 /// Why a node may not have an image's credentials.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -9,7 +9,6 @@
 //! Secret, as the webhook's is.
 
 pub mod credentials;
-pub mod identity;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,7 +27,8 @@ use vmdisk_support::https::serve_tls;
 use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver, TlsError};
 
 use crate::metrics::AgentApiMetrics;
-use identity::TokenReviewer;
+use vmdisk_cache_agent::identity::TokenReviewer;
+use vmdisk_crds::AGENT_API_AUDIENCE;
 
 /// What the agent API asks of the API server.
 pub const API_ACCESS: &[ApiAccess] = &[
@@ -78,7 +78,7 @@ impl AgentApi {
         metrics: AgentApiMetrics,
     ) -> Self {
         Self {
-            reviewer: TokenReviewer::new(client.clone(), install_namespace),
+            reviewer: TokenReviewer::new(client.clone(), install_namespace, AGENT_API_AUDIENCE),
             client,
             credentials_namespace: credentials_namespace.to_string(),
             metrics,

@@ -13,6 +13,11 @@ use super::error::{classify, is_transient};
 use super::peers::{open, BlobSink, LayerSources, PeerFailure};
 use super::{hex_sha256, LayerDescriptor, PullError, Puller, RegistryOptions, ResolvedImage};
 
+/// How long peers that answer 503 (serving as many as they may) are asked again, and how
+/// often, before the registry is.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const BUSY_AGAIN: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What one layer's download took, and from where.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Downloaded {
@@ -108,44 +113,60 @@ impl Puller {
         received: &mut Received<'_>,
     ) -> Result<Downloaded, PullError> {
         // Peers first, each until it fails; whatever they sent stays and the next source
-        // goes on from there.
+        // goes on from there. A peer serving as many as it may (503) is asked again for a
+        // while before the registry is.
         let mut from_peers = 0;
         let mut contributors = Vec::new();
         if let Some(client) = &peer_client {
-            for peer in &peers {
-                if received.complete() {
-                    break;
-                }
-                let before = received.offset;
-                let outcome = async {
-                    let mut body = open(client, peer, &layer.digest, before).await?;
-                    while let Some(chunk) = body.next().await? {
-                        if let Err(e) = received.push(chunk).await {
-                            return Ok(Err(e));
+            let mut round = peers;
+            let busy_until = tokio::time::Instant::now() + BUSY_WAIT;
+            while !round.is_empty() && !received.complete() {
+                let mut busy = Vec::new();
+                for peer in round {
+                    if received.complete() {
+                        break;
+                    }
+                    let before = received.offset;
+                    let outcome = async {
+                        let mut body = open(client, &peer, &layer.digest, before).await?;
+                        while let Some(chunk) = body.next().await? {
+                            if let Err(e) = received.push(chunk).await {
+                                return Ok(Err(e));
+                            }
+                        }
+                        Ok::<_, PeerFailure>(Ok(()))
+                    }
+                    .await;
+                    let sent = received.offset - before;
+                    from_peers += sent;
+                    if sent > 0 && !contributors.contains(&peer.node) {
+                        contributors.push(peer.node.clone());
+                    }
+                    match outcome {
+                        Ok(Err(e)) => return Err(e),
+                        Ok(Ok(())) if received.complete() => {}
+                        Ok(Ok(())) => {
+                            tracing::info!(digest = %layer.digest, peer = %peer.node, offset = received.offset, "peer ended its answer early; going on elsewhere")
+                        }
+                        Err(PeerFailure::Refused { status: 503, .. }) => busy.push(peer),
+                        Err(e) => {
+                            tracing::warn!(digest = %layer.digest, peer = %peer.node, offset = received.offset, error = %e, "peer dropped; going on elsewhere")
                         }
                     }
-                    Ok::<_, PeerFailure>(Ok(()))
                 }
-                .await;
-                let sent = received.offset - before;
-                from_peers += sent;
-                if sent > 0 {
-                    contributors.push(peer.node.clone());
-                }
-                match outcome {
-                    Ok(Err(e)) => return Err(e),
-                    Ok(Ok(())) if received.complete() => {}
-                    Ok(Ok(())) => {
-                        tracing::info!(digest = %layer.digest, peer = %peer.node, offset = received.offset, "peer ended its answer early; going on elsewhere")
+                if busy.is_empty() || tokio::time::Instant::now() >= busy_until {
+                    if !busy.is_empty() {
+                        tracing::info!(digest = %layer.digest, waited = ?BUSY_WAIT, "peers still busy; going on with the registry");
                     }
-                    Err(e) => {
-                        tracing::warn!(digest = %layer.digest, peer = %peer.node, offset = received.offset, error = %e, "peer dropped; going on elsewhere")
-                    }
+                    break;
                 }
+                tokio::time::sleep(BUSY_AGAIN).await;
+                round = busy;
             }
         }
         if !received.complete() {
-            self.from_registry(image, layer, options, received).await?;
+            self.rest_from_registry(image, layer, options, received)
+                .await?;
         }
         let actual = hex_sha256(&received.hasher);
         if actual != layer.digest {
@@ -167,7 +188,7 @@ impl Puller {
     }
 
     /// The rest of the blob from its registry, resumed after interruptions.
-    async fn from_registry(
+    async fn rest_from_registry(
         &self,
         image: &ResolvedImage,
         layer: &LayerDescriptor,

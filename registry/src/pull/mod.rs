@@ -33,7 +33,7 @@ mod start;
 pub use self::download::Downloaded;
 pub use self::error::PullError;
 pub use self::manifest::{pick_platform, LayerDescriptor, PlatformSpec, ResolvedImage};
-pub use self::peers::{BlobSink, LayerSources, Peer, PeerClient};
+pub use self::peers::{BlobSink, LayerSources, Peer, PeerClient, PeerConnect};
 pub use self::reader::LayerReader;
 pub use crate::options::RegistryOptions;
 

@@ -32,11 +32,48 @@ pub type TokenFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 /// How this process asks peers.
 #[derive(Clone)]
 pub struct PeerClient {
-    /// An HTTPS client that trusts the peers' CA (built by the caller).
-    pub http: reqwest::Client,
+    pub connect: PeerConnect,
     pub token: TokenFn,
     /// A peer that sends nothing for this long is dropped.
     pub stall: Duration,
+}
+
+/// How a peer's address becomes a connection.
+#[derive(Clone)]
+pub enum PeerConnect {
+    /// Every peer's certificate names `name` (peers share one, from the cluster's CA): the
+    /// connection goes to the address in the peer's URL and checks the certificate for
+    /// `name` with `tls`.
+    Named {
+        name: String,
+        tls: Arc<rustls::ClientConfig>,
+    },
+    /// A client as it is (tests with plain HTTP peers).
+    Client(reqwest::Client),
+}
+
+impl PeerConnect {
+    /// The client and URL for `path` on `peer`.
+    fn request(&self, peer: &Peer, path: &str) -> Result<(reqwest::Client, String), PeerFailure> {
+        let base = peer.url.trim_end_matches('/');
+        match self {
+            Self::Client(client) => Ok((client.clone(), format!("{base}{path}"))),
+            Self::Named { name, tls } => {
+                let addr: std::net::SocketAddr = base
+                    .strip_prefix("https://")
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| {
+                        PeerFailure::Request(format!("{base} is not https://<address>:<port>"))
+                    })?;
+                let client = reqwest::Client::builder()
+                    .use_preconfigured_tls((**tls).clone())
+                    .resolve(name, addr)
+                    .build()
+                    .map_err(|e| PeerFailure::Request(e.to_string()))?;
+                Ok((client, format!("https://{name}:{}{path}", addr.port())))
+            }
+        }
+    }
 }
 
 /// Where a copy of the blob goes while it downloads (for this node to serve to its peers).
@@ -102,12 +139,10 @@ pub(super) async fn open(
     offset: u64,
 ) -> Result<PeerBody, PeerFailure> {
     let token = (client.token)().map_err(PeerFailure::Token)?;
-    let url = format!(
-        "{}{PEER_BLOBS_PATH}/{digest}",
-        peer.url.trim_end_matches('/')
-    );
-    let request = client
-        .http
+    let (http, url) = client
+        .connect
+        .request(peer, &format!("{PEER_BLOBS_PATH}/{digest}"))?;
+    let request = http
         .get(&url)
         .bearer_auth(token)
         .header(reqwest::header::RANGE, format!("bytes={offset}-"))
