@@ -98,3 +98,47 @@ pub async fn serve_tls(
         () = tokio::time::sleep(drain) => tracing::warn!("drain timeout reached; closing remaining connections"),
     }
 }
+
+/// Why [`serve_cert_dir`] could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading the serving certificate")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("listening on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// [`serve_tls`] on `listen` with the certificate in `cert_dir` (`tls.crt`, `tls.key`,
+/// reloaded when they change), until `shutdown`: the agent API's and the peers' server.
+pub async fn serve_cert_dir(
+    listen: std::net::SocketAddr,
+    cert_dir: &std::path::Path,
+    router: axum::Router,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+    max_connections: usize,
+) -> Result<(), ServeError> {
+    use crate::tls::{server_config, CertPaths, ReloadingCertResolver};
+    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(cert_dir))?;
+    let _watch = resolver.watch()?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+    tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "serving HTTPS");
+    serve_tls(
+        listener,
+        server_config(resolver),
+        router,
+        shutdown,
+        drain,
+        max_connections,
+    )
+    .await;
+    Ok(())
+}

@@ -36,6 +36,8 @@ enum Behaviour {
     Stalls,
     /// 503 to the first request (serving as many as it may), then serves.
     BusyAtFirst,
+    /// 503 to every request.
+    AlwaysBusy,
 }
 
 struct TestPeer {
@@ -53,7 +55,9 @@ async fn serve_blob(
     headers: HeaderMap,
 ) -> Response {
     let nth = peer.requests.fetch_add(1, Ordering::SeqCst);
-    if peer.behaviour == Behaviour::BusyAtFirst && nth == 0 {
+    if (peer.behaviour == Behaviour::BusyAtFirst && nth == 0)
+        || peer.behaviour == Behaviour::AlwaysBusy
+    {
         return (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response();
     }
     let shown = headers
@@ -184,11 +188,20 @@ async fn download(
     s: &Setup,
     peers: Vec<Peer>,
 ) -> (Result<Downloaded, PullError>, Result<Vec<u8>, String>, Copy) {
+    download_with(s, peers, None).await
+}
+
+async fn download_with(
+    s: &Setup,
+    peers: Vec<Peer>,
+    refresh: Option<vmdisk_registry::pull::peers::RefreshFn>,
+) -> (Result<Downloaded, PullError>, Result<Vec<u8>, String>, Copy) {
     let copy = Copy::default();
     let sources = LayerSources {
         peers,
         client: Some(client("agent-token")),
         sink: Some(Box::new(copy.clone())),
+        refresh,
     };
     let (mut reader, task) = s.puller.stream_layer(
         &s.image,
@@ -344,5 +357,21 @@ async fn a_busy_peer_is_asked_again_before_the_registry() {
     assert_eq!(outcome.unwrap().from_peers, s.blob.len() as u64);
     assert!(read.unwrap() == s.blob);
     assert_eq!(state.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(s.registry.blob_gets(&s.image.layers[0].digest), 0);
+}
+
+#[tokio::test]
+async fn while_every_peer_is_busy_a_fresh_list_is_asked_before_the_registry() {
+    let s = setup().await;
+    let (busy, _) = peer(&s, "node-b", Behaviour::AlwaysBusy).await;
+    let (good, served) = peer(&s, "node-c", Behaviour::Serves).await;
+    let refresh: vmdisk_registry::pull::peers::RefreshFn = Arc::new(move || {
+        let good = good.clone();
+        Box::pin(async move { vec![good] })
+    });
+    let (outcome, read, _) = download_with(&s, vec![busy], Some(refresh)).await;
+    assert_eq!(outcome.unwrap().from_peers, s.blob.len() as u64);
+    assert!(read.unwrap() == s.blob);
+    assert_eq!(served.requests.load(Ordering::SeqCst), 1);
     assert_eq!(s.registry.blob_gets(&s.image.layers[0].digest), 0);
 }

@@ -124,7 +124,7 @@ pub struct PeerArgs {
     )]
     pub peer_token: PathBuf,
     /// Peers this node serves at once; more get 503 and ask elsewhere.
-    #[arg(long, env = "VMDISK_PEER_MAX_UPLOADS", default_value_t = 4)]
+    #[arg(long, env = "VMDISK_PEER_MAX_UPLOADS", default_value_t = 16)]
     pub peer_max_uploads: usize,
     /// Bytes per second this node sends its peers, over all uploads (a quantity: `100Mi`);
     /// unlimited without it.

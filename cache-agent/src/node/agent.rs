@@ -311,7 +311,7 @@ impl Agent {
                     } else {
                         metrics.cache_hit();
                     }
-                    tracing::info!(pulled = outcome.pulled, conversion = ?outcome.conversion, "cache entry ready");
+                    tracing::info!(pulled = outcome.pulled, conversion = ?outcome.conversion, bytes = outcome.bytes_pulled, from_peers = outcome.bytes_from_peers, "cache entry ready");
                     let mut st = state.lock().expect("agent state poisoned");
                     st.running.remove(&key);
                     st.retries.remove(&key);

@@ -29,11 +29,9 @@ use axum::Router;
 use futures::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use kube::{Api, Client};
-use thiserror::Error;
 use vmdisk_crds::{AccessScope, ApiAccess, NodeDiskCache, PEER_AUDIENCE};
 use vmdisk_registry::pull::peers::PEER_BLOBS_PATH;
-use vmdisk_support::https::serve_tls;
-use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver, TlsError};
+use vmdisk_support::https::{serve_cert_dir, ServeError};
 
 use super::blobs::Blobs;
 use crate::identity::TokenReviewer;
@@ -67,17 +65,6 @@ const DRAIN: Duration = Duration::from_secs(3);
 const HOLD_ON: Duration = Duration::from_secs(5);
 /// The rate limiter's unit: bytes are paced in KiB.
 const KIB: u64 = 1024;
-
-#[derive(Debug, Error)]
-pub enum PeerServerError {
-    #[error("loading the peer serving certificate")]
-    Tls(#[from] TlsError),
-    #[error("listening on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
 
 /// How much this node gives its peers.
 #[derive(Debug, Clone, Copy)]
@@ -296,24 +283,15 @@ pub async fn serve(
     cert_dir: &Path,
     server: Arc<PeerServer>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), PeerServerError> {
-    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(cert_dir))?;
-    let _watch = resolver.watch()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| PeerServerError::Bind {
-            addr: listen,
-            source,
-        })?;
-    tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "serving peers");
-    serve_tls(
-        listener,
-        server_config(resolver),
+) -> Result<(), ServeError> {
+    tracing::info!(%listen, "serving peers");
+    serve_cert_dir(
+        listen,
+        cert_dir,
         router(server),
         shutdown,
         DRAIN,
         MAX_CONNECTIONS,
     )
-    .await;
-    Ok(())
+    .await
 }

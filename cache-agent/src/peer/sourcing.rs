@@ -23,6 +23,7 @@ use futures::future::{BoxFuture, FutureExt};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use vmdisk_crds::{AccessScope, ApiAccess, CacheEntryState, NodeDiskCache};
+use vmdisk_registry::pull::peers::RefreshFn;
 use vmdisk_registry::pull::{LayerDescriptor, LayerSources, Peer, PeerClient, ResolvedImage};
 
 use super::blobs::Blobs;
@@ -134,16 +135,67 @@ pub fn plan(
     }
 }
 
+/// What looking for peers needs; cheap to clone into a download's refresh.
+#[derive(Clone)]
+struct Finder {
+    node: String,
+    kube: Client,
+    caches: Api<NodeDiskCache>,
+    max_peers: usize,
+}
+
+impl Finder {
+    /// One look at the cluster: the plan for image `digest`, or why there is none.
+    async fn look(&self, digest: &str, excluded: &[String]) -> Result<PeerPlan, kube::Error> {
+        let caches = self.caches.list(&ListParams::default()).await?.items;
+        let every_node = super::every_node_digests(&self.kube)
+            .await?
+            .contains(digest);
+        Ok(plan(
+            &caches,
+            &self.node,
+            digest,
+            every_node,
+            excluded,
+            self.max_peers,
+        ))
+    }
+
+    /// The peers to ask now; none when this node should pull from the registry, waiting up
+    /// to `seed_wait` for an elected node to start.
+    async fn peers(&self, digest: &str, excluded: &[String], seed_wait: Duration) -> Vec<Peer> {
+        let give_up = Instant::now() + seed_wait;
+        loop {
+            match self.look(digest, excluded).await {
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "cannot read the NodeDiskCaches or the every-node list to find peers; pulling from the registry");
+                    return Vec::new();
+                }
+                Ok(PeerPlan::Fetch(peers)) => {
+                    tracing::info!(%digest, peers = ?peers.iter().map(|p| &p.node).collect::<Vec<_>>(), "fetching from peers first");
+                    return peers;
+                }
+                Ok(PeerPlan::Seed) => {
+                    tracing::info!(%digest, "elected to pull from the registry for the other nodes");
+                    return Vec::new();
+                }
+                Ok(PeerPlan::WaitFor(node)) if Instant::now() >= give_up => {
+                    tracing::info!(%digest, %node, waited = ?seed_wait, "the elected node has not started; pulling from the registry");
+                    return Vec::new();
+                }
+                Ok(PeerPlan::WaitFor(_)) => tokio::time::sleep(LOOK_AGAIN).await,
+            }
+        }
+    }
+}
+
 /// The agent's [`LayerSourcing`]: peers found through the NodeDiskCaches, and a copy of
 /// every layer kept for this node's own peers.
 pub struct PeerSourcing {
-    pub node: String,
-    pub kube: Client,
-    pub caches: Api<NodeDiskCache>,
-    pub blobs: Arc<Blobs>,
-    pub client: PeerClient,
-    pub seed_wait: Duration,
-    pub max_peers: usize,
+    finder: Finder,
+    blobs: Arc<Blobs>,
+    client: PeerClient,
+    seed_wait: Duration,
 }
 
 impl PeerSourcing {
@@ -155,55 +207,15 @@ impl PeerSourcing {
         seed_wait: Duration,
     ) -> Self {
         Self {
-            node,
-            caches: Api::all(client.clone()),
-            kube: client,
+            finder: Finder {
+                node,
+                caches: Api::all(client.clone()),
+                kube: client,
+                max_peers: 3,
+            },
             blobs,
             client: peer_client,
             seed_wait,
-            max_peers: 3,
-        }
-    }
-
-    async fn peers(&self, digest: &str, excluded: &[String]) -> Vec<Peer> {
-        let give_up = Instant::now() + self.seed_wait;
-        loop {
-            let caches = match self.caches.list(&ListParams::default()).await {
-                Ok(list) => list.items,
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "cannot list NodeDiskCaches to find peers; pulling from the registry");
-                    return Vec::new();
-                }
-            };
-            let every_node = match super::every_node_digests(&self.kube).await {
-                Ok(every) => every.contains(digest),
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "cannot read the every-node list to find peers; pulling from the registry");
-                    return Vec::new();
-                }
-            };
-            match plan(
-                &caches,
-                &self.node,
-                digest,
-                every_node,
-                excluded,
-                self.max_peers,
-            ) {
-                PeerPlan::Fetch(peers) => {
-                    tracing::info!(%digest, peers = ?peers.iter().map(|p| &p.node).collect::<Vec<_>>(), "fetching from peers first");
-                    return peers;
-                }
-                PeerPlan::Seed => {
-                    tracing::info!(%digest, "elected to pull from the registry for the other nodes");
-                    return Vec::new();
-                }
-                PeerPlan::WaitFor(node) if Instant::now() >= give_up => {
-                    tracing::info!(%digest, %node, waited = ?self.seed_wait, "the elected node has not started; pulling from the registry");
-                    return Vec::new();
-                }
-                PeerPlan::WaitFor(_) => tokio::time::sleep(LOOK_AGAIN).await,
-            }
         }
     }
 }
@@ -216,11 +228,28 @@ impl LayerSourcing for PeerSourcing {
         excluded: &'a [String],
     ) -> BoxFuture<'a, LayerSources> {
         async move {
-            let peers = self.peers(&image.digest, excluded).await;
+            let peers = self
+                .finder
+                .peers(&image.digest, excluded, self.seed_wait)
+                .await;
+            // When every peer is busy, a fresh look finds the nodes that got bytes since.
+            let finder = self.finder.clone();
+            let (digest, excluded) = (image.digest.clone(), excluded.to_vec());
+            let refresh: RefreshFn = Arc::new(move || {
+                let (finder, digest, excluded) = (finder.clone(), digest.clone(), excluded.clone());
+                async move {
+                    match finder.look(&digest, &excluded).await {
+                        Ok(PeerPlan::Fetch(peers)) => peers,
+                        _ => Vec::new(),
+                    }
+                }
+                .boxed()
+            });
             LayerSources {
                 peers,
                 client: Some(self.client.clone()),
                 sink: self.blobs.sink(&layer.digest, layer.size, &image.digest),
+                refresh: Some(refresh),
             }
         }
         .boxed()

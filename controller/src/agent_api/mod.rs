@@ -21,10 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use kube::Client;
-use thiserror::Error;
 use vmdisk_crds::{AccessScope, ApiAccess, AGENT_API_CREDENTIALS_PATH};
-use vmdisk_support::https::serve_tls;
-use vmdisk_support::tls::{server_config, CertPaths, ReloadingCertResolver, TlsError};
+use vmdisk_support::https::{serve_cert_dir, ServeError};
 
 use crate::metrics::AgentApiMetrics;
 use vmdisk_cache_agent::identity::TokenReviewer;
@@ -50,17 +48,6 @@ pub const API_ACCESS: &[ApiAccess] = &[
 const MAX_CONNECTIONS: usize = 512;
 /// How long in-flight requests may finish on the stop.
 const DRAIN: Duration = Duration::from_secs(5);
-
-#[derive(Debug, Error)]
-pub enum AgentApiError {
-    #[error("loading the agent API's serving certificate")]
-    Tls(#[from] TlsError),
-    #[error("listening on {addr}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
 
 /// What the handlers share.
 pub struct AgentApi {
@@ -142,24 +129,15 @@ pub async fn serve(
     cert_dir: &Path,
     api: Arc<AgentApi>,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentApiError> {
-    let resolver = ReloadingCertResolver::load(CertPaths::in_dir(cert_dir))?;
-    let _watch = resolver.watch()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| AgentApiError::Bind {
-            addr: listen,
-            source,
-        })?;
-    tracing::info!(addr = %listener.local_addr().unwrap_or(listen), "serving the agent API");
-    serve_tls(
-        listener,
-        server_config(resolver),
+) -> Result<(), ServeError> {
+    tracing::info!(%listen, "serving the agent API");
+    serve_cert_dir(
+        listen,
+        cert_dir,
         router(api),
         shutdown,
         DRAIN,
         MAX_CONNECTIONS,
     )
-    .await;
-    Ok(())
+    .await
 }

@@ -15,7 +15,7 @@ use super::{hex_sha256, LayerDescriptor, PullError, Puller, RegistryOptions, Res
 
 /// How long peers that answer 503 (serving as many as they may) are asked again, and how
 /// often, before the registry is.
-const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 const BUSY_AGAIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What one layer's download took, and from where.
@@ -87,6 +87,7 @@ impl Puller {
             peers,
             client: peer_client,
             sink,
+            refresh,
         } = sources;
         let mut received = Received {
             layer,
@@ -97,12 +98,21 @@ impl Puller {
             progress,
         };
         let result = self
-            .download_into(image, layer, options, peers, peer_client, &mut received)
+            .download_into(
+                image,
+                layer,
+                options,
+                peers,
+                peer_client,
+                refresh,
+                &mut received,
+            )
             .await;
         received.finish(result.is_ok());
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn download_into(
         &self,
         image: &ResolvedImage,
@@ -110,14 +120,17 @@ impl Puller {
         options: &RegistryOptions,
         peers: Vec<super::Peer>,
         peer_client: Option<super::PeerClient>,
+        refresh: Option<super::peers::RefreshFn>,
         received: &mut Received<'_>,
     ) -> Result<Downloaded, PullError> {
         // Peers first, each until it fails; whatever they sent stays and the next source
-        // goes on from there. A peer serving as many as it may (503) is asked again for a
-        // while before the registry is.
+        // goes on from there. While peers are serving as many as they may (503), a fresh
+        // list (nodes that got bytes since) or the same busy ones are asked again for a while
+        // before the registry is; a peer that failed otherwise is not asked again.
         let mut from_peers = 0;
         let mut contributors = Vec::new();
         if let Some(client) = &peer_client {
+            let mut dropped: Vec<String> = Vec::new();
             let mut round = peers;
             let busy_until = tokio::time::Instant::now() + BUSY_WAIT;
             while !round.is_empty() && !received.complete() {
@@ -150,7 +163,8 @@ impl Puller {
                         }
                         Err(PeerFailure::Refused { status: 503, .. }) => busy.push(peer),
                         Err(e) => {
-                            tracing::warn!(digest = %layer.digest, peer = %peer.node, offset = received.offset, error = %e, "peer dropped; going on elsewhere")
+                            tracing::warn!(digest = %layer.digest, peer = %peer.node, offset = received.offset, error = %e, "peer dropped; going on elsewhere");
+                            dropped.push(peer.node.clone());
                         }
                     }
                 }
@@ -161,7 +175,21 @@ impl Puller {
                     break;
                 }
                 tokio::time::sleep(BUSY_AGAIN).await;
-                round = busy;
+                round = match &refresh {
+                    Some(refresh) => {
+                        let fresh: Vec<_> = refresh()
+                            .await
+                            .into_iter()
+                            .filter(|p| !dropped.contains(&p.node))
+                            .collect();
+                        if fresh.is_empty() {
+                            busy
+                        } else {
+                            fresh
+                        }
+                    }
+                    None => busy,
+                };
             }
         }
         if !received.complete() {

@@ -85,12 +85,18 @@ pub trait BlobSink: Send {
     fn finish(self: Box<Self>, verified: bool);
 }
 
+/// A fresh list of peers, asked when every peer of the last one was busy (503).
+pub type RefreshFn = Arc<dyn Fn() -> futures::future::BoxFuture<'static, Vec<Peer>> + Send + Sync>;
+
 /// A layer's other sources and its copy: peers asked first, in order, then the registry.
 #[derive(Default)]
 pub struct LayerSources {
     pub peers: Vec<Peer>,
     pub client: Option<PeerClient>,
     pub sink: Option<Box<dyn BlobSink>>,
+    /// Where more peers come from while the first ones are busy; without it, the busy ones
+    /// are asked again.
+    pub refresh: Option<RefreshFn>,
 }
 
 impl LayerSources {
