@@ -130,6 +130,9 @@ impl BlobSink for Copy {
 
 struct Setup {
     registry: TestRegistry,
+    reference: String,
+    /// The disk the image holds.
+    disk: Vec<u8>,
     image: ResolvedImage,
     blob: Vec<u8>,
     puller: Puller,
@@ -145,7 +148,7 @@ async fn setup() -> Setup {
         "disks/peers",
         "v1",
         &[LayerSpec {
-            entries: vec![("disk/disk.img".into(), disk)],
+            entries: vec![("disk/disk.img".into(), disk.clone())],
             media_type: TAR,
         }],
     )
@@ -158,6 +161,8 @@ async fn setup() -> Setup {
     let blob = std::fs::read(registry.blob_path(&image.layers[0].digest)).unwrap();
     Setup {
         registry,
+        reference,
+        disk,
         image,
         blob,
         puller,
@@ -374,4 +379,81 @@ async fn while_every_peer_is_busy_a_fresh_list_is_asked_before_the_registry() {
     assert!(read.unwrap() == s.blob);
     assert_eq!(served.requests.load(Ordering::SeqCst), 1);
     assert_eq!(s.registry.blob_gets(&s.image.layers[0].digest), 0);
+}
+
+/// The warm's side of a flipped byte: the peer is named, left out, and the image streamed
+/// again from the registry; the committed entry is the published disk.
+#[tokio::test]
+async fn a_warm_fed_a_flipped_byte_streams_again_without_that_peer() {
+    use futures::future::BoxFuture;
+    use vmdisk_cache_agent::store::{Budget, CacheStore};
+    use vmdisk_cache_agent::warm::extract::ExtractLimits;
+    use vmdisk_cache_agent::warm::{LayerSourcing, WarmRequest, Warmer};
+    use vmdisk_registry::pull::LayerDescriptor;
+
+    struct OnePeer {
+        peer: Peer,
+        /// The nodes left out at each call.
+        calls: Mutex<Vec<Vec<String>>>,
+    }
+    impl LayerSourcing for OnePeer {
+        fn sources<'a>(
+            &'a self,
+            _image: &'a ResolvedImage,
+            _layer: &'a LayerDescriptor,
+            excluded: &'a [String],
+        ) -> BoxFuture<'a, LayerSources> {
+            self.calls.lock().unwrap().push(excluded.to_vec());
+            let peers = if excluded.contains(&self.peer.node) {
+                vec![]
+            } else {
+                vec![self.peer.clone()]
+            };
+            Box::pin(async move {
+                LayerSources {
+                    peers,
+                    client: Some(client("agent-token")),
+                    sink: None,
+                    refresh: None,
+                }
+            })
+        }
+    }
+
+    let s = setup().await;
+    let (evil, asked) = peer(&s, "node-evil", Behaviour::FlipsAByte).await;
+    let sourcing = Arc::new(OnePeer {
+        peer: evil,
+        calls: Mutex::default(),
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let (store, _) = CacheStore::open(cache.path(), Budget::Bytes(1 << 30)).unwrap();
+    let warmer = Warmer::new(
+        Arc::new(store),
+        Puller::new(PullerConfig::default()),
+        ExtractLimits::default(),
+    )
+    .with_peers(Arc::clone(&sourcing) as Arc<dyn LayerSourcing>);
+    let outcome = warmer
+        .warm(
+            WarmRequest {
+                reference: s.reference.clone(),
+                format: vmdisk_crds::DiskFormat::Raw,
+                registry: options_for(&s.registry),
+            },
+            Arc::new(|_| {}),
+        )
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&outcome.entry.disk_path).unwrap() == s.disk,
+        "the entry is the published disk"
+    );
+    assert_eq!(
+        *sourcing.calls.lock().unwrap(),
+        vec![vec![], vec!["node-evil".to_string()]],
+        "streamed again without the peer whose bytes failed the digest"
+    );
+    assert_eq!(outcome.bytes_from_peers, 0);
+    assert_eq!(asked.requests.load(Ordering::SeqCst), 1);
 }

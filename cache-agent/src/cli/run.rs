@@ -22,6 +22,13 @@ fn peer_config(args: &PeerArgs, cache: &CacheArgs) -> anyhow::Result<Option<Peer
             "--peer-listen needs --peer-advertise (or POD_IP from the downward API): the URL other agents reach this one at"
         ),
     };
+    let valid = advertise
+        .strip_prefix("https://")
+        .is_some_and(|a| a.parse::<std::net::SocketAddr>().is_ok());
+    anyhow::ensure!(
+        valid,
+        "--peer-advertise {advertise:?} is not https://<address>:<port>"
+    );
     let bytes_per_second = args
         .peer_upload_rate
         .as_deref()

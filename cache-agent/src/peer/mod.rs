@@ -72,8 +72,6 @@ pub enum PeersError {
     Ca(PathBuf, #[source] Box<crate::node::CredentialsError>),
     #[error("preparing {0} for the layers kept for peers")]
     Blobs(PathBuf, #[source] std::io::Error),
-    #[error("--peer-advertise {0:?} is not https://<address>:<port>")]
-    Advertise(String),
 }
 
 /// Starts serving peers (until `stop`; a server that cannot start or stops is logged, and
@@ -86,13 +84,6 @@ pub fn start(
     metrics: Arc<AgentMetrics>,
     stop: vmdisk_support::process::Stop,
 ) -> Result<Arc<sourcing::PeerSourcing>, PeersError> {
-    let valid = config
-        .advertise
-        .strip_prefix("https://")
-        .is_some_and(|a| a.parse::<SocketAddr>().is_ok());
-    if !valid {
-        return Err(PeersError::Advertise(config.advertise.clone()));
-    }
     let ca = config.tls_dir.join("ca.crt");
     let tls =
         crate::node::credentials::tls_config(&ca).map_err(|e| PeersError::Ca(ca, Box::new(e)))?;
