@@ -136,6 +136,20 @@ impl TokenReviewer {
         }
     }
 
+    /// [`review`](Self::review) of the bearer token in a request's `Authorization` header.
+    pub async fn review_bearer(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<AgentIdentity, IdentityError> {
+        let token = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .trim();
+        self.review(token).await
+    }
+
     pub async fn review(&self, token: &str) -> Result<AgentIdentity, IdentityError> {
         if token.is_empty() {
             return Err(IdentityError::NoToken {

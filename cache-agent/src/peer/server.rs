@@ -145,13 +145,7 @@ async fn get_blob(
     UrlPath(digest): UrlPath<String>,
     headers: HeaderMap,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim();
-    let caller = match server.reviewer.review(token).await {
+    let caller = match server.reviewer.review_bearer(&headers).await {
         Ok(caller) => caller,
         Err(e) => {
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::FORBIDDEN);

@@ -87,13 +87,7 @@ async fn get_credentials(
     UrlPath((namespace, name)): UrlPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default()
-        .trim();
-    let answer = match api.reviewer.review(token).await {
+    let answer = match api.reviewer.review_bearer(&headers).await {
         Ok(agent) => {
             let answer = credentials::answer(&api, &agent, &namespace, &name).await;
             tracing::info!(node = %agent.node, pod = %agent.pod, image = %format!("{namespace}/{name}"), outcome = answer.outcome, status = answer.status, "credentials requested");
