@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(refused.reference, "registry.example.com/bad:1");
         // Remembered across a restart of the agent.
         drop(store);
-        let (store, _) = CacheStore::open(dir.path(), Budget::Bytes(1 << 30)).unwrap();
+        let (store, _) = super::super::tests::open(dir.path(), 1 << 30);
         assert!(store.begin_attempt(&key(), "r").is_err());
         assert_eq!(store.forget_attempts(&key().digest), 1);
         assert!(store.poisoned().is_empty());

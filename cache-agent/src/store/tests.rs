@@ -67,7 +67,7 @@ fn is_empty_dir(path: &Path) -> bool {
 
 /// Opens the cache as its owner; a store this test just dropped may still own it for a moment
 /// (see [`soon`]).
-fn open(root: &Path, budget: u64) -> (CacheStore, OpenReport) {
+pub(super) fn open(root: &Path, budget: u64) -> (CacheStore, OpenReport) {
     soon("the previous owner let go", || {
         match CacheStore::open(root, Budget::Bytes(budget)) {
             Err(StoreError::Owned(_)) => None,
