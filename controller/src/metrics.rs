@@ -1,12 +1,20 @@
-//! Prometheus metrics of `vmdisk-controller` (`GET /metrics`): the volume populator's, and
-//! whether this replica leads.
+//! Prometheus metrics of `vmdisk-controller` (`GET /metrics`): the volume populator's, the
+//! agent API's, placement's, the images' (how their nodes pulled them), and whether this
+//! replica leads.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use kube::runtime::reflector::Store;
+use kube::ResourceExt;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use vmdisk_crds::VMDiskImage;
 use vmdisk_support::metrics::Exposition;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,11 +190,122 @@ impl PlacementMetrics {
 }
 
 /// Every metric of the controller, under the `vmdisk_controller_` prefix.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageLabels {
+    pub namespace: String,
+    pub image: String,
+}
+
+/// The images the leader's image controller watches, read at each scrape.
+type ImagesSeen = Arc<Mutex<Option<Store<VMDiskImage>>>>;
+
+/// How each image's nodes pulled it, read from the images' `status.pull` at each scrape (a
+/// deleted image's series go with it, as with kube-state-metrics), and the time from the first
+/// pull of an image to all its nodes warm, observed once per image and digest.
+#[derive(Clone, Debug)]
+pub struct ImageMetrics {
+    images: ImagesSeen,
+    all_warm: Histogram,
+}
+
+impl ImageMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            images: Arc::default(),
+            // 1 s … ~4.5 h: a small image on a few nodes to 20 GiB on 300.
+            all_warm: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+        };
+        let sub = registry.sub_registry_with_prefix("image");
+        sub.register(
+            "all_nodes_warm_seconds",
+            "Time from the first node beginning to pull an image to every node asked holding it, once per image and digest",
+            m.all_warm.clone(),
+        );
+        sub.register_collector(Box::new(ImageCollector(Arc::clone(&m.images))));
+        m
+    }
+
+    /// The leader's image store, for the per-image series (`None`: not leading).
+    pub fn watch(&self, images: Option<Store<VMDiskImage>>) {
+        *self.images.lock().expect("image metrics lock") = images;
+    }
+
+    pub fn observe_all_warm(&self, seconds: f64) {
+        self.all_warm.observe(seconds);
+    }
+}
+
+struct ImageCollector(ImagesSeen);
+
+impl std::fmt::Debug for ImageCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageCollector")
+    }
+}
+
+impl Collector for ImageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(store) = self.0.lock().expect("image metrics lock").clone() else {
+            return Ok(());
+        };
+        let (registry, peers, asked) = (
+            Family::<ImageLabels, Gauge>::default(),
+            Family::<ImageLabels, Gauge>::default(),
+            Family::<ImageLabels, Gauge>::default(),
+        );
+        let all_warm = Family::<ImageLabels, Gauge<f64, AtomicU64>>::default();
+        for image in store.state() {
+            let Some(pull) = image.status.as_ref().and_then(|s| s.pull.as_ref()) else {
+                continue;
+            };
+            let labels = ImageLabels {
+                namespace: image.namespace().unwrap_or_default(),
+                image: image.name_any(),
+            };
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            registry
+                .get_or_create(&labels)
+                .set(gauge(pull.bytes_from_registry));
+            peers
+                .get_or_create(&labels)
+                .set(gauge(pull.bytes_from_peers));
+            asked
+                .get_or_create(&labels)
+                .set(i64::from(pull.nodes_asked));
+            if let Some(seconds) = pull.all_nodes_warm_seconds {
+                all_warm.get_or_create(&labels).set(seconds);
+            }
+        }
+        for (name, help, family) in [
+            (
+                "registry_bytes",
+                "Bytes of an image's layers the registry sent to the nodes holding it ready",
+                &registry,
+            ),
+            (
+                "peer_bytes",
+                "Bytes of an image's layers other nodes' agents sent to the nodes holding it ready",
+                &peers,
+            ),
+            ("nodes_asked", "Nodes asked to hold an image", &asked),
+        ] {
+            family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
+        }
+        all_warm.encode(encoder.encode_descriptor(
+            "last_all_nodes_warm_seconds",
+            "Time from the first node beginning to pull an image to every node asked holding it, for its current digest",
+            None,
+            all_warm.metric_type(),
+        )?)
+    }
+}
+
 pub struct ControllerMetrics {
     registry: Registry,
     pub populator: PopulatorMetrics,
     pub agent_api: AgentApiMetrics,
     pub placement: PlacementMetrics,
+    pub images: ImageMetrics,
     leader: Gauge,
 }
 
@@ -208,11 +327,13 @@ impl ControllerMetrics {
         let populator = PopulatorMetrics::register(&mut registry);
         let agent_api = AgentApiMetrics::register(&mut registry);
         let placement = PlacementMetrics::register(&mut registry);
+        let images = ImageMetrics::register(&mut registry);
         Self {
             registry,
             populator,
             agent_api,
             placement,
+            images,
             leader,
         }
     }
@@ -253,5 +374,55 @@ mod tests {
         }
         m.set_leading(false);
         assert!(m.encode().contains("vmdisk_controller_leader 0"));
+    }
+
+    /// Per-image series come from the watched images' status, and go when the image does or
+    /// when the controller stops watching.
+    #[test]
+    fn image_series_follow_the_watched_images() {
+        use kube::runtime::{reflector::store::Writer, watcher};
+        let m = ControllerMetrics::new();
+        let image = |name: &str, pull: Option<vmdisk_crds::ImagePull>| {
+            let mut i: VMDiskImage = serde_json::from_value(serde_json::json!({
+                "apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDiskImage",
+                "metadata": {"name": name, "namespace": "vms"},
+                "spec": {"source": {"registry": {"url": "r.io/a:1"}}},
+            }))
+            .unwrap();
+            i.status = Some(vmdisk_crds::VMDiskImageStatus {
+                pull,
+                ..Default::default()
+            });
+            i
+        };
+        let mut writer = Writer::<VMDiskImage>::default();
+        let warm = image(
+            "fedora",
+            Some(vmdisk_crds::ImagePull {
+                nodes_asked: 8,
+                bytes_from_registry: 1 << 30,
+                bytes_from_peers: 7 << 30,
+                all_nodes_warm_seconds: Some(52.5),
+            }),
+        );
+        writer.apply_watcher_event(&watcher::Event::Apply(warm.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(image("unpulled", None)));
+        m.images.watch(Some(writer.as_reader()));
+        m.images.observe_all_warm(52.5);
+        let text = m.encode();
+        for line in [
+            r#"vmdisk_controller_image_registry_bytes{namespace="vms",image="fedora"} 1073741824"#,
+            r#"vmdisk_controller_image_peer_bytes{namespace="vms",image="fedora"} 7516192768"#,
+            r#"vmdisk_controller_image_nodes_asked{namespace="vms",image="fedora"} 8"#,
+            r#"vmdisk_controller_image_last_all_nodes_warm_seconds{namespace="vms",image="fedora"} 52.5"#,
+            "vmdisk_controller_image_all_nodes_warm_seconds_count 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+        assert!(!text.contains("unpulled"), "{text}");
+        writer.apply_watcher_event(&watcher::Event::Delete(warm));
+        assert!(!m.encode().contains(r#"image="fedora""#));
+        m.images.watch(None);
+        assert!(!m.encode().contains("image_registry_bytes{"));
     }
 }

@@ -142,6 +142,7 @@ pub fn spawn(
                     let (client, config) = (client.clone(), config.clone());
                     let populator_metrics = metrics.populator.clone();
                     let placement_metrics = metrics.placement.clone();
+                    let image_metrics = metrics.images.clone();
                     let stop = stop.clone();
                     running = Some(tokio::spawn(async move {
                         // Both controllers read the Nodes' runtimes (`pullMethod: node`).
@@ -163,6 +164,7 @@ pub fn spawn(
                                     runtimes: runtimes.clone(),
                                     default_pull_method: config.populator.default_pull_method,
                                     placement: placement_metrics,
+                                    metrics: image_metrics,
                                 },
                                 stop.clone(),
                             ),

@@ -38,7 +38,8 @@ impl VMDiskImage {
 
     /// What the webhook's catalog keeps of an image: its name, its spec without the
     /// registry's CA bundle (up to 256 KiB, read only by the nodes) and what the status says
-    /// (phase, digest, sizes, warm nodes), not the conditions' texts. Not for the image
+    /// (phase, digest, sizes, warm nodes), not the conditions' texts nor how nodes pulled it.
+    /// Not for the image
     /// controller, which writes the conditions.
     pub fn strip_for_catalog(&mut self) {
         let meta = std::mem::take(&mut self.metadata);
@@ -51,6 +52,7 @@ impl VMDiskImage {
         self.spec.source.registry.ca_bundle = None;
         if let Some(status) = self.status.as_mut() {
             status.conditions = Vec::new();
+            status.pull = None;
         }
     }
 }

@@ -73,6 +73,10 @@ impl std::str::FromStr for DiskFormat {
     printcolumn = r#"{"name":"Format","type":"string","jsonPath":".status.sourceFormat"}"#,
     printcolumn = r#"{"name":"Virtual Size","type":"string","jsonPath":".status.virtualSizeQuantity"}"#,
     printcolumn = r#"{"name":"Warm Nodes","type":"integer","jsonPath":".status.warmNodes"}"#,
+    printcolumn = r#"{"name":"Asked","type":"integer","jsonPath":".status.pull.nodesAsked","priority":1}"#,
+    printcolumn = r#"{"name":"From Registry","type":"integer","jsonPath":".status.pull.bytesFromRegistry","priority":1}"#,
+    printcolumn = r#"{"name":"From Peers","type":"integer","jsonPath":".status.pull.bytesFromPeers","priority":1}"#,
+    printcolumn = r#"{"name":"All Warm (s)","type":"number","jsonPath":".status.pull.allNodesWarmSeconds","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -261,6 +265,10 @@ pub struct VMDiskImageStatus {
     /// Number of nodes whose cache holds the image ready.
     #[serde(default)]
     pub warm_nodes: u32,
+    /// How the nodes holding the image ready pulled it, summed over them; absent until one
+    /// has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<ImagePull>,
     /// When the reference was last resolved (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_resolved: Option<String>,
@@ -268,6 +276,22 @@ pub struct VMDiskImageStatus {
     pub observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// How the nodes that hold an image's resolved digest pulled it: bytes the registry sent and
+/// bytes other nodes' agents sent (peers), summed over the nodes, and how long it took until
+/// every node asked to hold the image held it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagePull {
+    /// Nodes whose image list holds the image (the nodes asked to prefetch it).
+    pub nodes_asked: u32,
+    pub bytes_from_registry: u64,
+    pub bytes_from_peers: u64,
+    /// Seconds from the first of these nodes beginning its pull to the last one committing
+    /// it, once every node asked holds it ready; absent before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_nodes_warm_seconds: Option<f64>,
 }
 
 impl VMDiskImage {
@@ -289,6 +313,18 @@ impl VMDiskImage {
                 .registry
                 .pull_method
                 .is_none_or(|m| m == PullMethod::Pod)
+    }
+
+    /// Whether every node running an agent prefetches this image: it is prefetched, pulled by
+    /// pods and selects no particular nodes (placement puts it on the every-node list).
+    pub fn prefetched_everywhere(&self) -> bool {
+        self.prefetched_on(&BTreeMap::new())
+            && self
+                .spec
+                .cache
+                .node_selector
+                .as_ref()
+                .is_none_or(|s| s.is_empty())
     }
 
     /// Bytes a PVC must at least hold for the disk itself: the larger of the disk's virtual size

@@ -7,7 +7,8 @@
 //!
 //! Prints `RESULT herd agents=… registry_bytes_ratio=… all_warm_secs=… all_warm_secs_no_peers=…`
 //! (the ratio: bytes the registry sent with peers on, over the layer's size) and, before it,
-//! the bytes of the run without peers. The image is a raw disk of `VMDISK_BENCH_HERD_MIB`
+//! the bytes of the run without peers, what the image's `status.pull` says, and a third herd
+//! whose registry puller is killed mid-pull: the others finish, every entry byte-identical. The image is a raw disk of `VMDISK_BENCH_HERD_MIB`
 //! (default 1024) MiB of incompressible data in one gzip layer.
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ use vmdisk_tests::registry::TestRegistry;
 use vmdisk_tests::throttle::ThrottledProxy;
 
 use crate::local::LocalInstall;
-use crate::peers::{cached_disk, layer_of, wait_all_ready};
+use crate::peers::{cached_disk, image_pull, kill_the_puller, layer_of, wait_all_ready};
 use crate::support::create_image;
 use crate::{cases, Case, Phase};
 
@@ -34,6 +35,14 @@ pub fn phase() -> Phase<LocalInstall> {
     }
 }
 
+/// What happens to the herd's puller.
+#[derive(Clone, Copy, PartialEq)]
+enum Puller {
+    Lives,
+    /// Killed mid-pull once the others fetch from it ([`kill_the_puller`]).
+    Killed,
+}
+
 /// One herd: every agent warms `name` at once; (seconds until all hold it, registry bytes,
 /// layer bytes).
 async fn one_herd(
@@ -43,6 +52,7 @@ async fn one_herd(
     registry: &TestRegistry,
     name: &str,
     seed: u64,
+    puller: Puller,
 ) -> (f64, u64, u64) {
     let mib = env_or("VMDISK_BENCH_HERD_MIB", 1024);
     let rate = env_or("VMDISK_BENCH_HERD_REGISTRY_MIBPS", 100);
@@ -60,6 +70,13 @@ async fn one_herd(
         json!({"source": {"registry": {"url": format!("{}/{repo}:v1", proxy.addr), "insecure": true}}}),
     )
     .await;
+    if puller == Puller::Killed {
+        let (killed, secs) = kill_the_puller(fx, &digest, &raw, || ()).await;
+        println!(
+            "herd: {killed} killed mid-pull; the other {} agents finished {secs:.1}s later, every entry the published disk",
+            fx.nodes.len() - 1
+        );
+    }
     let secs = wait_all_ready(fx, &digest, &fx.nodes, started).await;
     let sent = proxy.bytes_sent();
     for node in &fx.nodes {
@@ -78,15 +95,30 @@ async fn herd(fx: Arc<LocalInstall>, case: Case) {
 
     fx.restart_agents(false);
     let (no_peers_secs, no_peers_sent, layer) =
-        one_herd(&fx, &case, &ns, &registry, "alone", 5001).await;
+        one_herd(&fx, &case, &ns, &registry, "alone", 5001, Puller::Lives).await;
     println!(
         "herd: peers off: {agents} agents warm in {no_peers_secs:.1}s, the registry sent {no_peers_sent} bytes ({:.2}x the {layer}-byte layer)",
         no_peers_sent as f64 / layer as f64
     );
 
     fx.restart_agents(true);
-    let (secs, sent, layer) = one_herd(&fx, &case, &ns, &registry, "together", 5002).await;
+    let (secs, sent, layer) =
+        one_herd(&fx, &case, &ns, &registry, "together", 5002, Puller::Lives).await;
     println!("herd: peers on: {agents} agents warm in {secs:.1}s, the registry sent {sent} bytes");
+    let pull = image_pull(&fx, &case.admin(), &ns, "together").await;
+    println!(
+        "herd: the image's status.pull (and the controller's vmdisk_controller_image_* series): {} nodes asked, {} bytes from the registry, {} from peers, all nodes warm {:.1}s after the first pull began",
+        pull.nodes_asked,
+        pull.bytes_from_registry,
+        pull.bytes_from_peers,
+        pull.all_nodes_warm_seconds.unwrap_or_default()
+    );
+    let (orphaned_secs, orphaned_sent, _) =
+        one_herd(&fx, &case, &ns, &registry, "orphaned", 5003, Puller::Killed).await;
+    println!(
+        "herd: with the puller killed: all {agents} warm in {orphaned_secs:.1}s, the registry sent {orphaned_sent} bytes ({:.2}x the layer)",
+        orphaned_sent as f64 / layer as f64
+    );
     println!(
         "RESULT herd agents={agents} registry_bytes_ratio={:.2} all_warm_secs={secs:.1} all_warm_secs_no_peers={no_peers_secs:.1}",
         sent as f64 / layer as f64

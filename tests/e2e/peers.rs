@@ -113,6 +113,39 @@ pub(crate) async fn layer_of(registry: &TestRegistry, reference: &str) -> (Strin
     (image.layers[0].digest.clone(), image.layers[0].size)
 }
 
+/// The image's `status.pull` once it tells the time to all nodes warm, and the controller's
+/// per-image metrics agree with it.
+pub(crate) async fn image_pull(
+    fx: &LocalInstall,
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> vmdisk_crds::ImagePull {
+    let images: Api<vmdisk_crds::VMDiskImage> = Api::namespaced(admin.clone(), ns);
+    let pull = wait_for("the image to tell how its nodes pulled it", WAIT, || {
+        let images = images.clone();
+        async move {
+            let image = images.get(name).await.map_err(|e| e.to_string())?;
+            let pull = image.status.and_then(|s| s.pull);
+            pull.clone()
+                .filter(|p| p.all_nodes_warm_seconds.is_some())
+                .ok_or(format!("status.pull {pull:?}"))
+        }
+    })
+    .await;
+    let metrics = fx.controller_metrics().await;
+    let labels = format!(r#"{{namespace="{ns}",image="{name}"}}"#);
+    for (series, value) in [
+        ("registry_bytes", pull.bytes_from_registry.to_string()),
+        ("peer_bytes", pull.bytes_from_peers.to_string()),
+        ("nodes_asked", pull.nodes_asked.to_string()),
+    ] {
+        let line = format!("vmdisk_controller_image_{series}{labels} {value}");
+        assert!(metrics.contains(&line), "{line} missing from\n{metrics}");
+    }
+    pull
+}
+
 /// Every agent warms a new image at once: the registry sends its layer about once, every
 /// entry is the published disk; then the same with the node pulling from the registry killed
 /// mid-way: the others finish, nothing corrupt.
@@ -159,6 +192,18 @@ pub async fn peers_warm_a_new_image_with_one_registry_pull_and_survive_its_pulle
         nodes.len(),
         peer_lines(&fx, &nodes)
     );
+    // What the image's status and the controller's metrics say of it: every node's layer
+    // counted once, from one source or the other, and the registry's share what the proxy saw
+    // (less the manifest and config).
+    let pull = image_pull(&fx, &admin, &ns, "herd").await;
+    println!("peers: the image's status.pull: {pull:?}");
+    assert_eq!(pull.nodes_asked as usize, nodes.len());
+    assert_eq!(
+        pull.bytes_from_registry + pull.bytes_from_peers,
+        layer_size * nodes.len() as u64
+    );
+    assert!(pull.bytes_from_registry >= layer_size && pull.bytes_from_registry <= sent);
+    assert!(pull.all_nodes_warm_seconds.unwrap() <= secs + 1.0);
 
     // 2. The node pulling from the registry dies mid-way.
     let raw = make_ext4_raw(work.path(), "orphan", 96, 64, 4005);
@@ -171,10 +216,29 @@ pub async fn peers_warm_a_new_image_with_one_registry_pull_and_survive_its_pulle
         json!({"source": {"registry": {"url": format!("{}/disks/orphan:v1", proxy.addr), "insecure": true}}}),
     )
     .await;
+    let (seeder, secs) = kill_the_puller(&fx, &digest, &raw, || proxy.set_rate(1 << 30)).await;
+    println!(
+        "peers: with {seeder} killed mid-pull, the other {} finished {secs:.1}s later; what they said of peers:\n{}",
+        nodes.len() - 1,
+        peer_lines(&fx, &nodes)
+    );
+}
+
+/// Kills the agent of the node elected to pull `digest` from the registry once every other
+/// node fetches from it (then calls `after_kill`); the others finish with the published disk
+/// `raw`, and so does the killed node's agent once started again. The node killed, and the
+/// seconds the others took to finish after the kill.
+pub(crate) async fn kill_the_puller(
+    fx: &Arc<LocalInstall>,
+    digest: &str,
+    raw: &std::path::Path,
+    after_kill: impl FnOnce(),
+) -> (String, f64) {
+    let nodes = fx.nodes.clone();
     let seeder = wait_for("the node elected to pull", WAIT, || {
-        let fx = Arc::clone(&fx);
+        let fx = Arc::clone(fx);
         let nodes = nodes.clone();
-        let digest = digest.clone();
+        let digest = digest.to_string();
         async move {
             nodes
                 .iter()
@@ -190,9 +254,9 @@ pub async fn peers_warm_a_new_image_with_one_registry_pull_and_survive_its_pulle
     .await;
     let others: Vec<String> = nodes.iter().filter(|n| **n != seeder).cloned().collect();
     wait_for("the other nodes to fetch from it", WAIT, || {
-        let fx = Arc::clone(&fx);
+        let fx = Arc::clone(fx);
         let others = others.clone();
-        let digest = digest.clone();
+        let digest = digest.to_string();
         async move {
             let waiting = others
                 .iter()
@@ -209,24 +273,24 @@ pub async fn peers_warm_a_new_image_with_one_registry_pull_and_survive_its_pulle
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    fx.kill_agent(&seeder);
-    proxy.set_rate(1 << 30);
-    let since = Instant::now();
-    let secs = wait_all_ready(&fx, &digest, &others, since).await;
-    println!(
-        "peers: with {seeder} killed mid-pull, the other {} finished {secs:.1}s later; what they said of peers:\n{}",
-        others.len(),
-        peer_lines(&fx, &others)
+    assert!(
+        !ready_on(fx, digest).await.contains(&seeder),
+        "{seeder} finished its pull before it could be killed mid-way"
     );
+    fx.kill_agent(&seeder);
+    after_kill();
+    let since = Instant::now();
+    let secs = wait_all_ready(fx, digest, &others, since).await;
     for node in &others {
         assert!(
-            same_content(&raw, &cached_disk(&fx, node, &digest)),
+            same_content(raw, &cached_disk(fx, node, digest)),
             "{node}'s entry is the published disk"
         );
     }
     fx.start_agent(&seeder);
-    wait_all_ready(&fx, &digest, std::slice::from_ref(&seeder), since).await;
-    assert!(same_content(&raw, &cached_disk(&fx, &seeder, &digest)));
+    wait_all_ready(fx, digest, std::slice::from_ref(&seeder), since).await;
+    assert!(same_content(raw, &cached_disk(fx, &seeder, digest)));
+    (seeder, secs)
 }
 
 /// Asks `node`'s agent for `layer` with `token` (none: no Authorization header); the status

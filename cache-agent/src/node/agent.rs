@@ -487,6 +487,7 @@ fn entry_views(
             last_used: Some(e.meta.last_used),
             pinned: store.is_pinned(&e.key),
             message: None,
+            pull: e.meta.pull.map(|record| (record, e.meta.created)),
         })
         .collect();
     for (key, r) in running {

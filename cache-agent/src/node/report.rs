@@ -12,7 +12,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource};
 use vmdisk_crds::{
     format_bytes_quantity, node_cache_label_key, AccessScope, ApiAccess, CacheEntryState,
-    CacheEntryStatus, DiskFormat, NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus,
+    CacheEntryStatus, DiskFormat, EntryPull, NodeDiskCache, NodeDiskCacheSpec, NodeDiskCacheStatus,
     NODE_CACHE_LABEL_PREFIX, NODE_CACHE_LABEL_VALUE,
 };
 
@@ -54,6 +54,13 @@ pub struct CacheEntryView {
     pub last_used: Option<DateTime<Utc>>,
     pub pinned: bool,
     pub message: Option<String>,
+    /// How the entry was pulled, and when it was committed.
+    pub pull: Option<(crate::store::PullRecord, DateTime<Utc>)>,
+}
+
+/// Times of a pull, to the millisecond (a warm from peers takes seconds).
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The NodeDiskCache status for these entries, rows sorted by digest and format.
@@ -78,6 +85,12 @@ pub fn node_cache_status(
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             pinned: e.pinned,
             message: e.message.clone(),
+            pull: e.pull.map(|(record, finished)| EntryPull {
+                started: rfc3339(record.started),
+                finished: rfc3339(finished),
+                bytes_from_registry: record.bytes_from_registry,
+                bytes_from_peers: record.bytes_from_peers,
+            }),
         })
         .collect();
     rows.sort_by(|a, b| (&a.digest, a.format).cmp(&(&b.digest, b.format)));
@@ -279,10 +292,28 @@ mod tests {
                 state: CacheEntryState::Ready,
                 virtual_size: Some(1 << 30),
                 pinned: true,
+                pull: Some((
+                    crate::store::PullRecord {
+                        started: "2026-12-04T10:00:00.125Z".parse().unwrap(),
+                        bytes_from_registry: 10,
+                        bytes_from_peers: 90,
+                    },
+                    "2026-12-04T10:00:05.5Z".parse().unwrap(),
+                )),
                 ..Default::default()
             },
         ];
         let s = node_cache_status(&views, 100 << 30, 50 << 30, 3 << 30);
+        assert_eq!(
+            s.entries[0].pull,
+            Some(EntryPull {
+                started: "2026-12-04T10:00:00.125Z".into(),
+                finished: "2026-12-04T10:00:05.500Z".into(),
+                bytes_from_registry: 10,
+                bytes_from_peers: 90,
+            })
+        );
+        assert_eq!(s.entries[1].pull, None);
         assert_eq!(s.entry_count, 2);
         assert_eq!(s.entries[0].digest, D1);
         assert_eq!(s.entries[1].progress, Some(0.333));

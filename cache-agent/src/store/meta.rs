@@ -25,6 +25,20 @@ pub struct EntryMeta {
     pub last_used: DateTime<Utc>,
     #[serde(default)]
     pub reference: Option<String>,
+    /// How the warm that made the entry pulled it (absent in entries committed before this
+    /// was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullRecord>,
+}
+
+/// When a warm began and where the layers' bytes came from; the entry's `created` is when it
+/// ended. Reported in the node's NodeDiskCache status, summed per image by the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRecord {
+    pub started: DateTime<Utc>,
+    pub bytes_from_registry: u64,
+    pub bytes_from_peers: u64,
 }
 
 /// `meta.json` as written: the metadata plus the disk file's length at commit, which is what

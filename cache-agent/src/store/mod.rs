@@ -71,7 +71,7 @@ pub use self::integrity::LossReason;
 pub use self::keys::EntryKey;
 pub use self::leases::Lease;
 pub use self::lock::FileLock;
-pub use self::meta::{CacheEntry, EntryMeta};
+pub use self::meta::{CacheEntry, EntryMeta, PullRecord};
 pub use self::verified::Requester;
 pub(crate) use self::watch::{watch_entries, EntryChange};
 

@@ -46,6 +46,7 @@ fn meta(k: &EntryKey, virtual_size: u64) -> EntryMeta {
         created: Utc::now(),
         last_used: Utc::now(),
         reference: None,
+        pull: None,
     }
 }
 

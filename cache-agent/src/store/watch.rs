@@ -347,6 +347,7 @@ mod tests {
             created: now,
             last_used: now,
             reference: None,
+            pull: None,
         };
         store.commit(staging, k.clone(), &disk, meta).unwrap();
         k

@@ -22,7 +22,7 @@ use super::{
     pinned_digest, Conversion, ProgressFn, WarmError, WarmOutcome, WarmProgress, WarmRequest,
     Warmer,
 };
-use crate::store::{allocated_bytes, CacheEntry, EntryKey, EntryMeta, StagingDir};
+use crate::store::{allocated_bytes, CacheEntry, EntryKey, EntryMeta, PullRecord, StagingDir};
 
 impl Warmer {
     pub(super) async fn warm_once(
@@ -68,6 +68,7 @@ impl Warmer {
         }
         progress(WarmProgress::Resolving);
         let resolving = Instant::now();
+        let warm_started = chrono::Utc::now();
         let image = self
             .puller
             .resolve(&request.reference, &request.registry)
@@ -217,6 +218,11 @@ impl Warmer {
             created: now,
             last_used: now,
             reference: Some(request.reference.clone()),
+            pull: Some(PullRecord {
+                started: warm_started,
+                bytes_from_registry: bytes_pulled.saturating_sub(bytes_from_peers),
+                bytes_from_peers,
+            }),
         };
         let committing = Instant::now();
         let entry = self.store.commit(staging, key, &target, meta)?;

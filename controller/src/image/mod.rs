@@ -9,6 +9,7 @@
 
 #[cfg(test)]
 mod convergence;
+pub mod pull;
 pub mod reconcile;
 pub mod resolve;
 pub mod status;
@@ -76,6 +77,8 @@ pub struct ImageSettings {
     pub default_pull_method: PullMethod,
     /// Placement runs with the image controller; its metrics.
     pub placement: crate::metrics::PlacementMetrics,
+    /// How the images' nodes pulled them.
+    pub metrics: crate::metrics::ImageMetrics,
 }
 
 /// Runs the image controller until the stop (reconciles in flight finish) or until the future
@@ -99,7 +102,9 @@ pub async fn run(
     let copier = CredentialsCopier::new(client.clone(), credentials_namespace);
     let runtimes = settings.runtimes.clone();
     let placement_metrics = settings.placement.clone();
+    let image_metrics = settings.metrics.clone();
     let ctx = Arc::new(Context {
+        metrics: Some(image_metrics.clone()),
         pull_methods: Some(settings),
         ..Context::new(
             client.clone(),
@@ -150,6 +155,9 @@ pub async fn run(
         }
     });
     let image_store = controller.store();
+    // The per-image series are this store's while it runs: not a former leader's.
+    image_metrics.watch(Some(image_store.clone()));
+    let _unwatch = Unwatch(image_metrics);
 
     // Copies of deleted images (or of images that dropped their pull secret) go away.
     let sweep_images = image_store.clone();
@@ -212,8 +220,9 @@ pub async fn run(
     );
 
     let node_pull_images = image_store.clone();
-    // A node's cache changed: re-aggregate the images whose ready entries on it changed
-    // (not on progress reports: with 300 nodes, each report would wake every image).
+    // A node's cache changed: re-aggregate the images whose ready entries on it, or whose
+    // place in its list, changed (not on progress reports: with 300 nodes, each report would
+    // wake every image).
     let known_ready = LastSeen::default();
     let cache_store = caches.store();
     let cache_changes = caches.trigger(move |cache: &NodeDiskCache| {
@@ -267,6 +276,16 @@ pub async fn run(
         .await;
 }
 
+/// Stops the per-image metrics reading the image store when the image controller stops or is
+/// dropped.
+struct Unwatch(crate::metrics::ImageMetrics);
+
+impl Drop for Unwatch {
+    fn drop(&mut self) {
+        self.0.watch(None);
+    }
+}
+
 /// The last value seen of each object (by name or uid), to tell a change from a repeat.
 struct LastSeen<V>(std::sync::Mutex<HashMap<String, V>>);
 
@@ -287,12 +306,13 @@ impl<V> LastSeen<V> {
     }
 }
 
-/// What of a node's cache the images' status reads: its Ready entries (digest, format, and
-/// what the node read of the disk).
-type ReadyEntries = BTreeSet<(String, DiskFormat, Option<String>, Option<u64>)>;
+/// What of a node's cache the images' status reads: the digests its list asks for (`None`),
+/// and its Ready entries (digest, format, and what the node read of the disk).
+type ReadyEntries = BTreeSet<(String, Option<(DiskFormat, Option<String>, Option<u64>)>)>;
 
 fn ready_entries(cache: &NodeDiskCache) -> ReadyEntries {
-    cache
+    let listed = cache.spec.images.iter().map(|i| (i.digest.clone(), None));
+    let ready = cache
         .status
         .iter()
         .flat_map(|s| s.entries.iter())
@@ -300,12 +320,10 @@ fn ready_entries(cache: &NodeDiskCache) -> ReadyEntries {
         .map(|e| {
             (
                 e.digest.clone(),
-                e.format,
-                e.source_format.clone(),
-                e.virtual_size,
+                Some((e.format, e.source_format.clone(), e.virtual_size)),
             )
-        })
-        .collect()
+        });
+    listed.chain(ready).collect()
 }
 
 /// A hash of a NodeDiskCache's list, to tell its changes from the agent's status reports.

@@ -49,6 +49,8 @@ pub struct Context {
     /// Where images pulled by the node's runtime can be mounted, for their `NodePull`
     /// condition (`None`: not reported).
     pub pull_methods: Option<super::ImageSettings>,
+    /// Where the time to all nodes warm is observed (`None`: nowhere).
+    pub metrics: Option<crate::metrics::ImageMetrics>,
 }
 
 /// How long an image whose reconcile failed waits before the next try.
@@ -74,6 +76,7 @@ impl Context {
             resolve_failures: Failures::new(RESOLVE_BACKOFF),
             errors: Failures::new(ERROR_BACKOFF),
             pull_methods: None,
+            metrics: None,
         }
     }
 }
@@ -231,6 +234,10 @@ async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Actio
             source,
         })?;
         tracing::info!(%namespace, %name, phase = ?status.phase, digest = ?status.digest, warm_nodes = status.warm_nodes, "status updated");
+        if let (Some(seconds), Some(metrics)) = (newly_all_warm(&image, &status), &ctx.metrics) {
+            tracing::info!(%namespace, %name, seconds, pull = ?status.pull, "every node asked holds the image");
+            metrics.observe_all_warm(seconds);
+        }
     }
     let mut updated = (*image).clone();
     updated.status = Some(status);
@@ -246,6 +253,16 @@ async fn reconcile_image(image: Arc<VMDiskImage>, ctx: &Context) -> Result<Actio
             Action::requeue(next.max(Duration::from_secs(1)))
         }
     })
+}
+
+/// The time to all nodes warm when `status` is the first to tell it for its digest.
+fn newly_all_warm(image: &VMDiskImage, status: &vmdisk_crds::VMDiskImageStatus) -> Option<f64> {
+    let seconds = status.pull.as_ref()?.all_nodes_warm_seconds?;
+    let before = image.status.as_ref().filter(|s| s.digest == status.digest);
+    let told = before
+        .and_then(|s| s.pull.as_ref())
+        .is_some_and(|p| p.all_nodes_warm_seconds.is_some());
+    (!told).then_some(seconds)
 }
 
 /// A failed reconcile (the status patch refused) is retried after the image's own backoff,

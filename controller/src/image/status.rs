@@ -1,7 +1,8 @@
 //! The status a VMDiskImage should have, as a pure function of the image, what resolution did
 //! in this reconcile and the NodeDiskCaches the agents publish: phase, digest (a failed
-//! re-resolution keeps the last good one), source format, virtual size, warm nodes, and the
-//! `Resolved` and `Ready` conditions, and `NodePull` for images the node's runtime pulls.
+//! re-resolution keeps the last good one), source format, virtual size, warm nodes, how they
+//! pulled it ([`super::pull`]), the `Resolved` and `Ready` conditions, and `NodePull` for
+//! images the node's runtime pulls.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -243,6 +244,9 @@ pub fn aggregate_status(
         generation,
         now,
     );
+    let pull = digest
+        .as_deref()
+        .and_then(|d| super::pull::pull_summary(image, d, caches));
     VMDiskImageStatus {
         phase: Some(phase),
         digest,
@@ -250,6 +254,7 @@ pub fn aggregate_status(
         virtual_size,
         virtual_size_quantity: virtual_size.map(format_bytes_quantity),
         warm_nodes,
+        pull,
         last_resolved,
         observed_generation: generation,
         conditions: [resolved_condition, ready_condition]
