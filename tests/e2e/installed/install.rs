@@ -223,6 +223,29 @@ pub(super) async fn an_outage_refuses_only_vmdisk_pvcs_and_says_what_to_do(
         }
     })
     .await;
+    // Gone from the Service too: until the EndpointSlice drops a stopped pod's address, the
+    // API server still dials it and waits out the webhook's timeout (what a user sees while
+    // a rollout is under way, not once the webhook is down).
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
+    wait_for("the webhook Service to have no endpoints", WAIT, || {
+        let slices = slices.clone();
+        async move {
+            let list = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=vmdisk-webhook"))
+                .await
+                .map_err(|e| e.to_string())?;
+            let left: usize = list
+                .items
+                .iter()
+                .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+                .sum();
+            (left == 0)
+                .then_some(())
+                .ok_or(format!("{left} endpoint(s) left"))
+        }
+    })
+    .await;
     let timed = |what: &'static str, started: Instant| {
         let took = started.elapsed();
         println!(
