@@ -46,6 +46,18 @@ fn sparse_copy_is_identical_and_stays_sparse() {
     }
 }
 
+/// Copies the first `size` bytes of `src` to a new file `dst` with a [`Copier`], the kernel's
+/// copy first when `in_kernel`; returns whether the kernel's copy was still in use at the end,
+/// and the bytes written.
+fn copy_by(src: &Path, dst: &Path, in_kernel: bool, size: u64) -> (bool, u64) {
+    let source = File::open(src).unwrap();
+    let target = File::create(dst).unwrap();
+    let mut copier = Copier::new(&source, &target, in_kernel, false);
+    assert!(copier.copy(size).is_ok());
+    target.set_len(size).unwrap();
+    (copier.use_copy_file_range, copier.written)
+}
+
 #[test]
 fn both_copy_paths_are_identical_and_only_memory_skips_zero_blocks() {
     let dir = tempfile::tempdir().unwrap();
@@ -57,18 +69,14 @@ fn both_copy_paths_are_identical_and_only_memory_skips_zero_blocks() {
     std::fs::write(&src, &content).unwrap();
     for use_copy_file_range in [true, false] {
         let dst = dir.path().join(format!("dst-{use_copy_file_range}"));
-        let source = File::open(&src).unwrap();
-        let target = File::create(&dst).unwrap();
-        let mut copier = Copier::new(&source, &target, use_copy_file_range, false);
-        assert!(copier.copy(8 << 20).is_ok());
-        target.set_len(8 << 20).unwrap();
+        let (in_kernel, written) = copy_by(&src, &dst, use_copy_file_range, 8 << 20);
         assert_eq!(std::fs::read(&dst).unwrap(), content);
-        if copier.use_copy_file_range {
+        if in_kernel {
             // The kernel copied the whole extent: as allocated as the source.
-            assert_eq!(copier.written, 8 << 20);
+            assert_eq!(written, 8 << 20);
         } else {
             assert_eq!(
-                copier.written,
+                written,
                 2 * ZERO_BLOCK as u64,
                 "only the two non-zero blocks"
             );
@@ -78,6 +86,27 @@ fn both_copy_paths_are_identical_and_only_memory_skips_zero_blocks() {
                 allocated(&dst)
             );
         }
+    }
+}
+
+#[test]
+fn a_copy_of_many_writeback_steps_is_identical_by_both_paths() {
+    // 40 MiB of data in one extent: writeback is started and waited for step by step (16 MiB
+    // each), ending with a part step; every byte must arrive whichever way it is copied.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let content: Vec<u8> = (0..40u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8 | 1)
+        .collect();
+    std::fs::write(&src, &content).unwrap();
+    for use_copy_file_range in [true, false] {
+        let dst = dir.path().join(format!("dst-{use_copy_file_range}"));
+        let (_, written) = copy_by(&src, &dst, use_copy_file_range, 40 << 20);
+        assert_eq!(written, 40 << 20);
+        assert!(
+            std::fs::read(&dst).unwrap() == content,
+            "{use_copy_file_range}"
+        );
     }
 }
 
