@@ -70,10 +70,8 @@ pub fn copy_is_current(copy: Option<&Secret>, wanted: &[u8], now: DateTime<Utc>)
     let fresh = copy
         .annotations()
         .get(CREDENTIALS_SYNCED_ANNOTATION)
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .is_some_and(|t| {
-            now - t.with_timezone(&Utc) < chrono::Duration::from_std(REFRESH).unwrap_or_default()
-        });
+        .and_then(|t| crate::time::parse_rfc3339(t))
+        .is_some_and(|t| now - t < chrono::Duration::from_std(REFRESH).unwrap_or_default());
     same && fresh
 }
 
@@ -84,12 +82,9 @@ pub fn needs_refresh(copy: Option<&Secret>, now: DateTime<Utc>) -> bool {
         Some(c) => match c
             .annotations()
             .get(CREDENTIALS_SYNCED_ANNOTATION)
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .and_then(|t| crate::time::parse_rfc3339(t))
         {
-            Some(t) => {
-                now - t.with_timezone(&Utc)
-                    >= chrono::Duration::from_std(REFRESH).unwrap_or_default()
-            }
+            Some(t) => now - t >= chrono::Duration::from_std(REFRESH).unwrap_or_default(),
             None => true,
         },
     }

@@ -39,8 +39,7 @@ impl VMDiskImage {
     /// What the webhook's catalog keeps of an image: its name, its spec without the
     /// registry's CA bundle (up to 256 KiB, read only by the nodes) and what the status says
     /// (phase, digest, sizes, warm nodes), not the conditions' texts nor how nodes pulled it.
-    /// Not for the image
-    /// controller, which writes the conditions.
+    /// Not for the image controller, which writes the conditions.
     pub fn strip_for_catalog(&mut self) {
         let meta = std::mem::take(&mut self.metadata);
         self.metadata = ObjectMeta {

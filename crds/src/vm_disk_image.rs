@@ -265,8 +265,8 @@ pub struct VMDiskImageStatus {
     /// Number of nodes whose cache holds the image ready.
     #[serde(default)]
     pub warm_nodes: u32,
-    /// How the nodes holding the image ready pulled it, summed over them; absent until one
-    /// has.
+    /// How the nodes pulled the image, summed over those holding it ready; absent while no
+    /// node is asked to hold it and none has reported a pull.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<ImagePull>,
     /// When the reference was last resolved (RFC 3339).

@@ -11,6 +11,8 @@ use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use vmdisk_crds::{CacheEntryState, ImagePull, NodeDiskCache, VMDiskImage};
 
+use crate::time::parse_rfc3339;
+
 /// `status.pull` of `image` at `digest`; `None` while no node is asked to hold it and none
 /// reported how it pulled it.
 pub fn pull_summary(
@@ -53,8 +55,8 @@ pub fn pull_summary(
         summary.bytes_from_registry += pull.bytes_from_registry;
         summary.bytes_from_peers += pull.bytes_from_peers;
         if asked {
-            let started = parse(&pull.started);
-            let finished = parse(&pull.finished);
+            let started = parse_rfc3339(&pull.started);
+            let finished = parse_rfc3339(&pull.finished);
             first_start = match (first_start, started) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -74,12 +76,6 @@ pub fn pull_summary(
         }
     }
     Some(summary)
-}
-
-fn parse(at: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(at)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
 }
 
 #[cfg(test)]

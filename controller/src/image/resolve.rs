@@ -163,10 +163,7 @@ pub fn parse_interval(text: &str) -> Option<Duration> {
 }
 
 fn last_resolved(image: &VMDiskImage) -> Option<DateTime<Utc>> {
-    let text = image.status.as_ref()?.last_resolved.as_deref()?;
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::time::parse_rfc3339(image.status.as_ref()?.last_resolved.as_deref()?)
 }
 
 /// Time until a moving tag is due for re-resolution, if it ever is.
