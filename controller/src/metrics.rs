@@ -189,7 +189,7 @@ impl PlacementMetrics {
     }
 }
 
-/// Every metric of the controller, under the `vmdisk_controller_` prefix.
+/// The labels of an image's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ImageLabels {
     pub namespace: String,
@@ -300,6 +300,7 @@ impl Collector for ImageCollector {
     }
 }
 
+/// Every metric of the controller, under the `vmdisk_controller_` prefix.
 pub struct ControllerMetrics {
     registry: Registry,
     pub populator: PopulatorMetrics,

@@ -7,9 +7,9 @@
 //!
 //! Prints `RESULT herd agents=… registry_bytes_ratio=… all_warm_secs=… all_warm_secs_no_peers=…`
 //! (the ratio: bytes the registry sent with peers on, over the layer's size; above 1.25 the
-//! run fails) and, before it,
-//! the bytes of the run without peers, what the image's `status.pull` says, and a third herd
-//! whose registry puller is killed mid-pull: the others finish, every entry byte-identical. The image is a raw disk of `VMDISK_BENCH_HERD_MIB`
+//! run fails) and, before it, the bytes of the run without peers, what the image's
+//! `status.pull` says, and a third herd whose registry puller is killed mid-pull: the others
+//! finish, every entry byte-identical. The image is a raw disk of `VMDISK_BENCH_HERD_MIB`
 //! (default 1024) MiB of incompressible data in one gzip layer.
 
 use std::sync::Arc;
